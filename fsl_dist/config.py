@@ -1,0 +1,321 @@
+"""Typed run configuration: dataclasses filled from YAML, then from dotted command-line overrides.
+
+A config file may name a parent with ``inherit: base.yaml`` (a path relative to the file); the
+child's keys replace the parent's, section by section. Unknown keys, values of the wrong type and
+impossible values are errors that name the file, the key and what would be accepted.
+
+    cfg = load_config("configs/resnet_boil.yaml", ["train.steps=100", "algorithm.inner_lr.features=0.3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used as given."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/omniglot-futurama"
+    """Folder of the packed shard set (made by launch/pack.py)."""
+    split: str = "futurama"
+    """Class split the shards were packed with: lake, vinyals or futurama."""
+    source: Optional[str] = None
+    """Omniglot zips or folders to pack from when `shards` is missing (None: the download cache)."""
+    mode: str = "memory"
+    """memory: each rank holds its class pool; stream: shards are streamed (data bigger than RAM)."""
+    rotate: bool = True
+    """Meta-train classes are rotated by a random multiple of 90 degrees (new classes)."""
+    image_size: int = 28
+    """Side of the packed images; used when packing missing shards."""
+    shuffle_buffer: int = 200
+    """Stream mode: classes held in the shuffle buffer."""
+
+
+@dataclass
+class TaskConfig:
+    n_way: int = 5
+    k_shot: int = 1
+    q_query: int = 15
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    """cnn (Conv-4) or resnet (ResNet-12 style)."""
+    width: int = 64
+    """Channels of the cnn, base width of the resnet."""
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "maml"
+    """maml adapts everything, boil the body (features.*), anil the head (classifier.*)."""
+    inner_steps: int = 1
+    inner_lr: Union[float, dict[str, float]] = 0.4
+    """One step size, or one per group: {features: a, classifier: b}."""
+    first_order: bool = False
+    """Second order by default; true drops the second-order term (explicitly)."""
+    learn_inner_lr: bool = False
+    """Meta-SGD style: one learnable step size per adapted parameter tensor."""
+    inner_loss: str = "ce"
+    """ce (cross-entropy) or mse (on one-hot labels, as the original project)."""
+    vectorize: Optional[bool] = None
+    """vmap over tasks (true), a loop (false), or the measured faster path for the device (null)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = None
+    """Clip the (all-reduced) meta-gradient to this norm; null disables clipping."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    meta_batch_size: int = 16
+    """Tasks per meta-step, over all processes together."""
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    eval_every: int = 500
+    log_every: int = 10
+    cpu_threads: Optional[int] = None
+    """Threads per process on CPU; null: the machine's cores divided among local processes."""
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 600
+    """Held-out test episodes of the final evaluation."""
+    val_episodes: int = 200
+    """Validation episodes of each periodic evaluation."""
+    inner_steps: Optional[int] = None
+    """Inner steps at evaluation (null: algorithm.inner_steps); more than in training is usual."""
+    part: str = "test"
+    batch_size: int = 25
+    """Episodes adapted together in one call."""
+    seed: int = 1234
+    """Seed of the evaluation episodes (fixed, so all runs meet the same episodes)."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    project: str = "fsl_dist"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    """W&B group; null: the config's name, so the seeds of one config sit together."""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    """The config's name (its file name unless set); names the run folder and the W&B group."""
+    precision: Optional[str] = None
+    """no, bf16 or fp16; null: accelerate's --mixed_precision (default no)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES = {
+    "precision": (None, "no", "bf16", "fp16"),
+    "data.split": ("lake", "vinyals", "futurama"),
+    "data.mode": ("memory", "stream"),
+    "model.name": ("cnn", "resnet"),
+    "algorithm.name": ("maml", "boil", "anil"),
+    "algorithm.inner_loss": ("ce", "mse"),
+    "eval.part": ("val", "test"),
+}
+POSITIVE = (
+    "task.n_way", "task.k_shot", "task.q_query", "model.width", "train.steps",
+    "train.meta_batch_size", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.eval_every", "train.log_every", "eval.episodes", "eval.val_episodes",
+    "eval.batch_size", "data.image_size", "data.shuffle_buffer", "optim.lr",
+)
+NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay")
+_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+INNER_LR_GROUPS = ("features", "classifier")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (following `inherit:`), apply `key.sub=value` overrides, validate."""
+    path = Path(path)
+    raw = _read_with_parents(path, seen=())
+    raw.setdefault("name", path.stem)
+    for override in overrides:
+        _apply_override(raw, override)
+    cfg = _build(Config, raw, where=str(path))
+    validate(cfg, where=str(path))
+    return cfg
+
+
+def _read_with_parents(path: Path, seen: tuple) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (the configs are in configs/*.yaml)")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `inherit` loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
+    parent = raw.pop("inherit", None)
+    if parent is None:
+        return raw
+    base = _read_with_parents(path.parent / parent, seen + (path.resolve(),))
+    return _merge(base, raw)
+
+
+def _merge(base: dict, child: dict) -> dict:
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "inner_lr":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}  # a scalar here (say inner_lr: 0.4) becomes a per-group mapping
+        node = node[part]
+    node[leaf] = value
+
+
+# ---------------------------------------------------------------- typed building
+
+
+def _build(cls, raw: Any, where: str, prefix: str = ""):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: `{prefix.rstrip('.') or 'config'}` must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key `{prefix}{unknown[0]}`; known keys here: {', '.join(sorted(names))}"
+        )
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, where, prefix + name)
+    return cls(**values)
+
+
+def _coerce(hint, value, where: str, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, where, key)
+            except ConfigError:
+                continue
+        raise _type_error(where, key, value, hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(where, key, value, hint)
+        return [_coerce(args[0], item, where, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(where, key, value, hint)
+        return {_coerce(args[0], k, where, key): _coerce(args[1], v, where, f"{key}.{k}")
+                for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT_LITERAL.match(value):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    if hint in (int, str, bool, float) and type(value) is hint:
+        return value
+    raise _type_error(where, key, value, hint)
+
+
+def _type_error(where: str, key: str, value, hint) -> ConfigError:
+    wanted = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    return ConfigError(f"{where}: `{key}` = {value!r} has the wrong type; expected {wanted}")
+
+
+# ---------------------------------------------------------------- values
+
+
+def get(cfg: Config, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    """Values that type-check but cannot work. Checks needing the data or the process count
+    (N-way vs. the split's classes, meta-batch vs. processes) run in the trainer's setup."""
+    for key, allowed in CHOICES.items():
+        if get(cfg, key) not in allowed:
+            shown = ", ".join(str(a) for a in allowed if a is not None)
+            raise ConfigError(f"{where}: `{key}` = {get(cfg, key)!r}; choose one of {shown}")
+    for key in POSITIVE:
+        if not get(cfg, key) > 0:
+            raise ConfigError(f"{where}: `{key}` = {get(cfg, key)!r} must be positive")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise ConfigError(f"{where}: `{key}` = {get(cfg, key)!r} must not be negative")
+    lr = cfg.algorithm.inner_lr
+    if isinstance(lr, dict):
+        bad = sorted(set(lr) - set(INNER_LR_GROUPS))
+        if bad:
+            raise ConfigError(f"{where}: `algorithm.inner_lr.{bad[0]}` is no group; use features and/or classifier")
+    if cfg.eval.inner_steps is not None and cfg.eval.inner_steps < 0:
+        raise ConfigError(f"{where}: `eval.inner_steps` must not be negative")
+    if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
+        raise ConfigError(f"{where}: `optim.grad_clip` must be positive or null")
+    if cfg.train.cpu_threads is not None and cfg.train.cpu_threads < 1:
+        raise ConfigError(f"{where}: `train.cpu_threads` must be at least 1 or null")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML that load_config reads back to an equal Config."""
+    from fsl_dist.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,156 @@
+"""Everything distributed lives here: the only module that imports accelerate or torch.distributed.
+
+The rest of fsl_dist sees a `Distributed` object: rank, world size, device, and a handful of
+collectives written so that one process is the trivial case of many (every collective is a
+no-op when the world size is 1). Launch with accelerate's usual flags:
+
+    accelerate launch launch/train.py --config configs/resnet_boil.yaml                 # 1 process
+    accelerate launch --multi_gpu --num_processes 8 launch/train.py --config ...        # 8 GPUs
+    accelerate launch --multi_gpu --num_processes 2 launch/train.py --config ...        # 2 CPU ranks (gloo) without CUDA
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as torch_dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+# A rank that dies leaves the others blocked in a collective; accelerate's launcher (torchrun)
+# then ends the job, and this timeout is the backstop when no launcher watches.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("FSL_COLLECTIVE_TIMEOUT_S", "600")))
+
+
+def launcher_precision() -> str:
+    """The precision asked for through `accelerate launch --mixed_precision` (or its config)."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+
+
+def cuda_available() -> bool:
+    # ACCELERATE_USE_CPU=1 forces the CPU even where CUDA exists.
+    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+
+
+class Distributed:
+    """Rank, device and collectives of this process, over accelerate's process group."""
+
+    def __init__(self, *, log_with_wandb: bool = False, project_dir: Optional[str] = None):
+        # Without CUDA, `--multi_gpu` would start processes that each believe they are rank 0
+        # of 1 unless accelerate is told to use the CPU: then it forms a gloo group instead.
+        self.accelerator = Accelerator(
+            cpu=not cuda_available(),
+            mixed_precision="no",  # fsl_dist applies its own autocast inside the inner loop
+            log_with="wandb" if log_with_wandb else None,
+            project_dir=project_dir,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
+        )
+        self._trackers_started = False
+
+    # ------------------------------------------------------------ who and where
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def local_world_size(self) -> int:
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def backend(self) -> str:
+        return torch_dist.get_backend() if torch_dist.is_initialized() else "none"
+
+    def print(self, *args, **kwargs) -> None:
+        self.accelerator.print(*args, **kwargs)
+
+    # ------------------------------------------------------------ collectives
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def all_reduce_mean_(self, flat: torch.Tensor) -> torch.Tensor:
+        """In place: the mean of `flat` over all processes (one collective call)."""
+        if self.world_size > 1:
+            torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+            flat.div_(self.world_size)
+        return flat
+
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def gather_ragged(self, values: torch.Tensor) -> torch.Tensor:
+        """Concatenate a 1-D tensor from every rank in rank order; lengths may differ by rank."""
+        values = values.detach().to(self.device, torch.float64).flatten()
+        if self.world_size == 1:
+            return values.cpu()
+        length = torch.tensor([values.numel()], device=self.device)
+        lengths = [torch.zeros_like(length) for _ in range(self.world_size)]
+        torch_dist.all_gather(lengths, length)
+        longest = int(max(int(n) for n in lengths))
+        padded = torch.zeros(longest, dtype=values.dtype, device=self.device)
+        padded[: values.numel()] = values
+        parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        torch_dist.all_gather(parts, padded)
+        return torch.cat([p[: int(n)] for p, n in zip(parts, lengths)]).cpu()
+
+    def broadcast_object(self, obj):
+        """rank 0's `obj` on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def parameters_in_sync(self, tensors) -> tuple[bool, list[str]]:
+        """Compare a checksum of `tensors` across ranks (debug mode): (all equal, digests)."""
+        digest = hashlib.sha256()
+        for t in tensors:
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        mine = digest.hexdigest()[:16]
+        if self.world_size == 1:
+            return True, [mine]
+        every = [None] * self.world_size
+        torch_dist.all_gather_object(every, mine)
+        return len(set(every)) == 1, every
+
+    # ------------------------------------------------------------ trackers (main process only)
+    def start_trackers(self, project: str, config: dict, wandb_kwargs: dict) -> None:
+        if self.accelerator.log_with:
+            self.accelerator.init_trackers(project, config=config, init_kwargs={"wandb": wandb_kwargs})
+            self._trackers_started = True
+
+    def log(self, values: dict, step: int) -> None:
+        if self._trackers_started:
+            self.accelerator.log(values, step=step)
+
+    def wandb_run_id(self) -> Optional[str]:
+        if not self._trackers_started or not self.is_main:
+            return None
+        return self.accelerator.get_tracker("wandb", unwrap=True).id
+
+    def end(self) -> None:
+        if self._trackers_started:
+            self.accelerator.end_training()
+            self._trackers_started = False
+        elif torch_dist.is_initialized():
+            torch_dist.destroy_process_group()

@@ -1,0 +1,174 @@
+"""The run folder and the data a run needs.
+
+    runs/<config name>-<seed>/
+        config.yaml          the resolved config (load_config reads it back)
+        run.json             world size, device, precision, package versions, git commit, W&B id
+        metrics.jsonl        one JSON row per logged step
+        checkpoints/         step-NNNNNNNN.pt, the newest few
+        wandb/               W&B's own files (offline-run-*/run-<id>.wandb without an API key)
+        model.safetensors    final weights (and learned inner step sizes), loadable without pickle
+        model.yaml           what is needed to rebuild the model around those weights
+        eval.json            the final held-out evaluation
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from fsl_dist.config import Config, ConfigError, load_config, save_config
+from fsl_dist.data.episodes import MemoryTasks, TaskSpec
+from fsl_dist.data.shards import ShardError, load_class_pool, load_manifest, pack_omniglot
+from fsl_dist.evaluate import evaluate
+from fsl_dist.io import atomic_write, atomic_write_json, atomic_write_text
+from fsl_dist.meta import LearnedInnerLR
+from fsl_dist.models import build_model
+
+PACKAGES = ("fsl_dist", "torch", "accelerate", "webdataset", "wandb", "numpy", "safetensors")
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / f"{cfg.name}-{cfg.train.seed}"
+
+
+# ---------------------------------------------------------------- data
+
+
+def pack_command(cfg: Config) -> str:
+    source = f" --source {cfg.data.source}" if cfg.data.source else ""
+    return (f"python launch/pack.py omniglot{source} --split {cfg.data.split} "
+            f"--out {cfg.data.shards} --size {cfg.data.image_size}")
+
+
+def ensure_shards(cfg: Config, dist) -> None:
+    """Make sure the configured shard set exists and matches the config. When it is missing and
+    `data.source` names the Omniglot zips, the main process packs it while the others wait."""
+    manifest = Path(cfg.data.shards) / "manifest.json"
+    if not manifest.is_file():
+        if not cfg.data.source:
+            raise ShardError(f"no shard set at {cfg.data.shards} (missing {manifest}); make it with:\n"
+                             f"    {pack_command(cfg)}\n"
+                             "(without --source the official Omniglot zips are downloaded), "
+                             "or set data.source=DIR to have training pack it")
+        if dist.is_main:
+            dist.print(f"packing {cfg.data.split} shards into {cfg.data.shards} from {cfg.data.source}")
+            pack_omniglot(cfg.data.source, cfg.data.split, cfg.data.shards, size=cfg.data.image_size)
+        dist.barrier()
+    packed = load_manifest(cfg.data.shards)
+    if packed["split"] != cfg.data.split:
+        raise ConfigError(f"`data.split` = {cfg.data.split!r} but {manifest} was packed with split "
+                          f"{packed['split']!r}; point data.shards at a {cfg.data.split} shard set")
+
+
+def load_pool(cfg: Config, part: str):
+    return load_class_pool(cfg.data.shards, part)
+
+
+# ---------------------------------------------------------------- run.json, model files
+
+
+def git_commit() -> Optional[str]:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_versions() -> dict:
+    versions = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_run_info(cfg: Config, run_dir: Path, dist, precision: str, wandb_id: Optional[str]) -> None:
+    save_config(cfg, run_dir / "config.yaml")
+    device = dist.device
+    info = {
+        "config": cfg.name,
+        "world_size": dist.world_size,
+        "backend": dist.backend,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "precision": precision,
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+        "host": platform.node(),
+        "wandb_id": wandb_id,
+    }
+    atomic_write_json(run_dir / "run.json", info)
+
+
+def save_final_model(state, cfg: Config, run_dir: Path) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.model.state_dict().items()}
+    if isinstance(state.inner_lr, torch.nn.Module):
+        tensors.update({f"inner_lr.{k}": v.detach().cpu().contiguous()
+                        for k, v in state.inner_lr.state_dict().items()})
+    atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    description = {
+        "model": {"name": cfg.model.name, "n_way": cfg.task.n_way, "width": cfg.model.width},
+        "algorithm": dataclasses.asdict(cfg.algorithm),
+        "task": dataclasses.asdict(cfg.task),
+        "data": {"split": cfg.data.split, "image_size": cfg.data.image_size},
+        "step": state.step,
+    }
+    atomic_write_text(run_dir / "model.yaml", yaml.safe_dump(description, sort_keys=False))
+
+
+def load_trained(run_dir: Path, device: torch.device):
+    """(config, model, inner_lr) of a finished or checkpointed run folder, from safetensors."""
+    run_dir = Path(run_dir)
+    for needed in ("config.yaml", "model.safetensors"):
+        if not (run_dir / needed).is_file():
+            raise FileNotFoundError(f"{run_dir / needed} is missing: is {run_dir} a finished run folder?")
+    cfg = load_config(run_dir / "config.yaml")
+    tensors = load_file(str(run_dir / "model.safetensors"))
+    model = build_model(cfg.model.name, cfg.task.n_way, width=cfg.model.width)
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("inner_lr.")})
+    inner_lr = cfg.algorithm.inner_lr
+    if cfg.algorithm.learn_inner_lr:
+        inner_lr = LearnedInnerLR(model, cfg.algorithm.name, cfg.algorithm.inner_lr)
+        inner_lr.load_state_dict({k[len("inner_lr."):]: v for k, v in tensors.items() if k.startswith("inner_lr.")})
+        inner_lr = inner_lr.to(device)
+    return cfg, model.to(device), inner_lr
+
+
+# ---------------------------------------------------------------- held-out evaluation
+
+
+def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, precision: str,
+                      episodes: Optional[int] = None, shots: Optional[int] = None,
+                      part: Optional[str] = None, inner_steps: Optional[int] = None,
+                      out_name: str = "eval.json") -> dict:
+    """Evaluate on `part` (default eval.part) and write `out_name` in the run folder."""
+    part = part or cfg.eval.part
+    episodes = episodes or cfg.eval.episodes
+    k_shot = shots or cfg.task.k_shot
+    steps = inner_steps if inner_steps is not None else (
+        cfg.eval.inner_steps if cfg.eval.inner_steps is not None else cfg.algorithm.inner_steps)
+    spec = TaskSpec(cfg.task.n_way, k_shot, cfg.task.q_query, rotate=False)
+    source = MemoryTasks(load_pool(cfg, part), spec, seed=cfg.eval.seed)
+    result = evaluate(model, inner_lr, source, episodes=episodes, dist=dist,
+                      algorithm=cfg.algorithm.name, inner_steps=steps,
+                      inner_loss=cfg.algorithm.inner_loss, precision=precision,
+                      batch_size=cfg.eval.batch_size)
+    result.update(part=part, n_way=cfg.task.n_way, k_shot=k_shot, q_query=cfg.task.q_query,
+                  inner_steps=steps, config=cfg.name, seed=cfg.train.seed, world_size=dist.world_size,
+                  eval_seed=cfg.eval.seed)
+    if dist.is_main:
+        atomic_write_json(Path(run_dir) / out_name, result)
+    return result

@@ -1,0 +1,343 @@
+"""Meta-training: one explicit all-reduce of the meta-gradient per step, periodic validation,
+checkpoints, metrics. Distribution is confined to `Distributed`; this loop only asks it for the
+rank's share of the tasks and for the mean of a flat buffer.
+
+Per step, with T tasks over W processes: each process takes the contiguous slice T/W of the
+step's task indices, computes the mean meta-gradient of its tasks, and one all-reduce forms the
+mean over all T tasks (equal shares, so the mean of the means is the global mean). Every process
+then clips and steps the same reduced gradient, so all stay identical without broadcasting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from fsl_dist import checkpoint as ckpt
+from fsl_dist.config import Config, ConfigError, to_dict
+from fsl_dist.data.episodes import MemoryTasks, TaskSpec, rank_slice
+from fsl_dist.evaluate import evaluate
+from fsl_dist.meta import InnerLossScaler, LearnedInnerLR, meta_loss
+from fsl_dist.models import build_model
+from fsl_dist.distributed import launcher_precision
+from fsl_dist.runs import ensure_shards, evaluate_held_out, load_pool, save_final_model, write_run_info
+from fsl_dist.tracking import MetricsFile, wandb_init_kwargs
+
+STAT_KEYS = ("query_loss", "acc_before", "acc_after", "inner_loss", "inner_nonfinite")
+DEBUG_CHECKSUM_EVERY = 2
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module
+    inner_lr: Union[float, dict, LearnedInnerLR]
+    optimizer: torch.optim.Optimizer
+    outer_scaler: InnerLossScaler  # fp16 only: dynamic scale of the meta-loss
+    inner_scaler: InnerLossScaler  # fp16 only: dynamic scale of the support loss
+    step: int = 0
+    skipped_steps: int = 0
+
+    def trainable(self) -> list[torch.Tensor]:
+        params = list(self.model.parameters())
+        if isinstance(self.inner_lr, torch.nn.Module):
+            params += list(self.inner_lr.parameters())
+        return params
+
+
+# ---------------------------------------------------------------- setup
+
+
+def resolve_precision(configured: Optional[str], launcher: str, device: torch.device) -> str:
+    """The config's `precision`, or accelerate's --mixed_precision when the config leaves it null."""
+    precision = configured or launcher
+    if configured and launcher != "no" and launcher != configured:
+        raise ConfigError(f"`precision` = {configured!r} in the config but accelerate launch says "
+                          f"--mixed_precision {launcher}; set one of them, or make them agree")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("`precision` = 'fp16' needs a CUDA GPU; on CPU use precision=bf16 (or no)")
+    return precision
+
+
+def check_process_count(cfg: Config, world_size: int) -> None:
+    if cfg.train.meta_batch_size % world_size:
+        raise ConfigError(
+            f"`train.meta_batch_size` = {cfg.train.meta_batch_size} cannot be divided among "
+            f"{world_size} processes; use a multiple of {world_size}")
+
+
+def set_cpu_threads(cfg: Config, dist) -> None:
+    if dist.device.type == "cpu":
+        threads = cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // dist.local_world_size)
+        torch.set_num_threads(threads)
+
+
+def build_state(cfg: Config, device: torch.device) -> TrainState:
+    torch.manual_seed(cfg.train.seed)  # the same seed on every rank: identical initial weights
+    model = build_model(cfg.model.name, cfg.task.n_way, width=cfg.model.width).to(device)
+    inner_lr = cfg.algorithm.inner_lr
+    params = list(model.parameters())
+    if cfg.algorithm.learn_inner_lr:
+        inner_lr = LearnedInnerLR(model, cfg.algorithm.name, cfg.algorithm.inner_lr).to(device)
+        params += list(inner_lr.parameters())
+    optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                 weight_decay=cfg.optim.weight_decay)
+    return TrainState(model, inner_lr, optimizer, InnerLossScaler(), InnerLossScaler())
+
+
+def task_spec(cfg: Config, part: str) -> TaskSpec:
+    rotate = cfg.data.rotate and part == "train"  # held-out classes are never rotated
+    return TaskSpec(cfg.task.n_way, cfg.task.k_shot, cfg.task.q_query, rotate=rotate)
+
+
+def build_task_sources(cfg: Config, dist) -> dict:
+    """Memory-mode samplers for train and val; their constructors check N-way and K+Q against
+    the data, so impossible tasks fail here, before any training."""
+    sources = {}
+    for part, seed in (("train", cfg.train.seed), ("val", cfg.eval.seed)):
+        pool = load_pool(cfg, part)
+        sources[part] = MemoryTasks(pool, task_spec(cfg, part), seed=seed)
+    return sources
+
+
+# ---------------------------------------------------------------- one step
+
+
+def _flat_grads(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params])
+
+
+def _set_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset: offset + n].view_as(p).clone()
+        offset += n
+
+
+def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str) -> dict:
+    """Meta-gradient of this rank's tasks, all-reduced to the mean over the meta-batch, then one
+    identical Adam step on every rank (skipped on all ranks if anything is non-finite)."""
+    params = state.trainable()
+    state.optimizer.zero_grad(set_to_none=True)
+    fp16 = precision == "fp16"
+    loss, stats = meta_loss(
+        state.model, tasks, algorithm=cfg.algorithm.name, inner_steps=cfg.algorithm.inner_steps,
+        inner_lr=state.inner_lr, first_order=cfg.algorithm.first_order,
+        vectorize=cfg.algorithm.vectorize, inner_loss=cfg.algorithm.inner_loss,
+        precision=precision, inner_loss_scale=state.inner_scaler.scale if fp16 else None)
+    outer_scale = state.outer_scaler.scale if fp16 else 1.0
+    (loss * outer_scale).backward()
+
+    # One collective for the gradient and the statistics together.
+    stat_vector = torch.stack([stats[k].float().to(loss.device) for k in STAT_KEYS])
+    flat = torch.cat([_flat_grads(params).float(), stat_vector])
+    dist.all_reduce_mean_(flat)
+    grads, reduced = flat[: -len(STAT_KEYS)] / outer_scale, flat[-len(STAT_KEYS):]
+    out = {k: reduced[i].item() for i, k in enumerate(STAT_KEYS)}
+
+    inner_bad = out["inner_nonfinite"] > 0
+    outer_bad = not bool(torch.isfinite(grads).all())
+    if fp16:
+        state.inner_scaler.update(inner_bad)
+        state.outer_scaler.update(outer_bad)
+    _set_grads(params, grads)
+    grad_norm = torch.linalg.vector_norm(grads).item()
+    if inner_bad or outer_bad:
+        state.skipped_steps += 1  # identical decision on every rank: they saw the same sums
+    else:
+        if cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        state.optimizer.step()
+    state.step += 1
+    out.update(grad_norm=grad_norm, skipped=float(inner_bad or outer_bad))
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_state(state: TrainState, wandb_id: Optional[str]) -> dict:
+    return {
+        "step": state.step,
+        "skipped_steps": state.skipped_steps,
+        "model": state.model.state_dict(),
+        "inner_lr": state.inner_lr.state_dict() if isinstance(state.inner_lr, torch.nn.Module) else None,
+        "optimizer": state.optimizer.state_dict(),
+        "outer_scaler": state.outer_scaler.state_dict(),
+        "inner_scaler": state.inner_scaler.state_dict(),
+        "rng": ckpt.rng_state(),
+        # Memory-mode tasks are a pure function of (seed, step, index): the step is the position.
+        "data": {"next_step": state.step},
+        "wandb_id": wandb_id,
+    }
+
+
+def restore_state(state: TrainState, saved: dict) -> None:
+    state.model.load_state_dict(saved["model"])
+    if saved.get("inner_lr") is not None:
+        if not isinstance(state.inner_lr, torch.nn.Module):
+            raise ConfigError("the checkpoint has learned inner step sizes; set algorithm.learn_inner_lr=true")
+        state.inner_lr.load_state_dict(saved["inner_lr"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.outer_scaler.load_state_dict(saved["outer_scaler"])
+    state.inner_scaler.load_state_dict(saved["inner_scaler"])
+    ckpt.set_rng_state(saved["rng"])
+    state.step = int(saved["step"])
+    state.skipped_steps = int(saved.get("skipped_steps", 0))
+
+
+def find_resume_point(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
+    if resume is None:
+        return None
+    if resume == "auto":
+        return ckpt.latest_checkpoint(run_dir)  # None: a fresh run
+    return Path(resume)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def validate(state: TrainState, cfg: Config, dist, source, precision: str, episodes: int) -> dict:
+    return evaluate(state.model, state.inner_lr, source, episodes=episodes, dist=dist,
+                    algorithm=cfg.algorithm.name,
+                    inner_steps=cfg.eval.inner_steps if cfg.eval.inner_steps is not None else cfg.algorithm.inner_steps,
+                    inner_loss=cfg.algorithm.inner_loss, precision=precision,
+                    batch_size=cfg.eval.batch_size)
+
+
+class Trainer:
+    """Owns one run: its folder, state, data, trackers; `fit()` trains to `train.steps`."""
+
+    def __init__(self, cfg: Config, dist, run_dir: Path, *, resume: Optional[str] = None,
+                 debug: bool = False):
+        self.cfg, self.dist, self.run_dir, self.debug = cfg, dist, Path(run_dir), debug
+        self.precision = resolve_precision(cfg.precision, launcher_precision(), dist.device)
+        check_process_count(cfg, dist.world_size)
+        set_cpu_threads(cfg, dist)
+        ensure_shards(cfg, dist)
+        self.sources = build_task_sources(cfg, dist)
+        self.state = build_state(cfg, dist.device)
+        self.my_tasks = rank_slice(cfg.train.meta_batch_size, dist.rank, dist.world_size)
+        self.wandb_id = None
+        resume_from = find_resume_point(self.run_dir, resume)
+        if resume_from is not None:
+            saved = ckpt.load_checkpoint(resume_from)
+            restore_state(self.state, saved)
+            self.wandb_id = saved.get("wandb_id")
+            dist.print(f"resumed from {resume_from} at step {self.state.step}")
+        self.metrics = MetricsFile(self.run_dir, enabled=dist.is_main)
+        self.stop_requested = False
+
+    # -------------------------------------------------------- bookkeeping
+    def start(self) -> None:
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics.truncate_after(self.state.step)
+        self.dist.barrier()
+        if self.cfg.logging.wandb:
+            kwargs = wandb_init_kwargs(self.cfg, self.run_dir, self.wandb_id)
+            self.dist.start_trackers(self.cfg.logging.project, to_dict(self.cfg), kwargs)
+            self.wandb_id = self.dist.wandb_run_id() or self.wandb_id
+        if self.dist.is_main:
+            write_run_info(self.cfg, self.run_dir, self.dist, self.precision, self.wandb_id)
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            ckpt.save_checkpoint(self.run_dir, self.state.step,
+                                 checkpoint_state(self.state, self.wandb_id),
+                                 keep=self.cfg.train.keep_checkpoints)
+        self.dist.barrier()
+
+    def log(self, row: dict) -> None:
+        self.metrics.write(row)
+        self.dist.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    # -------------------------------------------------------- training
+    def fit(self) -> dict:
+        cfg, dist, state = self.cfg, self.dist, self.state
+        self.start()
+        bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not dist.is_main or self.debug,
+                   dynamic_ncols=True, desc=cfg.name)
+        while state.step < cfg.train.steps and not self.stop_requested:
+            tasks = self.sources["train"].batch(state.step, self.my_tasks)
+            tasks = {k: v.to(dist.device, non_blocking=True) for k, v in tasks.items()}
+            started = time.perf_counter()
+            out = train_step(state, tasks, cfg, dist, self.precision)
+            out["step_time"] = time.perf_counter() - started
+            self.after_step(out, bar)
+        bar.close()
+        if state.step % cfg.train.checkpoint_every:
+            self.save_checkpoint()  # the end of the run (or a stop) is always resumable
+        return {"step": state.step, "skipped_steps": state.skipped_steps}
+
+    def after_step(self, out: dict, bar) -> None:
+        cfg, state = self.cfg, self.state
+        out["tasks_per_s"] = cfg.train.meta_batch_size / out["step_time"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{out['query_loss']:.3f}", acc=f"{out['acc_after']:.3f}",
+                        tasks_s=f"{out['tasks_per_s']:.1f}")
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+            self.log(self.train_row(out))
+        if self.debug:
+            self.debug_report(out)
+        if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
+            val = validate(state, cfg, self.dist, self.sources["val"], self.precision, cfg.eval.val_episodes)
+            self.log({"step": state.step, "val/acc": val["mean"], "val/ci95": val["ci95"],
+                      "val/acc_before": val["before_adaptation"], "val/episodes": val["episodes"]})
+        if state.step % cfg.train.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def train_row(self, out: dict) -> dict:
+        return {
+            "step": self.state.step,
+            "train/loss": out["query_loss"], "train/acc_after": out["acc_after"],
+            "train/acc_before": out["acc_before"], "train/inner_loss": out["inner_loss"],
+            "train/grad_norm": out["grad_norm"], "train/skipped": out["skipped"],
+            "lr": self.state.optimizer.param_groups[0]["lr"],
+            "perf/tasks_per_s": out["tasks_per_s"], "perf/step_time": out["step_time"],
+            "perf/peak_memory_mb": peak_memory_mb(self.dist.device),
+        }
+
+    def debug_report(self, out: dict) -> None:
+        self.dist.print(
+            f"step {self.state.step:5d}  loss {out['query_loss']:.4f}  inner {out['inner_loss']:.4f}  "
+            f"acc {out['acc_before']:.3f}->{out['acc_after']:.3f}  |g| {out['grad_norm']:.4f}  "
+            f"{out['step_time'] * 1000:.0f} ms  {out['tasks_per_s']:.1f} tasks/s"
+            + ("  SKIPPED (non-finite)" if out["skipped"] else ""))
+        if self.state.step % DEBUG_CHECKSUM_EVERY == 0 and self.dist.world_size > 1:
+            same, digests = self.dist.parameters_in_sync(self.state.trainable())
+            if not same:
+                raise RuntimeError(f"parameters diverged across processes at step {self.state.step}: {digests}")
+            self.dist.print(f"step {self.state.step:5d}  parameters identical on {len(digests)} processes ({digests[0]})")
+
+    # -------------------------------------------------------- the end
+    def finish(self) -> Optional[dict]:
+        """Final weights and held-out evaluation; returns eval results on every rank."""
+        cfg = self.cfg
+        if self.dist.is_main:
+            save_final_model(self.state, cfg, self.run_dir)
+        result = None
+        if self.state.step >= cfg.train.steps:
+            result = evaluate_held_out(self.state.model, self.state.inner_lr, cfg, self.dist,
+                                        self.run_dir, precision=self.precision)
+            self.log({"step": self.state.step, f"{cfg.eval.part}/acc": result["mean"],
+                      f"{cfg.eval.part}/ci95": result["ci95"]})
+        self.dist.barrier()
+        self.dist.end()
+        return result
+

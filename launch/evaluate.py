@@ -1,0 +1,57 @@
+"""Evaluate a trained run folder on held-out episodes: mean query accuracy ± 95% interval.
+
+    python launch/evaluate.py --run-dir runs/cnn_maml-0 --episodes 600
+    accelerate launch --multi_gpu --num_processes 2 launch/evaluate.py --run-dir runs/cnn_maml-0 --inner-steps 5
+
+Episodes are divided among processes and gathered; the JSON goes to the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fsl_dist.config import ConfigError
+from fsl_dist.data.shards import ShardError
+from fsl_dist.distributed import Distributed, launcher_precision
+from fsl_dist.runs import evaluate_held_out, load_trained
+from fsl_dist.trainer import resolve_precision
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", required=True, help="a run folder written by launch/train.py")
+    parser.add_argument("--episodes", type=int, help="episodes (default: the config's eval.episodes)")
+    parser.add_argument("--ways", type=int, help="N-way; must equal the trained head's N")
+    parser.add_argument("--shots", type=int, help="K-shot (default: the trained K)")
+    parser.add_argument("--part", choices=("val", "test"), help="split part (default: eval.part)")
+    parser.add_argument("--inner-steps", type=int, help="inner steps at test time (default: eval.inner_steps)")
+    parser.add_argument("--out", default=None, help="file name in the run folder (default eval-<part>.json)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dist = Distributed()
+    try:
+        cfg, model, inner_lr = load_trained(Path(args.run_dir), dist.device)
+        if args.ways is not None and args.ways != cfg.task.n_way:
+            raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a {cfg.task.n_way}-way "
+                              "head; evaluate with its N-way or train a model for this N")
+        precision = resolve_precision(cfg.precision, launcher_precision(), dist.device)
+        part = args.part or cfg.eval.part
+        result = evaluate_held_out(model, inner_lr, cfg, dist, Path(args.run_dir), precision=precision,
+                                   episodes=args.episodes, shots=args.shots, part=part,
+                                   inner_steps=args.inner_steps, out_name=args.out or f"eval-{part}.json")
+    except (ConfigError, ShardError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    dist.print(json.dumps(result, indent=2))
+    dist.end()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
