@@ -10,9 +10,9 @@ then clips and steps the same reduced gradient, so all stay identical without br
 
 from __future__ import annotations
 
-import math
 import os
 import resource
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +241,21 @@ class Trainer:
             self.wandb_id = saved.get("wandb_id")
             dist.print(f"resumed from {resume_from} at step {self.state.step}")
         self.metrics = MetricsFile(self.run_dir, enabled=dist.is_main)
-        self.stop_requested = False
+        self._signalled = False  # set by a preemption signal, acted on between steps
+
+    # -------------------------------------------------------- preemption
+    def stop_on_signals(self, signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
+        """On any of `signals` (SLURM's warning before the time limit, or a requeue), finish the
+        current step, checkpoint and return from fit() with `stopped_early` set."""
+        def note(signum, _frame):
+            self._signalled = True
+            print(f"rank {self.dist.rank}: got signal {signum}; stopping after this step", flush=True)
+        for sig in signals:
+            signal.signal(sig, note)
+
+    def _should_stop(self) -> bool:
+        # A signal may reach only some ranks: agree, so all leave the loop after the same step.
+        return self.dist.any_true(self._signalled)
 
     # -------------------------------------------------------- bookkeeping
     def start(self) -> None:
@@ -273,7 +287,11 @@ class Trainer:
         self.start()
         bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not dist.is_main or self.debug,
                    dynamic_ncols=True, desc=cfg.name)
-        while state.step < cfg.train.steps and not self.stop_requested:
+        self.stopped_early = False
+        while state.step < cfg.train.steps:
+            if self._should_stop():
+                self.stopped_early = True
+                break
             tasks = self.sources["train"].batch(state.step, self.my_tasks)
             tasks = {k: v.to(dist.device, non_blocking=True) for k, v in tasks.items()}
             started = time.perf_counter()
@@ -283,7 +301,7 @@ class Trainer:
         bar.close()
         if state.step % cfg.train.checkpoint_every:
             self.save_checkpoint()  # the end of the run (or a stop) is always resumable
-        return {"step": state.step, "skipped_steps": state.skipped_steps}
+        return {"step": state.step, "skipped_steps": state.skipped_steps, "stopped_early": self.stopped_early}
 
     def after_step(self, out: dict, bar) -> None:
         cfg, state = self.cfg, self.state

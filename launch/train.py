@@ -23,6 +23,10 @@ from fsl_dist.distributed import Distributed
 from fsl_dist.runs import default_run_dir
 from fsl_dist.trainer import Trainer
 
+# Exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint (EX_TEMPFAIL):
+# a batch script requeues on it.
+EXIT_RESUMABLE = 75
+
 
 def debug_overrides() -> list[str]:
     """Debug mode: a few steps on a small meta-batch, W&B off, every step printed."""
@@ -56,8 +60,13 @@ def main(argv=None) -> int:
     except (ConfigError, ShardError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    trainer.fit()
+    trainer.stop_on_signals()
+    outcome = trainer.fit()
     result = trainer.finish()
+    if outcome["stopped_early"]:
+        dist.print(f"stopped by a signal at step {outcome['step']}; checkpoint written, "
+                   f"continue with --resume auto")
+        return EXIT_RESUMABLE
     if result is not None:
         dist.print(f"{cfg.name}: {cfg.eval.part} accuracy {result['mean']:.2f} ± {result['ci95']:.2f}% "
                    f"over {result['episodes']} episodes -> {run_dir / 'eval.json'}")
