@@ -127,8 +127,12 @@ def resolve_source(
         if not folder.is_dir():
             raise OmniglotSourceError(f"Omniglot source folder {folder} does not exist; pass the "
                                       "folder holding images_background.zip and images_evaluation.zip")
-        for name in archives:
-            _archive_location(folder, name)  # raises with a clear message if absent
+        missing = [name for name in archives
+                   if not (folder / f"{name}.zip").is_file() and not (folder / name).is_dir()]
+        if missing:
+            wanted = " and ".join(f"{name}.zip (or an extracted {name}/ folder)" for name in missing)
+            raise OmniglotSourceError(f"{folder} lacks {wanted}; put the official Omniglot "
+                                      "archives there or pass another --source")
         return folder
     cache = default_cache_dir()
     for name in archives:
