@@ -11,15 +11,22 @@ Params = dict[str, Tensor]
 Forward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
 
 
+def upcast(t: Tensor) -> Tensor:
+    """Half-precision tensors to float32 (losses and updates stay in float32); float32 and
+    float64 tensors as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(logits.float(), y)
+    return F.cross_entropy(upcast(logits), y)
 
 
 def mse_one_hot(logits: Tensor, y: Tensor) -> Tensor:
     """MSE between logits and one-hot labels (the original project's inner loss)."""
     # Comparison against arange rather than F.one_hot: it batches under vmap.
     one_hot = (y.unsqueeze(-1) == torch.arange(logits.shape[-1], device=y.device))
-    return F.mse_loss(logits.float(), one_hot.float())
+    logits = upcast(logits)
+    return F.mse_loss(logits, one_hot.to(logits.dtype))
 
 
 INNER_LOSSES = {"ce": cross_entropy, "mse": mse_one_hot}

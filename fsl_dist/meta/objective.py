@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .algorithms import adapted_parameter_names, resolve_inner_lr
-from .inner import adapt, cross_entropy
+from .inner import adapt, cross_entropy, upcast
 from .precision import autocast_factory
 
 TASK_KEYS = ("support_x", "support_y", "query_x", "query_y")
@@ -53,7 +53,7 @@ def _forward_fn(module: nn.Module, prefix: str, autocast):
     logits come back in float32 so that losses and the inner update stay in float32."""
     def forward(params, x):
         with autocast():
-            return functional_call(module, _strip(params, prefix), (x,)).float()
+            return upcast(functional_call(module, _strip(params, prefix), (x,)))
     return forward
 
 
