@@ -14,7 +14,7 @@ from meta_helpers import flat, make_tasks, rel_err
 @pytest.fixture(scope="module")
 def conv4_and_tasks():
     torch.manual_seed(0)
-    model = build_model("cnn", 5, width=32)
+    model = build_model("cnn", 5, width=64)  # the real Conv-4
     tasks = make_tasks(tasks=2, n_way=5, k_shot=1, n_query=5, size=28, dtype=torch.float32)
     return model, tasks
 
