@@ -168,6 +168,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     raw.setdefault("name", path.stem)
     for override in overrides:
         _apply_override(raw, override)
+    if raw.get("precision") is False:
+        raw["precision"] = "no"  # YAML 1.1 reads a bare `no` as false
     cfg = _build(Config, raw, where=str(path))
     validate(cfg, where=str(path))
     return cfg
@@ -270,7 +272,10 @@ def _coerce(hint, value, where: str, key: str):
 
 
 def _type_error(where: str, key: str, value, hint) -> ConfigError:
-    wanted = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    wanted = " or ".join(getattr(a, "__name__", None) or str(a).replace("typing.", "") for a in options)
+    if type(None) in typing.get_args(hint):
+        wanted += " or null"
     return ConfigError(f"{where}: `{key}` = {value!r} has the wrong type; expected {wanted}")
 
 

@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", help="'auto' (newest checkpoint in the run folder, if any) or a checkpoint path")
     parser.add_argument("--debug", action="store_true", help="few steps, anomaly detection, deterministic, W&B off")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
 
 def main(argv=None) -> int:
