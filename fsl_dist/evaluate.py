@@ -41,7 +41,8 @@ def evaluate(model, inner_lr, episode_source, *, episodes: int, dist, algorithm:
         stats = evaluate_tasks(model, tasks, algorithm=algorithm, inner_steps=inner_steps,
                                inner_lr=inner_lr, inner_loss=inner_loss, precision=precision)
         after.append(stats["acc_after_per_task"].detach().cpu())
-        before.append(stats["acc_before_per_task"].detach().cpu())
+        # the mean before adaptation is all that is reported of it: one value per episode
+        before.append(stats["acc_before"].detach().cpu().expand(len(chunk)))
     empty = torch.zeros(0)
     acc_after = dist.gather_ragged(torch.cat(after) if after else empty)
     acc_before = dist.gather_ragged(torch.cat(before) if before else empty)

@@ -1,0 +1,71 @@
+"""Mixed precision for the inner and outer loops.
+
+Autocast runs the convolutions and the linear head in bf16 or fp16; the parts that measured
+as precision-sensitive stay in float32: the inner update (float32 parameters minus float32
+gradients), the batch-norm statistics (``BatchStatNorm2d``) and every loss (logits are cast
+to float32 before the cross-entropy). Plain autocast over everything gave meta-gradient
+relative errors of 0.16 at one inner step and 1.55 at five on this project's CPU.
+
+fp16 also needs loss scaling, and ``torch.autograd.grad`` does not go through a
+``GradScaler``: the inner support loss is multiplied by ``inner_loss_scale`` before its
+gradient is taken, and the gradient is divided by it in float32 before the update.
+``InnerLossScaler`` keeps that scale dynamic, the way ``GradScaler`` does for the outer loss.
+"""
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("no", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_factory(precision: str, device_type: str):
+    """A zero-argument callable returning the autocast context for ``precision``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "no":
+        return contextlib.nullcontext
+    dtype = _DTYPES[precision]
+    return lambda: torch.autocast(device_type=device_type, dtype=dtype)
+
+
+class InnerLossScaler:
+    """Dynamic scale for the fp16 inner loss (the inner-loop analogue of ``GradScaler``).
+
+    Pass ``inner_loss_scale=scaler.scale`` to ``meta_loss``; after the step, call
+    ``scaler.update(found_nonfinite)`` with ``stats["inner_nonfinite"]`` reduced over ranks
+    (every rank must see the same value so that all keep the same scale). A non-finite inner
+    gradient halves the scale (the trainer skips that step); ``growth_interval`` finite steps
+    in a row double it.
+    """
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+        self.scale = float(init_scale)
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+        self._growth_tracker = 0
+
+    def update(self, found_nonfinite: bool) -> None:
+        if found_nonfinite:
+            self.scale *= self.backoff_factor
+            self._growth_tracker = 0
+            return
+        self._growth_tracker += 1
+        if self._growth_tracker == self.growth_interval:
+            self.scale *= self.growth_factor
+            self._growth_tracker = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "growth_factor": self.growth_factor,
+                "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
+                "growth_tracker": self._growth_tracker}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.growth_factor = state["growth_factor"]
+        self.backoff_factor = state["backoff_factor"]
+        self.growth_interval = state["growth_interval"]
+        self._growth_tracker = state["growth_tracker"]

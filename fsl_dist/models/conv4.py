@@ -1,0 +1,45 @@
+"""The standard MAML Omniglot Conv-4 ("cnn")."""
+
+from torch import nn
+
+from .layers import BatchStatNorm2d
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv (padding 1), batch-statistics norm, ReLU, 2x2 max-pool: halves the size."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        BatchStatNorm2d(out_channels),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class Conv4(nn.Module):
+    """Conv-4 of Finn et al. (2017) for Omniglot: ``blocks`` conv blocks, then a linear head.
+
+    Args:
+        n_way: number of classes of a task (size of the head).
+        width: channels of every conv block (64 in the MAML paper).
+        in_channels: image channels (1 for Omniglot).
+        image_size: side of the square input; 28 gives 28 -> 14 -> 7 -> 3 -> 1.
+        blocks: number of conv blocks (4; fewer only for tiny test models).
+
+    ``features`` maps images to flat feature vectors, ``classifier`` maps those to logits;
+    the meta-learning algorithms select parameters by these two names.
+    """
+
+    def __init__(self, n_way: int, width: int = 64, in_channels: int = 1,
+                 image_size: int = 28, blocks: int = 4):
+        super().__init__()
+        layers, channels, side = [], in_channels, image_size
+        for _ in range(blocks):
+            layers.append(conv_block(channels, width))
+            channels, side = width, side // 2
+        if side < 1:
+            raise ValueError(f"image_size {image_size} is too small for {blocks} blocks")
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.classifier = nn.Linear(width * side * side, n_way)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
