@@ -26,8 +26,12 @@ import yaml
 from fsl_dist.tracking import read_metrics
 from fsl_dist.wandb_offline import find_run_files, read_run
 
-# Left out when deciding which runs are seeds of the same setting.
-NOT_A_SETTING = ("train.seed", "logging.")
+# Left out when deciding which runs are seeds of the same setting: the seed, and what changes
+# bookkeeping, paths or speed but not what is trained.
+NOT_A_SETTING = ("train.seed", "logging.", "train.checkpoint_every", "train.keep_checkpoints",
+                 "train.log_every", "train.eval_every", "train.cpu_threads", "data.shards",
+                 "data.source", "algorithm.vectorize", "eval.batch_size")
+LABEL_KEYS = 3
 
 
 @dataclass
@@ -212,12 +216,21 @@ def aggregate(runs: Iterable[RunSummary]) -> list[GroupSummary]:
         if len(siblings) > 1:  # e.g. the grid points of one config file: name what differs
             settings = [dict(other) for other in siblings]
             keys = sorted({k for d in settings for k in d})
-            differing = [k for k in keys if len({d.get(k) for d in settings}) > 1]
+            differing = sorted((k for k in keys if len({d.get(k) for d in settings}) > 1), key=_label_order)
             mine = dict(setting)
             label += " " + " ".join(f"{k.rsplit('.', 1)[-1]}={json.loads(mine[k]) if k in mine else '-'}"
-                                    for k in differing)
+                                    for k in differing[:LABEL_KEYS])
+            if len(differing) > LABEL_KEYS:
+                label += f" (+{len(differing) - LABEL_KEYS} more)"
         out.append(GroupSummary(label, sorted(members, key=lambda r: (r.seed is None, r.seed or 0))))
     return out
+
+
+def _label_order(key: str) -> tuple:
+    """What tells settings apart best comes first in a label: the task, model and algorithm."""
+    sections = ("task", "model", "algorithm", "optim", "train", "data", "precision", "eval")
+    section = key.split(".", 1)[0]
+    return (sections.index(section) if section in sections else len(sections), key)
 
 
 # ---------------------------------------------------------------- printing
