@@ -101,7 +101,8 @@ def accelerate_command(script: str | Path, script_args: Sequence[str], *, proces
     total = processes * num_machines
     argv = [python, "-m", "accelerate.commands.launch",
             "--num_machines", str(num_machines), "--num_processes", str(total),
-            "--mixed_precision", "no", "--dynamo_backend", "no"]
+            "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--quiet"]  # a stop (exit 75) is not a crash: no launcher traceback for it
     if total > 1:
         argv.append("--multi_gpu")
     if num_machines > 1:
