@@ -6,14 +6,15 @@ The batch scripts in `launch/slurm/` call `launch/sweep.py run` (one array task)
 to `supervise`, which starts the launcher without a shell.
 
 Preemption. `sbatch --signal=B:USR1@N` signals only the batch shell, which passes it on to the
-supervisor. The supervisor sends SIGUSR1 to the training processes themselves, never to the
-launcher: accelerate's launcher (and torchrun inside it) has no handler for SIGUSR1 and would
-die of it, and on SIGTERM torchrun tears its workers down. The launcher is started with SIGUSR1
-ignored, which its workers inherit until the trainer installs its handler, so an early signal is
-never fatal; the supervisor repeats it every few seconds until the workers are gone. The trainer
-finishes its step, checkpoints and exits 75. accelerate's launcher reports any non-zero status
-as 1, so the supervisor decides: a stop it asked for, with a checkpoint in the run folder, is
-EXIT_RESUMABLE (75), and the batch script requeues the job on 75.
+supervisor (srun passes it to every task's processes). The supervisor sends SIGUSR1 to the
+training processes themselves, never to the launcher: accelerate's launcher (and torchrun inside
+it) has no handler for SIGUSR1 and would die of it, and on SIGTERM torchrun tears its workers
+down. The launcher starts with SIGUSR1 ignored, which its workers inherit until the trainer
+installs its handler, so an early signal is never fatal; the supervisor tells each training
+process once it has that handler. The trainer finishes its step, checkpoints and exits 75.
+accelerate's launcher reports any non-zero status as 1, so the supervisor decides: a stop it was
+asked for, with a checkpoint in the run folder, is EXIT_RESUMABLE (75), and the batch script
+requeues the job on 75.
 """
 
 from __future__ import annotations
@@ -23,15 +24,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 # Exit status of a run stopped by a signal after writing its checkpoint (EX_TEMPFAIL), as in
 # launch/train.py: the batch scripts requeue on it.
 EXIT_RESUMABLE = 75
-FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
-RESEND_EVERY_S = 3.0
+FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 # ---------------------------------------------------------------- how many processes
@@ -160,33 +159,61 @@ def _ignore_usr1() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has installed a handler for `sig` (SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
 def supervise(argv: Sequence[str], env: Mapping[str, str], *, script: str | Path,
               run_dir: Optional[Path], log=print) -> int:
-    """Run the launcher to its end, forwarding SIGUSR1/SIGTERM to the training processes as
-    SIGUSR1 (the trainer's stop request). Returns 0 when training finished, EXIT_RESUMABLE when
-    it stopped on request and `run_dir` holds a checkpoint, else the launcher's status."""
+    """Run the launcher to its end, passing SIGUSR1, SIGTERM and SIGINT (Ctrl-C) on to the
+    training processes as SIGUSR1, the trainer's stop request (finish the step, checkpoint).
+    Returns 0 when training finished, EXIT_RESUMABLE when it stopped on request and `run_dir`
+    holds a checkpoint, else the launcher's status."""
     requested: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _f: requested.append(signum)) for sig in FORWARDED}
+    told: set[int] = set()
+    launcher = None
+
+    def tell_workers() -> None:
+        # Each training process is told once, as soon as it has its handler: the flag it sets
+        # stays set, and a second signal could arrive while Python shuts down (it resets its
+        # handlers to the default then) and end a process that has already stopped cleanly.
+        for pid in worker_pids(launcher.pid, script):
+            if pid not in told and catches(pid, signal.SIGUSR1):
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    continue
+                told.add(pid)
+                log(f"fsl_dist: stop requested (signal {requested[0]}); asked training process "
+                    f"{pid} to checkpoint and stop", flush=True)
+
+    def on_signal(signum, _frame) -> None:
+        requested.append(signum)
+        if launcher is not None:
+            tell_workers()  # at once: the sooner, the smaller the step the run finishes
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in FORWARDED}
     try:
-        launcher = subprocess.Popen(list(argv), env=dict(env), preexec_fn=_ignore_usr1)
-        sent_at = None
+        # Own session: a terminal's Ctrl-C reaches only this supervisor, which turns it into a
+        # clean stop (the launcher would otherwise pass SIGINT on and the workers would die).
+        launcher = subprocess.Popen(list(argv), env=dict(env), preexec_fn=_ignore_usr1,
+                                    start_new_session=True)
         while True:
             try:
                 status = launcher.wait(timeout=0.25)
                 break
             except subprocess.TimeoutExpired:
                 pass
-            if requested and (sent_at is None or time.monotonic() - sent_at > RESEND_EVERY_S):
-                workers = worker_pids(launcher.pid, script)
-                if sent_at is None:
-                    log(f"fsl_dist: got signal {requested[0]}; asking training processes "
-                        f"{workers} to checkpoint and stop", flush=True)
-                for pid in workers:
-                    try:
-                        os.kill(pid, signal.SIGUSR1)
-                    except ProcessLookupError:
-                        pass
-                sent_at = time.monotonic()
+            if requested:
+                tell_workers()  # processes that started, or installed their handler, since
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

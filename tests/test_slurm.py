@@ -117,6 +117,20 @@ def wait_done(env: dict, job: str, tasks: int, timeout: float, logs: list[Path] 
             f"--- {p}\n{p.read_text()[-3000:]}" for p in logs if p.exists())) from None
 
 
+def release_requeued(env: dict, job: str) -> None:
+    """Start a requeued job now instead of after the ~120 s SLURM holds it (BeginTime). Not
+    before the previous instance is gone and the clock has moved on: slurmd revokes the old
+    instance's credential with one-second resolution, and a relaunch in that same second is
+    killed ("Job credential revoked")."""
+    def requeued():
+        info = slurm_cmd(env, "scontrol", "show", "job", job, check=False)
+        return "Restarts=1" in info and "JobState=PENDING" in info
+    wait_for(requeued, 120, f"job {job} to requeue")
+    wait_for(lambda: slurm_cmd(env, "sinfo", "-h", "-o", "%T").strip() == "idle", 60, "the node to be idle")
+    time.sleep(2)
+    slurm_cmd(env, "scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
 def overrides(values: dict) -> list[str]:
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
 
@@ -195,13 +209,7 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
              120, "the first checkpoint")
     slurm_cmd(slurm, "scancel", "--signal=USR1", "--batch", task)
 
-    # stopped at a checkpoint and requeued: SLURM holds a requeued job ~120 s (BeginTime);
-    # the test releases it at once instead of waiting
-    def requeued():
-        info = slurm_cmd(slurm, "scontrol", "show", "job", task, check=False)
-        return info if "Restarts=1" in info and "JobState=PENDING" in info else None
-    wait_for(requeued, 120, f"job {task} to requeue")
-    slurm_cmd(slurm, "scontrol", "update", f"JobId={task}", "StartTime=now")
+    release_requeued(slurm, task)  # stopped at a checkpoint and requeued
     states = wait_done(slurm, job, tasks=1, timeout=180, logs=[log])
     assert states[task] == "COMPLETED", states
     text = log.read_text()
@@ -231,22 +239,34 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
 # ---------------------------------------------------------------- multi-node
 
 
-def test_multinode_script_with_two_tasks_on_one_node(slurm, shards, tmp_path):
+def test_multinode_script_with_two_tasks_on_one_node_survives_preemption(slurm, shards, tmp_path):
     """Two srun tasks stand in for two nodes: each runs its own `accelerate launch` with its
-    machine rank (SLURM_PROCID), both meet at the first node's address. The same code path as
-    several nodes; what one machine cannot show is listed in the README."""
+    machine rank (SLURM_PROCID), both meet at the first node's address (its NodeAddr). The job is
+    signalled once a checkpoint exists: srun passes USR1 to both machines, the two ranks agree to
+    stop after the same step, the job requeues itself and finishes as a 2-process run."""
     run_dir = tmp_path / "mn"
     log = tmp_path / "mn.out"
     args = ["--config", str(ROOT / "configs" / "cnn_maml.yaml"), "--run-dir", str(run_dir),
-            *overrides(dict(TINY, **{"train.steps": 4, "train.eval_every": 4, "train.checkpoint_every": 2,
+            *overrides(dict(TINY, **{"train.steps": 60, "train.eval_every": 60, "train.checkpoint_every": 5,
                                      "data.shards": str(shards), "logging.wandb": False}))]
     job = slurm_cmd(slurm, "sbatch", "--parsable", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2",
                     "--cpus-per-task=1", f"--output={log}", str(ROOT / "launch" / "slurm" / "multinode.sbatch"),
                     *args).strip()
+    wait_for(lambda: list((run_dir / "checkpoints").glob("step-*.pt")) or job_states(slurm, job).get(job) in TERMINAL,
+             120, "the first checkpoint")
+    slurm_cmd(slurm, "scancel", "--signal=USR1", "--batch", job)
+    release_requeued(slurm, job)
     states = wait_done(slurm, job, tasks=1, timeout=240, logs=[log])
     assert states[job] == "COMPLETED", log.read_text()[-4000:]
     text = log.read_text()
-    assert "machine 0/2" in text and "machine 1/2" in text and "2 machines" in text
+    assert text.count("2 machines on") == 2 and "restart 1" in text
+    assert text.count("machine 0/2") == 2 and text.count("machine 1/2") == 2
+    stopped_at = int(text.split("stopped by a signal at step ")[1].split(";")[0])
+    assert f"at step {stopped_at}" in text.split("restart 1")[1]  # resumed where it stopped
     info = json.loads((run_dir / "run.json").read_text())
     assert (info["world_size"], info["backend"]) == (2, "gloo")
-    assert json.loads((run_dir / "eval.json").read_text())["world_size"] == 2
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    assert evaluation["world_size"] == 2
+    train_steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                   if "train/loss" in line]
+    assert train_steps == list(range(1, 61))
