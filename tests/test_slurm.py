@@ -55,7 +55,7 @@ def _answers(env: dict) -> bool:
 
 
 @pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
+def slurm():
     """Environment (SLURM_CONF, PATH with this interpreter first) for talking to a cluster."""
     env = launch_env(PYTHONPATH=ROOT, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     if not env.get("SLURM_CONF") and Path("/etc/slurm/slurm.conf").exists():
@@ -65,12 +65,14 @@ def slurm(tmp_path_factory):
         return
     if os.geteuid() != 0:
         _unavailable("no running SLURM cluster, and starting one needs root (slurmd launches jobs as their user)")
-    base = tmp_path_factory.mktemp("slurm-ci")
+    # not under pytest's 0700 temporary folders: munged wants every folder above its socket
+    # world-executable
+    base = Path(os.environ.get("TMPDIR", "/tmp")) / "fsl_dist-slurm-tests"
     cluster_env = dict(env, SLURM_CI_DIR=str(base), SLURM_CI_SMOKE="0")
     started = subprocess.run(["bash", str(CLUSTER_SCRIPTS / "start_cluster.sh")], env=cluster_env,
                              capture_output=True, text=True, timeout=600)
     if started.returncode != 0:
-        _unavailable(f"could not start a SLURM cluster (no slurm-wlm/munge and no apt?):\n{started.stderr[-3000:]}")
+        _unavailable(f"tests/slurm/start_cluster.sh could not start a SLURM cluster:\n{started.stderr[-3000:]}")
     env["SLURM_CONF"] = str(base / "slurm.conf")
     try:
         yield env
