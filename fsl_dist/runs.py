@@ -26,8 +26,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from fsl_dist.config import Config, ConfigError, load_config, save_config
-from fsl_dist.data.episodes import MemoryTasks, TaskSpec
-from fsl_dist.data.shards import ShardError, load_class_pool, load_manifest, pack_omniglot
+from fsl_dist.data.episodes import TaskSpec, make_tasks
+from fsl_dist.data.shards import ShardError, load_manifest, pack_omniglot
 from fsl_dist.evaluate import evaluate
 from fsl_dist.io import atomic_write, atomic_write_json, atomic_write_text
 from fsl_dist.meta import LearnedInnerLR
@@ -50,27 +50,41 @@ def pack_command(cfg: Config) -> str:
 
 
 def ensure_shards(cfg: Config, dist) -> None:
-    """Make sure the configured shard set exists and matches the config. When it is missing and
-    `data.source` names the Omniglot zips, the main process packs it while the others wait."""
+    """Make sure the configured shard set exists and matches the config. When it is missing, the
+    main process packs it (from `data.source`, else the checked download cache) while the others
+    wait; a failure is reported on every rank with the command that makes the shards."""
     manifest = Path(cfg.data.shards) / "manifest.json"
     if not manifest.is_file():
-        if not cfg.data.source:
-            raise ShardError(f"no shard set at {cfg.data.shards} (missing {manifest}); make it with:\n"
-                             f"    {pack_command(cfg)}\n"
-                             "(without --source the official Omniglot zips are downloaded), "
-                             "or set data.source=DIR to have training pack it")
+        failure = None
         if dist.is_main:
-            dist.print(f"packing {cfg.data.split} shards into {cfg.data.shards} from {cfg.data.source}")
-            pack_omniglot(cfg.data.source, cfg.data.split, cfg.data.shards, size=cfg.data.image_size)
-        dist.barrier()
+            dist.print(f"no shards at {cfg.data.shards}: packing the {cfg.data.split} split "
+                       f"from {cfg.data.source or 'the official Omniglot download'}")
+            try:
+                pack_omniglot(cfg.data.source, cfg.data.split, cfg.data.shards, size=cfg.data.image_size)
+            except Exception as err:  # noqa: BLE001 - reported to every rank below, not swallowed
+                failure = f"{type(err).__name__}: {err}"
+        failure = dist.broadcast_object(failure)
+        if failure:
+            raise ShardError(f"no shard set at {cfg.data.shards} (missing {manifest}) and packing it "
+                             f"failed:\n    {failure}\nmake it with:\n    {pack_command(cfg)}")
     packed = load_manifest(cfg.data.shards)
     if packed["split"] != cfg.data.split:
         raise ConfigError(f"`data.split` = {cfg.data.split!r} but {manifest} was packed with split "
                           f"{packed['split']!r}; point data.shards at a {cfg.data.split} shard set")
+    check_tasks_fit(cfg, packed)
 
 
-def load_pool(cfg: Config, part: str):
-    return load_class_pool(cfg.data.shards, part)
+def check_tasks_fit(cfg: Config, manifest: dict) -> None:
+    """N-way and K+Q against every part of the split (the test part is used only at the end,
+    so it is checked now rather than after hours of training)."""
+    drawings = manifest["drawings_per_class"]
+    if cfg.task.k_shot + cfg.task.q_query > drawings:
+        raise ConfigError(f"`task.k_shot` + `task.q_query` = {cfg.task.k_shot} + {cfg.task.q_query} "
+                          f"needs more than the {drawings} drawings per class of {cfg.data.shards}")
+    for part, entry in manifest["splits"].items():
+        if cfg.task.n_way > entry["classes"]:
+            raise ConfigError(f"`task.n_way` = {cfg.task.n_way} is larger than the {entry['classes']} "
+                              f"classes of the {part} part of split {cfg.data.split!r} ({cfg.data.shards})")
 
 
 # ---------------------------------------------------------------- run.json, model files
@@ -161,7 +175,7 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
     steps = inner_steps if inner_steps is not None else (
         cfg.eval.inner_steps if cfg.eval.inner_steps is not None else cfg.algorithm.inner_steps)
     spec = TaskSpec(cfg.task.n_way, k_shot, cfg.task.q_query, rotate=False)
-    source = MemoryTasks(load_pool(cfg, part), spec, seed=cfg.eval.seed)
+    source = make_tasks(cfg.data.shards, part, spec, seed=cfg.eval.seed)
     result = evaluate(model, inner_lr, source, episodes=episodes, dist=dist,
                       algorithm=cfg.algorithm.name, inner_steps=steps,
                       inner_loss=cfg.algorithm.inner_loss, precision=precision,

@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from fsl_dist import checkpoint as ckpt
 from fsl_dist.config import Config, ConfigError, to_dict
-from fsl_dist.data.episodes import MemoryTasks, TaskSpec, rank_slice
+from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
 from fsl_dist.evaluate import evaluate
 from fsl_dist.meta import InnerLossScaler, LearnedInnerLR, meta_loss
 from fsl_dist.models import build_model
 from fsl_dist.distributed import launcher_precision
-from fsl_dist.runs import ensure_shards, evaluate_held_out, load_pool, save_final_model, write_run_info
+from fsl_dist.runs import ensure_shards, evaluate_held_out, save_final_model, write_run_info
 from fsl_dist.tracking import MetricsFile, wandb_init_kwargs
 
 STAT_KEYS = ("query_loss", "acc_before", "acc_after", "inner_loss", "inner_nonfinite")
@@ -98,13 +98,35 @@ def task_spec(cfg: Config, part: str) -> TaskSpec:
 
 
 def build_task_sources(cfg: Config, dist) -> dict:
-    """Memory-mode samplers for train and val; their constructors check N-way and K+Q against
-    the data, so impossible tasks fail here, before any training."""
-    sources = {}
-    for part, seed in (("train", cfg.train.seed), ("val", cfg.eval.seed)):
-        pool = load_pool(cfg, part)
-        sources[part] = MemoryTasks(pool, task_spec(cfg, part), seed=seed)
-    return sources
+    """Task samplers for train and val; their constructors check N-way and K+Q against the
+    data, so impossible tasks fail here, before any training. Validation always samples from
+    memory (its episodes are a pure function of the eval seed)."""
+    share = cfg.train.meta_batch_size // dist.world_size
+    train = make_tasks(cfg.data.shards, "train", task_spec(cfg, "train"), seed=cfg.train.seed,
+                       mode=cfg.data.mode, tasks_per_batch=share, batches=cfg.train.steps,
+                       rank=dist.rank, world=dist.world_size, shuffle_buffer=cfg.data.shuffle_buffer)
+    val = make_tasks(cfg.data.shards, "val", task_spec(cfg, "val"), seed=cfg.eval.seed)
+    return {"train": train, "val": val}
+
+
+class TrainBatches:
+    """This rank's tasks of each step. Memory mode: task i of step s is a pure function of
+    (seed, s, i), so a resumed run meets exactly the tasks it would have met. Stream mode: the
+    stream is reseeded from the resumed step (reproducible, but not the uninterrupted stream)."""
+
+    def __init__(self, source, my_tasks: range, device: torch.device):
+        self.source, self.my_tasks, self.device = source, my_tasks, device
+        self._stream = None
+
+    def at(self, step: int) -> dict:
+        if isinstance(self.source, MemoryTasks):
+            tasks = self.source.batch(step, self.my_tasks)
+        else:
+            if self._stream is None:
+                self.source.set_epoch(step)
+                self._stream = iter(self.source)
+            tasks = next(self._stream)
+        return {k: v.to(self.device, non_blocking=True) for k, v in tasks.items()}
 
 
 # ---------------------------------------------------------------- one step
@@ -232,7 +254,9 @@ class Trainer:
         ensure_shards(cfg, dist)
         self.sources = build_task_sources(cfg, dist)
         self.state = build_state(cfg, dist.device)
-        self.my_tasks = rank_slice(cfg.train.meta_batch_size, dist.rank, dist.world_size)
+        self.batches = TrainBatches(self.sources["train"],
+                                    rank_slice(cfg.train.meta_batch_size, dist.rank, dist.world_size),
+                                    dist.device)
         self.wandb_id = None
         resume_from = find_resume_point(self.run_dir, resume)
         if resume_from is not None:
@@ -292,8 +316,7 @@ class Trainer:
             if self._should_stop():
                 self.stopped_early = True
                 break
-            tasks = self.sources["train"].batch(state.step, self.my_tasks)
-            tasks = {k: v.to(dist.device, non_blocking=True) for k, v in tasks.items()}
+            tasks = self.batches.at(state.step)
             started = time.perf_counter()
             out = train_step(state, tasks, cfg, dist, self.precision)
             out["step_time"] = time.perf_counter() - started

@@ -53,7 +53,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     pool = shards.load_class_pool(args.shards, args.part)
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-          f"torch threads {torch.get_num_threads()}, python {platform.python_version()}")
+          f"torch threads {torch.get_num_threads()}, python {platform.python_version()}, "
+          f"load average at start {os.getloadavg()[0]:.2f} (other jobs share this machine)")
     print(f"pool: {args.shards} part {args.part!r}, {pool.num_classes} classes, "
           f"images {tuple(pool.images.shape[-2:])}; {args.tasks_per_batch} tasks per batch\n")
     print("| task | rotate | tasks/s | batches timed |")

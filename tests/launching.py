@@ -18,7 +18,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env(**extra) -> dict:
+def child_env(**extra) -> dict:
     env = dict(os.environ)
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
                TOKENIZERS_PARALLELISM="false")
@@ -41,7 +41,7 @@ def command(script: str, args: list[str], processes: int) -> list[str]:
 
 def run(script: str, args: list[str], *, processes: int = 0, timeout: float = 300,
         check: bool = True, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    result = subprocess.run(command(script, args, processes), cwd=cwd, env=env or test_env(),
+    result = subprocess.run(command(script, args, processes), cwd=cwd, env=env or child_env(),
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {result.returncode}\n"

@@ -250,8 +250,10 @@ class StreamTasks(IterableDataset):
         if (rank is None) != (world is None):
             raise ValueError("give both rank and world, or neither (then they are read from the "
                              "environment / torch.distributed when iterating)")
-        if world is not None:
-            rank_slice(world, rank, world)  # validates rank against world
+        if world is not None and (world < 1 or not 0 <= rank < world):
+            raise ValueError(f"rank {rank} is outside 0..{world - 1} (world size {world})")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.shards = list(shards)
         self.spec = spec
         self.drawings_per_class = drawings_per_class
@@ -304,13 +306,20 @@ class StreamTasks(IterableDataset):
             picks = _pick_drawings(rng, spec.n_way, drawings, spec.drawings_per_class)
             per_task.append(np.stack([images[p] for images, p in zip(chosen, picks)]))
         labels = np.stack([rng.permutation(spec.n_way) for _ in per_task])
-        images = torch.from_numpy(np.stack(per_task))  # [T, N, K+Q, H, W]
+        images = np.stack(per_task)  # [T, N, K+Q, H, W]
         if spec.rotate:
-            turns = rng.integers(0, 4, labels.shape)
-            images = torch.stack([torch.stack([torch.rot90(c, int(k), dims=(-2, -1)) for c, k in zip(task, ks)])
-                                  for task, ks in zip(images, turns)])
+            images = _turn_each_class(images, rng.integers(0, 4, labels.shape))
+        images = torch.from_numpy(images)
         k = spec.k_shot
         return assemble(images[:, :, :k].contiguous(), images[:, :, k:].contiguous(), labels)
+
+
+def _turn_each_class(images: np.ndarray, turns: np.ndarray) -> np.ndarray:
+    """Rotate all drawings of class [t, n] by turns[t, n] quarter turns (counter-clockwise)."""
+    turned = np.empty_like(images)
+    for t, n in np.ndindex(turns.shape):
+        turned[t, n] = np.rot90(images[t, n], int(turns[t, n]), axes=(-2, -1))
+    return turned
 
 
 def _take_distinct(classes, pending: deque, n: int) -> list[np.ndarray]:

@@ -48,13 +48,22 @@ def _strip(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
 
 
-def _forward_fn(module: nn.Module, prefix: str, autocast):
-    """``forward(params, x)`` for ``module`` whose parameters are named ``prefix + name``;
-    logits come back in float32 so that losses and the inner update stay in float32."""
-    def forward(params, x):
+def _body_fn(model: nn.Module, autocast):
+    """``body(params, x)``: features under autocast, returned in float32 (or float64)."""
+    def body(params, x):
         with autocast():
-            return upcast(functional_call(module, _strip(params, prefix), (x,)))
-    return forward
+            return upcast(functional_call(model.features, _strip(params, "features."), (x,)))
+    return body
+
+
+def _head_fn(model: nn.Module):
+    """``head(params, features)`` in the parameters' precision, outside autocast: the head is
+    cheap, and under autocast its weights are rounded to bf16/fp16 at every inner step, which
+    rounds away inner updates smaller than 1/256 of a weight (measured: 5-step ANIL meta-
+    gradient relative error 1.8 with the head in bf16)."""
+    def head(params, features):
+        return functional_call(model.classifier, _strip(params, "classifier."), (features,))
+    return head
 
 
 def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
@@ -68,12 +77,13 @@ def _one_task(model, params, lrs, plan: _Plan, support_x, support_y, query_x, qu
         # ANIL fast path: the body does not adapt, so its features are computed once per
         # task (support and query separately, as in the full forward, since batch norm uses
         # each batch's statistics) and the inner loop runs on the head alone.
-        body = _forward_fn(model.features, "features.", plan.autocast)
+        body = _body_fn(model, plan.autocast)
         support_x, query_x = body(params, support_x), body(params, query_x)
         params = {n: p for n, p in params.items() if n.startswith("classifier.")}
-        forward = _forward_fn(model.classifier, "classifier.", plan.autocast)
+        forward = _head_fn(model)
     else:
-        forward = _forward_fn(model, "", plan.autocast)
+        body, head = _body_fn(model, plan.autocast), _head_fn(model)
+        forward = lambda params, x: head(params, body(params, x))  # noqa: E731
     with torch.no_grad():
         acc_before = _accuracy(forward(params, query_x), query_y)
     adaptation = adapt(forward, params, support_x, support_y, adapted_names=plan.adapted_names,

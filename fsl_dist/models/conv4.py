@@ -6,9 +6,14 @@ from .layers import BatchStatNorm2d
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """3x3 conv (padding 1), batch-statistics norm, ReLU, 2x2 max-pool: halves the size."""
+    """3x3 conv (padding 1), batch-statistics norm, ReLU, 2x2 max-pool: halves the size.
+
+    The conv has no bias: the norm subtracts the batch mean, so a bias has exactly zero
+    gradient. Adam would still turn the rounding noise of that zero into full-size steps
+    (about lr per step, in a direction that differs between runs that sum in another order,
+    such as one process and two), moving a parameter that does nothing."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
         BatchStatNorm2d(out_channels),
         nn.ReLU(),
         nn.MaxPool2d(2),

@@ -1,0 +1,66 @@
+"""The public surface the trainer and evaluation code against."""
+
+import pytest
+import torch
+
+from fsl_dist.meta import (ALGORITHMS, LearnedInnerLR, adapted_parameter_names,
+                           default_vectorize, evaluate_tasks, meta_loss, resolve_inner_lr)
+from fsl_dist.models import build_model
+from meta_helpers import make_tasks
+
+
+def tiny():
+    torch.manual_seed(0)
+    return build_model("cnn", 3, width=4, blocks=2, image_size=8), make_tasks(dtype=torch.float32)
+
+
+def test_stats_are_detached_scalars_ready_for_all_reduce():
+    model, tasks = tiny()
+    loss, stats = meta_loss(model, tasks, algorithm="maml", inner_steps=1, inner_lr=0.4)
+    assert loss.requires_grad and loss.dim() == 0
+    assert {"acc_before", "acc_after", "query_loss", "inner_loss", "inner_nonfinite"} <= set(stats)
+    for value in stats.values():
+        assert value.dim() == 0 and value.dtype == torch.float32 and not value.requires_grad
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
+def test_evaluate_tasks_adapts_under_no_grad(vectorize):
+    model, tasks = tiny()
+    _, train_stats = meta_loss(model, tasks, algorithm="maml", inner_steps=2, inner_lr=0.4)
+    with torch.no_grad():
+        stats = evaluate_tasks(model, tasks, algorithm="maml", inner_steps=2, inner_lr=0.4,
+                               vectorize=vectorize)
+    assert stats["acc_after_per_task"].shape == (2,)
+    for key in ("acc_before", "acc_after", "query_loss", "inner_loss"):
+        torch.testing.assert_close(stats[key], train_stats[key])  # same forward values
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_adapted_names_and_step_sizes():
+    names = ["features.0.weight", "features.0.bias", "classifier.weight"]
+    assert adapted_parameter_names("maml", names) == names
+    assert adapted_parameter_names("boil", names) == names[:2]
+    assert adapted_parameter_names("anil", names) == names[2:]
+    assert set(ALGORITHMS) == {"maml", "boil", "anil"}
+    with pytest.raises(ValueError):
+        adapted_parameter_names("reptile", names)
+    assert resolve_inner_lr({"features": 0.1, "classifier": 0.2}, names) == {
+        names[0]: 0.1, names[1]: 0.1, names[2]: 0.2}
+    with pytest.raises(ValueError, match="classifier"):
+        resolve_inner_lr({"features": 0.1}, names)
+
+
+def test_learned_inner_lr_is_meta_learned():
+    model, tasks = tiny()
+    lrs = LearnedInnerLR(model, "boil", 0.3)
+    assert all(k.startswith("lrs.features__") for k in lrs.state_dict())
+    loss, _ = meta_loss(model, tasks, algorithm="boil", inner_steps=1, inner_lr=lrs)
+    loss.backward()
+    assert all(p.grad is not None and p.grad != 0 for p in lrs.parameters())
+    with pytest.raises(ValueError):  # BOIL's step sizes cannot serve MAML's head
+        meta_loss(model, tasks, algorithm="maml", inner_steps=1, inner_lr=lrs)
+
+
+def test_default_vectorize_is_per_device_type():
+    assert default_vectorize("cpu") is False
+    assert default_vectorize(torch.device("cuda", 3)) is True
