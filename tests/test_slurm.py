@@ -26,7 +26,7 @@ from fsl_dist.sweep import load_sweep
 from fsl_dist.wandb_offline import find_run_files, read_run
 
 from launching import ROOT, run
-from launching import test_env as launch_env
+from launching import child_env as launch_env
 
 pytestmark = pytest.mark.slow
 CLUSTER_SCRIPTS = ROOT / "tests" / "slurm"

@@ -17,7 +17,7 @@ from fsl_dist import slurm
 from fsl_dist.slurm import EXIT_RESUMABLE, catches, outcome, supervise, worker_pids
 
 from launching import ROOT
-from launching import test_env as launch_env
+from launching import child_env as launch_env
 
 PAYLOADS = Path(__file__).resolve().parent / "payloads"
 FAKE_TRAIN = PAYLOADS / "fake_train.py"

@@ -153,6 +153,6 @@ def test_cli_list_and_submit_dry_run(tmp_path):
 
 
 def _env(**extra):
-    from launching import test_env
+    from launching import child_env
 
-    return test_env(**extra)
+    return child_env(**extra)
