@@ -32,6 +32,9 @@ NOT_A_SETTING = ("train.seed", "logging.", "train.checkpoint_every", "train.keep
                  "train.log_every", "train.eval_every", "train.cpu_threads", "data.shards",
                  "data.source", "algorithm.vectorize", "eval.batch_size")
 LABEL_KEYS = 3
+# Training seconds so far, summed over resumed segments, if the trainer logs it (it does not yet);
+# otherwise wall time comes from W&B's `_runtime`.
+ELAPSED_KEY = "perf/elapsed_s"
 
 
 @dataclass
@@ -52,7 +55,7 @@ class RunSummary:
     """Median of the logged training throughput (tasks per second over all processes)."""
     wall_time_s: Optional[float] = None
     """Seconds from the start of training to the last logged row, summed over resumed segments
-    (from W&B's `_runtime`; unknown without W&B)."""
+    (the trainer's `perf/elapsed_s` if logged, else W&B's `_runtime`; unknown without either)."""
     val_curve: list[tuple[int, float]] = field(default_factory=list)
     train_curve: list[tuple[int, float]] = field(default_factory=list)
     setting: tuple = ()
@@ -108,6 +111,9 @@ def from_rows(name: str, config: dict, rows: list[dict], *, evaluation: Optional
             run.test_acc, run.test_ci95 = row["test/acc"], row.get("test/ci95")
     if evaluation and evaluation.get("part", "test") == "test":
         run.test_acc, run.test_ci95 = evaluation["mean"], evaluation.get("ci95")
+    elapsed = [r[ELAPSED_KEY] for r in rows if _finite(r.get(ELAPSED_KEY))]
+    if elapsed:  # the trainer's own clock, where it logs one, over W&B's
+        run.wall_time_s = max(elapsed)
     speeds = [r["perf/tasks_per_s"] for r in rows if _finite(r.get("perf/tasks_per_s"))]
     run.tasks_per_s = statistics.median(speeds) if speeds else None
     return run

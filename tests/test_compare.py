@@ -147,6 +147,12 @@ def test_cli(sweep_folders, tmp_path):
     assert run("compare.py", [], check=False).returncode == 2
 
 
+def test_a_logged_elapsed_time_is_the_wall_time():
+    got = from_rows("x", {"name": "c", "train": {"seed": 1, "steps": 2}},
+                    [{"step": 1, "perf/elapsed_s": 3.0}, {"step": 2, "perf/elapsed_s": 7.5}], wall_time_s=99.0)
+    assert got.wall_time_s == 7.5
+
+
 def test_from_rows_without_eval_uses_logged_test_rows():
     got = from_rows("x", {"name": "c", "train": {"seed": 1, "steps": 1}},
                     [{"step": 1, "test/acc": 33.0, "test/ci95": 1.0}])
