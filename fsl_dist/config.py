@@ -315,6 +315,11 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: `train.cpu_threads` must be at least 1 or null")
 
 
+def default_run_dir(cfg: Config) -> Path:
+    """runs/<config name>-<seed>, the run folder when --run-dir is not given."""
+    return Path("runs") / f"{cfg.name}-{cfg.train.seed}"
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -36,10 +36,6 @@ from fsl_dist.models import build_model
 PACKAGES = ("fsl_dist", "torch", "accelerate", "webdataset", "wandb", "numpy", "safetensors")
 
 
-def default_run_dir(cfg: Config) -> Path:
-    return Path("runs") / f"{cfg.name}-{cfg.train.seed}"
-
-
 # ---------------------------------------------------------------- data
 
 

@@ -44,6 +44,7 @@ class TrainState:
     inner_scaler: InnerLossScaler  # fp16 only: dynamic scale of the support loss
     step: int = 0
     skipped_steps: int = 0
+    elapsed_s: float = 0.0  # training wall time, summed over resumes
 
     def trainable(self) -> list[torch.Tensor]:
         params = list(self.model.parameters())
@@ -191,6 +192,7 @@ def checkpoint_state(state: TrainState, wandb_id: Optional[str]) -> dict:
     return {
         "step": state.step,
         "skipped_steps": state.skipped_steps,
+        "elapsed_s": state.elapsed_s,
         "model": state.model.state_dict(),
         "inner_lr": state.inner_lr.state_dict() if isinstance(state.inner_lr, torch.nn.Module) else None,
         "optimizer": state.optimizer.state_dict(),
@@ -215,6 +217,7 @@ def restore_state(state: TrainState, saved: dict) -> None:
     ckpt.set_rng_state(saved["rng"])
     state.step = int(saved["step"])
     state.skipped_steps = int(saved.get("skipped_steps", 0))
+    state.elapsed_s = float(saved.get("elapsed_s", 0.0))
 
 
 def find_resume_point(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
@@ -312,6 +315,7 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not dist.is_main or self.debug,
                    dynamic_ncols=True, desc=cfg.name)
         self.stopped_early = False
+        self._clock = time.perf_counter()
         while state.step < cfg.train.steps:
             if self._should_stop():
                 self.stopped_early = True
@@ -329,6 +333,9 @@ class Trainer:
     def after_step(self, out: dict, bar) -> None:
         cfg, state = self.cfg, self.state
         out["tasks_per_s"] = cfg.train.meta_batch_size / out["step_time"]
+        now = time.perf_counter()
+        state.elapsed_s += now - self._clock  # steps, logging, validation, checkpoints
+        self._clock = now
         bar.update(1)
         bar.set_postfix(loss=f"{out['query_loss']:.3f}", acc=f"{out['acc_after']:.3f}",
                         tasks_s=f"{out['tasks_per_s']:.1f}")
@@ -352,6 +359,7 @@ class Trainer:
             "lr": self.state.optimizer.param_groups[0]["lr"],
             "perf/tasks_per_s": out["tasks_per_s"], "perf/step_time": out["step_time"],
             "perf/peak_memory_mb": peak_memory_mb(self.dist.device),
+            "perf/elapsed_s": self.state.elapsed_s,
         }
 
     def debug_report(self, out: dict) -> None:

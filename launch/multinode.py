@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from fsl_dist.config import ConfigError, load_config
+from fsl_dist.config import ConfigError, default_run_dir, load_config
 from fsl_dist.slurm import accelerate_command, job_port, machine_of, processes_per_machine, supervise
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # Every machine must name the same folder: settle the default here (as launch/train.py's).
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{cfg.name}-{cfg.train.seed}"
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     machine_rank, machines = machine_of(os.environ)
     processes, on_gpu = processes_per_machine(os.environ, args.cpu_processes)
     address = os.environ.get("FSL_MAIN_ADDR")

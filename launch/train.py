@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
 import torch
 
-from fsl_dist.config import ConfigError, load_config
+from fsl_dist.config import ConfigError, default_run_dir, load_config
 from fsl_dist.data.shards import ShardError
 from fsl_dist.distributed import Distributed
-from fsl_dist.runs import default_run_dir
+from fsl_dist.slurm import EXIT_RESUMABLE  # 75: stopped by a signal, checkpointed, resumable
 from fsl_dist.trainer import Trainer
 
-# Exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint (EX_TEMPFAIL):
-# a batch script requeues on it.
-EXIT_RESUMABLE = 75
 
 
 def debug_overrides() -> list[str]:
@@ -62,6 +60,9 @@ def main(argv=None) -> int:
         return 2
     trainer.stop_on_signals()
     outcome = trainer.fit()
+    # Python restores default handlers while it shuts down; a late USR1 (sent to every rank by
+    # a batch script) would then kill a rank that already stopped cleanly.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     result = trainer.finish()
     if outcome["stopped_early"]:
         dist.print(f"stopped by a signal at step {outcome['step']}; checkpoint written, "
