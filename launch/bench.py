@@ -55,10 +55,10 @@ METHODS = {
 }
 
 
-def cases(quick: bool):
+def cases(quick: bool, models=("cnn", "resnet"), algorithms=("maml", "boil", "anil")):
     steps = (1,) if quick else (1, 5)
     return [{"model": m, "algorithm": a, "inner_steps": s}
-            for m in ("cnn", "resnet") for a in ("maml", "boil", "anil") for s in steps]
+            for m in models for a in algorithms for s in steps]
 
 
 def synthetic_tasks(device):
@@ -132,6 +132,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--models", nargs="*", default=["cnn", "resnet"], help="a subset of the rows")
+    parser.add_argument("--algorithms", nargs="*", default=["maml", "boil", "anil"], help="a subset of the rows")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row
     args = parser.parse_args(argv)
@@ -140,7 +142,7 @@ def main(argv=None):
         return
     steps, warmup = (3, 1) if args.quick else (args.steps, args.warmup)
     rows = []
-    for case in cases(args.quick):
+    for case in cases(args.quick, args.models, args.algorithms):
         for method in args.methods:
             if not METHODS[method][0](case):
                 continue

@@ -15,10 +15,16 @@ from .precision import autocast_factory
 TASK_KEYS = ("support_x", "support_y", "query_x", "query_y")
 
 
-def default_vectorize(device) -> bool:
+# Whether vmap beat the loop on CPU, per backbone, measured with launch/bench.py on the 2-core
+# development machine (BENCHMARKS.md): Conv-4's loop was faster on every row (and vmap took
+# 1.4-1.5x the memory); the ResNet's vmap was faster on every row (1.1-1.5x the tasks/s).
+_CPU_VMAP_FASTER = {"Conv4": False, "ResNet12": True}
+
+
+def default_vectorize(device, model: nn.Module | None = None) -> bool:
     """Whether ``meta_loss`` runs tasks through ``vmap`` (True) or a loop (False) by default.
 
-    The one place holding the measured choice per device type (BENCHMARKS.md, issue 3).
+    The one place holding the measured choice per device type (and, on CPU, per backbone).
     """
     device_type = torch.device(device).type
     if device_type == "cuda":
@@ -26,10 +32,9 @@ def default_vectorize(device) -> bool:
         # tasks/s for every model, algorithm and step count at meta-batch 8 (launch/bench.py),
         # and 12.6x in launch/train.py at meta-batch 32 (795 vs 63 tasks/s), for ~1.2x memory.
         return True
-    # CPU, measured on the 2-core development machine: the loop was faster for every model,
-    # algorithm and step count, and vmap took 2-3x the memory. Other devices: unmeasured,
-    # take the path that needs no batching rules.
-    return False
+    # CPU as measured; an unmeasured backbone or device takes the loop, which needs no
+    # batching rules.
+    return _CPU_VMAP_FASTER.get(type(model).__name__, False) if device_type == "cpu" else False
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,7 @@ def meta_loss(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: str,
     _check_tasks(tasks)
     device = tasks["support_x"].device
     if vectorize is None:
-        vectorize = default_vectorize(device)
+        vectorize = default_vectorize(device, model)
     plan, lrs = _plan(model, algorithm, inner_steps, inner_lr, first_order, inner_loss,
                       precision, inner_loss_scale, vectorize, reuse_features, device.type)
     params = dict(model.named_parameters())
@@ -189,7 +194,7 @@ def evaluate_tasks(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: 
     _check_tasks(tasks)
     device = tasks["support_x"].device
     if vectorize is None:
-        vectorize = default_vectorize(device)
+        vectorize = default_vectorize(device, model)
     plan, lrs = _plan(model, algorithm, inner_steps, inner_lr, True, inner_loss, precision,
                       inner_loss_scale, vectorize, True, device.type)
     params = {n: p.detach() for n, p in model.named_parameters()}
