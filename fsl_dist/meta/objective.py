@@ -17,7 +17,7 @@ TASK_KEYS = ("support_x", "support_y", "query_x", "query_y")
 
 # Whether vmap beat the loop on CPU, per backbone, measured with launch/bench.py on the 2-core
 # development machine (BENCHMARKS.md): Conv-4's loop was faster on every row (and vmap took
-# 1.4-1.5x the memory); the ResNet's vmap was faster on every row (1.1-1.5x the tasks/s).
+# 1.3-1.6x the memory); the ResNet's vmap was faster on every row (1.05-1.47x the tasks/s).
 _CPU_VMAP_FASTER = {"Conv4": False, "ResNet12": True}
 
 
@@ -28,7 +28,7 @@ def default_vectorize(device, model: nn.Module | None = None) -> bool:
     """
     device_type = torch.device(device).type
     if device_type == "cuda":
-        # Measured on an NVIDIA H100 (torch 2.11, BENCHMARKS.md): vmap 4.7-5.8x the loop's
+        # Measured on an NVIDIA H100 (torch 2.11, BENCHMARKS.md): vmap 3.6-5.8x the loop's
         # tasks/s for every model, algorithm and step count at meta-batch 8 (launch/bench.py),
         # and 12.6x in launch/train.py at meta-batch 32 (795 vs 63 tasks/s), for ~1.2x memory.
         return True
