@@ -95,20 +95,37 @@ def test_uneven_meta_batch_is_refused_before_training(shards, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def _processes() -> dict[int, tuple[int, list[str]]]:
+    """pid -> (parent pid, argv), read from /proc (ps would cut long command lines)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # the process ended while we looked
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        found[int(entry.name)] = (parent, argv)
+    return found
+
+
 def _rank_pids(launcher_pid: int) -> list[int]:
-    """PIDs of the training ranks started by an accelerate launcher (its descendants running train.py)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    children: dict[int, list[tuple[int, str]]] = {}
-    for line in out.splitlines()[1:]:
-        pid, ppid, args = line.split(None, 2)
-        children.setdefault(int(ppid), []).append((int(pid), args))
+    """PIDs of the training ranks started by an accelerate launcher: its descendants whose
+    argv runs launch/train.py itself (not the launcher)."""
+    processes = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in processes.items():
+        children.setdefault(parent, []).append(pid)
     found, frontier = [], [launcher_pid]
     while frontier:
-        for pid, args in children.get(frontier.pop(), []):
+        for pid in children.get(frontier.pop(), []):
             frontier.append(pid)
-            if "launch/train.py" in args and "accelerate" not in args:
+            argv = processes[pid][1]
+            if any(a.endswith("launch/train.py") for a in argv) and not any("accelerate" in a for a in argv):
                 found.append(pid)
-    return found
+    return sorted(found)
 
 
 def test_killed_rank_ends_the_job_and_the_run_resumes_exactly(shards, tmp_path):
