@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..models.layers import batch_norm_for_vmap
 from .algorithms import adapted_parameter_names, resolve_inner_lr
 from .inner import adapt, cross_entropy, upcast
 from .precision import autocast_factory
@@ -106,7 +107,8 @@ def _run_tasks(model, tasks, params, lrs, plan: _Plan, vectorize: bool):
     """Per-task results stacked over tasks: five tensors of shape [T]."""
     batch = [tasks[k] for k in TASK_KEYS]
     if vectorize:
-        return torch.func.vmap(lambda *task: _one_task(model, params, lrs, plan, *task))(*batch)
+        with batch_norm_for_vmap():
+            return torch.func.vmap(lambda *task: _one_task(model, params, lrs, plan, *task))(*batch)
     per_task = [_one_task(model, params, lrs, plan, *task) for task in zip(*batch)]
     return tuple(torch.stack(column) for column in zip(*per_task))
 

@@ -1,7 +1,26 @@
 """Layers shared by the backbones."""
 
+import contextlib
+import contextvars
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# Set while tasks run under torch.func.vmap: batch norm is then written out from mean and
+# variance (see BatchStatNorm2d); elsewhere the native kernel is used, 1.5x faster per
+# meta-step of Conv-4 on CPU (measured 0.75-0.82 vs 1.19-1.27 s, MAML, 8 tasks, 2 threads).
+_UNDER_VMAP = contextvars.ContextVar("fsl_dist_batch_norm_under_vmap", default=False)
+
+
+@contextlib.contextmanager
+def batch_norm_for_vmap():
+    """Within this block, BatchStatNorm2d uses the written-out form that vmap differentiates exactly."""
+    token = _UNDER_VMAP.set(True)
+    try:
+        yield
+    finally:
+        _UNDER_VMAP.reset(token)
 
 
 class BatchStatNorm2d(nn.Module):
@@ -13,7 +32,8 @@ class BatchStatNorm2d(nn.Module):
     the task's own statistics is what the meta-learned initialisation was trained with.
     There are no running buffers, so nothing changes in ``forward`` besides the output.
 
-    Why it is written out from mean and variance instead of calling ``F.batch_norm``:
+    Why it is written out from mean and variance under ``vmap`` (``batch_norm_for_vmap``)
+    instead of calling ``F.batch_norm``:
     ``torch.func.vmap`` over tasks with ``torch.func.grad`` inside, differentiated from
     outside, gives wrong second-order gradients through PyTorch's native batch norm
     (functorch issue 534; measured here: relative error 5e-3 at one inner step, 6e-2 at
@@ -31,6 +51,8 @@ class BatchStatNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if not _UNDER_VMAP.get():
+            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False, keepdim=True)
         scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
         return (x - mean) * scale + self.bias.view(1, -1, 1, 1)
