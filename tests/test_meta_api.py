@@ -64,5 +64,5 @@ def test_learned_inner_lr_is_meta_learned():
 def test_default_vectorize_is_per_device_type():
     assert default_vectorize("cpu") is False
     assert default_vectorize("cpu", build_model("cnn", 5)) is False
-    assert default_vectorize("cpu", build_model("resnet", 5)) is True
+    assert default_vectorize("cpu", build_model("resnet", 5)) is False
     assert default_vectorize(torch.device("cuda", 3)) is True

@@ -16,16 +16,11 @@ from .precision import autocast_factory
 TASK_KEYS = ("support_x", "support_y", "query_x", "query_y")
 
 
-# Whether vmap beat the loop on CPU, per backbone, measured with launch/bench.py on the 2-core
-# development machine (BENCHMARKS.md): Conv-4's loop was faster on every row (and vmap took
-# 1.3-1.6x the memory); the ResNet's vmap was faster on every row (1.05-1.47x the tasks/s).
-_CPU_VMAP_FASTER = {"Conv4": False, "ResNet12": True}
-
-
 def default_vectorize(device, model: nn.Module | None = None) -> bool:
     """Whether ``meta_loss`` runs tasks through ``vmap`` (True) or a loop (False) by default.
 
-    The one place holding the measured choice per device type (and, on CPU, per backbone).
+    The one place holding the measured choice per device type (BENCHMARKS.md). ``model`` is
+    accepted so that a backbone-specific choice can be added where a measurement calls for it.
     """
     device_type = torch.device(device).type
     if device_type == "cuda":
@@ -33,9 +28,11 @@ def default_vectorize(device, model: nn.Module | None = None) -> bool:
         # tasks/s for every model, algorithm and step count at meta-batch 8 (launch/bench.py),
         # and 12.6x in launch/train.py at meta-batch 32 (795 vs 63 tasks/s), for ~1.2x memory.
         return True
-    # CPU as measured; an unmeasured backbone or device takes the loop, which needs no
-    # batching rules.
-    return _CPU_VMAP_FASTER.get(type(model).__name__, False) if device_type == "cpu" else False
+    # CPU, measured on the 2-core development machine with native batch norm in the loop: the
+    # loop won 10 of 12 cases (Conv-4 1.6-2.5x, ResNet 1.2-1.5x), tied ResNet MAML at
+    # 5 steps and lost ResNet BOIL at 5 steps by 9%, at about half the memory. Other devices:
+    # unmeasured, take the path that needs no batching rules.
+    return False
 
 
 @dataclass(frozen=True)
