@@ -19,15 +19,20 @@ is divided by the meta-batch and back-propagated right away (as in the libraries
 examples), which sums to the gradient of the mean.
 
 A step is the meta-gradient + an Adam step on synthetic binary 28x28 images. Each row runs in
-its own process, so its peak memory (CPU: max RSS above the RSS before the first step; GPU:
+its own process, so its peak memory (CPU: the RSS high-water mark, reset just before the first
+step, above the RSS then; GPU:
 ``torch.cuda.max_memory_allocated``) is its own. Before timing, each row computes its
 meta-gradient once at the initial weights (float32); the table reports, per row, the largest
 relative difference to fsl_dist's loop path on the same case: ``max|g - g_loop| / max|g_loop|``
-over all parameters (the norm-relative difference ``|g - g_loop| / |g_loop|`` is in the JSON).
+over all parameters (the norm-relative difference ``|g - g_loop| / |g_loop|`` is in the JSON),
+and the same measure against the case's meta-gradient in float64 (computed once per case with
+the plain-autograd reference below), which shows how far each method's float32 rounding is
+from the exact value.
 
 Floating-point work is counted once per case with ``torch.utils.flop_counter.FlopCounterMode``
-around one task's meta-gradient on fsl_dist's loop path (ANIL with feature reuse), times the
-meta-batch; it counts matrix products and convolutions (forward, backward and the
+around one task's meta-gradient on a plain-autograd reference (``reference_task``: the math and
+nothing else; ANIL's body features once per task; no statistics such as fsl_dist's accuracy
+before adaptation, which costs one more query forward), times the meta-batch; it counts matrix products and convolutions (forward, backward and the
 double-backward of the second-order term), not element-wise ops. The CPU/GPU ceiling is the
 median rate of a large float32 and bfloat16 matrix product measured in the same run with the
 same thread count. Effective GFLOP/s = counted FLOP per step / median step time.
@@ -171,6 +176,26 @@ def torchopt_task(model, case):
     return run_task
 
 
+def reference_task(model, case):
+    """The meta-gradient math written out with plain autograd and nothing else (no statistics,
+    no extra forward passes): what the FLOP count measures. Not timed."""
+    from torch.func import functional_call
+    part = adapted_part(model, case["algorithm"])  # every parameter of it adapts
+    forward = peer_forward(model, case["algorithm"])
+    params = dict(part.named_parameters())
+    names = list(params)
+
+    def run_task(sx, sy, qx, qy):
+        fast = dict(params)
+        call = lambda x: forward(lambda x_: functional_call(part, fast, (x_,)), x)  # noqa: E731
+        for _ in range(case["inner_steps"]):
+            grads = torch.autograd.grad(F.cross_entropy(call(sx), sy),
+                                        [fast[n] for n in names], create_graph=True)
+            fast = {**fast, **{n: fast[n] - INNER_LR * g for n, g in zip(names, grads)}}
+        return F.cross_entropy(call(qx), qy)
+    return run_task
+
+
 # name -> (applies to case?, factory(model, tasks, case) -> backward())
 METHODS = {
     "loop": (lambda case: True, fsl_dist_method(vectorize=False)),
@@ -181,6 +206,7 @@ METHODS = {
     "higher": (lambda case: True, peer_method(higher_task)),
     "torchopt": (lambda case: True, peer_method(torchopt_task)),
 }
+REFERENCE = peer_method(reference_task)  # for counting FLOP
 
 
 def peer_versions() -> dict:
@@ -244,6 +270,16 @@ def meta_gradient(backward, model) -> torch.Tensor:
     return torch.cat([g.detach().reshape(-1) for g in grads])
 
 
+def float64_gradient(case) -> torch.Tensor:
+    """The case's meta-gradient in float64 (plain-autograd reference, CPU): the truth that the
+    float32 methods' rounding is measured against."""
+    torch.manual_seed(0)
+    model = build_model(case["model"], case["n_way"]).double()
+    tasks = {k: v.double() if v.is_floating_point() else v
+             for k, v in synthetic_tasks(case, "cpu").items()}
+    return meta_gradient(REFERENCE(model, tasks, case), model)
+
+
 def agreement(grad: torch.Tensor, reference: torch.Tensor) -> dict:
     diff = (grad.double() - reference.double())
     ref = reference.double()
@@ -254,15 +290,16 @@ def agreement(grad: torch.Tensor, reference: torch.Tensor) -> dict:
 # --- measurement --------------------------------------------------------------------------------
 
 def count_flops(case, device="cpu") -> float:
-    """FLOP of one meta-step (fsl_dist loop path, meta-gradient only) over the case's meta-batch:
-    one task counted under FlopCounterMode, times the meta-batch."""
+    """FLOP of one meta-step's meta-gradient over the case's meta-batch, counted on the plain
+    autograd reference (``reference_task``: the math and nothing else) for one task under
+    FlopCounterMode, times the meta-batch."""
     from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(0)
     model = build_model(case["model"], case["n_way"]).to(device)
     tasks = synthetic_tasks(case, device, meta_batch=1)
     counter = FlopCounterMode(display=False)
     with counter:
-        METHODS["loop"][1](model, tasks, case)()
+        REFERENCE(model, tasks, case)()
     return float(counter.get_total_flops()) * case["meta_batch"]
 
 
@@ -285,6 +322,32 @@ def measure_ceiling(device, threads, size, repeats) -> dict:
             times.append(time.perf_counter() - start)
         out[str(dtype).removeprefix("torch.")] = 2 * size**3 / statistics.median(times) / 1e9
     return out
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Reset the RSS high-water mark (Linux: clear_refs 5), so that imports and set-up that
+    peaked earlier do not hide the row's own peak; returns the current RSS in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS") * 1024
+    except OSError:  # not Linux: fall back to the max RSS so far (can hide the row's peak)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss() -> int:
+    try:
+        return _status_kib("VmHWM") * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_row(spec: dict) -> dict:
@@ -311,7 +374,7 @@ def run_row(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = reset_peak_rss()
     # The meta-gradient at the initial weights (also the first warm-up step's work).
     grad = meta_gradient(backward, model)
     if spec.get("grad_out"):
@@ -328,7 +391,7 @@ def run_row(spec: dict) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = peak_rss() - base
     median = statistics.median(times)
     return {"s_per_step": median, "tasks_per_s": case["meta_batch"] / median,
             "peak_mem_mib": peak / 2**20, "steps": spec["steps"], "warmup": spec["warmup"]}
@@ -352,7 +415,7 @@ def run_in_subprocess(spec: dict, timeout: float) -> dict:
 
 HEADER = ["model", "algorithm", "task", "inner steps", "meta-batch", "method", "tasks/s",
           "s/step", "peak mem (MiB)", "GFLOP/step", "GFLOP/s", "% fp32 ceiling",
-          "x best peer", "max rel. diff vs loop"]
+          "x best peer", "max rel. diff vs loop", "max rel. diff vs float64"]
 
 
 def _fmt(value, spec):
@@ -361,23 +424,24 @@ def _fmt(value, spec):
 
 def markdown(rows) -> str:
     lines = ["| " + " | ".join(HEADER) + " |",
-             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         head = (f"| {r['model']} | {r['algorithm']} | {task_name(r)} | {r['inner_steps']} "
                 f"| {r['meta_batch']} | {r['method']} ")
         if "tasks_per_s" not in r:
             why = r.get("unavailable") or f"failed: {r.get('error')}"
-            lines.append(head + f"| {why.replace('|', '/')} | | | | | | | |")
+            lines.append(head + f"| {why.replace('|', '/')} | | | | | | | | |")
             continue
         lines.append(
             head + f"| {r['tasks_per_s']:.2f} | {r['s_per_step']:.3f} | {r['peak_mem_mib']:.0f} "
             f"| {_fmt(r.get('gflop_per_step'), '.1f')} | {_fmt(r.get('gflop_per_s'), '.1f')} "
             f"| {_fmt(r.get('pct_fp32_ceiling'), '.1f')} | {_fmt(r.get('x_best_peer'), '.2f')} "
-            f"| {_fmt(r.get('max_rel_diff'), '.1e')} |")
+            f"| {_fmt(r.get('max_rel_diff'), '.1e')} "
+            f"| {_fmt(r.get('max_rel_diff_float64'), '.1e')} |")
     return "\n".join(lines)
 
 
-def finish_case(case_rows, grads, flops, ceiling):
+def finish_case(case_rows, grads, flops, ceiling, truth=None):
     """Fill in agreement, FLOP rate and ratio to the best peer for one case's rows."""
     reference = grads.get("loop")
     peer_rates = [r["tasks_per_s"] for r in case_rows
@@ -388,6 +452,8 @@ def finish_case(case_rows, grads, flops, ceiling):
             continue
         if reference is not None and r["method"] in grads:
             r.update(agreement(grads[r["method"]], reference))
+        if truth is not None and r["method"] in grads:
+            r["max_rel_diff_float64"] = agreement(grads[r["method"]], truth)["max_rel_diff"]
         r["gflop_per_step"] = flops / 1e9
         r["gflop_per_s"] = flops / r["s_per_step"] / 1e9
         r["pct_fp32_ceiling"] = 100 * r["gflop_per_s"] / ceiling["float32"]
@@ -416,6 +482,8 @@ def main(argv=None):
     parser.add_argument("--models", nargs="*", default=["cnn", "resnet"], help="a subset of the rows")
     parser.add_argument("--algorithms", nargs="*", default=["maml", "boil", "anil"],
                         help="a subset of the rows")
+    parser.add_argument("--no-float64-check", dest="float64_check", action="store_false",
+                        help="skip the float64 meta-gradient per case (the last column)")
     parser.add_argument("--row-timeout", type=float, default=3600, help="seconds per row")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row
@@ -440,6 +508,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for i, case in enumerate(cases(args.quick, args.models, args.algorithms)):
             flops = count_flops(case)
+            truth = float64_gradient(case) if args.float64_check else None
             case_rows, grads = [], {}
             for method in args.methods:
                 if not METHODS[method][0](case):
@@ -460,7 +529,7 @@ def main(argv=None):
                         grads[method] = torch.load(grad_out)
                 row = {**case, "method": method, **result}
                 case_rows.append(row)
-            finish_case(case_rows, grads, flops, ceiling)
+            finish_case(case_rows, grads, flops, ceiling, truth)
             for row in case_rows:
                 print(markdown([row]).splitlines()[-1], file=sys.stderr, flush=True)
             rows += case_rows
