@@ -1,5 +1,6 @@
-"""Meta-training step throughput, peak memory, FLOP rate and meta-gradient agreement of
-fsl_dist's execution paths and of learn2learn, higher and TorchOpt, in one table.
+"""Meta-step speed, memory, FLOP rate and meta-gradient agreement: fsl_dist vs its peers.
+
+One table for fsl_dist's execution paths and for learn2learn, higher and TorchOpt.
 
 A case is (model, algorithm, task shape, inner steps, meta-batch); a method is a way to compute
 the meta-gradient: fsl_dist's ``loop`` and ``vmap`` paths (and ANIL without feature reuse), and
@@ -32,8 +33,9 @@ from the exact value.
 Floating-point work is counted once per case with ``torch.utils.flop_counter.FlopCounterMode``
 around one task's meta-gradient on a plain-autograd reference (``reference_task``: the math and
 nothing else; ANIL's body features once per task; no statistics such as fsl_dist's accuracy
-before adaptation, which costs one more query forward), times the meta-batch; it counts matrix products and convolutions (forward, backward and the
-double-backward of the second-order term), not element-wise ops. The CPU/GPU ceiling is the
+before adaptation, which costs one more query forward), times the meta-batch; it counts matrix
+products and convolutions (forward, backward and the double-backward of the second-order
+term), not element-wise ops. The CPU/GPU ceiling is the
 median rate of a large float32 and bfloat16 matrix product measured in the same run with the
 same thread count. Effective GFLOP/s = counted FLOP per step / median step time.
 
@@ -483,7 +485,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int,
                         help="warm-up steps per row after the meta-gradient check (2; --quick: 1)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--models", nargs="*", default=["cnn", "resnet"], help="a subset of the rows")
+    parser.add_argument("--models", nargs="*", default=["cnn", "resnet"],
+                        help="a subset of the rows")
     parser.add_argument("--algorithms", nargs="*", default=["maml", "boil", "anil"],
                         help="a subset of the rows")
     parser.add_argument("--no-float64-check", dest="float64_check", action="store_false",
