@@ -1,28 +1,65 @@
-"""Meta-training step throughput and peak memory: cases x methods -> rows -> markdown table.
+"""Meta-step speed, memory, FLOP rate and meta-gradient agreement: fsl_dist vs its peers.
 
-A case is (model, algorithm, inner steps) at 5-way 1-shot 15-query with a meta-batch of 8
-tasks; a method is a way to compute the meta-gradient (today fsl_dist's loop and vmap paths,
-and the ANIL path without feature reuse; later other libraries). A step is meta_loss +
-backward + Adam step on synthetic binary 28x28 images. Each row runs in its own process so
-that its peak memory (CPU: max RSS above the RSS before the first step; GPU:
-torch.cuda.max_memory_allocated) is its own.
+One table for fsl_dist's execution paths and for learn2learn, higher and TorchOpt.
 
-    python launch/bench.py                    # full table, about 15 min on 2 CPU cores
-    python launch/bench.py --quick            # smoke run, a few minutes
+A case is (model, algorithm, task shape, inner steps, meta-batch); a method is a way to compute
+the meta-gradient: fsl_dist's ``loop`` and ``vmap`` paths (and ANIL without feature reuse), and
+the peers ``learn2learn`` (``l2l.algorithms.MAML``, clone/adapt), ``higher``
+(``innerloop_ctx`` + differentiable SGD) and ``torchopt`` (``MetaSGD`` with
+``extract_state_dict``/``recover_state_dict``). Every method computes the same math: the same
+initial weights (seed 0), the same synthetic tasks, inner update ``p - 0.4 * grad(CE support
+loss)`` on the parameters the algorithm adapts (MAML: all, BOIL: ``features.*``, ANIL:
+``classifier.*``), second order, meta-loss = mean query CE over the tasks.
+
+How the peers run (each library's own idiom, tasks in a per-task loop): the module that adapts
+is the whole model (MAML), ``model.features`` (BOIL) or ``model.classifier`` (ANIL) and the rest
+of the model is used as a plain module around it, so its parameters are meta-learned but not
+adapted; for ANIL the body's features are computed once per task (support and query
+separately, as fsl_dist's ANIL path and learn2learn's ANIL example do); each task's query loss
+is divided by the meta-batch and back-propagated right away (as in the libraries' MAML
+examples), which sums to the gradient of the mean.
+
+A step is the meta-gradient + an Adam step on synthetic binary 28x28 images. Each row runs in
+its own process, so its peak memory (CPU: the RSS high-water mark, reset just before the first
+step, above the RSS then; GPU:
+``torch.cuda.max_memory_allocated``) is its own. Before timing, each row computes its
+meta-gradient once at the initial weights (float32); the table reports, per row, the largest
+relative difference to fsl_dist's loop path on the same case: ``max|g - g_loop| / max|g_loop|``
+over all parameters (the norm-relative difference ``|g - g_loop| / |g_loop|`` is in the JSON),
+and the same measure against the case's meta-gradient in float64 (computed once per case with
+the plain-autograd reference below), which shows how far each method's float32 rounding is
+from the exact value.
+
+Floating-point work is counted once per case with ``torch.utils.flop_counter.FlopCounterMode``
+around one task's meta-gradient on a plain-autograd reference (``reference_task``: the math and
+nothing else; ANIL's body features once per task; no statistics such as fsl_dist's accuracy
+before adaptation, which costs one more query forward), times the meta-batch; it counts matrix
+products and convolutions (forward, backward and the double-backward of the second-order
+term), not element-wise ops. The CPU/GPU ceiling is the
+median rate of a large float32 and bfloat16 matrix product measured in the same run with the
+same thread count. Effective GFLOP/s = counted FLOP per step / median step time.
+
+    python launch/bench.py                    # full grid (48 cases): hours on 2 CPU cores
+    python launch/bench.py --quick            # smoke run: 5-way 1-shot, 1 step, meta-batch 8
     python launch/bench.py --device cuda --json runs/bench.json
 """
 
 import argparse
+import copy
 import json
+import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,45 +67,289 @@ sys.path.insert(0, str(ROOT))
 from fsl_dist.meta import meta_loss  # noqa: E402
 from fsl_dist.models import build_model  # noqa: E402
 
-N_WAY, K_SHOT, N_QUERY, META_BATCH, INNER_LR = 5, 1, 15, 8, 0.4
+INNER_LR = 0.4
+# (n_way, k_shot, n_query) task shapes of the full grid.
+TASK_SHAPES = ((5, 1, 15), (20, 1, 5))
+PEERS = ("learn2learn", "higher", "torchopt")
 
+
+class Unavailable(Exception):
+    """A method that cannot run here (not installed, fails to import); the table says why."""
+
+
+# --- methods: each returns backward(), which puts the meta-gradient into the .grad fields ----
 
 def fsl_dist_method(**options):
-    """A method that steps with fsl_dist.meta.meta_loss under ``options``."""
-    def step_fn(model, tasks, case):
-        def step(optimizer):
-            optimizer.zero_grad(set_to_none=True)
+    """A method that computes the meta-gradient with fsl_dist.meta.meta_loss under ``options``."""
+    def make(model, tasks, case):
+        def backward():
             loss, _ = meta_loss(model, tasks, algorithm=case["algorithm"],
                                 inner_steps=case["inner_steps"], inner_lr=INNER_LR, **options)
             loss.backward()
-            optimizer.step()
-        return step
-    return step_fn
+        return backward
+    return make
 
 
-# name -> (applies to case?, step-function factory)
+def adapted_part(model, algorithm):
+    """The sub-module that adapts in the inner loop (the rest is used as a plain module)."""
+    return {"maml": model, "boil": model.features, "anil": model.classifier}[algorithm]
+
+
+def peer_forward(model, algorithm):
+    """``forward(adapted, x)``: logits from the adapted sub-module ``adapted`` (for ANIL, ``x``
+    are the body's features, computed once per task)."""
+    if algorithm == "boil":
+        return lambda adapted, x: model.classifier(adapted(x))
+    return lambda adapted, x: adapted(x)
+
+
+def peer_method(run_task_factory):
+    """A peer method: tasks in a loop, each task's query loss / T back-propagated right away.
+
+    ``run_task_factory(model, case) -> run_task(sx, sy, qx, qy) -> query loss``.
+    """
+    def make(model, tasks, case):
+        run_task = run_task_factory(model, case)
+        algorithm = case["algorithm"]
+        n_tasks = tasks["support_x"].shape[0]
+
+        def backward():
+            for sx, sy, qx, qy in zip(tasks["support_x"], tasks["support_y"],
+                                      tasks["query_x"], tasks["query_y"]):
+                if algorithm == "anil":  # body features once per task, as fsl_dist's ANIL path
+                    sx, qx = model.features(sx), model.features(qx)
+                (run_task(sx, sy, qx, qy) / n_tasks).backward()
+        return backward
+    return make
+
+
+def _import(name):
+    try:
+        return __import__(name)
+    except Exception as error:  # noqa: BLE001 - any failure to import is a reason to report
+        raise Unavailable(f"import {name} failed: {type(error).__name__}: {error}") from error
+
+
+def learn2learn_task(model, case):
+    l2l = _import("learn2learn")
+    maml = l2l.algorithms.MAML(adapted_part(model, case["algorithm"]), lr=INNER_LR,
+                               first_order=False)
+    forward = peer_forward(model, case["algorithm"])
+
+    def run_task(sx, sy, qx, qy):
+        learner = maml.clone()
+        for _ in range(case["inner_steps"]):
+            learner.adapt(F.cross_entropy(forward(learner, sx), sy))
+        return F.cross_entropy(forward(learner, qx), qy)
+    return run_task
+
+
+def higher_task(model, case):
+    higher = _import("higher")
+    part = adapted_part(model, case["algorithm"])
+    inner_opt = torch.optim.SGD(part.parameters(), lr=INNER_LR)
+    forward = peer_forward(model, case["algorithm"])
+
+    def run_task(sx, sy, qx, qy):
+        with higher.innerloop_ctx(part, inner_opt, copy_initial_weights=False,
+                                  track_higher_grads=True) as (fpart, diffopt):
+            for _ in range(case["inner_steps"]):
+                diffopt.step(F.cross_entropy(forward(fpart, sx), sy))
+            return F.cross_entropy(forward(fpart, qx), qy)
+    return run_task
+
+
+def torchopt_task(model, case):
+    torchopt = _import("torchopt")
+    part = adapted_part(model, case["algorithm"])
+    inner_opt = torchopt.MetaSGD(part, lr=INNER_LR)
+    forward = peer_forward(model, case["algorithm"])
+
+    def run_task(sx, sy, qx, qy):
+        part_state = torchopt.extract_state_dict(part, by="reference")
+        opt_state = torchopt.extract_state_dict(inner_opt, by="reference")
+        try:
+            for _ in range(case["inner_steps"]):
+                inner_opt.step(F.cross_entropy(forward(part, sx), sy))
+            return F.cross_entropy(forward(part, qx), qy)
+        finally:  # the original parameters back into the module (the graph keeps the adapted)
+            torchopt.recover_state_dict(part, part_state)
+            torchopt.recover_state_dict(inner_opt, opt_state)
+    return run_task
+
+
+def reference_task(model, case):
+    """The meta-gradient math written out with plain autograd and nothing else (no statistics,
+    no extra forward passes): what the FLOP count measures. Not timed."""
+    from torch.func import functional_call
+    part = adapted_part(model, case["algorithm"])  # every parameter of it adapts
+    forward = peer_forward(model, case["algorithm"])
+    params = dict(part.named_parameters())
+    names = list(params)
+
+    def run_task(sx, sy, qx, qy):
+        fast = dict(params)
+        call = lambda x: forward(lambda x_: functional_call(part, fast, (x_,)), x)  # noqa: E731
+        for _ in range(case["inner_steps"]):
+            grads = torch.autograd.grad(F.cross_entropy(call(sx), sy),
+                                        [fast[n] for n in names], create_graph=True)
+            fast = {**fast, **{n: fast[n] - INNER_LR * g for n, g in zip(names, grads)}}
+        return F.cross_entropy(call(qx), qy)
+    return run_task
+
+
+# name -> (applies to case?, factory(model, tasks, case) -> backward())
 METHODS = {
     "loop": (lambda case: True, fsl_dist_method(vectorize=False)),
     "vmap": (lambda case: True, fsl_dist_method(vectorize=True)),
     "loop, no feature reuse": (lambda case: case["algorithm"] == "anil",
                                fsl_dist_method(vectorize=False, reuse_features=False)),
+    "learn2learn": (lambda case: True, peer_method(learn2learn_task)),
+    "higher": (lambda case: True, peer_method(higher_task)),
+    "torchopt": (lambda case: True, peer_method(torchopt_task)),
 }
+REFERENCE = peer_method(reference_task)  # for counting FLOP
 
+
+def peer_versions() -> dict:
+    """{peer: version or the reason it cannot be imported}, for the report."""
+    out = {}
+    for name in PEERS:
+        try:
+            module = _import(name)
+            out[name] = getattr(module, "__version__", None) or _dist_version(name)
+        except Unavailable as why:
+            out[name] = f"unavailable ({why})"
+    return out
+
+
+def _dist_version(name):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown version"
+
+
+# --- cases and tasks --------------------------------------------------------------------------
 
 def cases(quick: bool, models=("cnn", "resnet"), algorithms=("maml", "boil", "anil")):
+    shapes = TASK_SHAPES[:1] if quick else TASK_SHAPES
     steps = (1,) if quick else (1, 5)
-    return [{"model": m, "algorithm": a, "inner_steps": s}
-            for m in models for a in algorithms for s in steps]
+    batches = (8,) if quick else (8, 32)
+    return [{"model": m, "algorithm": a, "n_way": n, "k_shot": k, "n_query": q,
+             "inner_steps": s, "meta_batch": b}
+            for m in models for a in algorithms for (n, k, q) in shapes
+            for s in steps for b in batches]
 
 
-def synthetic_tasks(device):
+def task_name(case) -> str:
+    return f"{case['n_way']}w{case['k_shot']}s{case['n_query']}q"
+
+
+def synthetic_tasks(case, device, meta_batch=None, image_size=28):
+    """Binary 28x28 images (20% ones) and class labels; the same for every method (seed 0)."""
+    meta_batch = case["meta_batch"] if meta_batch is None else meta_batch
+    n_way = case["n_way"]
     g = torch.Generator().manual_seed(0)
+
     def images(n):
-        return (torch.rand(META_BATCH, n, 1, 28, 28, generator=g) < 0.2).float().to(device)
+        x = torch.rand(meta_batch, n, 1, image_size, image_size, generator=g) < 0.2
+        return x.float().to(device)
+
     def labels(per_class):
-        return torch.arange(N_WAY).repeat(per_class).expand(META_BATCH, -1).contiguous().to(device)
-    return {"support_x": images(N_WAY * K_SHOT), "support_y": labels(K_SHOT),
-            "query_x": images(N_WAY * N_QUERY), "query_y": labels(N_QUERY)}
+        return torch.arange(n_way).repeat(per_class).expand(meta_batch, -1).contiguous().to(device)
+    return {"support_x": images(n_way * case["k_shot"]), "support_y": labels(case["k_shot"]),
+            "query_x": images(n_way * case["n_query"]), "query_y": labels(case["n_query"])}
+
+
+def meta_gradient(backward, model) -> torch.Tensor:
+    """``backward``'s meta-gradient at the model's current weights, flattened in parameter order."""
+    for p in model.parameters():
+        p.grad = None
+    backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+    return torch.cat([g.detach().reshape(-1) for g in grads])
+
+
+def float64_gradient(case) -> torch.Tensor:
+    """The case's meta-gradient in float64 (plain-autograd reference, CPU): the truth that the
+    float32 methods' rounding is measured against."""
+    torch.manual_seed(0)
+    model = build_model(case["model"], case["n_way"]).double()
+    tasks = {k: v.double() if v.is_floating_point() else v
+             for k, v in synthetic_tasks(case, "cpu").items()}
+    return meta_gradient(REFERENCE(model, tasks, case), model)
+
+
+def agreement(grad: torch.Tensor, reference: torch.Tensor) -> dict:
+    diff = (grad.double() - reference.double())
+    ref = reference.double()
+    return {"max_rel_diff": (diff.abs().max() / ref.abs().max()).item(),
+            "norm_rel_diff": (diff.norm() / ref.norm()).item()}
+
+
+# --- measurement --------------------------------------------------------------------------------
+
+def count_flops(case, device="cpu") -> float:
+    """FLOP of one meta-step's meta-gradient over the case's meta-batch, counted on the plain
+    autograd reference (``reference_task``: the math and nothing else) for one task under
+    FlopCounterMode, times the meta-batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = build_model(case["model"], case["n_way"]).to(device)
+    tasks = synthetic_tasks(case, device, meta_batch=1)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        REFERENCE(model, tasks, case)()
+    return float(counter.get_total_flops()) * case["meta_batch"]
+
+
+def measure_ceiling(device, threads, size, repeats) -> dict:
+    """Median GFLOP/s of ``size x size`` float32 and bfloat16 matrix products."""
+    torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = {"size": size, "repeats": repeats}
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(size, size, generator=g).to(device, dtype)
+        b = torch.randn(size, size, generator=g).to(device, dtype)
+        torch.mm(a, b)  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            torch.mm(a, b)
+            sync()
+            times.append(time.perf_counter() - start)
+        out[str(dtype).removeprefix("torch.")] = 2 * size**3 / statistics.median(times) / 1e9
+    return out
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Reset the RSS high-water mark (Linux: clear_refs 5), so that imports and set-up that
+    peaked earlier do not hide the row's own peak; returns the current RSS in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS") * 1024
+    except OSError:  # not Linux: fall back to the max RSS so far (can hide the row's peak)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss() -> int:
+    try:
+        return _status_kib("VmHWM") * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_row(spec: dict) -> dict:
@@ -77,85 +358,209 @@ def run_row(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     case = spec["case"]
-    model = build_model(case["model"], N_WAY).to(device)
-    tasks = synthetic_tasks(device)
+    model = build_model(case["model"], case["n_way"]).to(device)
+    tasks = synthetic_tasks(case, device)
+    try:
+        backward = METHODS[spec["method"]][1](model, tasks, case)
+    except Unavailable as why:
+        return {"unavailable": str(why)}
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    step = METHODS[spec["method"]][1](model, tasks, case)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        backward()
+        optimizer.step()
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = reset_peak_rss()
+    # The meta-gradient at the initial weights (also the first warm-up step's work).
+    grad = meta_gradient(backward, model)
+    if spec.get("grad_out"):
+        torch.save(grad.float().cpu(), spec["grad_out"])
     for _ in range(spec["warmup"]):
-        step(optimizer)
+        step()
     times = []
     for _ in range(spec["steps"]):
         sync()
         start = time.perf_counter()
-        step(optimizer)
+        step()
         sync()
         times.append(time.perf_counter() - start)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = peak_rss() - base
     median = statistics.median(times)
-    return {**case, "method": spec["method"], "s_per_step": median,
-            "tasks_per_s": META_BATCH / median, "peak_mem_mib": peak / 2**20,
-            "steps": spec["steps"]}
+    return {"s_per_step": median, "tasks_per_s": case["meta_batch"] / median,
+            "peak_mem_mib": peak / 2**20, "steps": spec["steps"], "warmup": spec["warmup"]}
 
 
 def run_in_subprocess(spec: dict, timeout: float) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)],
-                         capture_output=True, text=True, timeout=timeout)
+    """The row's result, ``{"unavailable": why}`` or ``{"error": why}``."""
+    try:
+        out = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)],
+                             capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     if out.returncode != 0:
-        raise RuntimeError(f"row {spec} failed:\n{out.stderr[-2000:]}")
+        lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+        if out.returncode < 0:
+            why = f"killed by signal {-out.returncode}" + (
+                " (out of memory?)" if out.returncode == -9 else "")
+        else:
+            why = lines[-1] if lines else f"exit status {out.returncode}"
+        return {"error": why, "stderr": out.stderr[-3000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# --- report ---------------------------------------------------------------------------------------
+
+HEADER = ["model", "algorithm", "task", "inner steps", "meta-batch", "method", "tasks/s",
+          "s/step", "peak mem (MiB)", "GFLOP/step", "GFLOP/s", "% fp32 ceiling",
+          "x best peer", "max rel. diff vs loop", "max rel. diff vs float64"]
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
 def markdown(rows) -> str:
-    lines = ["| model | algorithm | inner steps | method | tasks/s | s/step | peak mem (MiB) |",
-             "|---|---|---:|---|---:|---:|---:|"]
+    lines = ["| " + " | ".join(HEADER) + " |",
+             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['algorithm']} | {r['inner_steps']} | {r['method']} "
-                     f"| {r['tasks_per_s']:.2f} | {r['s_per_step']:.3f} "
-                     f"| {r['peak_mem_mib']:.0f} |")
+        head = (f"| {r['model']} | {r['algorithm']} | {task_name(r)} | {r['inner_steps']} "
+                f"| {r['meta_batch']} | {r['method']} ")
+        if "tasks_per_s" not in r:
+            why = r.get("unavailable") or f"failed: {r.get('error')}"
+            lines.append(head + f"| {why.replace('|', '/')} | | | | | | | | |")
+            continue
+        lines.append(
+            head + f"| {r['tasks_per_s']:.2f} | {r['s_per_step']:.3f} | {r['peak_mem_mib']:.0f} "
+            f"| {_fmt(r.get('gflop_per_step'), '.1f')} | {_fmt(r.get('gflop_per_s'), '.1f')} "
+            f"| {_fmt(r.get('pct_fp32_ceiling'), '.1f')} | {_fmt(r.get('x_best_peer'), '.2f')} "
+            f"| {_fmt(r.get('max_rel_diff'), '.1e')} "
+            f"| {_fmt(r.get('max_rel_diff_float64'), '.1e')} |")
     return "\n".join(lines)
+
+
+def finish_case(case_rows, grads, flops, ceiling, truth=None):
+    """Fill in agreement, FLOP rate and ratio to the best peer for one case's rows."""
+    reference = grads.get("loop")
+    peer_rates = [r["tasks_per_s"] for r in case_rows
+                  if r["method"] in PEERS and "tasks_per_s" in r]
+    best_peer = max(peer_rates) if peer_rates else None
+    for r in case_rows:
+        if "tasks_per_s" not in r:
+            continue
+        if reference is not None and r["method"] in grads:
+            r.update(agreement(grads[r["method"]], reference))
+        if truth is not None and r["method"] in grads:
+            r["max_rel_diff_float64"] = agreement(grads[r["method"]], truth)["max_rel_diff"]
+        r["gflop_per_step"] = flops / 1e9
+        r["gflop_per_s"] = flops / r["s_per_step"] / 1e9
+        r["pct_fp32_ceiling"] = 100 * r["gflop_per_s"] / ceiling["float32"]
+        r["x_best_peer"] = r["tasks_per_s"] / best_peer if best_peer else None
+
+
+def machine_line(device, threads) -> str:
+    cpu = platform.processor() or platform.machine()
+    if device.type == "cuda":
+        cpu = torch.cuda.get_device_name()
+    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
+            f"{platform.python_version()}, device {device.type}, {threads} threads")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--quick", action="store_true", help="1 inner step, 3 timed steps")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
-    parser.add_argument("--models", nargs="*", default=["cnn", "resnet"], help="a subset of the rows")
-    parser.add_argument("--algorithms", nargs="*", default=["maml", "boil", "anil"], help="a subset of the rows")
+    parser.add_argument("--quick", action="store_true",
+                        help="5-way 1-shot 15-query, 1 inner step, meta-batch 8, 3 timed steps "
+                             "after 1 warm-up, a smaller ceiling product")
+    parser.add_argument("--steps", type=int, help="timed steps per row (10; --quick: 3)")
+    parser.add_argument("--warmup", type=int,
+                        help="warm-up steps per row after the meta-gradient check (2; --quick: 1)")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--models", nargs="*", default=["cnn", "resnet"],
+                        help="a subset of the rows")
+    parser.add_argument("--algorithms", nargs="*", default=["maml", "boil", "anil"],
+                        help="a subset of the rows")
+    parser.add_argument("--no-float64-check", dest="float64_check", action="store_false",
+                        help="skip the float64 meta-gradient per case (the last column)")
+    parser.add_argument("--row-timeout", type=float, default=3600, help="seconds per row")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row
     args = parser.parse_args(argv)
     if args.row:
-        print(json.dumps(run_row(json.loads(args.row))))
+        spec = json.loads(args.row)
+        try:
+            print(json.dumps(run_row(spec)))
+        except Exception:
+            traceback.print_exc()
+            sys.exit(1)
         return
-    steps, warmup = (3, 1) if args.quick else (args.steps, args.warmup)
-    rows = []
-    for case in cases(args.quick, args.models, args.algorithms):
-        for method in args.methods:
-            if not METHODS[method][0](case):
-                continue
-            spec = {"case": case, "method": method, "device": args.device,
-                    "threads": args.threads, "steps": steps, "warmup": warmup}
-            rows.append(run_in_subprocess(spec, timeout=600))
-            print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-    machine = (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-               f"device {args.device}, {args.threads} threads")
-    print(f"{machine}\n\n{markdown(rows)}")
+    steps, warmup = (3, 1) if args.quick else (10, 2)
+    steps = steps if args.steps is None else args.steps
+    warmup = warmup if args.warmup is None else args.warmup
+    device = torch.device(args.device)
+    ceiling = measure_ceiling(device, args.threads, *((2048, 3) if args.quick else (4096, 5)))
+    print(f"ceiling: float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "
+          f"{ceiling['bfloat16']:.1f} GFLOP/s ({ceiling['size']}^2 matrix product, median of "
+          f"{ceiling['repeats']})", file=sys.stderr, flush=True)
+    rows, unavailable, failed = [], {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, case in enumerate(cases(args.quick, args.models, args.algorithms)):
+            flops = count_flops(case)
+            truth = float64_gradient(case) if args.float64_check else None
+            case_rows, grads = [], {}
+            for method in args.methods:
+                if not METHODS[method][0](case):
+                    continue
+                if method in unavailable:
+                    result = {"unavailable": unavailable[method]}
+                else:
+                    grad_out = os.path.join(tmp, f"{i}-{len(case_rows)}.pt")
+                    spec = {"case": case, "method": method, "device": args.device,
+                            "threads": args.threads, "steps": steps, "warmup": warmup,
+                            "grad_out": grad_out}
+                    result = run_in_subprocess(spec, timeout=args.row_timeout)
+                    if "unavailable" in result:
+                        unavailable[method] = result["unavailable"]
+                    elif "error" in result:  # reported in the table; the run goes on
+                        print(f"row {spec} failed:\n{result.get('stderr')}", file=sys.stderr)
+                        if method not in PEERS:
+                            failed.append(f"{method} on {case}: {result['error']}")
+                    elif "tasks_per_s" in result:
+                        grads[method] = torch.load(grad_out)
+                row = {**case, "method": method, **result}
+                case_rows.append(row)
+            finish_case(case_rows, grads, flops, ceiling, truth)
+            for row in case_rows:
+                print(markdown([row]).splitlines()[-1], file=sys.stderr, flush=True)
+            rows += case_rows
+    machine = machine_line(device, args.threads)
+    versions = peer_versions()
+    report = (f"Machine: {machine}.\n"
+              f"Peers: {', '.join(f'{k} {v}' for k, v in versions.items())}.\n"
+              f"Ceiling ({ceiling['size']}x{ceiling['size']} matrix product, median of "
+              f"{ceiling['repeats']}): float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "
+              f"{ceiling['bfloat16']:.1f} GFLOP/s.\n"
+              f"Timed: median of {steps} steps after the meta-gradient check and {warmup} "
+              f"warm-up step(s).\n\n{markdown(rows)}")
+    print(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+        for row in rows:
+            row.pop("stderr", None)
+        args.json.write_text(json.dumps({"machine": machine, "peers": versions,
+                                         "ceiling_gflop_per_s": ceiling, "steps": steps,
+                                         "warmup": warmup, "rows": rows}, indent=1))
+    if failed:  # an fsl_dist path failed: the table is written, but the run is an error
+        sys.exit("fsl_dist rows failed:\n" + "\n".join(failed))
 
 
 if __name__ == "__main__":

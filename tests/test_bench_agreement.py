@@ -1,0 +1,73 @@
+"""launch/bench.py's methods compute the same meta-gradient: fsl_dist's vmap path and the peers
+learn2learn, higher and TorchOpt against fsl_dist's loop path, float32, tiny models, MAML, BOIL
+and ANIL at two inner steps. A peer that is not installed (the optional ``bench`` extra) is
+skipped with the reason."""
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsl_dist.models import build_model
+from meta_helpers import make_tasks
+
+BENCH = Path(__file__).resolve().parents[1] / "launch" / "bench.py"
+_spec = importlib.util.spec_from_file_location("fsl_dist_bench", BENCH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+TOLERANCE = 1e-5  # largest |g - g_loop| relative to the largest |g_loop|, float32
+OTHERS = ["vmap", "loop, no feature reuse", *bench.PEERS]
+
+
+def tiny(name):
+    torch.manual_seed(0)
+    if name == "cnn":
+        return build_model("cnn", 3, width=8, blocks=2, image_size=8)
+    return build_model("resnet", 3, widths=(4, 8), image_size=8)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    # jitter: no exact ties in max-pool windows, so every method routes gradients alike
+    return make_tasks(tasks=3, n_way=3, k_shot=1, n_query=2, size=8, dtype=torch.float32,
+                      jitter=0.05)
+
+
+@pytest.mark.parametrize("method", OTHERS)
+@pytest.mark.parametrize("algorithm", ["maml", "boil", "anil"])
+@pytest.mark.parametrize("model_name", ["cnn", "resnet"])
+def test_meta_gradient_matches_loop(model_name, algorithm, method, tasks):
+    case = {"model": model_name, "algorithm": algorithm, "inner_steps": 2,
+            "n_way": 3, "k_shot": 1, "n_query": 2, "meta_batch": 3}
+    if not bench.METHODS[method][0](case):
+        pytest.skip(f"{method} applies to ANIL only")
+    base = tiny(model_name)
+
+    def gradient(name):
+        model = copy.deepcopy(base)
+        try:
+            backward = bench.METHODS[name][1](model, tasks, case)
+        except bench.Unavailable as why:
+            pytest.skip(str(why))
+        return bench.meta_gradient(backward, model)
+
+    reference, grad = gradient("loop"), gradient(method)
+    assert reference.abs().max() > 0
+    result = bench.agreement(grad, reference)
+    assert result["max_rel_diff"] <= TOLERANCE, result
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "boil", "anil"])
+def test_flop_reference_computes_the_same_meta_gradient(algorithm, tasks):
+    """The plain-autograd reference whose FLOP the benchmark counts is the same math."""
+    case = {"model": "cnn", "algorithm": algorithm, "inner_steps": 2,
+            "n_way": 3, "k_shot": 1, "n_query": 2, "meta_batch": 3}
+    base = tiny("cnn")
+    grads = {}
+    for name, factory in [("loop", bench.METHODS["loop"][1]), ("reference", bench.REFERENCE)]:
+        model = copy.deepcopy(base)
+        grads[name] = bench.meta_gradient(factory(model, tasks, case), model)
+    assert bench.agreement(grads["reference"], grads["loop"])["max_rel_diff"] <= TOLERANCE

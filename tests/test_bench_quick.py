@@ -1,0 +1,29 @@
+"""Smoke test of launch/bench.py --quick (the CI check of the benchmark): it runs, prints a
+table with a row per method (numbers, or the reason a peer cannot run here), and every method
+that ran agrees with fsl_dist's loop path on the meta-gradient. No timing is asserted."""
+
+import json
+
+from launching import run
+
+METHODS = ["loop", "vmap", "learn2learn", "higher", "torchopt"]
+
+
+def test_bench_quick_prints_a_row_per_method(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench.py", ["--quick", "--models", "cnn", "--algorithms", "maml",
+                              "--steps", "1", "--warmup", "0", "--threads", "2",
+                              "--json", str(out)], timeout=240)
+    table = [line for line in result.stdout.splitlines() if line.startswith("| cnn | maml |")]
+    assert [line.split(" | ")[5] for line in table] == METHODS, result.stdout
+    assert "Ceiling" in result.stdout and "float32" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == METHODS
+    for r in rows:
+        if r["method"] in ("loop", "vmap"):
+            assert r["tasks_per_s"] > 0 and r["gflop_per_step"] > 0
+        # every method ran, or (a peer) says why it cannot be imported here
+        assert "error" not in r, r
+        assert "tasks_per_s" in r or r.get("unavailable"), r
+        if "max_rel_diff" in r:
+            assert r["max_rel_diff"] <= 1e-5, r
