@@ -25,7 +25,7 @@ from fsl_dist import checkpoint as ckpt
 from fsl_dist.config import Config, ConfigError, to_dict
 from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
 from fsl_dist.evaluate import evaluate
-from fsl_dist.meta import InnerLossScaler, LearnedInnerLR, meta_loss
+from fsl_dist.meta import InnerLossScaler, LearnedInnerLR, meta_backward
 from fsl_dist.models import build_model
 from fsl_dist.distributed import launcher_precision
 from fsl_dist.runs import ensure_shards, evaluate_held_out, save_final_model, write_run_info
@@ -146,22 +146,27 @@ def _set_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
         offset += n
 
 
-def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str) -> dict:
+def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str,
+               acc_before: bool = True) -> dict:
     """Meta-gradient of this rank's tasks, all-reduced to the mean over the meta-batch, then one
-    identical Adam step on every rank (skipped on all ranks if anything is non-finite)."""
+    identical Adam step on every rank (skipped on all ranks if anything is non-finite).
+
+    ``acc_before=False`` skips the query forward before adaptation (a fifth of a Conv-4 MAML
+    step); its statistic is then NaN. The trainer asks for it on the steps it logs."""
     params = state.trainable()
     state.optimizer.zero_grad(set_to_none=True)
     fp16 = precision == "fp16"
-    loss, stats = meta_loss(
+    outer_scale = state.outer_scaler.scale if fp16 else 1.0
+    stats = meta_backward(
         state.model, tasks, algorithm=cfg.algorithm.name, inner_steps=cfg.algorithm.inner_steps,
         inner_lr=state.inner_lr, first_order=cfg.algorithm.first_order,
         vectorize=cfg.algorithm.vectorize, inner_loss=cfg.algorithm.inner_loss,
-        precision=precision, inner_loss_scale=state.inner_scaler.scale if fp16 else None)
-    outer_scale = state.outer_scaler.scale if fp16 else 1.0
-    (loss * outer_scale).backward()
+        precision=precision, inner_loss_scale=state.inner_scaler.scale if fp16 else None,
+        acc_before=acc_before, loss_scale=outer_scale)
+    device = params[0].device
 
     # One collective for the gradient and the statistics together.
-    stat_vector = torch.stack([stats[k].float().to(loss.device) for k in STAT_KEYS])
+    stat_vector = torch.stack([stats[k].float().to(device) for k in STAT_KEYS])
     flat = torch.cat([_flat_grads(params).float(), stat_vector])
     dist.all_reduce_mean_(flat)
     grads, reduced = flat[: -len(STAT_KEYS)] / outer_scale, flat[-len(STAT_KEYS):]
@@ -322,7 +327,8 @@ class Trainer:
                 break
             tasks = self.batches.at(state.step)
             started = time.perf_counter()
-            out = train_step(state, tasks, cfg, dist, self.precision)
+            out = train_step(state, tasks, cfg, dist, self.precision,
+                             acc_before=self.debug or self.logs_step(state.step + 1))
             out["step_time"] = time.perf_counter() - started
             self.after_step(out, bar)
         bar.close()
@@ -339,7 +345,7 @@ class Trainer:
         bar.update(1)
         bar.set_postfix(loss=f"{out['query_loss']:.3f}", acc=f"{out['acc_after']:.3f}",
                         tasks_s=f"{out['tasks_per_s']:.1f}")
-        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+        if self.logs_step(state.step):
             self.log(self.train_row(out))
         if self.debug:
             self.debug_report(out)
@@ -349,6 +355,9 @@ class Trainer:
                       "val/acc_before": val["before_adaptation"], "val/episodes": val["episodes"]})
         if state.step % cfg.train.checkpoint_every == 0:
             self.save_checkpoint()
+
+    def logs_step(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
 
     def train_row(self, out: dict) -> dict:
         return {

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fsl_dist.meta import meta_loss  # noqa: E402
+from fsl_dist.meta import meta_backward, meta_loss  # noqa: E402
 from fsl_dist.models import build_model  # noqa: E402
 
 INNER_LR = 0.4
@@ -80,14 +80,24 @@ class Unavailable(Exception):
 # --- methods: each returns backward(), which puts the meta-gradient into the .grad fields ----
 
 def fsl_dist_method(**options):
-    """A method that computes the meta-gradient with fsl_dist.meta.meta_loss under ``options``."""
+    """fsl_dist's trainer path, ``fsl_dist.meta.meta_backward`` under ``options``, without the
+    accuracy-before statistic (the trainer computes it on logged steps only)."""
     def make(model, tasks, case):
         def backward():
-            loss, _ = meta_loss(model, tasks, algorithm=case["algorithm"],
-                                inner_steps=case["inner_steps"], inner_lr=INNER_LR, **options)
-            loss.backward()
+            meta_backward(model, tasks, algorithm=case["algorithm"], acc_before=False,
+                          inner_steps=case["inner_steps"], inner_lr=INNER_LR, **options)
         return backward
     return make
+
+
+def meta_loss_method(model, tasks, case):
+    """The earlier trainer path: ``meta_loss`` (every task's graph kept, accuracy before
+    adaptation computed) and one backward. Measures what ``meta_backward`` bought."""
+    def backward():
+        loss, _ = meta_loss(model, tasks, algorithm=case["algorithm"], vectorize=False,
+                            inner_steps=case["inner_steps"], inner_lr=INNER_LR)
+        loss.backward()
+    return backward
 
 
 def adapted_part(model, algorithm):
@@ -198,16 +208,24 @@ def reference_task(model, case):
     return run_task
 
 
-# name -> (applies to case?, factory(model, tasks, case) -> backward())
+# name -> (applies to case?, factory(model, tasks, case) -> backward()). "loop" is the CPU
+# default of launch/train.py (tasks in worker threads), "vmap" the CUDA default; "default,
+# bf16" is the device's default path under bf16 autocast.
 METHODS = {
     "loop": (lambda case: True, fsl_dist_method(vectorize=False)),
     "vmap": (lambda case: True, fsl_dist_method(vectorize=True)),
+    "default, bf16": (lambda case: case["algorithm"] == "maml",
+                      fsl_dist_method(precision="bf16")),
     "loop, no feature reuse": (lambda case: case["algorithm"] == "anil",
                                fsl_dist_method(vectorize=False, reuse_features=False)),
     "learn2learn": (lambda case: True, peer_method(learn2learn_task)),
     "higher": (lambda case: True, peer_method(higher_task)),
     "torchopt": (lambda case: True, peer_method(torchopt_task)),
+    # Levers, not run unless named with --methods:
+    "loop, serial": (lambda case: True, fsl_dist_method(vectorize=False, workers=1)),
+    "loop, meta_loss + backward": (lambda case: True, meta_loss_method),
 }
+DEFAULT_METHODS = [m for m in METHODS if m not in ("loop, serial", "loop, meta_loss + backward")]
 REFERENCE = peer_method(reference_task)  # for counting FLOP
 
 
@@ -233,10 +251,20 @@ def _dist_version(name):
 
 # --- cases and tasks --------------------------------------------------------------------------
 
-def cases(quick: bool, models=("cnn", "resnet"), algorithms=("maml", "boil", "anil")):
-    shapes = TASK_SHAPES[:1] if quick else TASK_SHAPES
-    steps = (1,) if quick else (1, 5)
-    batches = (8,) if quick else (8, 32)
+def parse_task(name: str) -> tuple:
+    """"5w1s15q" -> (5, 1, 15)."""
+    import re
+    match = re.fullmatch(r"(\d+)w(\d+)s(\d+)q", name)
+    if not match:
+        raise argparse.ArgumentTypeError(f"task {name!r}: expected N-way K-shot Q-query as e.g. 5w1s15q")
+    return tuple(int(g) for g in match.groups())
+
+
+def cases(quick: bool, models=("cnn", "resnet"), algorithms=("maml", "boil", "anil"),
+          inner_steps=None, meta_batches=None, shapes=None):
+    shapes = shapes or (TASK_SHAPES[:1] if quick else TASK_SHAPES)
+    steps = inner_steps or ((1,) if quick else (1, 5))
+    batches = meta_batches or ((8,) if quick else (8, 32))
     return [{"model": m, "algorithm": a, "n_way": n, "k_shot": k, "n_query": q,
              "inner_steps": s, "meta_batch": b}
             for m in models for a in algorithms for (n, k, q) in shapes
@@ -286,7 +314,8 @@ def agreement(grad: torch.Tensor, reference: torch.Tensor) -> dict:
     diff = (grad.double() - reference.double())
     ref = reference.double()
     return {"max_rel_diff": (diff.abs().max() / ref.abs().max()).item(),
-            "norm_rel_diff": (diff.norm() / ref.norm()).item()}
+            "norm_rel_diff": (diff.norm() / ref.norm()).item(),
+            "cosine": F.cosine_similarity(grad.double(), ref, dim=0).item()}
 
 
 # --- measurement --------------------------------------------------------------------------------
@@ -421,7 +450,7 @@ def run_in_subprocess(spec: dict, timeout: float) -> dict:
 
 HEADER = ["model", "algorithm", "task", "inner steps", "meta-batch", "method", "tasks/s",
           "s/step", "peak mem (MiB)", "GFLOP/step", "GFLOP/s", "% fp32 ceiling",
-          "x best peer", "max rel. diff vs loop", "max rel. diff vs float64"]
+          "x best peer", "max rel. diff vs loop", "max rel. diff vs float64", "cosine vs float64"]
 
 
 def _fmt(value, spec):
@@ -430,20 +459,21 @@ def _fmt(value, spec):
 
 def markdown(rows) -> str:
     lines = ["| " + " | ".join(HEADER) + " |",
-             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         head = (f"| {r['model']} | {r['algorithm']} | {task_name(r)} | {r['inner_steps']} "
                 f"| {r['meta_batch']} | {r['method']} ")
         if "tasks_per_s" not in r:
             why = r.get("unavailable") or f"failed: {r.get('error')}"
-            lines.append(head + f"| {why.replace('|', '/')} | | | | | | | | |")
+            lines.append(head + f"| {why.replace('|', '/')} | | | | | | | | | |")
             continue
         lines.append(
             head + f"| {r['tasks_per_s']:.2f} | {r['s_per_step']:.3f} | {r['peak_mem_mib']:.0f} "
             f"| {_fmt(r.get('gflop_per_step'), '.1f')} | {_fmt(r.get('gflop_per_s'), '.1f')} "
             f"| {_fmt(r.get('pct_fp32_ceiling'), '.1f')} | {_fmt(r.get('x_best_peer'), '.2f')} "
             f"| {_fmt(r.get('max_rel_diff'), '.1e')} "
-            f"| {_fmt(r.get('max_rel_diff_float64'), '.1e')} |")
+            f"| {_fmt(r.get('max_rel_diff_float64'), '.1e')} "
+            f"| {_fmt(r.get('cosine_float64'), '.5f')} |")
     return "\n".join(lines)
 
 
@@ -459,7 +489,9 @@ def finish_case(case_rows, grads, flops, ceiling, truth=None):
         if reference is not None and r["method"] in grads:
             r.update(agreement(grads[r["method"]], reference))
         if truth is not None and r["method"] in grads:
-            r["max_rel_diff_float64"] = agreement(grads[r["method"]], truth)["max_rel_diff"]
+            versus_truth = agreement(grads[r["method"]], truth)
+            r["max_rel_diff_float64"] = versus_truth["max_rel_diff"]
+            r["cosine_float64"] = versus_truth["cosine"]
         r["gflop_per_step"] = flops / 1e9
         r["gflop_per_s"] = flops / r["s_per_step"] / 1e9
         r["pct_fp32_ceiling"] = 100 * r["gflop_per_s"] / ceiling["float32"]
@@ -484,11 +516,20 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, help="timed steps per row (10; --quick: 3)")
     parser.add_argument("--warmup", type=int,
                         help="warm-up steps per row after the meta-gradient check (2; --quick: 1)")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=list(METHODS),
+                        help="which methods (default: all but the lever rows 'loop, serial' and "
+                             "'loop, meta_loss + backward')")
     parser.add_argument("--models", nargs="*", default=["cnn", "resnet"],
                         help="a subset of the rows")
     parser.add_argument("--algorithms", nargs="*", default=["maml", "boil", "anil"],
                         help="a subset of the rows")
+    parser.add_argument("--tasks", nargs="*", type=parse_task,
+                        help="a subset of the rows, e.g. 5w1s15q (default 5w1s15q 20w1s5q; "
+                             "--quick: 5w1s15q)")
+    parser.add_argument("--inner-steps", nargs="*", type=int,
+                        help="a subset of the rows (default 1 5; --quick: 1)")
+    parser.add_argument("--meta-batches", nargs="*", type=int,
+                        help="a subset of the rows (default 8 32; --quick: 8)")
     parser.add_argument("--no-float64-check", dest="float64_check", action="store_false",
                         help="skip the float64 meta-gradient per case (the last column)")
     parser.add_argument("--row-timeout", type=float, default=3600, help="seconds per row")
@@ -513,7 +554,8 @@ def main(argv=None):
           f"{ceiling['repeats']})", file=sys.stderr, flush=True)
     rows, unavailable, failed = [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, case in enumerate(cases(args.quick, args.models, args.algorithms)):
+        for i, case in enumerate(cases(args.quick, args.models, args.algorithms, args.inner_steps,
+                                         args.meta_batches, args.tasks)):
             flops = count_flops(case)
             truth = float64_gradient(case) if args.float64_check else None
             case_rows, grads = [], {}

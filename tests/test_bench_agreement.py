@@ -19,7 +19,7 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 TOLERANCE = 1e-5  # largest |g - g_loop| relative to the largest |g_loop|, float32
-OTHERS = ["vmap", "loop, no feature reuse", *bench.PEERS]
+OTHERS = ["vmap", "loop, no feature reuse", "loop, serial", "loop, meta_loss + backward", *bench.PEERS]
 
 
 def tiny(name):

@@ -6,7 +6,7 @@ import json
 
 from launching import run
 
-METHODS = ["loop", "vmap", "learn2learn", "higher", "torchopt"]
+METHODS = ["loop", "vmap", "default, bf16", "learn2learn", "higher", "torchopt"]
 
 
 def test_bench_quick_prints_a_row_per_method(tmp_path):
@@ -25,5 +25,7 @@ def test_bench_quick_prints_a_row_per_method(tmp_path):
         # every method ran, or (a peer) says why it cannot be imported here
         assert "error" not in r, r
         assert "tasks_per_s" in r or r.get("unavailable"), r
-        if "max_rel_diff" in r:
+        if "max_rel_diff" in r and r["method"] != "default, bf16":
             assert r["max_rel_diff"] <= 1e-5, r
+        if r["method"] == "default, bf16" and "cosine_float64" in r:
+            assert r["cosine_float64"] > 0.9, r  # bf16 rounding, not different math

@@ -2,17 +2,20 @@
 
 The algorithms differ only in which parameters adapt in the inner loop (``algorithms``);
 ``inner.adapt`` runs the inner loop for one task; ``objective.meta_loss`` is the
-meta-objective over a batch of tasks. Nothing here knows about ranks or processes.
+meta-objective over a batch of tasks and ``objective.meta_backward`` its gradient, task by
+task. Nothing here knows about ranks or processes.
 """
 
 from .algorithms import (ADAPTED_GROUPS, ALGORITHMS, DEFAULT_INNER_LR, LearnedInnerLR,
                          adapted_parameter_names, resolve_inner_lr)
 from .inner import INNER_LOSSES, Adaptation, adapt
-from .objective import default_vectorize, evaluate_tasks, meta_loss
+from .objective import (default_task_workers, default_vectorize, evaluate_tasks, meta_backward,
+                        meta_loss)
 from .precision import PRECISIONS, InnerLossScaler
 
 __all__ = [
     "ADAPTED_GROUPS", "ALGORITHMS", "DEFAULT_INNER_LR", "INNER_LOSSES", "PRECISIONS",
     "Adaptation", "InnerLossScaler", "LearnedInnerLR", "adapt", "adapted_parameter_names",
-    "default_vectorize", "evaluate_tasks", "meta_loss", "resolve_inner_lr",
+    "default_task_workers", "default_vectorize", "evaluate_tasks", "meta_backward", "meta_loss",
+    "resolve_inner_lr",
 ]

@@ -1,6 +1,12 @@
 """The meta-objective over a batch of tasks, vectorised with ``vmap`` or in a loop."""
 
+import contextlib
+import copy
+import functools
+import math
+import weakref
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +41,19 @@ def default_vectorize(device, model: nn.Module | None = None) -> bool:
     return False
 
 
+def default_task_workers(device) -> int:
+    """Threads that run the loop path's tasks side by side (each task on one intra-op thread).
+
+    CPU: as many as torch's intra-op threads, because small convolutions use two threads badly
+    and whole tasks do not (measured on the 2-core development machine, second-order MAML,
+    8 tasks, 5-way 1-shot 15-query: Conv-4 1.1x, ResNet 1.2-1.35x the serial loop with
+    2 intra-op threads; BENCHMARKS.md). CUDA: 1 (the GPU takes the vmap path).
+    """
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, torch.get_num_threads())
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Everything about the inner loop that is the same for every task of a batch."""
@@ -47,6 +66,7 @@ class _Plan:
     functional: bool
     reuse_features: bool
     autocast: Callable
+    acc_before: bool = True  # False: skip the query forward before adaptation (reported as NaN)
 
 
 def _strip(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -89,8 +109,11 @@ def _one_task(model, params, lrs, plan: _Plan, support_x, support_y, query_x, qu
     else:
         body, head = _body_fn(model, plan.autocast), _head_fn(model)
         forward = lambda params, x: head(params, body(params, x))  # noqa: E731
-    with torch.no_grad():
-        acc_before = _accuracy(forward(params, query_x), query_y)
+    if plan.acc_before:
+        with torch.no_grad():
+            acc_before = _accuracy(forward(params, query_x), query_y)
+    else:
+        acc_before = torch.full((), math.nan, device=query_x.device)
     adaptation = adapt(forward, params, support_x, support_y, adapted_names=plan.adapted_names,
                        lrs=lrs, steps=plan.steps, first_order=plan.first_order,
                        inner_loss=plan.inner_loss, loss_scale=plan.loss_scale,
@@ -110,14 +133,56 @@ def _run_tasks(model, tasks, params, lrs, plan: _Plan, vectorize: bool):
     return tuple(torch.stack(column) for column in zip(*per_task))
 
 
+# Structural copies of a model, one per worker thread: ``functional_call`` swaps the tensors it
+# is given into the module while it runs, so two threads must not share a module. The copies'
+# own parameters are never used (every call passes all of them).
+_REPLICAS: "weakref.WeakKeyDictionary[nn.Module, list[nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _replicas(model: nn.Module, count: int) -> list[nn.Module]:
+    copies = _REPLICAS.get(model, [])
+    while len(copies) < count:
+        copies.append(copy.deepcopy(model))
+    _REPLICAS[model] = copies
+    return copies[:count]
+
+
+@contextlib.contextmanager
+def _intra_op_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _map_tasks(fn, n_tasks: int, model: nn.Module, workers: int) -> list:
+    """``[fn(i, module) for i in range(n_tasks)]``, in ``workers`` threads of one intra-op
+    thread each when ``workers`` > 1. Results come back in task order, so sums over them do
+    not depend on the number of workers (nor on which thread ran which task)."""
+    workers = min(workers, n_tasks)
+    if workers <= 1 or any(True for _ in model.buffers()):  # replicas would hold stale buffers
+        return [fn(i, model) for i in range(n_tasks)]
+    modules = _replicas(model, workers)
+    # Thread k runs tasks k, k + workers, ...: a fixed assignment, so each replica is used by
+    # one thread at a time.
+    def run_share(k):
+        return [(i, fn(i, modules[k])) for i in range(k, n_tasks, workers)]
+    with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+        shares = list(pool.map(run_share, range(workers)))
+    return [result for _, result in sorted((item for share in shares for item in share),
+                                           key=lambda item: item[0])]
+
+
 def _plan(model, algorithm, inner_steps, inner_lr, first_order, inner_loss, precision,
-          inner_loss_scale, vectorize, reuse_features, device_type):
+          inner_loss_scale, vectorize, reuse_features, device_type, acc_before=True):
     names = adapted_parameter_names(algorithm, [n for n, _ in model.named_parameters()])
     lrs = resolve_inner_lr(inner_lr, names)
     head_only = all(n.startswith("classifier.") for n in names)
     plan = _Plan(tuple(names), inner_steps, first_order, inner_loss, inner_loss_scale,
                  functional=vectorize, reuse_features=reuse_features and head_only,
-                 autocast=autocast_factory(precision, device_type))
+                 autocast=autocast_factory(precision, device_type), acc_before=acc_before)
     return plan, lrs
 
 
@@ -127,10 +192,19 @@ def _check_tasks(tasks):
         raise KeyError(f"tasks lacks {missing}; expected keys {TASK_KEYS}")
 
 
+def _summary(query_loss, acc_before, acc_after, first_loss, nonfinite) -> dict:
+    """Per-task columns ([T] each) to the means reported by ``meta_loss``, detached, float32."""
+    stats = {"acc_before": acc_before.mean(), "acc_after": acc_after.mean(),
+             "query_loss": query_loss.mean(), "inner_loss": first_loss.mean(),
+             "inner_nonfinite": nonfinite.max()}
+    return {k: v.detach().float() for k, v in stats.items()}
+
+
 def meta_loss(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: str,
               inner_steps: int, inner_lr, first_order: bool = False,
               vectorize: bool | None = None, inner_loss: str = "ce", precision: str = "no",
-              inner_loss_scale: float | None = None, reuse_features: bool = True):
+              inner_loss_scale: float | None = None, reuse_features: bool = True,
+              acc_before: bool = True):
     """Mean query loss after inner-loop adaptation over a batch of tasks (the meta-objective).
 
     Args:
@@ -150,6 +224,8 @@ def meta_loss(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: str,
         inner_loss_scale: fp16 scale for the support loss (see ``InnerLossScaler``).
         reuse_features: ANIL fast path, computing body features once per task when only
             the head adapts (same result; False only to measure the difference).
+        acc_before: compute the query accuracy before adaptation (one more forward of the
+            query set per task, a fifth of a Conv-4 MAML step's work); False reports NaN.
 
     Returns:
         ``(loss, stats)``: ``loss`` is the mean over tasks of the query cross-entropy after
@@ -158,6 +234,9 @@ def meta_loss(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: str,
         ``acc_after`` (query accuracy before and after adaptation), ``query_loss``,
         ``inner_loss`` (support loss at the first inner step) and ``inner_nonfinite`` (1.0
         if any inner gradient had an inf or NaN; then ``loss`` is not to be stepped on).
+
+    Holds every task's graph until the caller's backward; ``meta_backward`` computes the same
+    gradient task by task, faster and in the memory of one task (what the trainer uses).
 
     Example::
 
@@ -169,24 +248,85 @@ def meta_loss(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: str,
     if vectorize is None:
         vectorize = default_vectorize(device, model)
     plan, lrs = _plan(model, algorithm, inner_steps, inner_lr, first_order, inner_loss,
-                      precision, inner_loss_scale, vectorize, reuse_features, device.type)
+                      precision, inner_loss_scale, vectorize, reuse_features, device.type,
+                      acc_before)
     params = dict(model.named_parameters())
-    query_loss, acc_before, acc_after, first_loss, nonfinite = _run_tasks(
-        model, tasks, params, lrs, plan, vectorize)
-    loss = query_loss.mean()
-    stats = {"acc_before": acc_before.mean(), "acc_after": acc_after.mean(),
-             "query_loss": loss.detach(), "inner_loss": first_loss.mean(),
-             "inner_nonfinite": nonfinite.max()}
-    return loss, {k: v.detach().float() for k, v in stats.items()}
+    results = _run_tasks(model, tasks, params, lrs, plan, vectorize)
+    loss = results[0].mean()
+    return loss, _summary(*results)
+
+
+def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: str,
+                  inner_steps: int, inner_lr, first_order: bool = False,
+                  vectorize: bool | None = None, inner_loss: str = "ce", precision: str = "no",
+                  inner_loss_scale: float | None = None, reuse_features: bool = True,
+                  acc_before: bool = True, loss_scale: float = 1.0,
+                  workers: int | None = None) -> dict:
+    """``loss, stats = meta_loss(...); (loss * loss_scale).backward(); return stats``, faster.
+
+    Accumulates the meta-gradient into ``.grad`` of the model's parameters (and of a
+    ``LearnedInnerLR``'s) as that backward would, and returns the same ``stats``. The
+    arguments are ``meta_loss``'s, plus:
+
+        loss_scale: multiplies the meta-loss before differentiation (fp16 outer scaling).
+        workers: loop path only: tasks run in this many threads, each task on one intra-op
+            thread; None asks ``default_task_workers`` (CPU: torch's thread count).
+
+    On the loop path each task's graph is differentiated as soon as it is built and then
+    freed, so memory holds one task's graph per worker rather than the whole meta-batch; the
+    per-task gradients are summed in task order, so the result does not depend on
+    ``workers``. On the vmap path this is ``meta_loss`` followed by one backward.
+    """
+    _check_tasks(tasks)
+    device = tasks["support_x"].device
+    if vectorize is None:
+        vectorize = default_vectorize(device, model)
+    options = dict(algorithm=algorithm, inner_steps=inner_steps, inner_lr=inner_lr,
+                   first_order=first_order, inner_loss=inner_loss, precision=precision,
+                   inner_loss_scale=inner_loss_scale, reuse_features=reuse_features,
+                   acc_before=acc_before)
+    if vectorize:
+        loss, stats = meta_loss(model, tasks, vectorize=True, **options)
+        (loss * loss_scale).backward()
+        return stats
+    plan, _ = _plan(model, algorithm, inner_steps, inner_lr, first_order, inner_loss,
+                    precision, inner_loss_scale, False, reuse_features, device.type, acc_before)
+    leaves = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(inner_lr, nn.Module):
+        leaves += [p for p in inner_lr.parameters() if p.requires_grad]
+    batch = [tasks[k] for k in TASK_KEYS]
+    n_tasks = batch[0].shape[0]
+
+    def one(i, module):
+        params = dict(model.named_parameters())
+        # Step sizes resolved per task: a LearnedInnerLR's graph is then not shared between
+        # threads (a shared non-leaf would be freed by whichever backward finishes first).
+        lrs = resolve_inner_lr(inner_lr, plan.adapted_names)
+        results = _one_task(module, params, lrs, plan, *(column[i] for column in batch))
+        grads = torch.autograd.grad(results[0] * (loss_scale / n_tasks), leaves,
+                                    allow_unused=True)
+        return grads, [r.detach() for r in results]
+
+    if workers is None:
+        workers = default_task_workers(device)
+    per_task = _map_tasks(one, n_tasks, model, workers)
+    for k, leaf in enumerate(leaves):
+        parts = [grads[k] for grads, _ in per_task if grads[k] is not None]
+        total = functools.reduce(torch.add, parts) if parts else torch.zeros_like(leaf)
+        leaf.grad = total if leaf.grad is None else leaf.grad + total
+    columns = [torch.stack(column) for column in zip(*(results for _, results in per_task))]
+    return _summary(*columns)
 
 
 def evaluate_tasks(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: str,
                    inner_steps: int, inner_lr, inner_loss: str = "ce", precision: str = "no",
-                   inner_loss_scale: float | None = None, vectorize: bool | None = None):
+                   inner_loss_scale: float | None = None, vectorize: bool | None = None,
+                   workers: int | None = None):
     """Adapt to each task and score its query set, keeping no graph beyond each inner step.
 
     For meta-validation and meta-test: works under ``torch.no_grad()`` (the inner gradients
     are taken regardless) and its memory does not grow with the number of inner steps.
+    On the loop path tasks run in ``workers`` threads (as in ``meta_backward``).
     Returns the stats of ``meta_loss`` plus ``acc_after_per_task`` (1-D, one query accuracy
     per task, for confidence intervals).
     """
@@ -198,9 +338,19 @@ def evaluate_tasks(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: 
                       inner_loss_scale, vectorize, True, device.type)
     params = {n: p.detach() for n, p in model.named_parameters()}
     lrs = {n: lr.detach() if isinstance(lr, Tensor) else lr for n, lr in lrs.items()}
-    with torch.enable_grad():
-        results = _run_tasks(model, tasks, params, lrs, plan, vectorize)
-    query_loss, acc_before, acc_after, first_loss, nonfinite = (r.detach() for r in results)
-    return {"acc_before": acc_before.mean(), "acc_after": acc_after.mean(),
-            "query_loss": query_loss.mean(), "inner_loss": first_loss.mean(),
-            "inner_nonfinite": nonfinite.max(), "acc_after_per_task": acc_after.float()}
+    if vectorize:
+        with torch.enable_grad():
+            results = _run_tasks(model, tasks, params, lrs, plan, True)
+    else:
+        batch = [tasks[k] for k in TASK_KEYS]
+
+        def one(i, module):
+            with torch.enable_grad():  # grad mode is per thread
+                results = _one_task(module, params, lrs, plan, *(column[i] for column in batch))
+            return [r.detach() for r in results]
+
+        per_task = _map_tasks(one, batch[0].shape[0], model,
+                              default_task_workers(device) if workers is None else workers)
+        results = [torch.stack(column) for column in zip(*per_task)]
+    results = [r.detach() for r in results]
+    return {**_summary(*results), "acc_after_per_task": results[2].float()}
