@@ -168,9 +168,15 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
     # One collective for the gradient and the statistics together.
     stat_vector = torch.stack([stats[k].float().to(device) for k in STAT_KEYS])
     flat = torch.cat([_flat_grads(params).float(), stat_vector])
+    if flat.is_cuda:  # time the collective alone, not the kernels still queued before it
+        torch.cuda.synchronize(flat.device)
+    started = time.perf_counter()
     dist.all_reduce_mean_(flat)
-    grads, reduced = flat[: -len(STAT_KEYS)] / outer_scale, flat[-len(STAT_KEYS):]
-    out = {k: reduced[i].item() for i, k in enumerate(STAT_KEYS)}
+    reduced = flat[-len(STAT_KEYS):].tolist()  # waits for the collective
+    # Includes waiting for the slowest process to arrive: the cost of synchronising, too.
+    allreduce_s = time.perf_counter() - started
+    grads = flat[: -len(STAT_KEYS)] / outer_scale
+    out = dict(zip(STAT_KEYS, reduced))
 
     inner_bad = out["inner_nonfinite"] > 0
     outer_bad = not bool(torch.isfinite(grads).all())
@@ -186,7 +192,7 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         state.optimizer.step()
     state.step += 1
-    out.update(grad_norm=grad_norm, skipped=float(inner_bad or outer_bad))
+    out.update(grad_norm=grad_norm, skipped=float(inner_bad or outer_bad), allreduce_s=allreduce_s)
     return out
 
 
@@ -367,6 +373,7 @@ class Trainer:
             "train/grad_norm": out["grad_norm"], "train/skipped": out["skipped"],
             "lr": self.state.optimizer.param_groups[0]["lr"],
             "perf/tasks_per_s": out["tasks_per_s"], "perf/step_time": out["step_time"],
+            "perf/allreduce_time": out["allreduce_s"],
             "perf/peak_memory_mb": peak_memory_mb(self.dist.device),
             "perf/elapsed_s": self.state.elapsed_s,
         }

@@ -23,7 +23,8 @@ A step is the meta-gradient + an Adam step on synthetic binary 28x28 images. Eac
 its own process, so its peak memory (CPU: the RSS high-water mark, reset just before the first
 step, above the RSS then; GPU:
 ``torch.cuda.max_memory_allocated``) is its own. Before timing, each row computes its
-meta-gradient once at the initial weights (float32); the table reports, per row, the largest
+meta-gradient once at the initial weights (float32, on one intra-op thread for every method, so
+that thread-count rounding does not mask whether the math agrees); the table reports, per row, the largest
 relative difference to fsl_dist's loop path on the same case: ``max|g - g_loop| / max|g_loop|``
 over all parameters (the norm-relative difference ``|g - g_loop| / |g_loop|`` is in the JSON),
 and the same measure against the case's meta-gradient in float64 (computed once per case with
@@ -406,8 +407,13 @@ def run_row(spec: dict) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = reset_peak_rss()
-    # The meta-gradient at the initial weights (also the first warm-up step's work).
+    # The meta-gradient at the initial weights (also the first warm-up step's work), on one
+    # intra-op thread for every method: kernels sum in another order on two threads, which in
+    # float32 moves a ResNet meta-gradient by ~1e-4 (as far as float32 is from float64 here) and
+    # would hide whether two methods compute the same math.
+    torch.set_num_threads(1)
     grad = meta_gradient(backward, model)
+    torch.set_num_threads(spec["threads"])
     if spec.get("grad_out"):
         torch.save(grad.float().cpu(), spec["grad_out"])
     for _ in range(spec["warmup"]):

@@ -29,3 +29,20 @@ def test_bench_quick_prints_a_row_per_method(tmp_path):
             assert r["max_rel_diff"] <= 1e-5, r
         if r["method"] == "default, bf16" and "cosine_float64" in r:
             assert r["cosine_float64"] > 0.9, r  # bf16 rounding, not different math
+
+
+def test_bench_scaling_runs_each_layout_and_reports_the_all_reduce(packed, tmp_path):
+    """launch/bench_scaling.py: one real accelerate launch per layout (1 process x 2 threads,
+    2 gloo processes x 1 thread), world size checked, a table row per layout. No timing
+    asserted beyond being measured."""
+    out = tmp_path / "scaling.json"
+    result = run("bench_scaling.py", [
+        "--config", "configs/cnn_maml.yaml", "--steps", "4", "--warmup", "1",
+        "--json", str(out), f"data.shards={packed('futurama')}", "model.width=8",
+        "task.k_shot=1", "task.q_query=2", "train.meta_batch_size=4"], timeout=300)
+    rows = json.loads(out.read_text())
+    assert [(r["processes"], r["threads"], r["world_size"]) for r in rows] == [(1, 2, 1), (2, 1, 2)]
+    for r in rows:
+        assert r["steps_timed"] == 3 and r["tasks_per_s"] > 0
+        assert 0 <= r["allreduce_share"] < 1
+    assert result.stdout.count("| 1 x 2 |") == 1 and result.stdout.count("| 2 x 1 |") == 1

@@ -64,8 +64,8 @@ def test_system_trains_evaluates_and_leaves_its_run_folder(name, shards, tmp_pat
     losses = [h["train/loss"] for h in history if "train/loss" in h]
     assert losses == pytest.approx([r["train/loss"] for r in train_rows], rel=1e-6)
     for key in ("train/acc_before", "train/acc_after", "train/inner_loss", "train/grad_norm", "lr",
-                "perf/tasks_per_s", "perf/step_time", "perf/peak_memory_mb", "val/acc", "val/ci95",
-                "test/acc", "test/ci95"):
+                "perf/tasks_per_s", "perf/step_time", "perf/allreduce_time", "perf/peak_memory_mb",
+                "val/acc", "val/ci95", "test/acc", "test/ci95"):
         assert any(key in h for h in history), key
     assert logged["meta"].get("exit_code", 0) == 0
 

@@ -44,10 +44,10 @@ def default_vectorize(device, model: nn.Module | None = None) -> bool:
 def default_task_workers(device) -> int:
     """Threads that run the loop path's tasks side by side (each task on one intra-op thread).
 
-    CPU: as many as torch's intra-op threads, because small convolutions use two threads badly
-    and whole tasks do not (measured on the 2-core development machine, second-order MAML,
-    8 tasks, 5-way 1-shot 15-query: Conv-4 1.1x, ResNet 1.2-1.35x the serial loop with
-    2 intra-op threads; BENCHMARKS.md). CUDA: 1 (the GPU takes the vmap path).
+    CPU: as many as torch's intra-op threads, because small convolutions use two threads less
+    well than two whole tasks do (measured on the 2-core development machine, second-order
+    MAML, 5-way 1-shot 15-query, meta-batch 8 / 32: Conv-4 1.06x / 1.12x, ResNet 1.19x / 1.24x
+    the serial loop on 2 intra-op threads; BENCHMARKS.md). CUDA: 1 (the GPU takes vmap).
     """
     if torch.device(device).type != "cpu":
         return 1
