@@ -504,6 +504,14 @@ def finish_case(case_rows, grads, flops, ceiling, truth=None):
         r["x_best_peer"] = r["tasks_per_s"] / best_peer if best_peer else None
 
 
+def write_json(path: Path, payload: dict) -> None:
+    """Write to a temporary name and rename into place: a killed run leaves the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
 def machine_line(device, threads) -> str:
     cpu = platform.processor() or platform.machine()
     if device.type == "cuda":
@@ -539,7 +547,11 @@ def main(argv=None):
     parser.add_argument("--no-float64-check", dest="float64_check", action="store_false",
                         help="skip the float64 meta-gradient per case (the last column)")
     parser.add_argument("--row-timeout", type=float, default=3600, help="seconds per row")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--json", type=Path,
+                        help="also write the rows here (after every case, complete at the end)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run whose rows are in --json: cases already measured "
+                             "there (every method asked for) are kept, with its ceiling")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row
     args = parser.parse_args(argv)
     if args.row:
@@ -554,14 +566,31 @@ def main(argv=None):
     steps = steps if args.steps is None else args.steps
     warmup = warmup if args.warmup is None else args.warmup
     device = torch.device(args.device)
-    ceiling = measure_ceiling(device, args.threads, *((2048, 3) if args.quick else (4096, 5)))
+    earlier = None
+    if args.resume:
+        if not args.json:
+            parser.error("--resume needs --json (the file of the run to continue)")
+        if args.json.exists():
+            earlier = json.loads(args.json.read_text())
+    if earlier:  # one ceiling for every row of the resumed run
+        ceiling = earlier["ceiling_gflop_per_s"]
+    else:
+        ceiling = measure_ceiling(device, args.threads, *((2048, 3) if args.quick else (4096, 5)))
+    header = {"machine": machine_line(device, args.threads), "peers": peer_versions(),
+              "ceiling_gflop_per_s": ceiling, "steps": steps, "warmup": warmup}
     print(f"ceiling: float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "
           f"{ceiling['bfloat16']:.1f} GFLOP/s ({ceiling['size']}^2 matrix product, median of "
           f"{ceiling['repeats']})", file=sys.stderr, flush=True)
     rows, unavailable, failed = [], {}, []
+    done = earlier["rows"] if earlier else []
     with tempfile.TemporaryDirectory() as tmp:
         for i, case in enumerate(cases(args.quick, args.models, args.algorithms, args.inner_steps,
                                          args.meta_batches, args.tasks)):
+            kept = [r for r in done if all(r.get(k) == v for k, v in case.items())]
+            if kept and {r["method"] for r in kept} >= {
+                    m for m in args.methods if METHODS[m][0](case)}:
+                rows += kept  # measured by the run this one resumes
+                continue
             flops = count_flops(case)
             truth = float64_gradient(case) if args.float64_check else None
             case_rows, grads = [], {}
@@ -589,7 +618,10 @@ def main(argv=None):
             finish_case(case_rows, grads, flops, ceiling, truth)
             for row in case_rows:
                 print(markdown([row]).splitlines()[-1], file=sys.stderr, flush=True)
+                row.pop("stderr", None)
             rows += case_rows
+            if args.json:  # after every case, so an interrupted run can be resumed
+                write_json(args.json, header | {"rows": rows, "complete": False})
     machine = machine_line(device, args.threads)
     versions = peer_versions()
     report = (f"Machine: {machine}.\n"
@@ -601,12 +633,7 @@ def main(argv=None):
               f"warm-up step(s).\n\n{markdown(rows)}")
     print(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        for row in rows:
-            row.pop("stderr", None)
-        args.json.write_text(json.dumps({"machine": machine, "peers": versions,
-                                         "ceiling_gflop_per_s": ceiling, "steps": steps,
-                                         "warmup": warmup, "rows": rows}, indent=1))
+        write_json(args.json, header | {"rows": rows, "complete": True})
     if failed:  # an fsl_dist path failed: the table is written, but the run is an error
         sys.exit("fsl_dist rows failed:\n" + "\n".join(failed))
 

@@ -29,6 +29,14 @@ def test_bench_quick_prints_a_row_per_method(tmp_path):
             assert r["max_rel_diff"] <= 1e-5, r
         if r["method"] == "default, bf16" and "cosine_float64" in r:
             assert r["cosine_float64"] > 0.9, r  # bf16 rounding, not different math
+    assert json.loads(out.read_text())["complete"] is True
+
+    # --resume keeps the cases already in the file instead of measuring them again
+    again = run("bench.py", ["--quick", "--models", "cnn", "--algorithms", "maml",
+                             "--steps", "1", "--warmup", "0", "--threads", "2",
+                             "--json", str(out), "--resume"], timeout=120)
+    assert json.loads(out.read_text())["rows"] == rows
+    assert again.stdout.count("| cnn | maml |") == len(METHODS)
 
 
 def test_bench_scaling_runs_each_layout_and_reports_the_all_reduce(packed, tmp_path):
