@@ -11,7 +11,7 @@
 # holding learn2learn, higher, torchopt). Results land in $OUT (default ./gpu_out).
 #   OUT=gpu_out BENCH_S=150 BUDGET=240 bash launch/gpu_session.sh
 set -uo pipefail
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+OUT=$(realpath -m "${OUT:-gpu_out}"); mkdir -p "$OUT"  # absolute: the script changes folder later
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 [ -d "${WHEELS_DIR:-}" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHEELS_DIR"/*.whl >/dev/null 2>&1

@@ -91,7 +91,14 @@ def test_only_the_training_processes_are_signalled(tmp_path):
         assert len(found) == 1 and found[0] != launcher.pid
         argv = Path(f"/proc/{found[0]}/cmdline").read_bytes().split(b"\0")
         assert str(FAKE_TRAIN).encode() in argv
-        assert catches(os.getpid(), signal.SIGINT)  # Python's own KeyboardInterrupt handler
+        # catches() reads the kernel's record of installed handlers. (Not SIGINT: a shell that
+        # starts a job in the background makes it ignore SIGINT, and Python then installs none.)
+        previous = signal.signal(signal.SIGUSR2, lambda *_: None)
+        try:
+            assert catches(os.getpid(), signal.SIGUSR2)
+        finally:
+            signal.signal(signal.SIGUSR2, previous)
+        assert catches(os.getpid(), signal.SIGUSR2) == callable(previous)
     finally:
         children, tree = slurm._children_map(), [launcher.pid]
         for pid in tree:
