@@ -167,12 +167,14 @@ def _map_tasks(fn, n_tasks: int, model: nn.Module, workers: int) -> list:
     modules = _replicas(model, workers)
     # Thread k runs tasks k, k + workers, ...: a fixed assignment, so each replica is used by
     # one thread at a time.
+    results = [None] * n_tasks
+
     def run_share(k):
-        return [(i, fn(i, modules[k])) for i in range(k, n_tasks, workers)]
+        for i in range(k, n_tasks, workers):
+            results[i] = fn(i, modules[k])
     with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
-        shares = list(pool.map(run_share, range(workers)))
-    return [result for _, result in sorted((item for share in shares for item in share),
-                                           key=lambda item: item[0])]
+        list(pool.map(run_share, range(workers)))  # list(): re-raises a worker's exception
+    return results
 
 
 def _plan(model, algorithm, inner_steps, inner_lr, first_order, inner_loss, precision,
@@ -296,9 +298,9 @@ def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: s
         leaves += [p for p in inner_lr.parameters() if p.requires_grad]
     batch = [tasks[k] for k in TASK_KEYS]
     n_tasks = batch[0].shape[0]
+    params = dict(model.named_parameters())  # the shared leaves, whichever module runs a task
 
     def one(i, module):
-        params = dict(model.named_parameters())
         # Step sizes resolved per task: a LearnedInnerLR's graph is then not shared between
         # threads (a shared non-leaf would be freed by whichever backward finishes first).
         lrs = resolve_inner_lr(inner_lr, plan.adapted_names)
