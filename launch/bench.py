@@ -40,13 +40,17 @@ term), not element-wise ops. The CPU/GPU ceiling is the
 median rate of a large float32 and bfloat16 matrix product measured in the same run with the
 same thread count. Effective GFLOP/s = counted FLOP per step / median step time.
 
+Lever rows, run only when named with ``--methods``: ``loop, serial`` (one task at a time on all
+intra-op threads), ``loop, meta_loss + backward`` (the earlier trainer path) and ``compiled``
+(``torch.compile`` over each task's whole meta-gradient written with ``torch.func.grad``; MAML
+and BOIL).
+
     python launch/bench.py                    # full grid (48 cases): hours on 2 CPU cores
     python launch/bench.py --quick            # smoke run: 5-way 1-shot, 1 step, meta-batch 8
     python launch/bench.py --device cuda --json runs/bench.json
 """
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -65,7 +69,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fsl_dist.meta import meta_backward, meta_loss  # noqa: E402
+from fsl_dist.meta import adapt, adapted_parameter_names, meta_backward, meta_loss  # noqa: E402
+from fsl_dist.models.layers import batch_norm_for_vmap  # noqa: E402
 from fsl_dist.models import build_model  # noqa: E402
 
 INNER_LR = 0.4
@@ -98,6 +103,46 @@ def meta_loss_method(model, tasks, case):
         loss, _ = meta_loss(model, tasks, algorithm=case["algorithm"], vectorize=False,
                             inner_steps=case["inner_steps"], inner_lr=INNER_LR)
         loss.backward()
+    return backward
+
+
+def compiled_method(model, tasks, case):
+    """Lever: ``torch.compile`` over each task's whole second-order meta-gradient.
+
+    The meta-gradient is written as ``torch.func.grad`` of the query loss after an inner loop of
+    ``torch.func.grad`` steps, so the compiled graph is forward-only: inductor sees the double
+    backward as plain ops and can fuse its element-wise work (batch norm, ReLU, pooling
+    backward). Batch norm in its written-out form (exact under torch.func); tasks in a loop on
+    torch's intra-op threads; the first call compiles (a warm-up step, not timed)."""
+    import torch._inductor.config as inductor_config
+    from torch.func import functional_call, grad
+    # Kernels read the thread count when they run: the meta-gradient check runs on one thread,
+    # the timed steps on --threads.
+    inductor_config.cpp.dynamic_threads = True
+    names = adapted_parameter_names(case["algorithm"], [n for n, _ in model.named_parameters()])
+    lrs = {n: INNER_LR for n in names}
+
+    def forward(params, x):
+        return functional_call(model, params, (x,))
+
+    def task_loss(params, sx, sy, qx, qy):
+        adapted = adapt(forward, params, sx, sy, adapted_names=names, lrs=lrs,
+                        steps=case["inner_steps"], functional=True).params
+        return F.cross_entropy(forward(adapted, qx), qy)
+
+    task_gradient = torch.compile(grad(task_loss))
+    batch = [tasks[k] for k in ("support_x", "support_y", "query_x", "query_y")]
+    n_tasks = batch[0].shape[0]
+
+    def backward():
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        total = None
+        with batch_norm_for_vmap():
+            for task in zip(*batch):
+                grads = task_gradient(params, *task)
+                total = grads if total is None else {n: total[n] + g for n, g in grads.items()}
+        for n, p in model.named_parameters():
+            p.grad = total[n] / n_tasks
     return backward
 
 
@@ -225,8 +270,10 @@ METHODS = {
     # Levers, not run unless named with --methods:
     "loop, serial": (lambda case: True, fsl_dist_method(vectorize=False, workers=1)),
     "loop, meta_loss + backward": (lambda case: True, meta_loss_method),
+    "compiled": (lambda case: case["algorithm"] != "anil", compiled_method),
 }
-DEFAULT_METHODS = [m for m in METHODS if m not in ("loop, serial", "loop, meta_loss + backward")]
+LEVERS = ("loop, serial", "loop, meta_loss + backward", "compiled")
+DEFAULT_METHODS = [m for m in METHODS if m not in LEVERS]
 REFERENCE = peer_method(reference_task)  # for counting FLOP
 
 
@@ -531,8 +578,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int,
                         help="warm-up steps per row after the meta-gradient check (2; --quick: 1)")
     parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=list(METHODS),
-                        help="which methods (default: all but the lever rows 'loop, serial' and "
-                             "'loop, meta_loss + backward')")
+                        help="which methods (default: all but the lever rows "
+                             + ", ".join(repr(m) for m in LEVERS) + ")")
     parser.add_argument("--models", nargs="*", default=["cnn", "resnet"],
                         help="a subset of the rows")
     parser.add_argument("--algorithms", nargs="*", default=["maml", "boil", "anil"],
