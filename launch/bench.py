@@ -24,8 +24,8 @@ its own process, so its peak memory (CPU: the RSS high-water mark, reset just be
 step, above the RSS then; GPU:
 ``torch.cuda.max_memory_allocated``) is its own. Before timing, each row computes its
 meta-gradient once at the initial weights (float32, on one intra-op thread for every method, so
-that thread-count rounding does not mask whether the math agrees); the table reports, per row, the largest
-relative difference to fsl_dist's loop path on the same case: ``max|g - g_loop| / max|g_loop|``
+that thread-count rounding does not mask whether the math agrees); the table reports, per row,
+the largest relative difference to fsl_dist's loop path on the same case: ``max|g - g_loop| / max|g_loop|``
 over all parameters (the norm-relative difference ``|g - g_loop| / |g_loop|`` is in the JSON),
 and the same measure against the case's meta-gradient in float64 (computed once per case with
 the plain-autograd reference below), which shows how far each method's float32 rounding is
@@ -304,7 +304,8 @@ def parse_task(name: str) -> tuple:
     import re
     match = re.fullmatch(r"(\d+)w(\d+)s(\d+)q", name)
     if not match:
-        raise argparse.ArgumentTypeError(f"task {name!r}: expected N-way K-shot Q-query as e.g. 5w1s15q")
+        raise argparse.ArgumentTypeError(
+            f"task {name!r}: expected N-way K-shot Q-query as e.g. 5w1s15q")
     return tuple(int(g) for g in match.groups())
 
 
