@@ -21,12 +21,12 @@ examples), which sums to the gradient of the mean.
 
 A step is the meta-gradient + an Adam step on synthetic binary 28x28 images. Each row runs in
 its own process, so its peak memory (CPU: the RSS high-water mark, reset just before the first
-step, above the RSS then; GPU:
-``torch.cuda.max_memory_allocated``) is its own. Before timing, each row computes its
-meta-gradient once at the initial weights (float32, on one intra-op thread for every method, so
-that thread-count rounding does not mask whether the math agrees); the table reports, per row,
-the largest relative difference to fsl_dist's loop path on the same case: ``max|g - g_loop| / max|g_loop|``
-over all parameters (the norm-relative difference ``|g - g_loop| / |g_loop|`` is in the JSON),
+step, above the RSS then; GPU: ``torch.cuda.max_memory_allocated``) is its own. Before timing,
+each row computes its meta-gradient once at the initial weights (float32, on one intra-op
+thread for every method, so that thread-count rounding does not mask whether the math agrees);
+the table reports, per row, the largest relative difference to fsl_dist's loop path on the same
+case: ``max|g - g_loop| / max|g_loop|`` over all parameters (the norm-relative difference
+``|g - g_loop| / |g_loop|`` is in the JSON),
 and the same measure against the case's meta-gradient in float64 (computed once per case with
 the plain-autograd reference below), which shows how far each method's float32 rounding is
 from the exact value.
