@@ -69,7 +69,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fsl_dist.io import atomic_write_text  # noqa: E402
 from fsl_dist.meta import adapt, adapted_parameter_names, meta_backward, meta_loss  # noqa: E402
+from fsl_dist.meta.objective import TASK_KEYS  # noqa: E402
 from fsl_dist.models.layers import batch_norm_for_vmap  # noqa: E402
 from fsl_dist.models import build_model  # noqa: E402
 
@@ -131,7 +133,7 @@ def compiled_method(model, tasks, case):
         return F.cross_entropy(forward(adapted, qx), qy)
 
     task_gradient = torch.compile(grad(task_loss))
-    batch = [tasks[k] for k in ("support_x", "support_y", "query_x", "query_y")]
+    batch = [tasks[k] for k in TASK_KEYS]
     n_tasks = batch[0].shape[0]
 
     def backward():
@@ -552,14 +554,6 @@ def finish_case(case_rows, grads, flops, ceiling, truth=None):
         r["x_best_peer"] = r["tasks_per_s"] / best_peer if best_peer else None
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write to a temporary name and rename into place: a killed run leaves the previous file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
 def machine_line(device, threads) -> str:
     cpu = platform.processor() or platform.machine()
     if device.type == "cuda":
@@ -669,11 +663,11 @@ def main(argv=None):
                 row.pop("stderr", None)
             rows += case_rows
             if args.json:  # after every case, so an interrupted run can be resumed
-                write_json(args.json, header | {"rows": rows, "complete": False})
-    machine = machine_line(device, args.threads)
-    versions = peer_versions()
-    report = (f"Machine: {machine}.\n"
-              f"Peers: {', '.join(f'{k} {v}' for k, v in versions.items())}.\n"
+                # atomic: a killed run leaves the file of its last finished case
+                atomic_write_text(args.json, json.dumps(header | {"rows": rows, "complete": False},
+                                                        indent=1))
+    report = (f"Machine: {header['machine']}.\n"
+              f"Peers: {', '.join(f'{k} {v}' for k, v in header['peers'].items())}.\n"
               f"Ceiling ({ceiling['size']}x{ceiling['size']} matrix product, median of "
               f"{ceiling['repeats']}): float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "
               f"{ceiling['bfloat16']:.1f} GFLOP/s.\n"
@@ -681,7 +675,8 @@ def main(argv=None):
               f"warm-up step(s).\n\n{markdown(rows)}")
     print(report)
     if args.json:
-        write_json(args.json, header | {"rows": rows, "complete": True})
+        atomic_write_text(args.json, json.dumps(header | {"rows": rows, "complete": True},
+                                                indent=1))
     if failed:  # an fsl_dist path failed: the table is written, but the run is an error
         sys.exit("fsl_dist rows failed:\n" + "\n".join(failed))
 
