@@ -81,6 +81,10 @@ class OptimConfig:
     grad_clip: Optional[float] = None
     """Clip the (all-reduced) meta-gradient to this norm; null disables clipping."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "constant"
+    """constant, or cosine: the outer learning rate falls from `lr` to `min_lr` over train.steps
+    (MAML++'s annealing). A function of the step alone, so a resumed run continues it exactly."""
+    min_lr: float = 0.0
 
 
 @dataclass
@@ -146,6 +150,7 @@ CHOICES = {
     "algorithm.name": ("maml", "boil", "anil"),
     "algorithm.inner_loss": ("ce", "mse"),
     "eval.part": ("val", "test"),
+    "optim.schedule": ("constant", "cosine"),
 }
 POSITIVE = (
     "task.n_way", "task.k_shot", "task.q_query", "model.width", "train.steps",
@@ -153,7 +158,7 @@ POSITIVE = (
     "train.eval_every", "train.log_every", "eval.episodes", "eval.val_episodes",
     "eval.batch_size", "data.image_size", "data.shuffle_buffer", "optim.lr",
 )
-NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay")
+NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr")
 _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 INNER_LR_GROUPS = ("features", "classifier")
 
@@ -309,6 +314,9 @@ def validate(cfg: Config, where: str = "config") -> None:
             raise ConfigError(f"{where}: `algorithm.inner_lr.{bad[0]}` is no group; use features and/or classifier")
     if cfg.eval.inner_steps is not None and cfg.eval.inner_steps < 0:
         raise ConfigError(f"{where}: `eval.inner_steps` must not be negative")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"{where}: `optim.min_lr` = {cfg.optim.min_lr} is above `optim.lr` = "
+                          f"{cfg.optim.lr}; the schedule only decays")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ConfigError(f"{where}: `optim.grad_clip` must be positive or null")
     if cfg.train.cpu_threads is not None and cfg.train.cpu_threads < 1:

@@ -10,6 +10,7 @@ then clips and steps the same reduced gradient, so all stay identical without br
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import signal
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fsl_dist import checkpoint as ckpt
-from fsl_dist.config import Config, ConfigError, to_dict
+from fsl_dist.config import Config, ConfigError, OptimConfig, to_dict
 from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
 from fsl_dist.evaluate import evaluate
 from fsl_dist.meta import InnerLossScaler, LearnedInnerLR, meta_backward
@@ -138,6 +139,14 @@ def _flat_grads(params: list[torch.Tensor]) -> torch.Tensor:
                       for p in params])
 
 
+def outer_lr(optim: OptimConfig, step: int, total_steps: int) -> float:
+    """The meta-optimizer's learning rate for the update that follows `step` finished steps."""
+    if optim.schedule == "constant":
+        return optim.lr
+    progress = min(step / total_steps, 1.0)  # a run resumed with more steps stays at min_lr
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
+
+
 def _set_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
     offset = 0
     for p in params:
@@ -190,6 +199,9 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
     else:
         if cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        lr = outer_lr(cfg.optim, state.step, cfg.train.steps)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
         state.optimizer.step()
     state.step += 1
     out.update(grad_norm=grad_norm, skipped=float(inner_bad or outer_bad), allreduce_s=allreduce_s)

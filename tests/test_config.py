@@ -48,6 +48,8 @@ def test_an_int_is_accepted_where_a_float_is_expected():
     ("train.meta_batch_size=-4", "train.meta_batch_size"),
     ("algorithm.inner_lr.head=0.1", "algorithm.inner_lr.head"),
     ("optim.grad_clip=0", "optim.grad_clip"),
+    ("optim.schedule=linear", "optim.schedule"),
+    ("optim.min_lr=0.01", "optim.min_lr"),
     ("no_equals_sign", "section.key=value"),
 ])
 def test_bad_values_name_the_key(override, named):

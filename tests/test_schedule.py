@@ -1,0 +1,39 @@
+"""The outer learning-rate schedule: its values, and that the trainer applies them step by step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fsl_dist.config import OptimConfig
+from fsl_dist.trainer import outer_lr
+from launching import ROOT, run
+from test_train_distributed import TINY
+
+
+def test_cosine_falls_from_lr_to_min_lr_and_stays_there():
+    optim = OptimConfig(lr=1e-3, schedule="cosine", min_lr=1e-4)
+    assert outer_lr(optim, 0, 100) == 1e-3
+    assert outer_lr(optim, 50, 100) == pytest.approx(5.5e-4, rel=1e-12)
+    assert outer_lr(optim, 100, 100) == pytest.approx(1e-4, rel=1e-12)
+    assert outer_lr(optim, 250, 100) == pytest.approx(1e-4, rel=1e-12)  # resumed with more steps
+    falling = [outer_lr(optim, s, 100) for s in range(101)]
+    assert all(a > b for a, b in zip(falling, falling[1:]))
+
+
+def test_constant_is_the_default_and_ignores_the_step():
+    assert OptimConfig().schedule == "constant"
+    assert {outer_lr(OptimConfig(lr=3e-4), s, 10) for s in (0, 5, 10, 99)} == {3e-4}
+
+
+def test_the_trainer_steps_with_the_scheduled_learning_rate(packed, tmp_path):
+    run_dir = tmp_path / "run"
+    run("train.py", ["--config", str(ROOT / "configs" / "cnn_maml.yaml"), "--run-dir", str(run_dir),
+                     f"data.shards={packed('futurama')}", *TINY,
+                     "optim.schedule=cosine", "optim.min_lr=1e-4"], processes=0)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = {row["step"]: row["lr"] for row in rows if "train/loss" in row}
+    optim = OptimConfig(lr=1e-3, schedule="cosine", min_lr=1e-4)
+    # the row of step s logs the rate of the update that made it: the one after s - 1 steps
+    assert logged == pytest.approx({s: outer_lr(optim, s - 1, 6) for s in range(1, 7)}, rel=1e-12)
