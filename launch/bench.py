@@ -562,7 +562,7 @@ def machine_line(device, threads) -> str:
             f"{platform.python_version()}, device {device.type}, {threads} threads")
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -596,89 +596,117 @@ def main(argv=None):
                              "there (every method asked for) are kept, with its ceiling")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row
     args = parser.parse_args(argv)
+    if args.resume and not args.json:
+        parser.error("--resume needs --json (the file of the run to continue)")
+    default_steps, default_warmup = (3, 1) if args.quick else (10, 2)
+    args.steps = default_steps if args.steps is None else args.steps
+    args.warmup = default_warmup if args.warmup is None else args.warmup
+    return args
+
+
+def measure_row_here(row_json: str) -> None:
+    """The --row mode: one row's result as the last line of stdout (see run_in_subprocess)."""
+    try:
+        print(json.dumps(run_row(json.loads(row_json))))
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
+
+
+class CaseRunner:
+    """Measures every method of one case, each in its own process, and remembers across cases
+    which peers cannot be imported and which fsl_dist rows failed."""
+
+    def __init__(self, args, ceiling, tmp):
+        self.args, self.ceiling, self.tmp = args, ceiling, tmp
+        self.unavailable: dict[str, str] = {}
+        self.failed: list[str] = []
+
+    def __call__(self, index: int, case: dict) -> list[dict]:
+        flops = count_flops(case)
+        truth = float64_gradient(case) if self.args.float64_check else None
+        case_rows, grads = [], {}
+        for method in self.args.methods:
+            if not METHODS[method][0](case):
+                continue
+            grad_out = os.path.join(self.tmp, f"{index}-{len(case_rows)}.pt")
+            result = self.measure(case, method, grad_out)
+            if "tasks_per_s" in result:
+                grads[method] = torch.load(grad_out)
+            case_rows.append({**case, "method": method, **result})
+        finish_case(case_rows, grads, flops, self.ceiling, truth)
+        for row in case_rows:
+            print(markdown([row]).splitlines()[-1], file=sys.stderr, flush=True)
+            row.pop("stderr", None)
+        return case_rows
+
+    def measure(self, case, method, grad_out) -> dict:
+        if method in self.unavailable:
+            return {"unavailable": self.unavailable[method]}
+        args = self.args
+        spec = {"case": case, "method": method, "device": args.device, "threads": args.threads,
+                "steps": args.steps, "warmup": args.warmup, "grad_out": grad_out}
+        result = run_in_subprocess(spec, timeout=args.row_timeout)
+        if "unavailable" in result:
+            self.unavailable[method] = result["unavailable"]
+        elif "error" in result:  # reported in the table; the run goes on
+            print(f"row {spec} failed:\n{result.get('stderr')}", file=sys.stderr)
+            if method not in PEERS:
+                self.failed.append(f"{method} on {case}: {result['error']}")
+        return result
+
+
+def already_measured(case, earlier_rows, methods) -> list[dict]:
+    """The resumed run's rows of this case, if they hold every method that applies to it."""
+    kept = [r for r in earlier_rows if all(r.get(k) == v for k, v in case.items())]
+    wanted = {m for m in methods if METHODS[m][0](case)}
+    return kept if kept and {r["method"] for r in kept} >= wanted else []
+
+
+def report(header, rows) -> str:
+    ceiling = header["ceiling_gflop_per_s"]
+    return (f"Machine: {header['machine']}.\n"
+            f"Peers: {', '.join(f'{k} {v}' for k, v in header['peers'].items())}.\n"
+            f"Ceiling ({ceiling['size']}x{ceiling['size']} matrix product, median of "
+            f"{ceiling['repeats']}): float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "
+            f"{ceiling['bfloat16']:.1f} GFLOP/s.\n"
+            f"Timed: median of {header['steps']} steps after the meta-gradient check and "
+            f"{header['warmup']} warm-up step(s).\n\n{markdown(rows)}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.row:
-        spec = json.loads(args.row)
-        try:
-            print(json.dumps(run_row(spec)))
-        except Exception:
-            traceback.print_exc()
-            sys.exit(1)
-        return
-    steps, warmup = (3, 1) if args.quick else (10, 2)
-    steps = steps if args.steps is None else args.steps
-    warmup = warmup if args.warmup is None else args.warmup
+        return measure_row_here(args.row)
     device = torch.device(args.device)
-    earlier = None
-    if args.resume:
-        if not args.json:
-            parser.error("--resume needs --json (the file of the run to continue)")
-        if args.json.exists():
-            earlier = json.loads(args.json.read_text())
+    earlier = json.loads(args.json.read_text()) if args.resume and args.json.exists() else None
     if earlier:  # one ceiling for every row of the resumed run
         ceiling = earlier["ceiling_gflop_per_s"]
     else:
         ceiling = measure_ceiling(device, args.threads, *((2048, 3) if args.quick else (4096, 5)))
     header = {"machine": machine_line(device, args.threads), "peers": peer_versions(),
-              "ceiling_gflop_per_s": ceiling, "steps": steps, "warmup": warmup}
+              "ceiling_gflop_per_s": ceiling, "steps": args.steps, "warmup": args.warmup}
     print(f"ceiling: float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "
           f"{ceiling['bfloat16']:.1f} GFLOP/s ({ceiling['size']}^2 matrix product, median of "
           f"{ceiling['repeats']})", file=sys.stderr, flush=True)
-    rows, unavailable, failed = [], {}, []
-    done = earlier["rows"] if earlier else []
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, case in enumerate(cases(args.quick, args.models, args.algorithms, args.inner_steps,
-                                         args.meta_batches, args.tasks)):
-            kept = [r for r in done if all(r.get(k) == v for k, v in case.items())]
-            if kept and {r["method"] for r in kept} >= {
-                    m for m in args.methods if METHODS[m][0](case)}:
-                rows += kept  # measured by the run this one resumes
-                continue
-            flops = count_flops(case)
-            truth = float64_gradient(case) if args.float64_check else None
-            case_rows, grads = [], {}
-            for method in args.methods:
-                if not METHODS[method][0](case):
-                    continue
-                if method in unavailable:
-                    result = {"unavailable": unavailable[method]}
-                else:
-                    grad_out = os.path.join(tmp, f"{i}-{len(case_rows)}.pt")
-                    spec = {"case": case, "method": method, "device": args.device,
-                            "threads": args.threads, "steps": steps, "warmup": warmup,
-                            "grad_out": grad_out}
-                    result = run_in_subprocess(spec, timeout=args.row_timeout)
-                    if "unavailable" in result:
-                        unavailable[method] = result["unavailable"]
-                    elif "error" in result:  # reported in the table; the run goes on
-                        print(f"row {spec} failed:\n{result.get('stderr')}", file=sys.stderr)
-                        if method not in PEERS:
-                            failed.append(f"{method} on {case}: {result['error']}")
-                    elif "tasks_per_s" in result:
-                        grads[method] = torch.load(grad_out)
-                row = {**case, "method": method, **result}
-                case_rows.append(row)
-            finish_case(case_rows, grads, flops, ceiling, truth)
-            for row in case_rows:
-                print(markdown([row]).splitlines()[-1], file=sys.stderr, flush=True)
-                row.pop("stderr", None)
-            rows += case_rows
+        measure_case = CaseRunner(args, ceiling, tmp)
+        for index, case in enumerate(cases(args.quick, args.models, args.algorithms,
+                                           args.inner_steps, args.meta_batches, args.tasks)):
+            # kept from the run this one resumes, or measured now
+            rows += (already_measured(case, earlier["rows"] if earlier else [], args.methods)
+                     or measure_case(index, case))
             if args.json:  # after every case, so an interrupted run can be resumed
                 # atomic: a killed run leaves the file of its last finished case
                 atomic_write_text(args.json, json.dumps(header | {"rows": rows, "complete": False},
                                                         indent=1))
-    report = (f"Machine: {header['machine']}.\n"
-              f"Peers: {', '.join(f'{k} {v}' for k, v in header['peers'].items())}.\n"
-              f"Ceiling ({ceiling['size']}x{ceiling['size']} matrix product, median of "
-              f"{ceiling['repeats']}): float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "
-              f"{ceiling['bfloat16']:.1f} GFLOP/s.\n"
-              f"Timed: median of {steps} steps after the meta-gradient check and {warmup} "
-              f"warm-up step(s).\n\n{markdown(rows)}")
-    print(report)
+    print(report(header, rows))
     if args.json:
         atomic_write_text(args.json, json.dumps(header | {"rows": rows, "complete": True},
                                                 indent=1))
-    if failed:  # an fsl_dist path failed: the table is written, but the run is an error
-        sys.exit("fsl_dist rows failed:\n" + "\n".join(failed))
+    if measure_case.failed:  # an fsl_dist path failed: the table is written, but the run is an error
+        sys.exit("fsl_dist rows failed:\n" + "\n".join(measure_case.failed))
 
 
 if __name__ == "__main__":
