@@ -25,6 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from fsl_dist import checkpoint as ckpt
 from fsl_dist.config import Config, ConfigError, load_config, save_config
 from fsl_dist.data.episodes import TaskSpec, make_tasks
 from fsl_dist.data.shards import ShardError, load_manifest, pack_omniglot
@@ -139,22 +140,46 @@ def save_final_model(state, cfg: Config, run_dir: Path) -> None:
     atomic_write_text(run_dir / "model.yaml", yaml.safe_dump(description, sort_keys=False))
 
 
-def load_trained(run_dir: Path, device: torch.device):
-    """(config, model, inner_lr) of a finished or checkpointed run folder, from safetensors."""
+def load_trained(run_dir: Path, device: torch.device, checkpoint: Optional[str] = None):
+    """(config, model, inner_lr, weights) of a run folder: its final model.safetensors, or with
+    `checkpoint` ("latest", a step number or a path) the weights of a training checkpoint, so a
+    run still training, or stopped, can be evaluated at any kept step. `weights` names the file."""
     run_dir = Path(run_dir)
-    for needed in ("config.yaml", "model.safetensors"):
-        if not (run_dir / needed).is_file():
-            raise FileNotFoundError(f"{run_dir / needed} is missing: is {run_dir} a finished run folder?")
+    weights = run_dir / "model.safetensors" if checkpoint is None else find_checkpoint(run_dir, checkpoint)
+    for needed in (run_dir / "config.yaml", weights):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} is missing: is {run_dir} a finished run folder? "
+                                    "(--checkpoint latest evaluates a run that is still training)")
     cfg = load_config(run_dir / "config.yaml")
-    tensors = load_file(str(run_dir / "model.safetensors"))
+    if checkpoint is None:
+        tensors = load_file(str(weights))
+        model_state = {k: v for k, v in tensors.items() if not k.startswith("inner_lr.")}
+        inner_lr_state = {k[len("inner_lr."):]: v for k, v in tensors.items() if k.startswith("inner_lr.")}
+    else:
+        saved = ckpt.load_checkpoint(weights)
+        model_state, inner_lr_state = saved["model"], saved.get("inner_lr") or {}
     model = build_model(cfg.model.name, cfg.task.n_way, width=cfg.model.width)
-    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("inner_lr.")})
+    model.load_state_dict(model_state)
     inner_lr = cfg.algorithm.inner_lr
     if cfg.algorithm.learn_inner_lr:
         inner_lr = LearnedInnerLR(model, cfg.algorithm.name, cfg.algorithm.inner_lr)
-        inner_lr.load_state_dict({k[len("inner_lr."):]: v for k, v in tensors.items() if k.startswith("inner_lr.")})
+        inner_lr.load_state_dict(inner_lr_state)
         inner_lr = inner_lr.to(device)
-    return cfg, model.to(device), inner_lr
+    return cfg, model.to(device), inner_lr, weights
+
+
+def find_checkpoint(run_dir: Path, which: str) -> Path:
+    """"latest", a step number, or a file path -> an existing checkpoint file of `run_dir`."""
+    kept = ckpt.list_checkpoints(run_dir)
+    if which == "latest":
+        if not kept:
+            raise FileNotFoundError(f"{run_dir} has no checkpoints to evaluate")
+        return kept[-1]
+    path = ckpt.checkpoint_path(run_dir, int(which)) if which.isdigit() else Path(which)
+    if not path.is_file():
+        names = ", ".join(p.name for p in kept) or "none"
+        raise FileNotFoundError(f"checkpoint {path} does not exist; kept in {run_dir}: {names}")
+    return path
 
 
 # ---------------------------------------------------------------- held-out evaluation
@@ -163,8 +188,9 @@ def load_trained(run_dir: Path, device: torch.device):
 def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, precision: str,
                       episodes: Optional[int] = None, shots: Optional[int] = None,
                       part: Optional[str] = None, inner_steps: Optional[int] = None,
-                      out_name: str = "eval.json") -> dict:
-    """Evaluate on `part` (default eval.part) and write `out_name` in the run folder."""
+                      out_name: str = "eval.json", weights: Optional[Path] = None) -> dict:
+    """Evaluate on `part` (default eval.part) and write `out_name` in the run folder; `weights`,
+    the file the model came from, is recorded relative to the run folder."""
     part = part or cfg.eval.part
     episodes = episodes or cfg.eval.episodes
     k_shot = shots or cfg.task.k_shot
@@ -179,6 +205,9 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
     result.update(part=part, n_way=cfg.task.n_way, k_shot=k_shot, q_query=cfg.task.q_query,
                   inner_steps=steps, config=cfg.name, seed=cfg.train.seed, world_size=dist.world_size,
                   eval_seed=cfg.eval.seed)
+    if weights is not None:
+        result["weights"] = Path(weights).relative_to(run_dir).as_posix() if Path(
+            weights).is_relative_to(run_dir) else str(weights)
     if dist.is_main:
         atomic_write_json(Path(run_dir) / out_name, result)
     return result

@@ -2,6 +2,7 @@
 
     python launch/evaluate.py --run-dir runs/cnn_maml-0 --episodes 600
     accelerate launch --multi_gpu --num_processes 2 launch/evaluate.py --run-dir runs/cnn_maml-0 --inner-steps 5
+    python launch/evaluate.py --run-dir runs/cnn_maml-0 --part val --checkpoint 2500   # a kept checkpoint
 
 Episodes are divided among processes and gathered; the JSON goes to the run folder.
 """
@@ -28,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shots", type=int, help="K-shot (default: the trained K)")
     parser.add_argument("--part", choices=("val", "test"), help="split part (default: eval.part)")
     parser.add_argument("--inner-steps", type=int, help="inner steps at test time (default: eval.inner_steps)")
+    parser.add_argument("--checkpoint", help="evaluate a training checkpoint instead of the final model: "
+                        "latest, a step number, or a path (default: model.safetensors)")
     parser.add_argument("--out", default=None, help="file name in the run folder (default eval-<part>.json)")
     return parser.parse_args(argv)
 
@@ -36,7 +39,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     dist = Distributed()
     try:
-        cfg, model, inner_lr = load_trained(Path(args.run_dir), dist.device)
+        cfg, model, inner_lr, weights = load_trained(Path(args.run_dir), dist.device, args.checkpoint)
         if args.ways is not None and args.ways != cfg.task.n_way:
             raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a {cfg.task.n_way}-way "
                               "head; evaluate with its N-way or train a model for this N")
@@ -44,7 +47,8 @@ def main(argv=None) -> int:
         part = args.part or cfg.eval.part
         result = evaluate_held_out(model, inner_lr, cfg, dist, Path(args.run_dir), precision=precision,
                                    episodes=args.episodes, shots=args.shots, part=part,
-                                   inner_steps=args.inner_steps, out_name=args.out or f"eval-{part}.json")
+                                   inner_steps=args.inner_steps, out_name=args.out or f"eval-{part}.json",
+                                   weights=weights)
     except (ConfigError, ShardError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -83,6 +83,23 @@ def test_evaluate_divides_episodes_among_two_processes(shards, tmp_path):
     assert one.returncode == two.returncode == 0
 
 
+def test_evaluate_reads_a_kept_checkpoint_and_names_the_weights(shards, tmp_path):
+    run_dir = tmp_path / "cnn_maml"
+    run("train.py", config_args("cnn_maml", run_dir, shards, "logging.wandb=false"))
+    args = ["--run-dir", str(run_dir), "--episodes", "12"]
+    run("evaluate.py", [*args, "--out", "final.json"])
+    run("evaluate.py", [*args, "--out", "last.json", "--checkpoint", "2"])
+    run("evaluate.py", [*args, "--out", "first.json", "--checkpoint", "1"])
+    final, last, first = (json.loads((run_dir / f"{n}.json").read_text()) for n in ("final", "last", "first"))
+    assert final["weights"] == "model.safetensors"
+    assert last["weights"] == "checkpoints/step-00000002.pt" and first["weights"] == "checkpoints/step-00000001.pt"
+    # the final model is the step-2 checkpoint's model: the same episodes, the same accuracy
+    assert last["mean"] == final["mean"] and last["ci95"] == final["ci95"]
+    missing = run("evaluate.py", [*args, "--checkpoint", "7"], check=False)
+    assert missing.returncode == 2
+    assert "step-00000007.pt does not exist" in missing.stderr and "step-00000002.pt" in missing.stderr
+
+
 def test_debug_mode_runs_a_few_printed_steps(shards, tmp_path):
     result = run("train.py", ["--config", str(ROOT / "configs" / "cnn_maml.yaml"), "--debug",
                               "--run-dir", str(tmp_path / "dbg"), f"data.shards={shards}",
