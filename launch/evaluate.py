@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         return 2
     dist.print(json.dumps(result, indent=2))
     dist.end()
-    return 0
+    return dist.exit(0)
 
 
 if __name__ == "__main__":

@@ -67,11 +67,11 @@ def main(argv=None) -> int:
     if outcome["stopped_early"]:
         dist.print(f"stopped by a signal at step {outcome['step']}; checkpoint written, "
                    f"continue with --resume auto")
-        return EXIT_RESUMABLE
+        return dist.exit(EXIT_RESUMABLE)
     if result is not None:
         dist.print(f"{cfg.name}: {cfg.eval.part} accuracy {result['mean']:.2f} ± {result['ci95']:.2f}% "
                    f"over {result['episodes']} episodes -> {run_dir / 'eval.json'}")
-    return 0
+    return dist.exit(0)
 
 
 if __name__ == "__main__":
