@@ -82,9 +82,15 @@ class OptimConfig:
     """Clip the (all-reduced) meta-gradient to this norm; null disables clipping."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: str = "constant"
-    """constant, or cosine: the outer learning rate falls from `lr` to `min_lr` over train.steps
-    (MAML++'s annealing). A function of the step alone, so a resumed run continues it exactly."""
+    """constant; cosine: the outer learning rate falls from `lr` to `min_lr` over train.steps
+    (MAML++'s annealing); step: it is multiplied by `decay_factor` at each step of `decay_at`.
+    A function of the step alone, so a resumed run continues it exactly (and a constant-rate run
+    resumed at step N with `schedule: step, decay_at: [N]` is that step schedule from the start)."""
     min_lr: float = 0.0
+    """The end of the cosine schedule."""
+    decay_at: list[int] = field(default_factory=list)
+    """The step schedule's steps, ascending: updates after this many finished steps use the lower rate."""
+    decay_factor: float = 0.1
 
 
 @dataclass
@@ -150,7 +156,7 @@ CHOICES = {
     "algorithm.name": ("maml", "boil", "anil"),
     "algorithm.inner_loss": ("ce", "mse"),
     "eval.part": ("val", "test"),
-    "optim.schedule": ("constant", "cosine"),
+    "optim.schedule": ("constant", "cosine", "step"),
 }
 POSITIVE = (
     "task.n_way", "task.k_shot", "task.q_query", "model.width", "train.steps",
@@ -317,10 +323,25 @@ def validate(cfg: Config, where: str = "config") -> None:
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"{where}: `optim.min_lr` = {cfg.optim.min_lr} is above `optim.lr` = "
                           f"{cfg.optim.lr}; the schedule only decays")
+    _validate_step_schedule(cfg.optim, where)
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ConfigError(f"{where}: `optim.grad_clip` must be positive or null")
     if cfg.train.cpu_threads is not None and cfg.train.cpu_threads < 1:
         raise ConfigError(f"{where}: `train.cpu_threads` must be at least 1 or null")
+
+
+def _validate_step_schedule(optim: OptimConfig, where: str) -> None:
+    if optim.schedule == "step" and not optim.decay_at:
+        raise ConfigError(f"{where}: `optim.schedule` = 'step' needs `optim.decay_at`, the steps at "
+                          f"which the rate falls (say optim.decay_at=[3000])")
+    if optim.decay_at and optim.schedule != "step":
+        raise ConfigError(f"{where}: `optim.decay_at` = {optim.decay_at} does nothing with "
+                          f"`optim.schedule` = {optim.schedule!r}; set optim.schedule=step or drop it")
+    if any(s < 1 for s in optim.decay_at) or optim.decay_at != sorted(set(optim.decay_at)):
+        raise ConfigError(f"{where}: `optim.decay_at` = {optim.decay_at} must be positive steps in "
+                          f"ascending order")
+    if not 0 < optim.decay_factor <= 1:
+        raise ConfigError(f"{where}: `optim.decay_factor` = {optim.decay_factor} must be in (0, 1]")
 
 
 def default_run_dir(cfg: Config) -> Path:

@@ -143,6 +143,8 @@ def outer_lr(optim: OptimConfig, step: int, total_steps: int) -> float:
     """The meta-optimizer's learning rate for the update that follows `step` finished steps."""
     if optim.schedule == "constant":
         return optim.lr
+    if optim.schedule == "step":
+        return optim.lr * optim.decay_factor ** sum(step >= at for at in optim.decay_at)
     progress = min(step / total_steps, 1.0)  # a run resumed with more steps stays at min_lr
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from fsl_dist.config import OptimConfig
+from fsl_dist.config import ConfigError, OptimConfig, load_config
 from fsl_dist.trainer import outer_lr
 from launching import ROOT, run
-from test_train_distributed import TINY
+from test_train_distributed import TINY, max_abs_difference, train, weights
 
 
 def test_cosine_falls_from_lr_to_min_lr_and_stays_there():
@@ -25,6 +26,40 @@ def test_cosine_falls_from_lr_to_min_lr_and_stays_there():
 def test_constant_is_the_default_and_ignores_the_step():
     assert OptimConfig().schedule == "constant"
     assert {outer_lr(OptimConfig(lr=3e-4), s, 10) for s in (0, 5, 10, 99)} == {3e-4}
+
+
+def test_step_schedule_multiplies_the_rate_after_each_listed_step():
+    optim = OptimConfig(lr=1e-3, schedule="step", decay_at=[3, 5], decay_factor=0.5)
+    assert [outer_lr(optim, s, 100) for s in range(7)] == pytest.approx(
+        [1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4], rel=1e-12)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["optim.schedule=step"], "optim.decay_at"),
+    (["optim.decay_at=[100]"], "optim.decay_at"),
+    (["optim.schedule=step", "optim.decay_at=[200, 100]"], "optim.decay_at"),
+    (["optim.schedule=step", "optim.decay_at=[0]"], "optim.decay_at"),
+    (["optim.schedule=step", "optim.decay_at=[100]", "optim.decay_factor=2"], "optim.decay_factor"),
+])
+def test_a_step_schedule_that_cannot_work_is_named(overrides, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(ROOT / "configs" / "cnn_maml.yaml", overrides)
+
+
+def test_constant_run_resumed_with_a_step_decay_equals_the_step_schedule_from_the_start(
+        packed, tmp_path):
+    """The recipe of a RESULTS.md row: train at a constant rate, then resume the checkpoint with
+    the rate decayed from that step on. It must be the same run as the one-config step schedule."""
+    shards, decay = packed("futurama"), ["optim.schedule=step", "optim.decay_at=[2]"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(whole, shards, 0, *decay)
+    train(parts, shards, 0, "train.steps=2")
+    train(parts, shards, 0, *decay, "--resume", "auto")
+    a, b = weights(whole), weights(parts)
+    assert all(torch.equal(a[k], b[k]) for k in a), f"max diff {max_abs_difference(a, b):.3g}"
+    rows = [json.loads(line) for line in (parts / "metrics.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in rows if "train/loss" in row] == pytest.approx(
+        [1e-3, 1e-3] + [1e-4] * 4, rel=1e-12)
 
 
 def test_the_trainer_steps_with_the_scheduled_learning_rate(packed, tmp_path):
