@@ -461,10 +461,10 @@ def run_row(spec: dict) -> dict:
     # intra-op thread for every method: kernels sum in another order on two threads, which in
     # float32 moves a ResNet meta-gradient by ~1e-4 (as far as float32 is from float64 here) and
     # would hide whether two methods compute the same math.
-    torch.set_num_threads(1)
-    grad = meta_gradient(backward, model)
-    torch.set_num_threads(spec["threads"])
-    if spec.get("grad_out"):
+    if spec.get("grad_out"):  # the first round of a row; later rounds only time it
+        torch.set_num_threads(1)
+        grad = meta_gradient(backward, model)
+        torch.set_num_threads(spec["threads"])
         torch.save(grad.float().cpu(), spec["grad_out"])
     for _ in range(spec["warmup"]):
         step()
@@ -481,7 +481,8 @@ def run_row(spec: dict) -> dict:
         peak = peak_rss() - base
     median = statistics.median(times)
     return {"s_per_step": median, "tasks_per_s": case["meta_batch"] / median,
-            "peak_mem_mib": peak / 2**20, "steps": spec["steps"], "warmup": spec["warmup"]}
+            "peak_mem_mib": peak / 2**20, "steps": spec["steps"], "warmup": spec["warmup"],
+            "step_times": times}
 
 
 def run_in_subprocess(spec: dict, timeout: float) -> dict:
@@ -552,6 +553,12 @@ def finish_case(case_rows, grads, flops, ceiling, truth=None):
         r["gflop_per_s"] = flops / r["s_per_step"] / 1e9
         r["pct_fp32_ceiling"] = 100 * r["gflop_per_s"] / ceiling["float32"]
         r["x_best_peer"] = r["tasks_per_s"] / best_peer if best_peer else None
+    round_peers = [r["round_tasks_per_s"] for r in case_rows
+                   if r["method"] in PEERS and "round_tasks_per_s" in r]
+    for r in case_rows:  # the ratio within each round, where the methods ran side by side
+        if round_peers and "round_tasks_per_s" in r:
+            r["x_best_peer_rounds"] = [rate / max(peers) for rate, peers in
+                                       zip(r["round_tasks_per_s"], zip(*round_peers))]
 
 
 def machine_line(device, threads) -> str:
@@ -588,16 +595,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a subset of the rows (default 8 32; --quick: 8)")
     parser.add_argument("--no-float64-check", dest="float64_check", action="store_false",
                         help="skip the float64 meta-gradient per case (the last column)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="split each row's timed steps over this many rounds, the methods "
+                             "interleaved (a fresh process per method and round), so that a slow "
+                             "spell of a shared machine falls on every method, not on one")
     parser.add_argument("--row-timeout", type=float, default=3600, help="seconds per row")
     parser.add_argument("--json", type=Path,
                         help="also write the rows here (after every case, complete at the end)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run whose rows are in --json: cases already measured "
                              "there (every method asked for) are kept, with its ceiling")
+    parser.add_argument("--report", action="store_true",
+                        help="measure nothing: print the tables of the run saved in --json "
+                             "(finished or not)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row
     args = parser.parse_args(argv)
     if args.resume and not args.json:
         parser.error("--resume needs --json (the file of the run to continue)")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1 (got {args.rounds})")
+    if args.report and not (args.json and args.json.exists()):
+        parser.error(f"--report needs --json naming a file a run wrote (got {args.json})")
     default_steps, default_warmup = (3, 1) if args.quick else (10, 2)
     args.steps = default_steps if args.steps is None else args.steps
     args.warmup = default_warmup if args.warmup is None else args.warmup
@@ -625,27 +643,36 @@ class CaseRunner:
     def __call__(self, index: int, case: dict) -> list[dict]:
         flops = count_flops(case)
         truth = float64_gradient(case) if self.args.float64_check else None
-        case_rows, grads = [], {}
-        for method in self.args.methods:
-            if not METHODS[method][0](case):
-                continue
-            grad_out = os.path.join(self.tmp, f"{index}-{len(case_rows)}.pt")
-            result = self.measure(case, method, grad_out)
-            if "tasks_per_s" in result:
-                grads[method] = torch.load(grad_out)
-            case_rows.append({**case, "method": method, **result})
+        methods = [m for m in self.args.methods if METHODS[m][0](case)]
+        results = {m: [] for m in methods}
+        grads = {}
+        rounds = self.args.rounds
+        for round_index in range(rounds):
+            # rotated each round, so no method always runs first (or right after a heavy one)
+            shift = round_index % len(methods)
+            for method in methods[shift:] + methods[:shift]:
+                if results[method] and "tasks_per_s" not in results[method][0]:
+                    continue  # unavailable or failed in an earlier round
+                grad_out = (os.path.join(self.tmp, f"{index}-{methods.index(method)}.pt")
+                            if round_index == 0 else None)
+                steps = -(-self.args.steps // rounds)  # the timed steps split over the rounds
+                results[method].append(self.measure(case, method, grad_out, steps))
+                if grad_out and "tasks_per_s" in results[method][0]:
+                    grads[method] = torch.load(grad_out)
+        case_rows = [{**case, "method": m, **pool_rounds(results[m], case["meta_batch"])}
+                     for m in methods]
         finish_case(case_rows, grads, flops, self.ceiling, truth)
         for row in case_rows:
             print(markdown([row]).splitlines()[-1], file=sys.stderr, flush=True)
             row.pop("stderr", None)
         return case_rows
 
-    def measure(self, case, method, grad_out) -> dict:
+    def measure(self, case, method, grad_out, steps) -> dict:
         if method in self.unavailable:
             return {"unavailable": self.unavailable[method]}
         args = self.args
         spec = {"case": case, "method": method, "device": args.device, "threads": args.threads,
-                "steps": args.steps, "warmup": args.warmup, "grad_out": grad_out}
+                "steps": steps, "warmup": args.warmup, "grad_out": grad_out}
         result = run_in_subprocess(spec, timeout=args.row_timeout)
         if "unavailable" in result:
             self.unavailable[method] = result["unavailable"]
@@ -656,11 +683,72 @@ class CaseRunner:
         return result
 
 
+def pool_rounds(results: list[dict], meta_batch: int) -> dict:
+    """One row from a method's rounds: the median over every timed step of every round, the
+    highest peak memory, and each round's own median (how far the machine drifted)."""
+    if len(results) == 1 or "tasks_per_s" not in results[0]:
+        return results[0]
+    failed = [r for r in results if "tasks_per_s" not in r]
+    if failed:
+        return failed[0]
+    times = [t for r in results for t in r["step_times"]]
+    median = statistics.median(times)
+    return {"s_per_step": median, "tasks_per_s": meta_batch / median,
+            "peak_mem_mib": max(r["peak_mem_mib"] for r in results),
+            "steps": len(times), "warmup": results[0]["warmup"], "step_times": times,
+            "rounds": len(results),
+            "round_tasks_per_s": [r["tasks_per_s"] for r in results]}
+
+
 def already_measured(case, earlier_rows, methods) -> list[dict]:
     """The resumed run's rows of this case, if they hold every method that applies to it."""
     kept = [r for r in earlier_rows if all(r.get(k) == v for k, v in case.items())]
     wanted = {m for m in methods if METHODS[m][0](case)}
     return kept if kept and {r["method"] for r in kept} >= wanted else []
+
+
+MODEL_NAMES = {"cnn": "Conv-4", "resnet": "ResNet"}
+
+
+def round_range(ratios) -> str:
+    return " / ".join(f"{x:.2f}" for x in ratios) if ratios else "-"
+
+
+def case_summary(rows) -> str:
+    """One line per case with the figures the goals name: fsl_dist's default path (loop)
+    against the best peer, the bf16 meta-gradient's cosine to float64 and, for ANIL, the
+    features-once gain over recomputing them (loop over 'loop, no feature reuse')."""
+    with_rounds = any("x_best_peer_rounds" in r for r in rows)  # a --rounds run
+    titles = ["case", "loop tasks/s", "best peer tasks/s", "x best peer"]
+    titles += ["x best peer, each round"] * with_rounds
+    titles += ["bf16 cosine vs float64", "features-once over no reuse"]
+    lines = ["| " + " | ".join(titles) + " |", "|---" + "|---:" * (len(titles) - 1) + "|"]
+    by_case = {}
+    for r in rows:
+        key = (r["model"], r["algorithm"], task_name(r), r["inner_steps"], r["meta_batch"])
+        by_case.setdefault(key, {})[r["method"]] = r
+    for (model, algorithm, task, steps, meta_batch), methods in by_case.items():
+        rate = {m: r["tasks_per_s"] for m, r in methods.items() if "tasks_per_s" in r}
+        loop = rate.get("loop")
+        peer = max((m for m in PEERS if m in rate), key=rate.get, default=None)
+        no_reuse = rate.get("loop, no feature reuse")
+        cells = [f"{MODEL_NAMES.get(model, model)} {algorithm.upper()}, {task}, {steps} "
+                 f"step{'s' if steps > 1 else ''}, meta-batch {meta_batch}",
+                 _fmt(loop, ".2f"),
+                 f"{rate[peer]:.2f} ({peer})" if peer else "-",
+                 f"{loop / rate[peer]:.2f}x" if loop and peer else "-",
+                 *[round_range(methods.get("loop", {}).get("x_best_peer_rounds"))] * with_rounds,
+                 _fmt(methods.get("default, bf16", {}).get("cosine_float64"), ".5f"),
+                 f"{loop / no_reuse:.2f}x" if loop and no_reuse else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rounds_note(rounds: int, warmup: int) -> str:
+    if rounds == 1:
+        return ""
+    return (f", in {rounds} rounds of a fresh process per method, the methods interleaved "
+            f"(each round {warmup} warm-up step(s) of its own)")
 
 
 def report(header, rows) -> str:
@@ -671,13 +759,19 @@ def report(header, rows) -> str:
             f"{ceiling['repeats']}): float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "
             f"{ceiling['bfloat16']:.1f} GFLOP/s.\n"
             f"Timed: median of {header['steps']} steps after the meta-gradient check and "
-            f"{header['warmup']} warm-up step(s).\n\n{markdown(rows)}")
+            f"{header['warmup']} warm-up step(s)"
+            f"{rounds_note(header.get('rounds', 1), header['warmup'])}.\n\n{markdown(rows)}\n\n"
+            f"Per case, the default path against the best peer:\n\n{case_summary(rows)}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.row:
         return measure_row_here(args.row)
+    if args.report:
+        saved = json.loads(args.json.read_text())
+        print(report(saved, saved["rows"]))
+        return
     device = torch.device(args.device)
     earlier = json.loads(args.json.read_text()) if args.resume and args.json.exists() else None
     if earlier:  # one ceiling for every row of the resumed run
@@ -685,7 +779,8 @@ def main(argv=None):
     else:
         ceiling = measure_ceiling(device, args.threads, *((2048, 3) if args.quick else (4096, 5)))
     header = {"machine": machine_line(device, args.threads), "peers": peer_versions(),
-              "ceiling_gflop_per_s": ceiling, "steps": args.steps, "warmup": args.warmup}
+              "ceiling_gflop_per_s": ceiling, "steps": args.steps, "warmup": args.warmup,
+              "rounds": args.rounds}
     print(f"ceiling: float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "
           f"{ceiling['bfloat16']:.1f} GFLOP/s ({ceiling['size']}^2 matrix product, median of "
           f"{ceiling['repeats']})", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@ table with a row per method (numbers, or the reason a peer cannot run here), and
 that ran agrees with fsl_dist's loop path on the meta-gradient. No timing is asserted."""
 
 import json
+import statistics
 
 from launching import run
 
@@ -37,6 +38,47 @@ def test_bench_quick_prints_a_row_per_method(tmp_path):
                              "--json", str(out), "--resume"], timeout=120)
     assert json.loads(out.read_text())["rows"] == rows
     assert again.stdout.count("| cnn | maml |") == len(METHODS)
+
+    # --report prints the saved run's tables, with the per-case line against the best peer
+    saved = run("bench.py", ["--report", "--json", str(out)], timeout=60)
+    assert saved.stdout.count("| cnn | maml |") == len(METHODS)
+    summary = [line for line in saved.stdout.splitlines()
+               if line.startswith("| Conv-4 MAML, 5w1s15q, 1 step, meta-batch 8 |")]
+    assert len(summary) == 1, saved.stdout
+    rate = {r["method"]: r["tasks_per_s"] for r in rows if "tasks_per_s" in r}
+    peers = [m for m in ("learn2learn", "higher", "torchopt") if m in rate]
+    if peers:
+        best = max(peers, key=rate.get)
+        cells = summary[0].split(" | ")
+        assert cells[2] == f"{rate[best]:.2f} ({best})"
+        assert cells[3] == f"{rate['loop'] / rate[best]:.2f}x"
+
+
+def test_bench_rounds_interleave_the_methods_and_pool_their_steps(tmp_path):
+    """--rounds 2: every method is timed in two fresh processes, its row pools both rounds'
+    steps, and the loop row carries its ratio to the best peer within each round."""
+    out = tmp_path / "bench.json"
+    result = run("bench.py", ["--quick", "--models", "cnn", "--algorithms", "maml",
+                              "--methods", "loop", "vmap", "torchopt", "--rounds", "2",
+                              "--steps", "2", "--warmup", "0", "--threads", "2",
+                              "--no-float64-check", "--json", str(out)], timeout=240)
+    saved = json.loads(out.read_text())
+    assert saved["rounds"] == 2
+    rows = {r["method"]: r for r in saved["rows"]}
+    for method in ("loop", "vmap"):
+        row = rows[method]
+        assert row["rounds"] == 2 and len(row["round_tasks_per_s"]) == 2, row
+        assert len(row["step_times"]) == row["steps"] == 2, row
+        assert row["tasks_per_s"] == 8 / statistics.median(row["step_times"])
+    assert rows["vmap"]["max_rel_diff"] <= 1e-5  # the check ran once, in the first round
+    assert "in 2 rounds" in result.stdout
+    if "tasks_per_s" in rows["torchopt"]:  # the peer is installed here
+        ratios = rows["loop"]["x_best_peer_rounds"]
+        assert ratios == [a / b for a, b in zip(rows["loop"]["round_tasks_per_s"],
+                                                 rows["torchopt"]["round_tasks_per_s"])]
+        summary = [line for line in result.stdout.splitlines()
+                   if line.startswith("| Conv-4 MAML, 5w1s15q, 1 step, meta-batch 8 |")]
+        assert summary[0].split(" | ")[4] == " / ".join(f"{x:.2f}" for x in ratios)
 
 
 def test_bench_scaling_runs_each_layout_and_reports_the_all_reduce(packed, tmp_path):
