@@ -561,12 +561,37 @@ def finish_case(case_rows, grads, flops, ceiling, truth=None):
                                        zip(r["round_tasks_per_s"], zip(*round_peers))]
 
 
+# CPU features that change the speed of these rows by large factors: two machines with the same
+# model name ("Intel(R) Xeon(R) Processor") measured bf16 products at 63 and 2,137 GFLOP/s.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_description() -> str:
+    """Model name and the speed-relevant ISA flags from /proc/cpuinfo (Linux), else platform's."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    present = [f for f in SPEED_FLAGS if f in flags]
+    name = fields.get("model name", platform.machine())
+    return f"{name} ({' '.join(present) or 'none of ' + '/'.join(SPEED_FLAGS)})"
+
+
 def machine_line(device, threads) -> str:
-    cpu = platform.processor() or platform.machine()
-    if device.type == "cuda":
-        cpu = torch.cuda.get_device_name()
+    cpu = torch.cuda.get_device_name() if device.type == "cuda" else cpu_description()
     return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
             f"{platform.python_version()}, device {device.type}, {threads} threads")
+
+
+def check_same_machine(saved: dict, json_path: Path, current: str) -> None:
+    """A resumed run must continue on the machine it started on: one table, one machine."""
+    if saved.get("machine") != current:
+        sys.exit(f"{json_path}: this run was measured on\n  {saved.get('machine')}\nbut this "
+                 f"machine is\n  {current}\nResuming would put rows of two machines in one "
+                 f"table under the first one's ceiling; start a new run with another --json.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -604,7 +629,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also write the rows here (after every case, complete at the end)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run whose rows are in --json: cases already measured "
-                             "there (every method asked for) are kept, with its ceiling")
+                             "there (every method asked for) are kept, with its ceiling; on the "
+                             "machine it started on only (CPU model and ISA flags, threads)")
     parser.add_argument("--report", action="store_true",
                         help="measure nothing: print the tables of the run saved in --json "
                              "(finished or not)")
@@ -774,11 +800,13 @@ def main(argv=None):
         return
     device = torch.device(args.device)
     earlier = json.loads(args.json.read_text()) if args.resume and args.json.exists() else None
-    if earlier:  # one ceiling for every row of the resumed run
+    machine = machine_line(device, args.threads)
+    if earlier:  # one machine and one ceiling for every row of the resumed run
+        check_same_machine(earlier, args.json, machine)
         ceiling = earlier["ceiling_gflop_per_s"]
     else:
         ceiling = measure_ceiling(device, args.threads, *((2048, 3) if args.quick else (4096, 5)))
-    header = {"machine": machine_line(device, args.threads), "peers": peer_versions(),
+    header = {"machine": machine, "peers": peer_versions(),
               "ceiling_gflop_per_s": ceiling, "steps": args.steps, "warmup": args.warmup,
               "rounds": args.rounds}
     print(f"ceiling: float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "

@@ -1,6 +1,7 @@
 """Smoke test of launch/bench.py --quick (the CI check of the benchmark): it runs, prints a
 table with a row per method (numbers, or the reason a peer cannot run here), and every method
-that ran agrees with fsl_dist's loop path on the meta-gradient. No timing is asserted."""
+that ran agrees with fsl_dist's loop path on the meta-gradient; --resume keeps measured cases and
+refuses another machine's run. No timing is asserted."""
 
 import json
 import statistics
@@ -52,6 +53,19 @@ def test_bench_quick_prints_a_row_per_method(tmp_path):
         cells = summary[0].split(" | ")
         assert cells[2] == f"{rate[best]:.2f} ({best})"
         assert cells[3] == f"{rate['loop'] / rate[best]:.2f}x"
+
+    # --resume refuses a run measured on another machine, and leaves its file as it was
+    other = tmp_path / "other.json"
+    saved_run = json.loads(out.read_text())
+    other.write_text(json.dumps(saved_run | {"machine": "another CPU, 2 CPUs"}))
+    before = other.read_bytes()
+    refused = run("bench.py", ["--quick", "--models", "cnn", "--algorithms", "maml", "--steps", "1",
+                               "--warmup", "0", "--threads", "2", "--json", str(other), "--resume"],
+                  timeout=60, check=False)
+    assert refused.returncode != 0
+    assert str(other) in refused.stderr and "another CPU" in refused.stderr, refused.stderr
+    assert saved_run["machine"] in refused.stderr
+    assert other.read_bytes() == before
 
 
 def test_bench_rounds_interleave_the_methods_and_pool_their_steps(tmp_path):
