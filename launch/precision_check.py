@@ -11,6 +11,9 @@ times 1 + 2^-9 x N(0, 1)) against the unmoved one: when that cosine is low too, 
 itself changes more than bf16 can resolve (an ill-conditioned inner loop, as at initialisation
 with several inner steps at a large inner step size), and no implementation of bf16 can match
 float64 there; when it is high and bf16's is low, bf16 is losing accuracy that is there to keep.
+The support-loss column shows whether the inner loop descends at the configured step size: the
+mean support loss (float64) before the first inner step and after each one; a loss that rises
+or swings is an inner loop that overshoots, where the second-order term amplifies rounding.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch.nn.functional as F
 from fsl_dist.config import ConfigError, load_config
 from fsl_dist.data.episodes import make_tasks
 from fsl_dist.meta import meta_backward
+from fsl_dist.meta.algorithms import adapted_parameter_names, resolve_inner_lr
+from fsl_dist.meta.inner import INNER_LOSSES, adapt
 from fsl_dist.runs import load_trained
 from fsl_dist.trainer import build_state, task_spec
 
@@ -107,14 +112,37 @@ def agreement(grad: torch.Tensor, truth: torch.Tensor) -> str:
     return f"{cosine:.4f} / {relative:.1e}"
 
 
+def support_losses(model, inner_lr, tasks, cfg, steps: int) -> list[float]:
+    """Mean support loss over the tasks before the first inner step and after each of ``steps``
+    (the inner loop as the trainer runs it, without the graph the meta-gradient needs)."""
+    names = adapted_parameter_names(cfg.algorithm.name, [n for n, _ in model.named_parameters()])
+    lrs = {n: lr.detach() if torch.is_tensor(lr) else lr
+           for n, lr in resolve_inner_lr(inner_lr, names).items()}
+    forward = lambda params, x: torch.func.functional_call(model, params, (x,))  # noqa: E731
+    loss_fn = INNER_LOSSES[cfg.algorithm.inner_loss]
+    per_task = []
+    for x, y in zip(tasks["support_x"], tasks["support_y"]):
+        params, losses = {n: p.detach() for n, p in model.named_parameters()}, []
+        for _ in range(steps):
+            adaptation = adapt(forward, params, x, y, adapted_names=names, lrs=lrs, steps=1,
+                               first_order=True, inner_loss=cfg.algorithm.inner_loss)
+            params = {n: p.detach() for n, p in adaptation.params.items()}
+            losses.append(adaptation.first_loss.item())
+        with torch.no_grad():
+            losses.append(loss_fn(forward(params, x), y).item())
+        per_task.append(losses)
+    return [sum(column) / len(column) for column in zip(*per_task)]
+
+
 def row(model, inner_lr, tasks, cfg, steps: int) -> str:
     model64, lr64, tasks64 = as_float64(model, inner_lr, tasks)
     truth = meta_gradient(model64, lr64, tasks64, cfg, steps, "no")
     float32 = meta_gradient(model, inner_lr, tasks, cfg, steps, "no")
     bf16 = meta_gradient(model, inner_lr, tasks, cfg, steps, "bf16")
     nearby = meta_gradient(moved(model64, BF16_ROUNDING, seed=1), lr64, tasks64, cfg, steps, "no")
+    trace = " → ".join(f"{loss:.3g}" for loss in support_losses(model64, lr64, tasks64, cfg, steps))
     return (f"| {steps} | {truth.norm().item():.3g} | {agreement(float32, truth)} | "
-            f"{agreement(bf16, truth)} | {agreement(nearby, truth)} |")
+            f"{agreement(bf16, truth)} | {agreement(nearby, truth)} | {trace} |")
 
 
 def main(argv=None) -> int:
@@ -130,8 +158,9 @@ def main(argv=None) -> int:
     print(f"{cfg.name}: {cfg.algorithm.name} on {cfg.model.name}, {cfg.task.n_way}-way {cfg.task.k_shot}-shot "
           f"{cfg.task.q_query}-query, inner lr {cfg.algorithm.inner_lr}, {args.tasks} training tasks "
           f"(seed {args.seed}), {weights}; cosine / relative error against float64\n")
-    print("| inner steps | float64 norm | float32 | bf16 | float64 at bf16-rounded weights |")
-    print("|---|---|---|---|---|")
+    print("| inner steps | float64 norm | float32 | bf16 | float64 at bf16-rounded weights "
+          "| support loss, float64: before → after each step |")
+    print("|---|---|---|---|---|---|")
     for steps in args.inner_steps:
         print(row(model, inner_lr, tasks, cfg, steps), flush=True)
     return 0
