@@ -629,7 +629,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also write the rows here (after every case, complete at the end)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run whose rows are in --json: cases already measured "
-                             "there (every method asked for) are kept, with its ceiling; on the "
+                             "there (every method asked for) are kept, with its ceiling, and the "
+                             "rows of cases outside this selection stay in the file; on the "
                              "machine it started on only (CPU model and ISA flags, threads)")
     parser.add_argument("--report", action="store_true",
                         help="measure nothing: print the tables of the run saved in --json "
@@ -733,6 +734,14 @@ def already_measured(case, earlier_rows, methods) -> list[dict]:
     return kept if kept and {r["method"] for r in kept} >= wanted else []
 
 
+def rows_of_other_cases(earlier_rows, selected) -> list[dict]:
+    """The resumed run's rows of cases outside this selection: kept in the file, so that
+    resuming with a narrower (or another) selection loses nothing already measured."""
+    keys = list(selected[0]) if selected else []
+    chosen = {tuple(case[k] for k in keys) for case in selected}
+    return [r for r in earlier_rows if tuple(r.get(k) for k in keys) not in chosen]
+
+
 MODEL_NAMES = {"cnn": "Conv-4", "resnet": "ResNet"}
 
 
@@ -812,11 +821,12 @@ def main(argv=None):
     print(f"ceiling: float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "
           f"{ceiling['bfloat16']:.1f} GFLOP/s ({ceiling['size']}^2 matrix product, median of "
           f"{ceiling['repeats']})", file=sys.stderr, flush=True)
-    rows = []
+    selected = cases(args.quick, args.models, args.algorithms, args.inner_steps,
+                     args.meta_batches, args.tasks)
+    rows = rows_of_other_cases(earlier["rows"], selected) if earlier else []
     with tempfile.TemporaryDirectory() as tmp:
         measure_case = CaseRunner(args, ceiling, tmp)
-        for index, case in enumerate(cases(args.quick, args.models, args.algorithms,
-                                           args.inner_steps, args.meta_batches, args.tasks)):
+        for index, case in enumerate(selected):
             # kept from the run this one resumes, or measured now
             rows += (already_measured(case, earlier["rows"] if earlier else [], args.methods)
                      or measure_case(index, case))

@@ -1,7 +1,8 @@
 """Smoke test of launch/bench.py --quick (the CI check of the benchmark): it runs, prints a
 table with a row per method (numbers, or the reason a peer cannot run here), and every method
 that ran agrees with fsl_dist's loop path on the meta-gradient; --resume keeps measured cases and
-refuses another machine's run. No timing is asserted."""
+keeps the rows of cases outside its selection and refuses another machine's run. No timing is
+asserted."""
 
 import json
 import statistics
@@ -39,6 +40,15 @@ def test_bench_quick_prints_a_row_per_method(tmp_path):
                              "--json", str(out), "--resume"], timeout=120)
     assert json.loads(out.read_text())["rows"] == rows
     assert again.stdout.count("| cnn | maml |") == len(METHODS)
+
+    # resuming with another selection measures it and keeps the rows already in the file
+    other_case = run("bench.py", ["--quick", "--models", "cnn", "--algorithms", "boil", "--methods", "loop",
+                                  "--steps", "1", "--warmup", "0", "--threads", "2",
+                                  "--json", str(out), "--resume"], timeout=120)
+    widened = json.loads(out.read_text())["rows"]
+    assert widened[:len(rows)] == rows
+    assert [(r["algorithm"], r["method"]) for r in widened[len(rows):]] == [("boil", "loop")]
+    assert other_case.stdout.count("| cnn | maml |") == len(METHODS)
 
     # --report prints the saved run's tables, with the per-case line against the best peer
     saved = run("bench.py", ["--report", "--json", str(out)], timeout=60)
