@@ -630,8 +630,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run whose rows are in --json: cases already measured "
                              "there (every method asked for) are kept, with its ceiling, and the "
-                             "rows of cases outside this selection stay in the file; on the "
-                             "machine it started on only (CPU model and ISA flags, threads)")
+                             "rows of cases outside this selection stay in the file; only where "
+                             "the saved machine line matches (CPU model and ISA flags, CPU "
+                             "count, torch, Python, threads)")
     parser.add_argument("--report", action="store_true",
                         help="measure nothing: print the tables of the run saved in --json "
                              "(finished or not)")
