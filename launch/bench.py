@@ -728,9 +728,13 @@ def pool_rounds(results: list[dict], meta_batch: int) -> dict:
             "round_tasks_per_s": [r["tasks_per_s"] for r in results]}
 
 
+def is_row_of(row, case) -> bool:
+    return all(row.get(k) == v for k, v in case.items())
+
+
 def already_measured(case, earlier_rows, methods) -> list[dict]:
     """The resumed run's rows of this case, if they hold every method that applies to it."""
-    kept = [r for r in earlier_rows if all(r.get(k) == v for k, v in case.items())]
+    kept = [r for r in earlier_rows if is_row_of(r, case)]
     wanted = {m for m in methods if METHODS[m][0](case)}
     return kept if kept and {r["method"] for r in kept} >= wanted else []
 
@@ -738,9 +742,7 @@ def already_measured(case, earlier_rows, methods) -> list[dict]:
 def rows_of_other_cases(earlier_rows, selected) -> list[dict]:
     """The resumed run's rows of cases outside this selection: kept in the file, so that
     resuming with a narrower (or another) selection loses nothing already measured."""
-    keys = list(selected[0]) if selected else []
-    chosen = {tuple(case[k] for k in keys) for case in selected}
-    return [r for r in earlier_rows if tuple(r.get(k) for k in keys) not in chosen]
+    return [r for r in earlier_rows if not any(is_row_of(r, case) for case in selected)]
 
 
 MODEL_NAMES = {"cnn": "Conv-4", "resnet": "ResNet"}

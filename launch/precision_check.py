@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from fsl_dist.config import ConfigError, load_config
 from fsl_dist.data.episodes import make_tasks
-from fsl_dist.meta import meta_backward
-from fsl_dist.meta.algorithms import adapted_parameter_names, resolve_inner_lr
-from fsl_dist.meta.inner import INNER_LOSSES, adapt
+from fsl_dist.meta import adapt, adapted_parameter_names, meta_backward
+from fsl_dist.meta.algorithms import resolve_inner_lr
+from fsl_dist.meta.inner import INNER_LOSSES
 from fsl_dist.runs import load_trained
 from fsl_dist.trainer import build_state, task_spec
 

@@ -1,8 +1,7 @@
 """Smoke test of launch/bench.py --quick (the CI check of the benchmark): it runs, prints a
 table with a row per method (numbers, or the reason a peer cannot run here), and every method
-that ran agrees with fsl_dist's loop path on the meta-gradient; --resume keeps measured cases and
-keeps the rows of cases outside its selection and refuses another machine's run. No timing is
-asserted."""
+that ran agrees with fsl_dist's loop path on the meta-gradient; --resume keeps the measured cases,
+also those outside its selection, and refuses another machine's run. No timing is asserted."""
 
 import json
 import statistics
