@@ -40,3 +40,15 @@ def test_metrics_file_drops_rows_after_the_resumed_step(tmp_path):
         metrics.write({"step": step, "train/loss": float(step)})
     metrics.truncate_after(2)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_logged_throughput_covers_every_step_since_the_last_row():
+    """The logged step also measures accuracy before adaptation and is slower; the logged
+    tasks/s must be the window's (all steps weighed as trained), not that one step's."""
+    from fsl_dist.trainer import StepWindow
+    window = StepWindow()
+    for step_time in (1.0, 1.0, 1.0, 2.0):  # three plain steps, then the logged one
+        window.add(step_time)
+    assert window.take(tasks_per_step=8) == (32 / 5.0, 5.0 / 4)
+    window.add(0.5)
+    assert window.take(tasks_per_step=8) == (16.0, 0.5)  # the window starts again after a row
