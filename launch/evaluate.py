@@ -37,6 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.out is not None and Path(args.out).name != args.out:
+        # --out is a name inside the run folder; a path would land nested under it, found by no one
+        print(f"error: --out {args.out}: give a file name only; the result is written in the run "
+              f"folder {args.run_dir} (e.g. --out {Path(args.out).name})", file=sys.stderr)
+        return 2
     dist = Distributed()
     try:
         cfg, model, inner_lr, weights = load_trained(Path(args.run_dir), dist.device, args.checkpoint)
@@ -53,6 +58,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     dist.print(json.dumps(result, indent=2))
+    dist.print(f"wrote {Path(args.run_dir) / (args.out or f'eval-{part}.json')}", file=sys.stderr)
     dist.end()
     return dist.exit(0)
 

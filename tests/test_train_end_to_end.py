@@ -98,6 +98,9 @@ def test_evaluate_reads_a_kept_checkpoint_and_names_the_weights(shards, tmp_path
     missing = run("evaluate.py", [*args, "--checkpoint", "7"], check=False)
     assert missing.returncode == 2
     assert "step-00000007.pt does not exist" in missing.stderr and "step-00000002.pt" in missing.stderr
+    nested = run("evaluate.py", [*args, "--out", "runs/x/eval.json"], check=False)
+    assert nested.returncode == 2 and "--out runs/x/eval.json" in nested.stderr
+    assert not (run_dir / "runs").exists()
 
 
 def test_debug_mode_runs_a_few_printed_steps(shards, tmp_path):
