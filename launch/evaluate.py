@@ -50,15 +50,16 @@ def main(argv=None) -> int:
                               "head; evaluate with its N-way or train a model for this N")
         precision = resolve_precision(cfg.precision, launcher_precision(), dist.device)
         part = args.part or cfg.eval.part
+        out_name = args.out or f"eval-{part}.json"
         result = evaluate_held_out(model, inner_lr, cfg, dist, Path(args.run_dir), precision=precision,
                                    episodes=args.episodes, shots=args.shots, part=part,
-                                   inner_steps=args.inner_steps, out_name=args.out or f"eval-{part}.json",
+                                   inner_steps=args.inner_steps, out_name=out_name,
                                    weights=weights)
     except (ConfigError, ShardError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     dist.print(json.dumps(result, indent=2))
-    dist.print(f"wrote {Path(args.run_dir) / (args.out or f'eval-{part}.json')}", file=sys.stderr)
+    dist.print(f"wrote {Path(args.run_dir) / out_name}", file=sys.stderr)
     dist.end()
     return dist.exit(0)
 
