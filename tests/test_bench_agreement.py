@@ -1,10 +1,11 @@
 """launch/bench.py's methods compute the same meta-gradient: fsl_dist's vmap path and the peers
 learn2learn, higher and TorchOpt against fsl_dist's loop path, float32, tiny models, MAML, BOIL
-and ANIL at two inner steps. A peer that is not installed (the optional ``bench`` extra) is
-skipped with the reason."""
+and ANIL at two inner steps. A peer that is not installed (launch/install_bench_peers.sh) is
+skipped with the reason, or fails the test with FSL_REQUIRE_PEERS=1 (as in CI)."""
 
 import copy
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,9 @@ def test_meta_gradient_matches_loop(model_name, algorithm, method, tasks):
         try:
             backward = bench.METHODS[name][1](model, tasks, case)
         except bench.Unavailable as why:
+            if os.environ.get("FSL_REQUIRE_PEERS") == "1":
+                pytest.fail(f"{why}; FSL_REQUIRE_PEERS=1: install them with "
+                            "`bash launch/install_bench_peers.sh`")
             pytest.skip(str(why))
         return bench.meta_gradient(backward, model)
 
