@@ -14,34 +14,30 @@ set -euo pipefail
 PY="${PYTHON:-python}"
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 
-if "$PY" -c "import learn2learn, higher, torchopt" 2>/dev/null; then
-    echo "bench peers already importable: $("$PY" -c 'import learn2learn, higher, torchopt as t;
-print(f"learn2learn {learn2learn.__version__}, higher, torchopt {t.__version__}")')"
-    exit 0
-fi
+if ! "$PY" -c "import learn2learn, higher, torchopt" 2>/dev/null; then
+    # Pure-Python peers, and what the three import at module load (gym and scipy for learn2learn;
+    # optree and graphviz for TorchOpt; numpy is torch's).
+    pip_install --no-deps "higher>=0.2.1,<0.3" "torchopt>=0.7,<0.8"
+    pip_install "optree>=0.9" "typing-extensions" "graphviz" "scipy" "gym" "tqdm" "requests"
 
-# Pure-Python peers, and what the three import at module load (gym and scipy for learn2learn;
-# optree and graphviz for TorchOpt; numpy is torch's).
-pip_install --no-deps "higher>=0.2.1,<0.3" "torchopt>=0.7,<0.8"
-pip_install "optree>=0.9" "typing-extensions" "graphviz" "scipy" "gym" "tqdm" "requests"
-
-if ! "$PY" -c "import learn2learn" 2>/dev/null; then
-    pip_install "cython>=3" "setuptools" "wheel"
-    work="$(mktemp -d)"
-    trap 'rm -rf "$work"' EXIT
-    "$PY" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
-        "learn2learn==0.2.0" -d "$work"
-    tar -xzf "$work"/learn2learn-0.2.0.tar.gz -C "$work"
-    src="$work/learn2learn-0.2.0"
-    # Regenerate the C files for this Python from the shipped .pyx sources.
-    for pyx in "$src"/learn2learn/data/*.pyx; do
-        "$PY" -m cython -3 "$pyx" >/dev/null
-    done
-    pip_install --no-deps --no-build-isolation "$src"
+    if ! "$PY" -c "import learn2learn" 2>/dev/null; then
+        pip_install "cython>=3" "setuptools" "wheel"
+        work="$(mktemp -d)"
+        trap 'rm -rf "$work"' EXIT
+        "$PY" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+            "learn2learn==0.2.0" -d "$work"
+        tar -xzf "$work"/learn2learn-0.2.0.tar.gz -C "$work"
+        src="$work/learn2learn-0.2.0"
+        # Regenerate the C files for this Python from the shipped .pyx sources.
+        for pyx in "$src"/learn2learn/data/*.pyx; do
+            "$PY" -m cython -3 "$pyx" >/dev/null
+        done
+        pip_install --no-deps --no-build-isolation "$src"
+    fi
 fi
 
 "$PY" - <<'EOF'
 import learn2learn, higher, torchopt, torch
-print(f"bench peers installed: learn2learn {learn2learn.__version__}, higher, "
+print(f"bench peers: learn2learn {learn2learn.__version__}, higher, "
       f"torchopt {torchopt.__version__}, beside torch {torch.__version__}")
 EOF
