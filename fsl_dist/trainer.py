@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from fsl_dist import checkpoint as ckpt
 from fsl_dist.config import Config, ConfigError, OptimConfig, to_dict
+from fsl_dist.cpu_malloc import tune_cpu_malloc
 from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
 from fsl_dist.evaluate import evaluate
 from fsl_dist.meta import InnerLossScaler, LearnedInnerLR, meta_backward
@@ -96,10 +97,13 @@ def check_process_count(cfg: Config, world_size: int) -> None:
             f"{world_size} processes; use a multiple of {world_size}")
 
 
-def set_cpu_threads(cfg: Config, dist) -> None:
+def configure_cpu(cfg: Config, dist) -> None:
+    """Threads per process and the allocator, on CPU only."""
     if dist.device.type == "cpu":
         threads = cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // dist.local_world_size)
         torch.set_num_threads(threads)
+        if cfg.train.tune_cpu_malloc:
+            dist.print(f"cpu malloc: {tune_cpu_malloc()}")
 
 
 def build_state(cfg: Config, device: torch.device) -> TrainState:
@@ -299,7 +303,7 @@ class Trainer:
         self.cfg, self.dist, self.run_dir, self.debug = cfg, dist, Path(run_dir), debug
         self.precision = resolve_precision(cfg.precision, launcher_precision(), dist.device)
         check_process_count(cfg, dist.world_size)
-        set_cpu_threads(cfg, dist)
+        configure_cpu(cfg, dist)
         ensure_shards(cfg, dist)
         self.sources = build_task_sources(cfg, dist)
         self.state = build_state(cfg, dist.device)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from fsl_dist.config import ConfigError
+from fsl_dist.cpu_malloc import tune_cpu_malloc
 from fsl_dist.data.shards import ShardError
 from fsl_dist.distributed import Distributed, launcher_precision
 from fsl_dist.runs import evaluate_held_out, load_trained
@@ -45,6 +46,8 @@ def main(argv=None) -> int:
     dist = Distributed()
     try:
         cfg, model, inner_lr, weights = load_trained(Path(args.run_dir), dist.device, args.checkpoint)
+        if dist.device.type == "cpu" and cfg.train.tune_cpu_malloc:
+            dist.print(f"cpu malloc: {tune_cpu_malloc()}", file=sys.stderr)
         if args.ways is not None and args.ways != cfg.task.n_way:
             raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a {cfg.task.n_way}-way "
                               "head; evaluate with its N-way or train a model for this N")
