@@ -41,9 +41,16 @@ median rate of a large float32 and bfloat16 matrix product measured in the same 
 same thread count. Effective GFLOP/s = counted FLOP per step / median step time.
 
 Lever rows, run only when named with ``--methods``: ``loop, serial`` (one task at a time on all
-intra-op threads), ``loop, meta_loss + backward`` (the earlier trainer path) and ``compiled``
+intra-op threads), ``loop, meta_loss + backward`` (the earlier trainer path), ``compiled``
 (``torch.compile`` over each task's whole meta-gradient written with ``torch.func.grad``; MAML
-and BOIL).
+and BOIL), ``loop, glibc malloc defaults`` and ``<peer>, tuned malloc``.
+
+Allocator: on CPU, fsl_dist's rows run with the allocator settings launch/train.py applies
+(``fsl_dist/cpu_malloc.py``: glibc keeps freed activations instead of returning them to the
+kernel), the peers' rows as the libraries ship, in glibc's defaults. The lever rows
+``loop, glibc malloc defaults`` (fsl_dist without the settings) and ``<peer>, tuned malloc``
+(the peer with them) show what the settings buy each side. A ``MALLOC_*_`` variable or
+``LD_PRELOAD`` in the environment reaches every row and turns fsl_dist's settings off.
 
     python launch/bench.py                    # full grid (48 cases): hours on 2 CPU cores
     python launch/bench.py --quick            # smoke run: 5-way 1-shot, 1 step, meta-batch 8
@@ -69,6 +76,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fsl_dist.cpu_malloc import tune_cpu_malloc  # noqa: E402
 from fsl_dist.io import atomic_write_text  # noqa: E402
 from fsl_dist.meta import adapt, adapted_parameter_names, meta_backward, meta_loss  # noqa: E402
 from fsl_dist.meta.objective import TASK_KEYS  # noqa: E402
@@ -273,8 +281,20 @@ METHODS = {
     "loop, serial": (lambda case: True, fsl_dist_method(vectorize=False, workers=1)),
     "loop, meta_loss + backward": (lambda case: True, meta_loss_method),
     "compiled": (lambda case: case["algorithm"] != "anil", compiled_method),
+    "loop, glibc malloc defaults": (lambda case: True, fsl_dist_method(vectorize=False)),
+    "learn2learn, tuned malloc": (lambda case: True, peer_method(learn2learn_task)),
+    "higher, tuned malloc": (lambda case: True, peer_method(higher_task)),
+    "torchopt, tuned malloc": (lambda case: True, peer_method(torchopt_task)),
 }
-LEVERS = ("loop, serial", "loop, meta_loss + backward", "compiled")
+LEVERS = ("loop, serial", "loop, meta_loss + backward", "compiled", "loop, glibc malloc defaults",
+          "learn2learn, tuned malloc", "higher, tuned malloc", "torchopt, tuned malloc")
+
+
+def tunes_malloc(method: str) -> bool:
+    """Whether the row runs with fsl_dist's allocator settings (fsl_dist/cpu_malloc.py), as
+    launch/train.py does on CPU: fsl_dist's rows and the peers' "tuned malloc" lever rows; not
+    the peers as shipped, nor the lever row that shows what the settings buy."""
+    return method not in PEERS and method != "loop, glibc malloc defaults"
 DEFAULT_METHODS = [m for m in METHODS if m not in LEVERS]
 REFERENCE = peer_method(reference_task)  # for counting FLOP
 
@@ -434,6 +454,8 @@ def peak_rss() -> int:
 
 def run_row(spec: dict) -> dict:
     """Measure one (case, method) in this process."""
+    if spec["device"] == "cpu" and tunes_malloc(spec["method"]):
+        tune_cpu_malloc()
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
