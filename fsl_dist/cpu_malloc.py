@@ -30,18 +30,24 @@ SETTINGS = (
 )
 
 
-def tune_cpu_malloc() -> str:
-    """Apply SETTINGS to this process; returns what happened, for the log: ``"tuned"``, or why
-    not. Idempotent; affects allocations from now on (forked children inherit it)."""
+def reason_to_leave_alone() -> str | None:
+    """Why this process's allocator is not fsl_dist's to set, or None when it is."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return "left as is: not Linux with glibc"
+        return "not Linux with glibc"
     chosen = sorted(k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_"))
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         chosen.append("GLIBC_TUNABLES")
     if os.environ.get("LD_PRELOAD"):
         chosen.append("LD_PRELOAD")
-    if chosen:
-        return "left as is: the environment sets " + ", ".join(chosen)
+    return "the environment sets " + ", ".join(chosen) if chosen else None
+
+
+def tune_cpu_malloc() -> str:
+    """Apply SETTINGS to this process; returns what happened, for the log: ``"tuned"``, or why
+    not. Idempotent; affects allocations from now on (forked children inherit it)."""
+    reason = reason_to_leave_alone()
+    if reason:
+        return f"left as is: {reason}"
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     for param, value in SETTINGS:
         if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fsl_dist.cpu_malloc import tune_cpu_malloc  # noqa: E402
+from fsl_dist.cpu_malloc import reason_to_leave_alone, tune_cpu_malloc  # noqa: E402
 from fsl_dist.io import atomic_write_text  # noqa: E402
 from fsl_dist.meta import adapt, adapted_parameter_names, meta_backward, meta_loss  # noqa: E402
 from fsl_dist.meta.objective import TASK_KEYS  # noqa: E402
@@ -604,8 +604,13 @@ def cpu_description() -> str:
 
 def machine_line(device, threads) -> str:
     cpu = torch.cuda.get_device_name() if device.type == "cuda" else cpu_description()
-    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
+    line = (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
             f"{platform.python_version()}, device {device.type}, {threads} threads")
+    if device.type == "cpu":  # part of what a row measured, so part of what --resume compares
+        reason = reason_to_leave_alone()
+        line += ", fsl_dist rows " + (f"in the allocator as is ({reason})" if reason
+                                      else "with fsl_dist's glibc malloc settings")
+    return line
 
 
 def check_same_machine(saved: dict, json_path: Path, current: str) -> None:
