@@ -49,8 +49,9 @@ Allocator: on CPU, fsl_dist's rows run with the allocator settings launch/train.
 (``fsl_dist/cpu_malloc.py``: glibc keeps freed activations instead of returning them to the
 kernel), the peers' rows as the libraries ship, in glibc's defaults. The lever rows
 ``loop, glibc malloc defaults`` (fsl_dist without the settings) and ``<peer>, tuned malloc``
-(the peer with them) show what the settings buy each side. A ``MALLOC_*_`` variable or
-``LD_PRELOAD`` in the environment reaches every row and turns fsl_dist's settings off.
+(the peer with them) show what the settings buy each side. A ``MALLOC_*_`` variable, malloc
+settings in ``GLIBC_TUNABLES`` or ``LD_PRELOAD`` in the environment reach every row and turn
+fsl_dist's settings off (the machine line says which).
 
     python launch/bench.py                    # full grid (48 cases): hours on 2 CPU cores
     python launch/bench.py --quick            # smoke run: 5-way 1-shot, 1 step, meta-batch 8
@@ -288,6 +289,8 @@ METHODS = {
 }
 LEVERS = ("loop, serial", "loop, meta_loss + backward", "compiled", "loop, glibc malloc defaults",
           "learn2learn, tuned malloc", "higher, tuned malloc", "torchopt, tuned malloc")
+DEFAULT_METHODS = [m for m in METHODS if m not in LEVERS]
+REFERENCE = peer_method(reference_task)  # for counting FLOP
 
 
 def tunes_malloc(method: str) -> bool:
@@ -295,8 +298,6 @@ def tunes_malloc(method: str) -> bool:
     launch/train.py does on CPU: fsl_dist's rows and the peers' "tuned malloc" lever rows; not
     the peers as shipped, nor the lever row that shows what the settings buy."""
     return method not in PEERS and method != "loop, glibc malloc defaults"
-DEFAULT_METHODS = [m for m in METHODS if m not in LEVERS]
-REFERENCE = peer_method(reference_task)  # for counting FLOP
 
 
 def peer_versions() -> dict:
