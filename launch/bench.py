@@ -406,25 +406,58 @@ def count_flops(case, device="cpu") -> float:
     return float(counter.get_total_flops()) * case["meta_batch"]
 
 
-def measure_ceiling(device, threads, size, repeats) -> dict:
-    """Median GFLOP/s of ``size x size`` float32 and bfloat16 matrix products."""
+def _product_seconds(a, b, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    torch.mm(a, b)
+    sync()
+    return time.perf_counter() - start
+
+
+def _ceiling_size(device, dtype, size, sync, seconds_per_product) -> int:
+    """``size``, halved (not below 512) until one product is estimated to take at most
+    ``seconds_per_product``: a CPU without bf16 instructions multiplies bf16 at well under
+    1 GFLOP/s (0.3 measured on an AVX2-only AMD EPYC), where one 2048^2 product took a minute."""
+    probe = 512
+    a = torch.ones(probe, probe, device=device, dtype=dtype)
+    _product_seconds(a, a, sync)  # warm-up
+    probe_s = _product_seconds(a, a, sync)
+    while size > probe and probe_s * (size / probe) ** 3 > seconds_per_product:
+        size //= 2
+    return size
+
+
+def measure_ceiling(device, threads, size, repeats, seconds_per_product=2.0) -> dict:
+    """Median GFLOP/s of ``size x size`` float32 and bfloat16 matrix products (a dtype whose
+    product would take longer than ``seconds_per_product`` at ``size`` is measured smaller;
+    ``sizes`` records the size of each)."""
     torch.set_num_threads(threads)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    out = {"size": size, "repeats": repeats}
+    out = {"size": size, "repeats": repeats, "sizes": {}}
     for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        n = _ceiling_size(device, dtype, size, sync, seconds_per_product)
         g = torch.Generator().manual_seed(0)
-        a = torch.randn(size, size, generator=g).to(device, dtype)
-        b = torch.randn(size, size, generator=g).to(device, dtype)
+        a = torch.randn(n, n, generator=g).to(device, dtype)
+        b = torch.randn(n, n, generator=g).to(device, dtype)
         torch.mm(a, b)  # warm-up
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            torch.mm(a, b)
-            sync()
-            times.append(time.perf_counter() - start)
-        out[str(dtype).removeprefix("torch.")] = 2 * size**3 / statistics.median(times) / 1e9
+        times = [_product_seconds(a, b, sync) for _ in range(repeats)]
+        out[name] = 2 * n**3 / statistics.median(times) / 1e9
+        out["sizes"][name] = n
     return out
+
+
+def ceiling_line(ceiling: dict) -> str:
+    """``float32 X GFLOP/s, bfloat16 Y GFLOP/s (NxN matrix product, median of R)``, naming a
+    dtype's own size where it was measured smaller (runs saved before ``sizes`` have one)."""
+    sizes = ceiling.get("sizes", {})
+    parts = []
+    for name in ("float32", "bfloat16"):
+        n = sizes.get(name, ceiling["size"])
+        own = f" ({n}x{n})" if n != ceiling["size"] else ""
+        parts.append(f"{name} {ceiling[name]:.1f} GFLOP/s{own}")
+    return (f"{', '.join(parts)} ({ceiling['size']}x{ceiling['size']} matrix product, median "
+            f"of {ceiling['repeats']})")
 
 
 def _status_kib(field):
@@ -821,9 +854,7 @@ def report(header, rows) -> str:
     ceiling = header["ceiling_gflop_per_s"]
     return (f"Machine: {header['machine']}.\n"
             f"Peers: {', '.join(f'{k} {v}' for k, v in header['peers'].items())}.\n"
-            f"Ceiling ({ceiling['size']}x{ceiling['size']} matrix product, median of "
-            f"{ceiling['repeats']}): float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "
-            f"{ceiling['bfloat16']:.1f} GFLOP/s.\n"
+            f"Ceiling: {ceiling_line(ceiling)}.\n"
             f"Timed: median of {header['steps']} steps after the meta-gradient check and "
             f"{header['warmup']} warm-up step(s)"
             f"{rounds_note(header.get('rounds', 1), header['warmup'])}.\n\n{markdown(rows)}\n\n"
@@ -845,13 +876,12 @@ def main(argv=None):
         check_same_machine(earlier, args.json, machine)
         ceiling = earlier["ceiling_gflop_per_s"]
     else:
-        ceiling = measure_ceiling(device, args.threads, *((2048, 3) if args.quick else (4096, 5)))
+        size, repeats, seconds = (2048, 3, 0.5) if args.quick else (4096, 5, 2.0)
+        ceiling = measure_ceiling(device, args.threads, size, repeats, seconds)
     header = {"machine": machine, "peers": peer_versions(),
               "ceiling_gflop_per_s": ceiling, "steps": args.steps, "warmup": args.warmup,
               "rounds": args.rounds}
-    print(f"ceiling: float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "
-          f"{ceiling['bfloat16']:.1f} GFLOP/s ({ceiling['size']}^2 matrix product, median of "
-          f"{ceiling['repeats']})", file=sys.stderr, flush=True)
+    print(f"ceiling: {ceiling_line(ceiling)}", file=sys.stderr, flush=True)
     selected = cases(args.quick, args.models, args.algorithms, args.inner_steps,
                      args.meta_batches, args.tasks)
     rows = rows_of_other_cases(earlier["rows"], selected) if earlier else []
