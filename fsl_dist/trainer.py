@@ -28,6 +28,7 @@ from fsl_dist.cpu_malloc import tune_cpu_malloc
 from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
 from fsl_dist.evaluate import evaluate
 from fsl_dist.meta import InnerLossScaler, LearnedInnerLR, meta_backward
+from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.models import build_model
 from fsl_dist.distributed import launcher_precision
 from fsl_dist.runs import ensure_shards, evaluate_held_out, save_final_model, write_run_info
@@ -302,6 +303,9 @@ class Trainer:
                  debug: bool = False):
         self.cfg, self.dist, self.run_dir, self.debug = cfg, dist, Path(run_dir), debug
         self.precision = resolve_precision(cfg.precision, launcher_precision(), dist.device)
+        warning = bf16_cpu_warning(dist.device.type, self.precision)
+        if warning:
+            dist.print(warning)
         check_process_count(cfg, dist.world_size)
         configure_cpu(cfg, dist)
         ensure_shards(cfg, dist)

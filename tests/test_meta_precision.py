@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fsl_dist.meta import ALGORITHMS, InnerLossScaler, meta_loss
+from fsl_dist.meta.precision import bf16_cpu_warning, cpu_has_bf16_instructions
 from fsl_dist.models import build_model
 from meta_helpers import flat, make_tasks, rel_err
 
@@ -102,3 +103,25 @@ def test_inner_loss_scaler_grows_backs_off_and_round_trips():
     assert other.state_dict() == scaler.state_dict()
     other.update(False)
     assert other.scale == 16.0  # the growth tracker travelled too
+
+
+AVX2_ONLY = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+AVX512_BF16 = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16\n"
+AMX = "processor\t: 0\nflags\t\t: avx2 avx512f amx_bf16 amx_tile\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize("cpuinfo, native", [
+    (AVX2_ONLY, False), (AVX512_BF16, True), (AMX, True), (ARM_BF16, True), ("", None),
+], ids=["avx2-only", "avx512_bf16", "amx_bf16", "arm-bf16", "unknown"])
+def test_bf16_instructions_are_read_from_cpuinfo_flags(cpuinfo, native):
+    assert cpu_has_bf16_instructions(cpuinfo) is native
+
+
+def test_bf16_is_warned_about_only_on_a_cpu_without_bf16_instructions():
+    warning = bf16_cpu_warning("cpu", "bf16", AVX2_ONLY)
+    assert warning and "precision=bf16" in warning and "precision=no" in warning
+    assert bf16_cpu_warning("cpu", "bf16", AVX512_BF16) is None
+    assert bf16_cpu_warning("cpu", "no", AVX2_ONLY) is None
+    assert bf16_cpu_warning("cuda", "bf16", AVX2_ONLY) is None
+    assert bf16_cpu_warning("cpu", "bf16", "") is None  # unknown CPU: no claim

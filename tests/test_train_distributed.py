@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from fsl_dist.checkpoint import latest_checkpoint, load_checkpoint
+from fsl_dist.meta.precision import cpu_has_bf16_instructions
 from launching import ROOT, child_env, command, run
 
 # Tiny but real: Conv-4 of width 8 on 5-way 1-shot tasks from the packed Futurama split.
@@ -78,8 +79,11 @@ def test_two_ranks_give_the_parameters_of_one_process(shards, tmp_path, two_rank
     else:
         two = two_rank_maml
     one = tmp_path / "one"
-    train(one, shards, 0, *extra)
+    result = train(one, shards, 0, *extra)
     assert_world(one, 1)
+    if "precision=bf16" in extra:  # warned exactly where this CPU has no bf16 instructions
+        warned = "bf16 is emulated" in result.stdout + result.stderr
+        assert warned == (cpu_has_bf16_instructions() is False), result.stdout
     difference = max_abs_difference(weights(one), weights(two))
     assert difference < tolerance, f"max |one - two| = {difference:.3g}"
     # the first step starts from identical weights on identical tasks: identical loss

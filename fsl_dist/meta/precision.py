@@ -70,3 +70,37 @@ class InnerLossScaler:
         self.backoff_factor = state["backoff_factor"]
         self.growth_interval = state["growth_interval"]
         self._growth_tracker = state["growth_tracker"]
+
+
+# CPU flags (/proc/cpuinfo) of native bf16 arithmetic: x86 AVX512-BF16 and AMX-BF16, Arm BF16.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_has_bf16_instructions(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU computes in bf16 natively, read from the ``flags`` (x86) or
+    ``Features`` (Arm) lines of ``cpuinfo`` (default: /proc/cpuinfo); None when unknown."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
+def bf16_cpu_warning(device_type: str, precision: str, cpuinfo: str | None = None) -> str | None:
+    """A warning for bf16 on a CPU that has no bf16 instructions (None otherwise): there oneDNN
+    emulates bf16 products: a MAML step measured 7.4x (Conv-4, 0.97 against 7.21 tasks/s) and
+    11x (ResNet, 0.42 against 4.64) slower than float32 on an AVX2-only AMD EPYC (BENCHMARKS.md)."""
+    if device_type != "cpu" or precision != "bf16" or cpu_has_bf16_instructions(cpuinfo) is not False:
+        return None
+    return ("warning: precision=bf16 on a CPU without bf16 instructions (none of "
+            f"{', '.join(BF16_CPU_FLAGS)} in /proc/cpuinfo): bf16 is emulated there and measured "
+            "several times slower than float32 (BENCHMARKS.md); precision=no is faster here")
