@@ -82,18 +82,20 @@ def test_bench_rounds_interleave_the_methods_and_pool_their_steps(tmp_path):
     steps, and the loop row carries its ratio to the best peer within each round."""
     out = tmp_path / "bench.json"
     result = run("bench.py", ["--quick", "--models", "cnn", "--algorithms", "maml",
-                              "--methods", "loop", "vmap", "torchopt", "--rounds", "2",
+                              "--methods", "loop", "torchopt", "--rounds", "2",
                               "--steps", "2", "--warmup", "0", "--threads", "2",
                               "--no-float64-check", "--json", str(out)], timeout=240)
     saved = json.loads(out.read_text())
     assert saved["rounds"] == 2
     rows = {r["method"]: r for r in saved["rows"]}
-    for method in ("loop", "vmap"):
+    for method in [m for m in ("loop", "torchopt") if "tasks_per_s" in rows[m]]:
         row = rows[method]
         assert row["rounds"] == 2 and len(row["round_tasks_per_s"]) == 2, row
         assert len(row["step_times"]) == row["steps"] == 2, row
         assert row["tasks_per_s"] == 8 / statistics.median(row["step_times"])
-    assert rows["vmap"]["max_rel_diff"] <= 1e-5  # the check ran once, in the first round
+    assert "tasks_per_s" in rows["loop"]
+    if "tasks_per_s" in rows["torchopt"]:  # the check ran once, in the first round
+        assert rows["torchopt"]["max_rel_diff"] <= 1e-5
     assert "in 2 rounds" in result.stdout
     if "tasks_per_s" in rows["torchopt"]:  # the peer is installed here
         ratios = rows["loop"]["x_best_peer_rounds"]
