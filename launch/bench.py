@@ -81,6 +81,7 @@ from fsl_dist.cpu_malloc import reason_to_leave_alone, tune_cpu_malloc  # noqa: 
 from fsl_dist.io import atomic_write_text  # noqa: E402
 from fsl_dist.meta import adapt, adapted_parameter_names, meta_backward, meta_loss  # noqa: E402
 from fsl_dist.meta.objective import TASK_KEYS  # noqa: E402
+from fsl_dist.meta.precision import cpu_flags  # noqa: E402
 from fsl_dist.models.layers import batch_norm_for_vmap  # noqa: E402
 from fsl_dist.models import build_model  # noqa: E402
 
@@ -624,8 +625,7 @@ def cpu_description() -> str:
         return platform.processor() or platform.machine()
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    present = [f for f in SPEED_FLAGS if f in flags]
+    present = [f for f in SPEED_FLAGS if f in cpu_flags(info)]
     name = fields.get("model name", platform.machine())
     return f"{name} ({' '.join(present) or 'none of ' + '/'.join(SPEED_FLAGS)})"
 

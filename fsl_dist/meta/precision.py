@@ -76,20 +76,26 @@ class InnerLossScaler:
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The ISA flags in a /proc/cpuinfo text: its ``flags`` (x86) and ``Features`` (Arm) lines."""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
+
+
 def cpu_has_bf16_instructions(cpuinfo: str | None = None) -> bool | None:
-    """Whether this CPU computes in bf16 natively, read from the ``flags`` (x86) or
-    ``Features`` (Arm) lines of ``cpuinfo`` (default: /proc/cpuinfo); None when unknown."""
+    """Whether this CPU computes in bf16 natively, from the flags of ``cpuinfo`` (default:
+    /proc/cpuinfo); None when unknown."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
                 cpuinfo = f.read()
         except OSError:
             return None
-    flags = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
+    flags = cpu_flags(cpuinfo)
     if not flags:
         return None
     return any(f in flags for f in BF16_CPU_FLAGS)
