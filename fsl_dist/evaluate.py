@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from fsl_dist.meta import evaluate_tasks
+from fsl_dist.meta import InnerLoopSpec, evaluate_tasks
 
 
 def split_episodes(episodes: int, rank: int, world: int) -> range:
@@ -30,16 +30,15 @@ def confidence_interval(accuracies: torch.Tensor) -> dict:
     return {"mean": acc.mean().item(), "ci95": 1.96 * std / math.sqrt(n), "std": std, "episodes": n}
 
 
-def evaluate(model, inner_lr, episode_source, *, episodes: int, dist, algorithm: str,
-             inner_steps: int, inner_loss: str, precision: str, batch_size: int) -> dict:
+def evaluate(model, spec: InnerLoopSpec, episode_source, *, episodes: int, dist,
+             batch_size: int) -> dict:
     """Mean query accuracy after adaptation (and before it) over `episodes` held-out episodes."""
     mine = split_episodes(episodes, dist.rank, dist.world_size)
     after, before = [], []
     for start in range(mine.start, mine.stop, batch_size):
         chunk = range(start, min(start + batch_size, mine.stop))
         tasks = {k: v.to(dist.device) for k, v in episode_source.batch(0, chunk).items()}
-        stats = evaluate_tasks(model, tasks, algorithm=algorithm, inner_steps=inner_steps,
-                               inner_lr=inner_lr, inner_loss=inner_loss, precision=precision)
+        stats = evaluate_tasks(model, tasks, spec)
         after.append(stats["acc_after_per_task"].detach().cpu())
         # the mean before adaptation is all that is reported of it: one value per episode
         before.append(stats["acc_before"].detach().cpu().expand(len(chunk)))

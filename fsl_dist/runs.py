@@ -31,7 +31,7 @@ from fsl_dist.data.episodes import TaskSpec, make_tasks
 from fsl_dist.data.shards import ShardError, load_manifest, pack_omniglot
 from fsl_dist.evaluate import evaluate
 from fsl_dist.io import atomic_write, atomic_write_json, atomic_write_text
-from fsl_dist.meta import LearnedInnerLR
+from fsl_dist.meta import InnerLoopSpec, LearnedInnerLR
 from fsl_dist.models import build_model
 
 PACKAGES = ("fsl_dist", "torch", "accelerate", "webdataset", "wandb", "numpy", "safetensors")
@@ -194,16 +194,14 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
     part = part or cfg.eval.part
     episodes = episodes or cfg.eval.episodes
     k_shot = shots or cfg.task.k_shot
-    steps = inner_steps if inner_steps is not None else (
-        cfg.eval.inner_steps if cfg.eval.inner_steps is not None else cfg.algorithm.inner_steps)
-    spec = TaskSpec(cfg.task.n_way, k_shot, cfg.task.q_query, rotate=False)
-    source = make_tasks(cfg.data.shards, part, spec, seed=cfg.eval.seed)
-    result = evaluate(model, inner_lr, source, episodes=episodes, dist=dist,
-                      algorithm=cfg.algorithm.name, inner_steps=steps,
-                      inner_loss=cfg.algorithm.inner_loss, precision=precision,
+    inner_loop = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=inner_lr,
+                                           evaluation=True, inner_steps=inner_steps)
+    tasks = TaskSpec(cfg.task.n_way, k_shot, cfg.task.q_query, rotate=False)
+    source = make_tasks(cfg.data.shards, part, tasks, seed=cfg.eval.seed)
+    result = evaluate(model, inner_loop, source, episodes=episodes, dist=dist,
                       batch_size=cfg.eval.batch_size)
     result.update(part=part, n_way=cfg.task.n_way, k_shot=k_shot, q_query=cfg.task.q_query,
-                  inner_steps=steps, config=cfg.name, seed=cfg.train.seed, world_size=dist.world_size,
+                  inner_steps=inner_loop.inner_steps, config=cfg.name, seed=cfg.train.seed, world_size=dist.world_size,
                   eval_seed=cfg.eval.seed)
     if weights is not None:
         result["weights"] = Path(weights).relative_to(run_dir).as_posix() if Path(

@@ -27,9 +27,10 @@ from fsl_dist.config import Config, ConfigError, OptimConfig, to_dict
 from fsl_dist.cpu_malloc import tune_cpu_malloc
 from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
 from fsl_dist.evaluate import evaluate
-from fsl_dist.meta import InnerLossScaler, LearnedInnerLR, meta_backward
+from fsl_dist.meta import InnerLoopSpec, InnerLossScaler, LearnedInnerLR, meta_backward
 from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.models import build_model
+from fsl_dist.numerics import flat_grads
 from fsl_dist.distributed import launcher_precision
 from fsl_dist.runs import ensure_shards, evaluate_held_out, save_final_model, write_run_info
 from fsl_dist.tracking import MetricsFile, wandb_init_kwargs
@@ -160,11 +161,6 @@ class TrainBatches:
 # ---------------------------------------------------------------- one step
 
 
-def _flat_grads(params: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in params])
-
-
 def outer_lr(optim: OptimConfig, step: int, total_steps: int) -> float:
     """The meta-optimizer's learning rate for the update that follows `step` finished steps."""
     if optim.schedule == "constant":
@@ -194,17 +190,14 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
     state.optimizer.zero_grad(set_to_none=True)
     fp16 = precision == "fp16"
     outer_scale = state.outer_scaler.scale if fp16 else 1.0
-    stats = meta_backward(
-        state.model, tasks, algorithm=cfg.algorithm.name, inner_steps=cfg.algorithm.inner_steps,
-        inner_lr=state.inner_lr, first_order=cfg.algorithm.first_order,
-        vectorize=cfg.algorithm.vectorize, inner_loss=cfg.algorithm.inner_loss,
-        precision=precision, inner_loss_scale=state.inner_scaler.scale if fp16 else None,
-        acc_before=acc_before, loss_scale=outer_scale)
+    spec = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=state.inner_lr)
+    stats = meta_backward(state.model, tasks, spec, acc_before=acc_before, loss_scale=outer_scale,
+                          inner_loss_scale=state.inner_scaler.scale if fp16 else None)
     device = params[0].device
 
     # One collective for the gradient and the statistics together.
     stat_vector = torch.stack([stats[k].float().to(device) for k in STAT_KEYS])
-    flat = torch.cat([_flat_grads(params).float(), stat_vector])
+    flat = torch.cat([flat_grads(params).float(), stat_vector])
     if flat.is_cuda:  # time the collective alone, not the kernels still queued before it
         torch.cuda.synchronize(flat.device)
     started = time.perf_counter()
@@ -289,10 +282,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def validate(state: TrainState, cfg: Config, dist, source, precision: str, episodes: int) -> dict:
-    return evaluate(state.model, state.inner_lr, source, episodes=episodes, dist=dist,
-                    algorithm=cfg.algorithm.name,
-                    inner_steps=cfg.eval.inner_steps if cfg.eval.inner_steps is not None else cfg.algorithm.inner_steps,
-                    inner_loss=cfg.algorithm.inner_loss, precision=precision,
+    spec = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=state.inner_lr,
+                                     evaluation=True)
+    return evaluate(state.model, spec, source, episodes=episodes, dist=dist,
                     batch_size=cfg.eval.batch_size)
 
 

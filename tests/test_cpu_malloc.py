@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = r"""
 import json, resource, sys, torch
 from fsl_dist.cpu_malloc import tune_cpu_malloc
-from fsl_dist.meta import meta_backward
+from fsl_dist.meta import InnerLoopSpec, meta_backward
 from fsl_dist.models import build_model
 outcome = tune_cpu_malloc() if sys.argv[1] == "tune" else "untouched"
 if sys.argv[2] == "outcome only":
@@ -34,7 +34,7 @@ tasks = {"support_x": (torch.rand(4, 5, 1, 28, 28, generator=g) > 0.8).float(),
          "query_y": torch.arange(5).repeat(15).expand(4, 75).contiguous()}
 def step():
     model.zero_grad(set_to_none=True)
-    meta_backward(model, tasks, algorithm="maml", inner_steps=1, inner_lr=0.4)
+    meta_backward(model, tasks, InnerLoopSpec("maml", inner_steps=1, inner_lr=0.4))
 step(); step()
 faults = []
 for _ in range(4):

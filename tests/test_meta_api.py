@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fsl_dist.meta import (ALGORITHMS, LearnedInnerLR, adapted_parameter_names,
+from fsl_dist.meta import (ALGORITHMS, InnerLoopSpec, LearnedInnerLR, adapted_parameter_names,
                            default_vectorize, evaluate_tasks, meta_loss, resolve_inner_lr)
 from fsl_dist.models import build_model
 from meta_helpers import make_tasks
@@ -16,7 +16,7 @@ def tiny():
 
 def test_stats_are_detached_scalars_ready_for_all_reduce():
     model, tasks = tiny()
-    loss, stats = meta_loss(model, tasks, algorithm="maml", inner_steps=1, inner_lr=0.4)
+    loss, stats = meta_loss(model, tasks, InnerLoopSpec("maml", inner_steps=1, inner_lr=0.4))
     assert loss.requires_grad and loss.dim() == 0
     assert {"acc_before", "acc_after", "query_loss", "inner_loss", "inner_nonfinite"} <= set(stats)
     for value in stats.values():
@@ -26,10 +26,10 @@ def test_stats_are_detached_scalars_ready_for_all_reduce():
 @pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
 def test_evaluate_tasks_adapts_under_no_grad(vectorize):
     model, tasks = tiny()
-    _, train_stats = meta_loss(model, tasks, algorithm="maml", inner_steps=2, inner_lr=0.4)
+    spec = InnerLoopSpec("maml", inner_steps=2, inner_lr=0.4)
+    _, train_stats = meta_loss(model, tasks, spec)
     with torch.no_grad():
-        stats = evaluate_tasks(model, tasks, algorithm="maml", inner_steps=2, inner_lr=0.4,
-                               vectorize=vectorize)
+        stats = evaluate_tasks(model, tasks, spec.replace(vectorize=vectorize))
     assert stats["acc_after_per_task"].shape == (2,)
     for key in ("acc_before", "acc_after", "query_loss", "inner_loss"):
         torch.testing.assert_close(stats[key], train_stats[key])  # same forward values
@@ -54,11 +54,11 @@ def test_learned_inner_lr_is_meta_learned():
     model, tasks = tiny()
     lrs = LearnedInnerLR(model, "boil", 0.3)
     assert all(k.startswith("lrs.features__") for k in lrs.state_dict())
-    loss, _ = meta_loss(model, tasks, algorithm="boil", inner_steps=1, inner_lr=lrs)
+    loss, _ = meta_loss(model, tasks, InnerLoopSpec("boil", inner_steps=1, inner_lr=lrs))
     loss.backward()
     assert all(p.grad is not None and p.grad != 0 for p in lrs.parameters())
     with pytest.raises(ValueError):  # BOIL's step sizes cannot serve MAML's head
-        meta_loss(model, tasks, algorithm="maml", inner_steps=1, inner_lr=lrs)
+        meta_loss(model, tasks, InnerLoopSpec("maml", inner_steps=1, inner_lr=lrs))
 
 
 def test_default_vectorize_is_per_device_type():

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from fsl_dist.meta import ALGORITHMS, LearnedInnerLR, evaluate_tasks, meta_backward, meta_loss
+from fsl_dist.meta import (ALGORITHMS, InnerLoopSpec, LearnedInnerLR, evaluate_tasks,
+                           meta_backward, meta_loss)
 from meta_helpers import make_tasks
 from test_meta_gradients import SETTINGS, check_against_finite_differences, tiny_model
 
@@ -21,7 +22,7 @@ def backward_grads(model, tasks, inner_lr, algorithm, **options):
     leaves = leaves_of(model, inner_lr)
     for p in leaves:
         p.grad = None
-    stats = meta_backward(model, tasks, algorithm=algorithm, inner_steps=2, inner_lr=inner_lr,
+    stats = meta_backward(model, tasks, InnerLoopSpec(algorithm, inner_steps=2, inner_lr=inner_lr),
                           **options)
     return [p.grad.clone() for p in leaves], stats
 
@@ -35,8 +36,8 @@ def test_meta_backward_matches_finite_differences(algorithm, workers):
     grads, _ = backward_grads(model, tasks, inner_lr, algorithm, workers=workers, loss_scale=4.0)
 
     def loss_fn():
-        return 4.0 * meta_loss(model, tasks, algorithm=algorithm, inner_steps=2,
-                               inner_lr=inner_lr)[0]
+        return 4.0 * meta_loss(model, tasks, InnerLoopSpec(algorithm, inner_steps=2,
+                                                           inner_lr=inner_lr))[0]
     check_against_finite_differences(loss_fn, params)
     reference = torch.autograd.grad(loss_fn(), params)
     for got, want in zip(grads, reference):
@@ -65,15 +66,15 @@ def test_gradient_accumulates_like_backward_and_acc_before_is_optional():
     model, tasks = tiny_model(), make_tasks()
     once, stats = backward_grads(model, tasks, 0.4, "maml", acc_before=False)
     assert math.isnan(stats["acc_before"].item()) and 0 <= stats["acc_after"].item() <= 1
-    meta_backward(model, tasks, algorithm="maml", inner_steps=2, inner_lr=0.4)  # adds to .grad
+    meta_backward(model, tasks, InnerLoopSpec("maml", inner_steps=2, inner_lr=0.4))  # adds to .grad
     for p, g in zip(model.parameters(), once):
         torch.testing.assert_close(p.grad, 2 * g)
 
 
 def test_evaluation_in_worker_threads_matches_serial():
     model, tasks = tiny_model(torch.float32), make_tasks(tasks=5, dtype=torch.float32)
-    options = dict(algorithm="maml", inner_steps=3, inner_lr=0.4)
-    serial = evaluate_tasks(model, tasks, workers=1, **options)
-    threaded = evaluate_tasks(model, tasks, workers=2, **options)
+    spec = InnerLoopSpec("maml", inner_steps=3, inner_lr=0.4)
+    serial = evaluate_tasks(model, tasks, spec, workers=1)
+    threaded = evaluate_tasks(model, tasks, spec, workers=2)
     torch.testing.assert_close(threaded["acc_after_per_task"], serial["acc_after_per_task"])
     torch.testing.assert_close(threaded["query_loss"], serial["query_loss"])

@@ -5,12 +5,18 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from fsl_dist.meta import ALGORITHMS, LearnedInnerLR, adapt, adapted_parameter_names, meta_loss
+from fsl_dist.meta import (ALGORITHMS, InnerLoopSpec, LearnedInnerLR, adapt,
+                           adapted_parameter_names, meta_loss)
 from fsl_dist.meta.inner import cross_entropy
 from fsl_dist.models import build_model
 from meta_helpers import flat, make_tasks, rel_err
 
 SETTINGS = dict(inner_steps=2, inner_lr={"features": 0.3, "classifier": 0.5})
+
+
+def spec(algorithm, **options):
+    """The tests' inner loop: SETTINGS unless ``options`` say otherwise."""
+    return InnerLoopSpec(algorithm, **{**SETTINGS, **options})
 
 
 def tiny_model(dtype=torch.float64, seed=0):
@@ -51,7 +57,7 @@ def test_second_order_meta_gradient_matches_finite_differences(algorithm, vector
     params = list(model.parameters())
 
     def loss_fn():
-        return meta_loss(model, tasks, algorithm=algorithm, vectorize=vectorize, **SETTINGS)[0]
+        return meta_loss(model, tasks, spec(algorithm, vectorize=vectorize))[0]
     check_against_finite_differences(loss_fn, params)
 
 
@@ -61,8 +67,7 @@ def test_learned_step_sizes_and_mse_inner_loss_match_finite_differences():
     params = [*model.parameters(), *lrs.parameters()]
 
     def loss_fn():
-        return meta_loss(model, tasks, algorithm="maml", inner_steps=2, inner_lr=lrs,
-                         inner_loss="mse")[0]
+        return meta_loss(model, tasks, spec("maml", inner_lr=lrs, inner_loss="mse"))[0]
     check_against_finite_differences(loss_fn, params)
 
 
@@ -71,10 +76,10 @@ def test_first_order_is_the_query_gradient_at_the_adapted_parameters(algorithm):
     model, tasks = tiny_model(), make_tasks()
     params = dict(model.named_parameters())
     first = torch.autograd.grad(
-        meta_loss(model, tasks, algorithm=algorithm, first_order=True, **SETTINGS)[0],
+        meta_loss(model, tasks, spec(algorithm, first_order=True))[0],
         list(params.values()))
     second = torch.autograd.grad(
-        meta_loss(model, tasks, algorithm=algorithm, **SETTINGS)[0], list(params.values()))
+        meta_loss(model, tasks, spec(algorithm))[0], list(params.values()))
 
     # The first-order formula: adapt, then take the query-loss gradient at the adapted point
     # as if the adapted parameters were the initial ones (adaptation = identity).
@@ -110,7 +115,7 @@ def test_which_parts_adapt_and_which_are_meta_learned(algorithm):
                 "anil": {"features": False, "classifier": True}}[algorithm]
     assert changed == expected
 
-    loss, _ = meta_loss(model, tasks, algorithm=algorithm, **SETTINGS)
+    loss, _ = meta_loss(model, tasks, spec(algorithm))
     loss.backward()
     for part in ("features", "classifier"):  # the outer step meta-learns both parts
         assert any(p.grad.abs().sum() > 0 for n, p in params.items() if n.startswith(part))
@@ -128,8 +133,7 @@ def test_vmap_and_loop_agree_in_float32(algorithm):
                        jitter=0.1)
     results = {}
     for vectorize in (False, True):
-        loss, stats = meta_loss(model, tasks, algorithm=algorithm, inner_steps=2,
-                                inner_lr=0.4, vectorize=vectorize)
+        loss, stats = meta_loss(model, tasks, spec(algorithm, inner_lr=0.4, vectorize=vectorize))
         results[vectorize] = loss, stats, flat(torch.autograd.grad(loss, model.parameters()))
     (loss_l, stats_l, grad_l), (loss_v, stats_v, grad_v) = results[False], results[True]
     assert rel_err(loss_v, loss_l) < 1e-5
@@ -143,8 +147,8 @@ def test_anil_feature_reuse_gives_the_full_path_result(vectorize):
     model, tasks = tiny_model(), make_tasks()
     out = {}
     for reuse in (True, False):
-        loss, stats = meta_loss(model, tasks, algorithm="anil", vectorize=vectorize,
-                                reuse_features=reuse, **SETTINGS)
+        loss, stats = meta_loss(model, tasks, spec("anil", vectorize=vectorize,
+                                                   reuse_features=reuse))
         out[reuse] = loss, stats, flat(torch.autograd.grad(loss, model.parameters()))
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-12, atol=0)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-12, atol=1e-14)

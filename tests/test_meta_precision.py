@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsl_dist.meta import ALGORITHMS, InnerLossScaler, meta_loss
+from fsl_dist.meta import ALGORITHMS, InnerLoopSpec, InnerLossScaler, meta_loss
 from fsl_dist.meta.precision import bf16_cpu_warning, cpu_has_bf16_instructions
 from fsl_dist.models import build_model
 from meta_helpers import flat, make_tasks, rel_err
@@ -20,9 +20,9 @@ def conv4_and_tasks():
     return model, tasks
 
 
-def meta_grad(model, tasks, algorithm, steps, **options):
-    loss, stats = meta_loss(model, tasks, algorithm=algorithm, inner_steps=steps,
-                            inner_lr=0.4, **options)
+def meta_grad(model, tasks, algorithm, steps, inner_loss_scale=None, **options):
+    spec = InnerLoopSpec(algorithm, inner_steps=steps, inner_lr=0.4, **options)
+    loss, stats = meta_loss(model, tasks, spec, inner_loss_scale=inner_loss_scale)
     return flat(torch.autograd.grad(loss, model.parameters())), stats
 
 
@@ -67,8 +67,8 @@ def test_fp16_with_scaling_tracks_float32_and_overflow_is_reported(conv4_and_tas
     assert F.cosine_similarity(mixed, reference, dim=0) >= 0.99
 
     scaler = InnerLossScaler(init_scale=2.0**40)  # fp16 gradients overflow at this scale
-    _, stats = meta_loss(model, tasks, algorithm="maml", inner_steps=1, inner_lr=0.4,
-                         precision="fp16", inner_loss_scale=scaler.scale)
+    _, stats = meta_loss(model, tasks, InnerLoopSpec("maml", 1, 0.4, precision="fp16"),
+                         inner_loss_scale=scaler.scale)
     assert stats["inner_nonfinite"] == 1.0
     scaler.update(bool(stats["inner_nonfinite"]))
     assert scaler.scale == 2.0**39
@@ -79,12 +79,11 @@ def test_nonfinite_inner_gradient_is_reported_not_raised(vectorize):
     torch.manual_seed(0)
     model = build_model("cnn", 3, width=4, blocks=2, image_size=8)
     tasks = make_tasks(dtype=torch.float32)
-    clean = meta_loss(model, tasks, algorithm="maml", inner_steps=1, inner_lr=0.4,
-                      vectorize=vectorize)[1]
+    spec = InnerLoopSpec("maml", inner_steps=1, inner_lr=0.4, vectorize=vectorize)
+    clean = meta_loss(model, tasks, spec)[1]
     assert clean["inner_nonfinite"] == 0.0
     tasks["support_x"][1, 0, 0, 0, 0] = float("nan")
-    loss, stats = meta_loss(model, tasks, algorithm="maml", inner_steps=1, inner_lr=0.4,
-                            vectorize=vectorize)
+    loss, stats = meta_loss(model, tasks, spec)
     assert stats["inner_nonfinite"] == 1.0
     assert not torch.isfinite(loss)  # left visible for the trainer to skip the step
 

@@ -12,10 +12,11 @@ from .inner import INNER_LOSSES, Adaptation, adapt
 from .objective import (default_task_workers, default_vectorize, evaluate_tasks, meta_backward,
                         meta_loss)
 from .precision import PRECISIONS, InnerLossScaler
+from .spec import InnerLoopSpec
 
 __all__ = [
     "ADAPTED_GROUPS", "ALGORITHMS", "DEFAULT_INNER_LR", "INNER_LOSSES", "PRECISIONS",
-    "Adaptation", "InnerLossScaler", "LearnedInnerLR", "adapt", "adapted_parameter_names",
+    "Adaptation", "InnerLoopSpec", "InnerLossScaler", "LearnedInnerLR", "adapt", "adapted_parameter_names",
     "default_task_workers", "default_vectorize", "evaluate_tasks", "meta_backward", "meta_loss",
     "resolve_inner_lr",
 ]

@@ -18,6 +18,7 @@ from ..models.layers import batch_norm_for_vmap
 from .algorithms import adapted_parameter_names, resolve_inner_lr
 from .inner import adapt, cross_entropy, upcast
 from .precision import autocast_factory
+from .spec import InnerLoopSpec
 
 TASK_KEYS = ("support_x", "support_y", "query_x", "query_y")
 
@@ -177,14 +178,18 @@ def _map_tasks(fn, n_tasks: int, model: nn.Module, workers: int) -> list:
     return results
 
 
-def _plan(model, algorithm, inner_steps, inner_lr, first_order, inner_loss, precision,
-          inner_loss_scale, vectorize, reuse_features, device_type, acc_before=True):
-    names = adapted_parameter_names(algorithm, [n for n, _ in model.named_parameters()])
-    lrs = resolve_inner_lr(inner_lr, names)
+def _plan(model, spec: InnerLoopSpec, device_type: str, vectorize: bool, *,
+          inner_loss_scale=None, acc_before=True, first_order=None, reuse_features=None):
+    """The batch-wide plan of ``spec`` on ``device_type``, and the step sizes per adapted name.
+    ``first_order`` and ``reuse_features`` override the spec's (evaluation keeps no outer graph)."""
+    names = adapted_parameter_names(spec.algorithm, [n for n, _ in model.named_parameters()])
+    lrs = resolve_inner_lr(spec.inner_lr, names)
     head_only = all(n.startswith("classifier.") for n in names)
-    plan = _Plan(tuple(names), inner_steps, first_order, inner_loss, inner_loss_scale,
-                 functional=vectorize, reuse_features=reuse_features and head_only,
-                 autocast=autocast_factory(precision, device_type), acc_before=acc_before)
+    reuse = spec.reuse_features if reuse_features is None else reuse_features
+    plan = _Plan(tuple(names), spec.inner_steps,
+                 spec.first_order if first_order is None else first_order, spec.inner_loss,
+                 inner_loss_scale, functional=vectorize, reuse_features=reuse and head_only,
+                 autocast=autocast_factory(spec.precision, device_type), acc_before=acc_before)
     return plan, lrs
 
 
@@ -202,32 +207,22 @@ def _summary(query_loss, acc_before, acc_after, first_loss, nonfinite) -> dict:
     return {k: v.detach().float() for k, v in stats.items()}
 
 
-def meta_loss(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: str,
-              inner_steps: int, inner_lr, first_order: bool = False,
-              vectorize: bool | None = None, inner_loss: str = "ce", precision: str = "no",
-              inner_loss_scale: float | None = None, reuse_features: bool = True,
-              acc_before: bool = True):
+def _vectorize(spec: InnerLoopSpec, model: nn.Module, device: torch.device) -> bool:
+    return default_vectorize(device, model) if spec.vectorize is None else spec.vectorize
+
+
+def meta_loss(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoopSpec, *,
+              inner_loss_scale: float | None = None, acc_before: bool = True):
     """Mean query loss after inner-loop adaptation over a batch of tasks (the meta-objective).
 
     Args:
         model: a model with ``features`` and ``classifier`` (see ``fsl_dist.models``).
         tasks: ``support_x [T, N*K, C, H, W]``, ``support_y [T, N*K]`` (int64),
             ``query_x [T, Q, C, H, W]``, ``query_y [T, Q]``.
-        algorithm: "maml", "boil" or "anil" (which parameters adapt).
-        inner_steps: inner gradient steps per task (at least one).
-        inner_lr: a float, ``{"features": a, "classifier": b}`` or a ``LearnedInnerLR``.
-        first_order: drop the second-order term (the meta-gradient treats adaptation as the
-            identity). Second order is the default.
-        vectorize: tasks through ``torch.func.vmap`` (True) or a loop (False); None asks
-            ``default_vectorize`` for the tensors' device.
-        inner_loss: "ce" or "mse" (MSE on one-hot labels); the query loss is always CE.
-        precision: "no", "bf16" or "fp16" autocast over inner and outer forwards; the inner
-            update, batch-norm statistics and losses stay in float32.
-        inner_loss_scale: fp16 scale for the support loss (see ``InnerLossScaler``).
-        reuse_features: ANIL fast path, computing body features once per task when only
-            the head adapts (same result; False only to measure the difference).
+        spec: the inner loop (``InnerLoopSpec``: algorithm, steps, step sizes, order, ...).
+        inner_loss_scale: fp16 scale for the support loss this step (see ``InnerLossScaler``).
         acc_before: compute the query accuracy before adaptation (one more forward of the
-            query set per task, a fifth of a Conv-4 MAML step's work); False reports NaN.
+            query set per task); False reports NaN.
 
     Returns:
         ``(loss, stats)``: ``loss`` is the mean over tasks of the query cross-entropy after
@@ -242,28 +237,24 @@ def meta_loss(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: str,
 
     Example::
 
-        loss, stats = meta_loss(model, tasks, algorithm="maml", inner_steps=1, inner_lr=0.4)
+        spec = InnerLoopSpec("maml", inner_steps=1, inner_lr=0.4)
+        loss, stats = meta_loss(model, tasks, spec)
         loss.backward()
     """
     _check_tasks(tasks)
     device = tasks["support_x"].device
-    if vectorize is None:
-        vectorize = default_vectorize(device, model)
-    plan, lrs = _plan(model, algorithm, inner_steps, inner_lr, first_order, inner_loss,
-                      precision, inner_loss_scale, vectorize, reuse_features, device.type,
-                      acc_before)
+    vectorize = _vectorize(spec, model, device)
+    plan, lrs = _plan(model, spec, device.type, vectorize, inner_loss_scale=inner_loss_scale,
+                      acc_before=acc_before)
     params = dict(model.named_parameters())
     results = _run_tasks(model, tasks, params, lrs, plan, vectorize)
     loss = results[0].mean()
     return loss, _summary(*results)
 
 
-def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: str,
-                  inner_steps: int, inner_lr, first_order: bool = False,
-                  vectorize: bool | None = None, inner_loss: str = "ce", precision: str = "no",
-                  inner_loss_scale: float | None = None, reuse_features: bool = True,
-                  acc_before: bool = True, loss_scale: float = 1.0,
-                  workers: int | None = None) -> dict:
+def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoopSpec, *,
+                  inner_loss_scale: float | None = None, acc_before: bool = True,
+                  loss_scale: float = 1.0, workers: int | None = None) -> dict:
     """``loss, stats = meta_loss(...); (loss * loss_scale).backward(); return stats``, faster.
 
     Accumulates the meta-gradient into ``.grad`` of the model's parameters (and of a
@@ -281,21 +272,16 @@ def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: s
     """
     _check_tasks(tasks)
     device = tasks["support_x"].device
-    if vectorize is None:
-        vectorize = default_vectorize(device, model)
-    options = dict(algorithm=algorithm, inner_steps=inner_steps, inner_lr=inner_lr,
-                   first_order=first_order, inner_loss=inner_loss, precision=precision,
-                   inner_loss_scale=inner_loss_scale, reuse_features=reuse_features,
-                   acc_before=acc_before)
-    if vectorize:
-        loss, stats = meta_loss(model, tasks, vectorize=True, **options)
+    if _vectorize(spec, model, device):
+        loss, stats = meta_loss(model, tasks, spec.replace(vectorize=True),
+                                inner_loss_scale=inner_loss_scale, acc_before=acc_before)
         (loss * loss_scale).backward()
         return stats
-    plan, _ = _plan(model, algorithm, inner_steps, inner_lr, first_order, inner_loss,
-                    precision, inner_loss_scale, False, reuse_features, device.type, acc_before)
+    plan, _ = _plan(model, spec, device.type, False, inner_loss_scale=inner_loss_scale,
+                    acc_before=acc_before)
     leaves = [p for p in model.parameters() if p.requires_grad]
-    if isinstance(inner_lr, nn.Module):
-        leaves += [p for p in inner_lr.parameters() if p.requires_grad]
+    if isinstance(spec.inner_lr, nn.Module):
+        leaves += [p for p in spec.inner_lr.parameters() if p.requires_grad]
     batch = [tasks[k] for k in TASK_KEYS]
     n_tasks = batch[0].shape[0]
     params = dict(model.named_parameters())  # the shared leaves, whichever module runs a task
@@ -303,7 +289,7 @@ def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: s
     def one(i, module):
         # Step sizes resolved per task: a LearnedInnerLR's graph is then not shared between
         # threads (a shared non-leaf would be freed by whichever backward finishes first).
-        lrs = resolve_inner_lr(inner_lr, plan.adapted_names)
+        lrs = resolve_inner_lr(spec.inner_lr, plan.adapted_names)
         results = _one_task(module, params, lrs, plan, *(column[i] for column in batch))
         grads = torch.autograd.grad(results[0] * (loss_scale / n_tasks), leaves,
                                     allow_unused=True)
@@ -320,24 +306,21 @@ def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: s
     return _summary(*columns)
 
 
-def evaluate_tasks(model: nn.Module, tasks: Mapping[str, Tensor], *, algorithm: str,
-                   inner_steps: int, inner_lr, inner_loss: str = "ce", precision: str = "no",
-                   inner_loss_scale: float | None = None, vectorize: bool | None = None,
-                   workers: int | None = None):
+def evaluate_tasks(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoopSpec, *,
+                   inner_loss_scale: float | None = None, workers: int | None = None):
     """Adapt to each task and score its query set, keeping no graph beyond each inner step.
 
     For meta-validation and meta-test: works under ``torch.no_grad()`` (the inner gradients
-    are taken regardless) and its memory does not grow with the number of inner steps.
-    On the loop path tasks run in ``workers`` threads (as in ``meta_backward``).
-    Returns the stats of ``meta_loss`` plus ``acc_after_per_task`` (1-D, one query accuracy
-    per task, for confidence intervals).
+    are taken regardless) and its memory does not grow with the number of inner steps; the
+    spec's ``first_order`` is moot (there is no outer gradient). On the loop path tasks run in
+    ``workers`` threads (as in ``meta_backward``). Returns the stats of ``meta_loss`` plus
+    ``acc_after_per_task`` (1-D, one query accuracy per task, for confidence intervals).
     """
     _check_tasks(tasks)
     device = tasks["support_x"].device
-    if vectorize is None:
-        vectorize = default_vectorize(device, model)
-    plan, lrs = _plan(model, algorithm, inner_steps, inner_lr, True, inner_loss, precision,
-                      inner_loss_scale, vectorize, True, device.type)
+    vectorize = _vectorize(spec, model, device)
+    plan, lrs = _plan(model, spec, device.type, vectorize, inner_loss_scale=inner_loss_scale,
+                      first_order=True, reuse_features=True)
     params = {n: p.detach() for n, p in model.named_parameters()}
     lrs = {n: lr.detach() if isinstance(lr, Tensor) else lr for n, lr in lrs.items()}
     if vectorize:
