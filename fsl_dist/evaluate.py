@@ -30,6 +30,53 @@ def confidence_interval(accuracies: torch.Tensor) -> dict:
     return {"mean": acc.mean().item(), "ci95": 1.96 * std / math.sqrt(n), "std": std, "episodes": n}
 
 
+# Two-sided 95% quantiles of Student's t for 1-30 degrees of freedom.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(dof: int) -> float:
+    """Student's t 97.5% quantile: the table to 30 degrees of freedom, then its expansion in
+    1/dof around the normal 1.96 (within 1e-3 of the exact value beyond 30)."""
+    if dof < 1:
+        raise ValueError(f"degrees of freedom must be at least 1, got {dof}")
+    if dof <= len(_T975):
+        return _T975[dof - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+
+
+def combine_seeds(per_seed: list[dict]) -> dict:
+    """One result from evaluations with different episode seeds (``confidence_interval``'s
+    dicts plus ``eval_seed``).
+
+    The episode interval of one seed assumes independent episodes; evaluations of one model
+    with other seeds have spread further than it implies. So the seeds' means are also taken
+    as independent measurements: ``ci95_seeds`` is the t interval of their mean,
+    ``ci95_episodes`` the interval over all episodes pooled, and ``ci95`` the larger (the
+    interval the row's claims are judged by; its ``low`` end is ``mean - ci95``)."""
+    if len(per_seed) < 2:
+        raise ValueError("combine_seeds needs at least two seeds")
+    means = torch.tensor([r["mean"] for r in per_seed], dtype=torch.float64)
+    episodes = [r["episodes"] for r in per_seed]
+    # pooled variance of all episodes: within-seed sums of squares plus the spread of the means
+    within = sum((n - 1) * r["std"] ** 2 for n, r in zip(episodes, per_seed))
+    weights = torch.tensor(episodes, dtype=torch.float64)
+    mean = float((means * weights).sum() / weights.sum())
+    between = float((weights * (means - mean) ** 2).sum())
+    total = int(weights.sum())
+    pooled_std = math.sqrt((within + between) / (total - 1))
+    seed_std = float(means.std(unbiased=True))
+    ci95_seeds = t_quantile_975(len(per_seed) - 1) * seed_std / math.sqrt(len(per_seed))
+    ci95_episodes = 1.96 * pooled_std / math.sqrt(total)
+    ci95 = max(ci95_seeds, ci95_episodes)
+    return {"mean": mean, "ci95": ci95, "low": mean - ci95, "episodes": total,
+            "seeds": [r["eval_seed"] for r in per_seed], "seed_means": means.tolist(),
+            "seed_std": seed_std, "seed_range": float(means.max() - means.min()),
+            "ci95_seeds": ci95_seeds, "ci95_episodes": ci95_episodes, "per_seed": per_seed}
+
+
 def evaluate(model, spec: InnerLoopSpec, episode_source, *, episodes: int, dist,
              batch_size: int) -> dict:
     """Mean query accuracy after adaptation (and before it) over `episodes` held-out episodes."""

@@ -19,7 +19,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import yaml
@@ -29,7 +29,7 @@ from fsl_dist import checkpoint as ckpt
 from fsl_dist.config import Config, ConfigError, load_config, save_config
 from fsl_dist.data.episodes import TaskSpec, make_tasks
 from fsl_dist.data.shards import ShardError, load_manifest, pack_omniglot
-from fsl_dist.evaluate import evaluate
+from fsl_dist.evaluate import combine_seeds, evaluate
 from fsl_dist.io import atomic_write, atomic_write_json, atomic_write_text
 from fsl_dist.meta import InnerLoopSpec, LearnedInnerLR
 from fsl_dist.models import build_model
@@ -188,21 +188,33 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
 def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, precision: str,
                       episodes: Optional[int] = None, shots: Optional[int] = None,
                       part: Optional[str] = None, inner_steps: Optional[int] = None,
-                      out_name: str = "eval.json", weights: Optional[Path] = None) -> dict:
+                      out_name: str = "eval.json", weights: Optional[Path] = None,
+                      seeds: Optional[Sequence[int]] = None) -> dict:
     """Evaluate on `part` (default eval.part) and write `out_name` in the run folder; `weights`,
-    the file the model came from, is recorded relative to the run folder."""
+    the file the model came from, is recorded relative to the run folder. With two or more
+    `seeds`, `episodes` are drawn for each episode seed and the result is `combine_seeds`'."""
     part = part or cfg.eval.part
     episodes = episodes or cfg.eval.episodes
     k_shot = shots or cfg.task.k_shot
     inner_loop = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=inner_lr,
                                            evaluation=True, inner_steps=inner_steps)
     tasks = TaskSpec(cfg.task.n_way, k_shot, cfg.task.q_query, rotate=False)
-    source = make_tasks(cfg.data.shards, part, tasks, seed=cfg.eval.seed)
-    result = evaluate(model, inner_loop, source, episodes=episodes, dist=dist,
-                      batch_size=cfg.eval.batch_size)
+
+    def one_seed(seed: int) -> dict:
+        source = make_tasks(cfg.data.shards, part, tasks, seed=seed)
+        result = evaluate(model, inner_loop, source, episodes=episodes, dist=dist,
+                          batch_size=cfg.eval.batch_size)
+        return {**result, "eval_seed": seed}
+
+    seeds = list(seeds) if seeds else [cfg.eval.seed]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"evaluation seeds {seeds} repeat a seed: its episodes would count "
+                          "twice; give distinct seeds")
+    per_seed = [one_seed(seed) for seed in seeds]
+    result = per_seed[0] if len(per_seed) == 1 else combine_seeds(per_seed)
     result.update(part=part, n_way=cfg.task.n_way, k_shot=k_shot, q_query=cfg.task.q_query,
-                  inner_steps=inner_loop.inner_steps, config=cfg.name, seed=cfg.train.seed, world_size=dist.world_size,
-                  eval_seed=cfg.eval.seed)
+                  inner_steps=inner_loop.inner_steps, config=cfg.name, seed=cfg.train.seed,
+                  world_size=dist.world_size)
     if weights is not None:
         result["weights"] = Path(weights).relative_to(run_dir).as_posix() if Path(
             weights).is_relative_to(run_dir) else str(weights)

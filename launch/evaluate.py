@@ -3,6 +3,11 @@
     python launch/evaluate.py --run-dir runs/cnn_maml-0 --episodes 600
     accelerate launch --multi_gpu --num_processes 2 launch/evaluate.py --run-dir runs/cnn_maml-0 --inner-steps 5
     python launch/evaluate.py --run-dir runs/cnn_maml-0 --part val --checkpoint 2500   # a kept checkpoint
+    python launch/evaluate.py --run-dir runs/cnn_maml-0 --seeds 1234 1235 1236 1237 1238
+
+With several --seeds, each seed draws its own --episodes and the result states the seeds' means,
+their spread and the larger of the two intervals (over episodes, over seeds): on a small test
+part one seed's interval understates the uncertainty.
 
 Episodes are divided among processes and gathered; the JSON goes to the run folder.
 """
@@ -32,8 +37,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--inner-steps", type=int, help="inner steps at test time (default: eval.inner_steps)")
     parser.add_argument("--checkpoint", help="evaluate a training checkpoint instead of the final model: "
                         "latest, a step number, or a path (default: model.safetensors)")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="episode seeds (default: the config's eval.seed); two or more report "
+                             "the mean over seeds with the between-seed spread")
     parser.add_argument("--out", default=None, help="file name in the run folder (default eval-<part>.json)")
     return parser.parse_args(argv)
+
+
+def summary_line(result: dict) -> str:
+    line = (f"{result['part']} accuracy {result['mean']:.2f} ± {result['ci95']:.2f}% "
+            f"over {result['episodes']} episodes")
+    if "seed_means" in result:
+        means = ", ".join(f"{m:.2f}" for m in result["seed_means"])
+        line += (f" from {len(result['seeds'])} seeds (seed means {means}; between-seed std "
+                 f"{result['seed_std']:.2f}; interval lower end {result['low']:.2f})")
+    return line
 
 
 def main(argv=None) -> int:
@@ -57,11 +75,12 @@ def main(argv=None) -> int:
         result = evaluate_held_out(model, inner_lr, cfg, dist, Path(args.run_dir), precision=precision,
                                    episodes=args.episodes, shots=args.shots, part=part,
                                    inner_steps=args.inner_steps, out_name=out_name,
-                                   weights=weights)
+                                   weights=weights, seeds=args.seeds)
     except (ConfigError, ShardError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     dist.print(json.dumps(result, indent=2))
+    dist.print(summary_line(result), file=sys.stderr)
     dist.print(f"wrote {Path(args.run_dir) / out_name}", file=sys.stderr)
     dist.end()
     return dist.exit(0)
