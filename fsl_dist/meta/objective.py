@@ -30,25 +30,17 @@ def default_vectorize(device, model: nn.Module | None = None) -> bool:
     accepted so that a backbone-specific choice can be added where a measurement calls for it.
     """
     device_type = torch.device(device).type
-    if device_type == "cuda":
-        # Measured on an NVIDIA H100 (torch 2.11, BENCHMARKS.md): vmap 3.6-5.8x the loop's
-        # tasks/s for every model, algorithm and step count at meta-batch 8 (launch/bench.py),
-        # and 12.6x in launch/train.py at meta-batch 32 (795 vs 63 tasks/s), for ~1.2x memory.
-        return True
-    # CPU, measured on the 2-core development machine with native batch norm in the loop: the
-    # loop won 10 of 12 cases (Conv-4 1.6-2.5x, ResNet 1.2-1.5x), tied ResNet MAML at
-    # 5 steps and lost ResNet BOIL at 5 steps by 9%, at about half the memory. Other devices:
-    # unmeasured, take the path that needs no batching rules.
-    return False
+    # CUDA: vmap is several times the loop's tasks/s for every model and algorithm measured.
+    # CPU: the loop is faster in most cases at about half the memory. Other devices are
+    # unmeasured: take the path that needs no batching rules. Numbers: BENCHMARKS.md.
+    return device_type == "cuda"
 
 
 def default_task_workers(device) -> int:
     """Threads that run the loop path's tasks side by side (each task on one intra-op thread).
 
-    CPU: as many as torch's intra-op threads, because small convolutions use two threads less
-    well than two whole tasks do (measured on the 2-core development machine, second-order
-    MAML, 5-way 1-shot 15-query, meta-batch 8 / 32: Conv-4 1.06x / 1.12x, ResNet 1.19x / 1.24x
-    the serial loop on 2 intra-op threads; BENCHMARKS.md). CUDA: 1 (the GPU takes vmap).
+    CPU: as many as torch's intra-op threads, because small convolutions use several threads
+    less well than whole tasks do (BENCHMARKS.md). CUDA: 1 (the GPU takes vmap).
     """
     if torch.device(device).type != "cpu":
         return 1
@@ -85,8 +77,7 @@ def _body_fn(model: nn.Module, autocast):
 def _head_fn(model: nn.Module):
     """``head(params, features)`` in the parameters' precision, outside autocast: the head is
     cheap, and under autocast its weights are rounded to bf16/fp16 at every inner step, which
-    rounds away inner updates smaller than 1/256 of a weight (measured: 5-step ANIL meta-
-    gradient relative error 1.8 with the head in bf16)."""
+    rounds away inner updates smaller than 1/256 of a weight (docs/precision.md)."""
     def head(params, features):
         return functional_call(model.classifier, _strip(params, "classifier."), (features,))
     return head
