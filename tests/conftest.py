@@ -1,6 +1,9 @@
-"""Shared fixtures for the data tests: the shared Omniglot copy and shard sets packed once."""
+"""Shared fixtures for the data tests (the shared Omniglot copy and shard sets packed once), and
+the two test tiers: `-m "not integration"` is the fast unit tier, `-m integration` the tests that
+start processes (`accelerate launch`, subprocesses, a SLURM cluster, benchmark scripts)."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,8 @@ from fsl_dist.data import shards
 
 REPO = Path(__file__).resolve().parents[1]
 # FSL_OMNIGLOT points elsewhere, for a clone whose parent folder has no shared/.
-SHARED_OMNIGLOT = Path(os.environ.get("FSL_OMNIGLOT") or REPO.parent / "shared" / "data" / "omniglot")
+SHARED_OMNIGLOT = Path(os.environ.get("FSL_OMNIGLOT")
+                       or REPO.parent / "shared" / "data" / "omniglot")
 ZIPS = ("images_background.zip", "images_evaluation.zip")
 
 
@@ -41,3 +45,51 @@ def packed(omniglot_source, tmp_path_factory):
         return made[split]
 
     return get
+
+
+# Modules in which every test starts processes: marked here, in one place, rather than in each
+# file. Tests that start processes in other modules carry @pytest.mark.integration themselves.
+INTEGRATION_MODULES = frozenset({
+    "test_bench_quick.py",  # launch/bench.py and bench_scaling.py as scripts
+    "test_cpu_malloc.py",  # a fresh interpreter per allocator setting
+    "test_meta_learns_omniglot.py",
+    "test_slurm.py",  # a real SLURM cluster
+    "test_train_distributed.py",
+    "test_train_end_to_end.py",
+})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+
+
+# Probes that libraries run once and cache, not the tests' own processes: matplotlib's font list
+# (fc-list), platform.processor() (uname) and ctypes.util.find_library (ldconfig).
+LIBRARY_PROBES = frozenset({"fc-list", "uname", "ldconfig"})
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_processes(request, monkeypatch):
+    """A test outside the integration tier that starts a process fails at once and says so,
+    so the fast tier stays fast. Failed is a BaseException: library code catching Exception
+    around a subprocess call cannot hide it."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def refuse(what):
+        pytest.fail(f"{request.node.nodeid} starts a process ({what}); mark it @pytest.mark."
+                    f"integration (or list its module in conftest.py's INTEGRATION_MODULES)")
+
+    def guarded_popen_init(self, args, *rest, **kwargs):
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        if os.path.basename(os.fsdecode(argv[0])) not in LIBRARY_PROBES:
+            refuse(" ".join(map(os.fsdecode, argv))[:200])
+        popen_init(self, args, *rest, **kwargs)
+
+    # Popen.__init__ is what subprocess.run/call/check_output and os.popen go through.
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded_popen_init)
+    monkeypatch.setattr(os, "system", refuse)

@@ -92,6 +92,7 @@ def test_png_of_learning_curves(sweep_folders, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+@pytest.mark.integration  # wandb.init starts W&B's service process (and git)
 def test_offline_wandb_files_give_wall_time_and_stand_in_for_metrics(tmp_path, monkeypatch):
     """Two offline W&B segments of one run (a resume): wall time is the sum of their runtimes;
     without metrics.jsonl, W&B's history gives the same rows."""
@@ -137,6 +138,7 @@ def test_wandb_api_runs_are_read_like_run_folders():
         ("cnn_maml", 3, 2, 40.0, 41.0, 1.5, 12.5)
 
 
+@pytest.mark.integration
 def test_cli(sweep_folders, tmp_path):
     out = run("compare.py", [*map(str, sweep_folders), "--plot", str(tmp_path / "c.png"),
                              "--csv", str(tmp_path / "runs.csv")]).stdout

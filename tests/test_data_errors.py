@@ -94,6 +94,7 @@ def test_bad_values():
         episodes.rank_slice(32, 4, 4)
 
 
+@pytest.mark.integration
 def test_killed_pack_leaves_earlier_set_intact(packed, omniglot_source, tmp_path):
     """SIGKILL a real pack midway: the earlier set is untouched and no partial set is in place."""
     dest = shutil.copytree(packed("futurama"), tmp_path / "omniglot-futurama")

@@ -46,6 +46,7 @@ def test_a_step_schedule_that_cannot_work_is_named(overrides, named):
         load_config(ROOT / "configs" / "cnn_maml.yaml", overrides)
 
 
+@pytest.mark.integration
 def test_constant_run_resumed_with_a_step_decay_equals_the_step_schedule_from_the_start(
         packed, tmp_path):
     """The recipe of a RESULTS.md row: train at a constant rate, then resume the checkpoint with
@@ -62,6 +63,7 @@ def test_constant_run_resumed_with_a_step_decay_equals_the_step_schedule_from_th
         [1e-3, 1e-3] + [1e-4] * 4, rel=1e-12)
 
 
+@pytest.mark.integration
 def test_the_trainer_steps_with_the_scheduled_learning_rate(packed, tmp_path):
     run_dir = tmp_path / "run"
     run("train.py", ["--config", str(ROOT / "configs" / "cnn_maml.yaml"), "--run-dir", str(run_dir),

@@ -39,6 +39,7 @@ def signal_me_when(path: Path, sig: int, timeout: float = 20) -> threading.Threa
     return thread
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
 def test_a_signal_becomes_a_checkpoint_and_exit_75(tmp_path, sig):
     thread = signal_me_when(tmp_path / "started-0.jsonl", sig)
@@ -49,6 +50,7 @@ def test_a_signal_becomes_a_checkpoint_and_exit_75(tmp_path, sig):
     assert (tmp_path / "checkpoints" / "step-00000003.pt").is_file() and not (tmp_path / "done.json").exists()
 
 
+@pytest.mark.integration
 def test_an_early_signal_is_not_fatal_and_is_passed_on_later(tmp_path):
     """A signal that arrives before the trainer installed its handler is ignored (inherited
     SIG_IGN), not fatal; the supervisor passes it on once the handler is there."""
@@ -63,6 +65,7 @@ def test_an_early_signal_is_not_fatal_and_is_passed_on_later(tmp_path):
     assert status == EXIT_RESUMABLE and time.monotonic() - started < 10
 
 
+@pytest.mark.integration
 def test_finished_failed_and_unresumable_runs(tmp_path):
     quiet = lambda *a, **k: None  # noqa: E731
     assert supervise(launcher_argv(tmp_path), launch_env(FAKE_TRAIN_SECONDS=0.1), script=FAKE_TRAIN,
@@ -75,6 +78,7 @@ def test_finished_failed_and_unresumable_runs(tmp_path):
     assert outcome(-9, stop_requested=False, run_dir=tmp_path) == 137
 
 
+@pytest.mark.integration
 def test_only_the_training_processes_are_signalled(tmp_path):
     """Descendants running the training script are found; the launcher and helpers (like W&B's
     service process) are not."""
@@ -111,6 +115,7 @@ def test_only_the_training_processes_are_signalled(tmp_path):
         launcher.wait()
 
 
+@pytest.mark.integration
 def test_array_script_forwards_the_signal_and_requeues_without_slurm(tmp_path):
     """launch/slurm/array.sbatch run by bash with SLURM's variables and a stand-in `scontrol`:
     USR1 to the batch shell -> the run checkpoints -> status 75 -> `scontrol requeue JOBID`."""

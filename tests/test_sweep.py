@@ -138,6 +138,7 @@ def test_accelerate_commands():
     assert flags["--num_machines"] == "3"
 
 
+@pytest.mark.integration
 def test_cli_list_and_submit_dry_run(tmp_path):
     path = write(tmp_path, sweep_text())
     out = run("sweep.py", ["list", str(path)]).stdout
