@@ -22,76 +22,115 @@ def shard_copy(packed, tmp_path):
     return shutil.copytree(packed("futurama"), tmp_path / "omniglot-futurama")
 
 
-def open_all_ways(shard_dir, part="train"):
-    """Every entry point that must refuse a damaged set."""
-    yield lambda: shards.verify_shards(shard_dir)
-    yield lambda: shards.load_class_pool(shard_dir, part)
-    yield lambda: episodes.make_tasks(shard_dir, part, TaskSpec(5, 1, 1), seed=0)
-    yield lambda: episodes.make_tasks(shard_dir, part, TaskSpec(5, 1, 1), seed=0, mode="stream",
-                                      tasks_per_batch=2, batches=1)
+# Every entry point that must refuse a damaged set, one test each.
+OPENERS = {
+    "verify_shards": lambda d: shards.verify_shards(d),
+    "load_class_pool": lambda d: shards.load_class_pool(d, "train"),
+    "memory_tasks": lambda d: episodes.make_tasks(d, "train", TaskSpec(5, 1, 1), seed=0),
+    "stream_tasks": lambda d: episodes.make_tasks(d, "train", TaskSpec(5, 1, 1), seed=0,
+                                                  mode="stream", tasks_per_batch=2, batches=1),
+}
+each_opener = pytest.mark.parametrize("opener", OPENERS.values(), ids=list(OPENERS))
 
 
-def test_truncated_shard_is_named(shard_copy):
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@each_opener
+def test_truncated_shard_is_named(shard_copy, opener):
     victim = shard_copy / "train-000003.tar"
     victim.write_bytes(victim.read_bytes()[:5000])
-    for attempt in open_all_ways(shard_copy):
-        with pytest.raises(shards.ShardError, match=r"train-000003\.tar is truncated .*launch/pack\.py"):
-            attempt()
+    with pytest.raises(shards.ShardError,
+                       match=r"train-000003\.tar is truncated .*launch/pack\.py"):
+        opener(shard_copy)
 
 
-def test_flipped_byte_is_named(shard_copy):
-    victim = shard_copy / "train-000005.tar"
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    victim.write_bytes(bytes(data))
-    for attempt in open_all_ways(shard_copy):
-        with pytest.raises(shards.ShardError, match=r"train-000005\.tar fails its SHA-256 check"):
-            attempt()
-    shards.load_class_pool(shard_copy, "test")  # other parts are still usable
+@each_opener
+def test_flipped_byte_is_named(shard_copy, opener):
+    flip_a_byte(shard_copy / "train-000005.tar")
+    with pytest.raises(shards.ShardError, match=r"train-000005\.tar fails its SHA-256 check"):
+        opener(shard_copy)
 
 
-def test_missing_shard_and_manifest(shard_copy, tmp_path):
+def test_other_parts_stay_usable_beside_a_damaged_shard(shard_copy):
+    flip_a_byte(shard_copy / "train-000005.tar")
+    shards.load_class_pool(shard_copy, "test")
+
+
+def test_missing_shard_is_named(shard_copy):
     (shard_copy / "val-000001.tar").unlink()
     with pytest.raises(shards.ShardError, match=r"val-000001\.tar is missing"):
         shards.load_class_pool(shard_copy, "val")
+
+
+@each_opener
+def test_missing_manifest_is_named(shard_copy, opener):
     (shard_copy / "manifest.json").unlink()
-    for attempt in open_all_ways(shard_copy):
-        with pytest.raises(shards.ShardError, match=r"has no manifest\.json; re-pack it: python launch/pack\.py"):
-            attempt()
+    with pytest.raises(shards.ShardError,
+                       match=r"has no manifest\.json; re-pack it: python launch/pack\.py"):
+        opener(shard_copy)
+
+
+def test_never_packed_folder_is_named(tmp_path):
     with pytest.raises(shards.ShardError, match="does not exist"):
         shards.load_manifest(tmp_path / "never-packed")
 
 
-def test_unknown_part_mode_and_split(packed):
-    out = packed("futurama")
+def test_unknown_part_is_named(packed):
     with pytest.raises(ValueError, match="unknown part 'dev'.*test, train, val"):
-        shards.load_class_pool(out, "dev")
+        shards.load_class_pool(packed("futurama"), "dev")
+
+
+def test_unknown_mode_is_named(packed):
     with pytest.raises(ValueError, match="unknown mode 'disk'"):
-        episodes.make_tasks(out, "train", TaskSpec(5, 1, 1), seed=0, mode="disk")
+        episodes.make_tasks(packed("futurama"), "train", TaskSpec(5, 1, 1), seed=0, mode="disk")
+
+
+def test_unknown_split_is_named(packed):
+    out = packed("futurama")
     with pytest.raises(ValueError, match="unknown split 'omniglot-v2'"):
         shards.pack_omniglot(None, "omniglot-v2", out.parent / "x", download=False)
 
 
-@pytest.mark.parametrize("mode", ["memory", "stream"])
-def test_task_shape_checked_before_training(packed, mode):
-    out = packed("futurama")
-    kw = dict(seed=0, mode=mode, tasks_per_batch=2, batches=1)
-    with pytest.raises(ValueError, match=r"27-way tasks need 27 classes but part 'test' .* has only 26"):
-        episodes.make_tasks(out, "test", TaskSpec(27, 1, 1), **kw)
-    with pytest.raises(ValueError, match=r"k_shot \+ q_query = 5 \+ 16 = 21 exceeds the 20 drawings.*at most 15"):
-        episodes.make_tasks(out, "train", TaskSpec(5, 5, 16), **kw)
-    episodes.make_tasks(out, "test", TaskSpec(26, 5, 15), **kw)  # exactly at both limits is fine
+each_mode = pytest.mark.parametrize("mode", ["memory", "stream"])
 
 
-def test_bad_values():
-    with pytest.raises(ValueError, match="TaskSpec.n_way must be a positive integer"):
-        TaskSpec(0, 1, 1)
-    with pytest.raises(ValueError, match="TaskSpec.q_query"):
-        TaskSpec(5, 1, 1.5)
-    with pytest.raises(ValueError, match="do not divide among 3 processes"):
-        episodes.rank_slice(32, 0, 3)
-    with pytest.raises(ValueError, match="rank 4 is outside 0..3"):
-        episodes.rank_slice(32, 4, 4)
+def make_tasks_of(packed, mode, part, spec):
+    return episodes.make_tasks(packed("futurama"), part, spec, seed=0, mode=mode,
+                               tasks_per_batch=2, batches=1)
+
+
+@each_mode
+def test_more_ways_than_classes_is_refused_before_training(packed, mode):
+    with pytest.raises(ValueError,
+                       match=r"27-way tasks need 27 classes but part 'test' .* has only 26"):
+        make_tasks_of(packed, mode, "test", TaskSpec(27, 1, 1))
+
+
+@each_mode
+def test_more_shots_than_drawings_is_refused_before_training(packed, mode):
+    with pytest.raises(ValueError, match=r"k_shot \+ q_query = 5 \+ 16 = 21 exceeds the 20 "
+                                         r"drawings.*at most 15"):
+        make_tasks_of(packed, mode, "train", TaskSpec(5, 5, 16))
+
+
+@each_mode
+def test_tasks_exactly_at_both_limits_are_fine(packed, mode):
+    make_tasks_of(packed, mode, "test", TaskSpec(26, 5, 15))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TaskSpec(0, 1, 1), "TaskSpec.n_way must be a positive integer"),
+    (lambda: TaskSpec(5, 1, 1.5), "TaskSpec.q_query"),
+    (lambda: episodes.rank_slice(32, 0, 3), "do not divide among 3 processes"),
+    (lambda: episodes.rank_slice(32, 4, 4), "rank 4 is outside 0..3"),
+], ids=["n_way-0", "q_query-1.5", "32-tasks-3-ranks", "rank-4-of-4"])
+def test_bad_values(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 @pytest.mark.integration
