@@ -4,8 +4,8 @@ Autocast runs the body's convolutions in bf16 or fp16; the parts that measured
 as precision-sensitive stay in float32: the inner update (float32 parameters minus float32
 gradients), the batch-norm statistics (``BatchStatNorm2d``) and every loss (logits are cast
 to float32 before the cross-entropy), and the linear head, whose inner updates bf16 would
-round away. Plain autocast over everything gave meta-gradient
-relative errors of 0.16 at one inner step and 1.55 at five on this project's CPU.
+round away. Plain autocast over everything gave a far worse meta-gradient (the measured
+errors: docs/precision.md).
 
 fp16 also needs loss scaling, and ``torch.autograd.grad`` does not go through a
 ``GradScaler``: the inner support loss is multiplied by ``inner_loss_scale`` before its
@@ -103,8 +103,8 @@ def cpu_has_bf16_instructions(cpuinfo: str | None = None) -> bool | None:
 
 def bf16_cpu_warning(device_type: str, precision: str, cpuinfo: str | None = None) -> str | None:
     """A warning for bf16 on a CPU that has no bf16 instructions (None otherwise): there oneDNN
-    emulates bf16 products: a MAML step measured 7.4x (Conv-4, 0.97 against 7.21 tasks/s) and
-    11x (ResNet, 0.42 against 4.64) slower than float32 on an AVX2-only AMD EPYC (BENCHMARKS.md)."""
+    emulates bf16 products and a meta-step is several times slower than in float32 (measured:
+    BENCHMARKS.md, "What limits the numbers")."""
     if device_type != "cpu" or precision != "bf16" or cpu_has_bf16_instructions(cpuinfo) is not False:
         return None
     return ("warning: precision=bf16 on a CPU without bf16 instructions (none of "
