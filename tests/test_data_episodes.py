@@ -63,20 +63,42 @@ def test_memory_tasks_are_valid(vinyals, spec):
         assert torch.equal(to_uint8(batch["query_x"]).view(count, n, q, 28, 28), expected[:, :, k:])
 
 
-def test_rotation_and_label_order_vary(vinyals):
-    sampled = MemoryTasks(vinyals["train"], TaskSpec(5, 1, 15, rotate=True), seed=0).indices(0, range(200))
-    assert set(sampled.rotations.ravel().tolist()) == {0, 1, 2, 3}
-    assert set(sampled.labels[:, 0].tolist()) == set(range(5))  # label 0 is not always the first class
+def rotated_sample(vinyals):
+    tasks = MemoryTasks(vinyals["train"], TaskSpec(5, 1, 15, rotate=True), seed=0)
+    return tasks.indices(0, range(200))
+
+
+def test_rotations_take_all_four_values(vinyals):
+    assert set(rotated_sample(vinyals).rotations.ravel().tolist()) == {0, 1, 2, 3}
+
+
+def test_label_order_varies(vinyals):
+    # label 0 is not always the first class
+    assert set(rotated_sample(vinyals).labels[:, 0].tolist()) == set(range(5))
+
+
+def held_out_ids(vinyals):
+    return {c["id"] for part in ("val", "test") for c in vinyals[part].classes}
+
+
+def train_ids_seen(vinyals):
+    """Character ids of the classes in 10 steps of 64 rotated 20-way meta-training tasks."""
+    train_ids = np.array([c["id"] for c in vinyals["train"].classes])
+    tasks = MemoryTasks(vinyals["train"], TaskSpec(20, 1, 5, rotate=True), seed=3)
+    return {int(i) for step in range(10)
+            for i in train_ids[tasks.indices(step, range(64)).classes].ravel()}
+
+
+def test_train_part_holds_no_val_or_test_character(vinyals):
+    assert held_out_ids(vinyals).isdisjoint(c["id"] for c in vinyals["train"].classes)
 
 
 def test_meta_train_never_sees_val_or_test_characters(vinyals):
-    held_out = {c["id"] for part in ("val", "test") for c in vinyals[part].classes}
-    train_ids = np.array([c["id"] for c in vinyals["train"].classes])
-    assert held_out.isdisjoint(train_ids.tolist())
-    tasks = MemoryTasks(vinyals["train"], TaskSpec(20, 1, 5, rotate=True), seed=3)
-    seen = {int(i) for step in range(10) for i in train_ids[tasks.indices(step, range(64)).classes].ravel()}
-    assert seen.isdisjoint(held_out)
-    assert len(seen) > 1000  # the whole train part is used
+    assert train_ids_seen(vinyals).isdisjoint(held_out_ids(vinyals))
+
+
+def test_meta_train_uses_the_whole_train_part(vinyals):
+    assert len(train_ids_seen(vinyals)) > 1000
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -92,19 +114,40 @@ def test_same_global_batch_for_any_world_size(vinyals, world):
             assert torch.equal(torch.cat([p[key] for p in parts]), whole[key]), (key, step, world)
 
 
-def test_tasks_depend_only_on_seed_step_and_index(vinyals):
-    spec = TaskSpec(5, 1, 15)
-    tasks = MemoryTasks(vinyals["test"], spec, seed=5)
-    resumed = MemoryTasks(vinyals["test"], spec, seed=5)  # e.g. after a restart at step 9
-    a = tasks.batch(9, [3, 4, 5])
+# Tasks depend only on the seed, the step and the task's index: one test per way that could fail.
+def part_tasks(vinyals, seed=5):
+    return MemoryTasks(vinyals["test"], TaskSpec(5, 1, 15), seed=seed)
+
+
+def test_a_new_sampler_with_the_same_seed_gives_the_same_tasks(vinyals):
+    resumed = part_tasks(vinyals)  # e.g. after a restart at step 9
+    a = part_tasks(vinyals).batch(9, [3, 4, 5])
     assert torch.equal(resumed.batch(9, [3, 4, 5])["query_x"], a["query_x"])
-    assert torch.equal(tasks.batch(9, [5])["query_x"][0], a["query_x"][2])  # order of request irrelevant
+
+
+def test_a_task_does_not_depend_on_the_other_indices_requested(vinyals):
+    tasks = part_tasks(vinyals)
+    a = tasks.batch(9, [3, 4, 5])
+    # the order of the request is irrelevant
+    assert torch.equal(tasks.batch(9, [5])["query_x"][0], a["query_x"][2])
+
+
+def test_another_step_gives_another_task(vinyals):
+    tasks = part_tasks(vinyals)
+    a = tasks.batch(9, [3, 4, 5])
     assert not torch.equal(tasks.batch(10, [3])["query_x"], a["query_x"][:1])
-    assert not torch.equal(MemoryTasks(vinyals["test"], spec, seed=6).batch(9, [3])["query_x"], a["query_x"][:1])
-    # Evaluation: episodes a..b-1 split across processes equal the undivided episodes.
+
+
+def test_another_seed_gives_another_task(vinyals):
+    a = part_tasks(vinyals).batch(9, [3, 4, 5])
+    assert not torch.equal(part_tasks(vinyals, seed=6).batch(9, [3])["query_x"], a["query_x"][:1])
+
+
+def test_evaluation_episodes_split_across_processes_equal_the_undivided_episodes(vinyals):
+    tasks = part_tasks(vinyals)
     episodes_all = tasks.batch(0, range(12))
-    assert torch.equal(torch.cat([tasks.batch(0, range(0, 6))["support_x"],
-                                  tasks.batch(0, range(6, 12))["support_x"]]), episodes_all["support_x"])
+    halves = [tasks.batch(0, range(0, 6))["support_x"], tasks.batch(0, range(6, 12))["support_x"]]
+    assert torch.equal(torch.cat(halves), episodes_all["support_x"])
 
 
 # ----------------------------------------------------------------------------- stream mode
@@ -179,12 +222,22 @@ def test_stream_with_workers_and_rotation(packed):
 
 def test_shards_divide_among_ranks_and_workers():
     entries = [(f"s{i}", 32) for i in range(12)]
-    shares = [episodes.assign_shards(entries, r, 2, w, 3, min_classes=5) for r in range(2) for w in range(3)]
-    assert sorted(s for share in shares for s in share) == sorted(p for p, _ in entries)  # disjoint cover
+    shares = [episodes.assign_shards(entries, r, 2, w, 3, min_classes=5)
+              for r in range(2) for w in range(3)]
+    # a disjoint cover
+    assert sorted(s for share in shares for s in share) == sorted(p for p, _ in entries)
     assert all(len(share) == 2 for share in shares)
-    # Fewer shards than ranks x workers: a worker falls back to its rank's shards, then to all.
+
+
+# Fewer shards than ranks x workers: a worker falls back to its rank's shards, then to all.
+@pytest.mark.parametrize("rank, world, worker, workers, min_classes, expected", [
+    (1, 2, 1, 2, 5, ["b"]),
+    (1, 2, 3, 4, 5, ["b"]),
+    (3, 4, 0, 1, 5, ["a", "b", "c"]),
+    (0, 2, 0, 1, 70, ["a", "b", "c"]),
+])
+def test_too_few_shards_fall_back_to_the_ranks_then_to_all(rank, world, worker, workers,
+                                                           min_classes, expected):
     few = [("a", 32), ("b", 32), ("c", 32)]
-    assert episodes.assign_shards(few, 1, 2, 1, 2, min_classes=5) == ["b"]
-    assert episodes.assign_shards(few, 1, 2, 3, 4, min_classes=5) == ["b"]
-    assert episodes.assign_shards(few, 3, 4, 0, 1, min_classes=5) == ["a", "b", "c"]
-    assert episodes.assign_shards(few, 0, 2, 0, 1, min_classes=70) == ["a", "b", "c"]
+    assert episodes.assign_shards(few, rank, world, worker, workers,
+                                  min_classes=min_classes) == expected
