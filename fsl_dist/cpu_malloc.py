@@ -2,11 +2,11 @@
 
 A second-order meta-step on CPU allocates and frees activations of several to tens of MB many
 times per task. With glibc's defaults such blocks go back to the kernel (``munmap``, or a heap
-trim after a large free) and come back as fresh zero-filled pages on the next allocation:
-measured here 100,000-220,000 page faults per step (second-order MAML, 5-way 1-shot 15-query,
-Conv-4 at 8 tasks, ResNet at 32). Pinning the mmap threshold at glibc's maximum (32 MiB), never
-trimming the heap and growing it in 1 GiB steps keeps those pages in the process: 20,000-38,000
-faults per step, 1.09-1.22x the tasks/s, and a higher peak RSS (BENCHMARKS.md, "Allocator").
+trim after a large free) and come back as fresh zero-filled pages, a page fault each, on the
+next allocation. Pinning the mmap threshold at glibc's maximum (32 MiB), never trimming the heap
+and growing it in 1 GiB steps keeps those pages in the process: far fewer faults, faster steps
+and a higher peak RSS (measured: BENCHMARKS.md, "Memory"; the probes in
+docs/benchmarks/2026-11-29-epyc-avx512-bf16.md).
 
 Applied by the trainer and the evaluator when they run on CPU, unless ``train.tune_cpu_malloc``
 is false, and never over a choice the user made: any ``MALLOC_*_`` variable, malloc settings in

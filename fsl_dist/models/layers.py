@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # Set while tasks run under torch.func.vmap: batch norm is then written out from mean and
-# variance (see BatchStatNorm2d); elsewhere the native kernel is used, 1.5x faster per
-# meta-step of Conv-4 on CPU (measured 0.75-0.82 vs 1.19-1.27 s, MAML, 8 tasks, 2 threads).
+# variance (see BatchStatNorm2d); elsewhere the native kernel is used, because it makes the
+# meta-step faster (BENCHMARKS.md, "What each default buys").
 _UNDER_VMAP = contextvars.ContextVar("fsl_dist_batch_norm_under_vmap", default=False)
 
 
@@ -36,8 +36,8 @@ class BatchStatNorm2d(nn.Module):
     instead of calling ``F.batch_norm``:
     ``torch.func.vmap`` over tasks with ``torch.func.grad`` inside, differentiated from
     outside, gives wrong second-order gradients through PyTorch's native batch norm
-    (functorch issue 534; measured here: relative error 5e-3 at one inner step, 6e-2 at
-    three) while the losses look identical. Plain tensor ops are exact under every transform.
+    (functorch issue 534; the measured error is in docs/precision.md) while the losses look
+    identical. Plain tensor ops are exact under every transform.
 
     The statistics are computed in float32 even under autocast: bf16 means and variances
     were the largest source of error in the mixed-precision meta-gradient.
