@@ -161,13 +161,12 @@ class Distributed:
         """End this process with `status`; call after `end()`, once everything is written.
 
         One process returns `status` to its caller. A rank of a multi-process run leaves at once
-        (os._exit), skipping Python's interpreter teardown: there, after destroy_process_group,
-        a rank of a two-machine gloo run (launch/slurm/multinode.sbatch in CI) once aborted with
-        "terminate called without an active exception" (SIGABRT from a C++ thread still joinable
-        during teardown), so its launcher reported a failure for a finished run and the other
-        machine's launcher then waited at its exit barrier until srun killed it. Nothing is
-        lost by skipping teardown: checkpoints and results are renamed into place, metrics
-        files are closed after each write, and W&B was finished by `end()`."""
+        (os._exit): interpreter teardown after destroy_process_group can abort (SIGABRT,
+        "terminate called without an active exception", from a C++ thread still joinable; seen
+        on a two-machine gloo run in CI), which turns a finished run into a failed job (README,
+        "A multi-node job"). Nothing is lost by skipping teardown: checkpoints and results are
+        renamed into place, metrics files are closed after each write, and W&B was finished by
+        `end()`."""
         if self.world_size == 1:
             return status
         logging.shutdown()
