@@ -50,7 +50,8 @@ def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint (tensors and plain values only: no pickled code is executed)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; use --resume auto to take the newest")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; use --resume auto to take "
+                                "the newest")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which, and what to do

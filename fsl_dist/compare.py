@@ -86,7 +86,8 @@ class GroupSummary:
         for run in self.runs:
             for step, value in getattr(run, attr):
                 by_step.setdefault(step, []).append(value)
-        return [(step, statistics.fmean(v), statistics.pstdev(v), len(v)) for step, v in sorted(by_step.items())]
+        return [(step, statistics.fmean(v), statistics.pstdev(v), len(v))
+                for step, v in sorted(by_step.items())]
 
 
 # ---------------------------------------------------------------- collecting
@@ -124,7 +125,8 @@ def from_run_dir(run_dir: str | Path) -> RunSummary:
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a run folder (or not started yet)")
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a run folder "
+                                "(or not started yet)")
     config = yaml.safe_load(config_file.read_text()) or {}
     rows = read_metrics(run_dir)
     segments = [read_run(path) for path in find_run_files(run_dir)]
@@ -162,7 +164,8 @@ def _wandb_row(row: dict) -> dict:
 
 
 def _merge_histories(segments: list[dict]) -> list[dict]:
-    """One history from resumed segments: a later segment replaces the rows from its first step on."""
+    """One history from resumed segments: a later segment replaces the rows from its first step
+    on."""
     rows: list[dict] = []
     for segment in segments:
         new = [_wandb_row(r) for r in segment["history"]]
@@ -183,7 +186,8 @@ def _runtime(segment: dict) -> float:
 def _setting(config: dict) -> tuple:
     flat = _flatten(config)
     return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in flat.items()
-                        if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in NOT_A_SETTING)))
+                        if not any(k == s or (s.endswith(".") and k.startswith(s))
+                                   for s in NOT_A_SETTING)))
 
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -222,13 +226,16 @@ def aggregate(runs: Iterable[RunSummary]) -> list[GroupSummary]:
         if len(siblings) > 1:  # e.g. the grid points of one config file: name what differs
             settings = [dict(other) for other in siblings]
             keys = sorted({k for d in settings for k in d})
-            differing = sorted((k for k in keys if len({d.get(k) for d in settings}) > 1), key=_label_order)
+            differing = sorted((k for k in keys if len({d.get(k) for d in settings}) > 1),
+                               key=_label_order)
             mine = dict(setting)
-            label += " " + " ".join(f"{k.rsplit('.', 1)[-1]}={json.loads(mine[k]) if k in mine else '-'}"
-                                    for k in differing[:LABEL_KEYS])
+            label += " " + " ".join(
+                f"{k.rsplit('.', 1)[-1]}={json.loads(mine[k]) if k in mine else '-'}"
+                for k in differing[:LABEL_KEYS])
             if len(differing) > LABEL_KEYS:
                 label += f" (+{len(differing) - LABEL_KEYS} more)"
-        out.append(GroupSummary(label, sorted(members, key=lambda r: (r.seed is None, r.seed or 0))))
+        out.append(GroupSummary(label, sorted(members,
+                                              key=lambda r: (r.seed is None, r.seed or 0))))
     return out
 
 
@@ -265,13 +272,15 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-RUN_HEADER = ["run", "config", "seed", "steps", "val acc % (±95%)", "test acc % (±95%)", "tasks/s", "wall s"]
+RUN_HEADER = ["run", "config", "seed", "steps", "val acc % (±95%)", "test acc % (±95%)",
+              "tasks/s", "wall s"]
 GROUP_HEADER = ["config", "seeds", "steps", "val acc % (mean ± std)", "test acc % (mean ± std)",
                 "tasks/s", "wall s"]
 
 
 def run_cells(run: RunSummary) -> list[str]:
-    steps = f"{run.steps}" if run.finished or run.target_steps is None else f"{run.steps}/{run.target_steps}"
+    steps = (f"{run.steps}" if run.finished or run.target_steps is None
+             else f"{run.steps}/{run.target_steps}")
     return [run.name, run.config, "-" if run.seed is None else str(run.seed), steps,
             _acc(run.val_acc, run.val_ci95), _acc(run.test_acc, run.test_ci95),
             _num(run.tasks_per_s), _num(run.wall_time_s, 0)]
@@ -281,7 +290,8 @@ def group_cells(group: GroupSummary) -> list[str]:
     steps = sorted({r.steps for r in group.runs})
     return [group.label, str(len(group.runs)), "/".join(str(s) for s in steps),
             _mean_std(group.mean_std("val_acc")), _mean_std(group.mean_std("test_acc")),
-            _mean_std(group.mean_std("tasks_per_s"), 1), _mean_std(group.mean_std("wall_time_s"), 0)]
+            _mean_std(group.mean_std("tasks_per_s"), 1),
+            _mean_std(group.mean_std("wall_time_s"), 0)]
 
 
 def format_runs(runs: list[RunSummary]) -> str:
@@ -314,7 +324,8 @@ def plot_curves(groups: list[GroupSummary], path: str | Path, title: str = "") -
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    panels = (("val_curve", "validation accuracy (%)"), ("train_curve", "train query accuracy after adaptation"))
+    panels = (("val_curve", "validation accuracy (%)"),
+              ("train_curve", "train query accuracy after adaptation"))
     for ax, (attr, ylabel) in zip(axes, panels):
         for i, group in enumerate(groups):
             color = f"C{i % 10}"
@@ -326,8 +337,9 @@ def plot_curves(groups: list[GroupSummary], path: str | Path, title: str = "") -
             if not curve:
                 continue
             steps, means, stds, _ = zip(*curve)
-            ax.plot(steps, means, color=color, linewidth=1.8, marker="o" if len(steps) < 20 else None,
-                    markersize=3, label=f"{group.label} (n={len(group.runs)})")
+            ax.plot(steps, means, color=color, linewidth=1.8,
+                    marker="o" if len(steps) < 20 else None, markersize=3,
+                    label=f"{group.label} (n={len(group.runs)})")
             low = [m - s for m, s in zip(means, stds)]
             high = [m + s for m, s in zip(means, stds)]
             ax.fill_between(steps, low, high, color=color, alpha=0.15, linewidth=0)

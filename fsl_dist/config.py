@@ -4,7 +4,8 @@ A config file may name a parent with ``inherit: base.yaml`` (a path relative to 
 child's keys replace the parent's, section by section. Unknown keys, values of the wrong type and
 impossible values are errors that name the file, the key and what would be accepted.
 
-    cfg = load_config("configs/resnet_boil.yaml", ["train.steps=100", "algorithm.inner_lr.features=0.3"])
+    cfg = load_config("configs/resnet_boil.yaml",
+                      ["train.steps=100", "algorithm.inner_lr.features=0.3"])
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class DataConfig:
     source: Optional[str] = None
     """Omniglot zips or folders to pack from when `shards` is missing (None: the download cache)."""
     mode: str = "memory"
-    """memory: each rank holds its class pool; stream: shards are streamed (data bigger than RAM)."""
+    """memory: each rank holds its class pool; stream: shards are streamed (data bigger than
+    RAM)."""
     rotate: bool = True
     """Meta-train classes are rotated by a random multiple of 90 degrees (new classes)."""
     image_size: int = 28
@@ -89,7 +91,8 @@ class OptimConfig:
     min_lr: float = 0.0
     """The end of the cosine schedule."""
     decay_at: list[int] = field(default_factory=list)
-    """The step schedule's steps, ascending: updates after this many finished steps use the lower rate."""
+    """The step schedule's steps, ascending: updates after this many finished steps use the lower
+    rate."""
     decay_factor: float = 0.1
 
 
@@ -245,7 +248,8 @@ def _build(cls, raw: Any, where: str, prefix: str = ""):
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key `{prefix}{unknown[0]}`; known keys here: {', '.join(sorted(names))}"
+            f"{where}: unknown key `{prefix}{unknown[0]}`; "
+            f"known keys here: {', '.join(sorted(names))}"
         )
     values = {}
     for name, value in raw.items():
@@ -287,7 +291,8 @@ def _coerce(hint, value, where: str, key: str):
 
 def _type_error(where: str, key: str, value, hint) -> ConfigError:
     options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    wanted = " or ".join(getattr(a, "__name__", None) or str(a).replace("typing.", "") for a in options)
+    wanted = " or ".join(getattr(a, "__name__", None) or str(a).replace("typing.", "")
+                         for a in options)
     if type(None) in typing.get_args(hint):
         wanted += " or null"
     return ConfigError(f"{where}: `{key}` = {value!r} has the wrong type; expected {wanted}")
@@ -320,7 +325,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     if isinstance(lr, dict):
         bad = sorted(set(lr) - set(INNER_LR_GROUPS))
         if bad:
-            raise ConfigError(f"{where}: `algorithm.inner_lr.{bad[0]}` is no group; use features and/or classifier")
+            raise ConfigError(f"{where}: `algorithm.inner_lr.{bad[0]}` is no group; use features "
+                              "and/or classifier")
     if cfg.eval.inner_steps is not None and cfg.eval.inner_steps < 0:
         raise ConfigError(f"{where}: `eval.inner_steps` must not be negative")
     if cfg.optim.min_lr > cfg.optim.lr:
@@ -335,11 +341,12 @@ def validate(cfg: Config, where: str = "config") -> None:
 
 def _validate_step_schedule(optim: OptimConfig, where: str) -> None:
     if optim.schedule == "step" and not optim.decay_at:
-        raise ConfigError(f"{where}: `optim.schedule` = 'step' needs `optim.decay_at`, the steps at "
-                          f"which the rate falls (say optim.decay_at=[3000])")
+        raise ConfigError(f"{where}: `optim.schedule` = 'step' needs `optim.decay_at`, the steps "
+                          f"at which the rate falls (say optim.decay_at=[3000])")
     if optim.decay_at and optim.schedule != "step":
         raise ConfigError(f"{where}: `optim.decay_at` = {optim.decay_at} does nothing with "
-                          f"`optim.schedule` = {optim.schedule!r}; set optim.schedule=step or drop it")
+                          f"`optim.schedule` = {optim.schedule!r}; set optim.schedule=step or "
+                          f"drop it")
     if any(s < 1 for s in optim.decay_at) or optim.decay_at != sorted(set(optim.decay_at)):
         raise ConfigError(f"{where}: `optim.decay_at` = {optim.decay_at} must be positive steps in "
                           f"ascending order")

@@ -57,13 +57,15 @@ def ensure_shards(cfg: Config, dist) -> None:
             dist.print(f"no shards at {cfg.data.shards}: packing the {cfg.data.split} split "
                        f"from {cfg.data.source or 'the official Omniglot download'}")
             try:
-                pack_omniglot(cfg.data.source, cfg.data.split, cfg.data.shards, size=cfg.data.image_size)
+                pack_omniglot(cfg.data.source, cfg.data.split, cfg.data.shards,
+                              size=cfg.data.image_size)
             except Exception as err:  # noqa: BLE001 - reported to every rank below, not swallowed
                 failure = f"{type(err).__name__}: {err}"
         failure = dist.broadcast_object(failure)
         if failure:
-            raise ShardError(f"no shard set at {cfg.data.shards} (missing {manifest}) and packing it "
-                             f"failed:\n    {failure}\nmake it with:\n    {pack_command(cfg)}")
+            raise ShardError(f"no shard set at {cfg.data.shards} (missing {manifest}) and "
+                             f"packing it failed:\n    {failure}\nmake it with:\n    "
+                             f"{pack_command(cfg)}")
     packed = load_manifest(cfg.data.shards)
     if packed["split"] != cfg.data.split:
         raise ConfigError(f"`data.split` = {cfg.data.split!r} but {manifest} was packed with split "
@@ -76,12 +78,14 @@ def check_tasks_fit(cfg: Config, manifest: dict) -> None:
     so it is checked now rather than after hours of training)."""
     drawings = manifest["drawings_per_class"]
     if cfg.task.k_shot + cfg.task.q_query > drawings:
-        raise ConfigError(f"`task.k_shot` + `task.q_query` = {cfg.task.k_shot} + {cfg.task.q_query} "
-                          f"needs more than the {drawings} drawings per class of {cfg.data.shards}")
+        raise ConfigError(f"`task.k_shot` + `task.q_query` = {cfg.task.k_shot} + "
+                          f"{cfg.task.q_query} needs more than the {drawings} drawings per class "
+                          f"of {cfg.data.shards}")
     for part, entry in manifest["splits"].items():
         if cfg.task.n_way > entry["classes"]:
-            raise ConfigError(f"`task.n_way` = {cfg.task.n_way} is larger than the {entry['classes']} "
-                              f"classes of the {part} part of split {cfg.data.split!r} ({cfg.data.shards})")
+            raise ConfigError(f"`task.n_way` = {cfg.task.n_way} is larger than the "
+                              f"{entry['classes']} classes of the {part} part of split "
+                              f"{cfg.data.split!r} ({cfg.data.shards})")
 
 
 # ---------------------------------------------------------------- run.json, model files
@@ -90,7 +94,8 @@ def check_tasks_fit(cfg: Config, manifest: dict) -> None:
 def git_commit() -> Optional[str]:
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -106,7 +111,8 @@ def package_versions() -> dict:
     return versions
 
 
-def write_run_info(cfg: Config, run_dir: Path, dist, precision: str, wandb_id: Optional[str]) -> None:
+def write_run_info(cfg: Config, run_dir: Path, dist, precision: str,
+                   wandb_id: Optional[str]) -> None:
     save_config(cfg, run_dir / "config.yaml")
     device = dist.device
     info = {
@@ -114,7 +120,8 @@ def write_run_info(cfg: Config, run_dir: Path, dist, precision: str, wandb_id: O
         "world_size": dist.world_size,
         "backend": dist.backend,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "precision": precision,
         "packages": package_versions(),
         "git_commit": git_commit(),
@@ -145,7 +152,8 @@ def load_trained(run_dir: Path, device: torch.device, checkpoint: Optional[str] 
     `checkpoint` ("latest", a step number or a path) the weights of a training checkpoint, so a
     run still training, or stopped, can be evaluated at any kept step. `weights` names the file."""
     run_dir = Path(run_dir)
-    weights = run_dir / "model.safetensors" if checkpoint is None else find_checkpoint(run_dir, checkpoint)
+    weights = (run_dir / "model.safetensors" if checkpoint is None
+               else find_checkpoint(run_dir, checkpoint))
     for needed in (run_dir / "config.yaml", weights):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} is missing: is {run_dir} a finished run folder? "
@@ -154,7 +162,8 @@ def load_trained(run_dir: Path, device: torch.device, checkpoint: Optional[str] 
     if checkpoint is None:
         tensors = load_file(str(weights))
         model_state = {k: v for k, v in tensors.items() if not k.startswith("inner_lr.")}
-        inner_lr_state = {k[len("inner_lr."):]: v for k, v in tensors.items() if k.startswith("inner_lr.")}
+        inner_lr_state = {k[len("inner_lr."):]: v for k, v in tensors.items()
+                          if k.startswith("inner_lr.")}
     else:
         saved = ckpt.load_checkpoint(weights)
         model_state, inner_lr_state = saved["model"], saved.get("inner_lr") or {}

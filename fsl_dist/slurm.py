@@ -82,7 +82,8 @@ def machine_of(env: Mapping[str, str]) -> tuple[int, int]:
     try:
         return int(env["SLURM_PROCID"]), int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
     except KeyError as missing:
-        raise RuntimeError(f"{missing.args[0]} is not set: run this through srun inside a SLURM job") from None
+        raise RuntimeError(f"{missing.args[0]} is not set: run this through srun inside a "
+                           "SLURM job") from None
 
 
 # ---------------------------------------------------------------- the launcher's argv

@@ -7,9 +7,11 @@ A sweep file (`configs/sweeps/*.yaml`):
     seeds: [0, 1, 2]                  # or a count: `seeds: 3` means 0, 1, 2
     overrides:                        # dotted config keys, applied to every run
       train.steps: 1000
-    grid:                             # optional: every combination of these values, for every config
+    grid:                             # optional: every combination of these values,
+                                      # for every config
       task.k_shot: [1, 5]
-    runs_dir: runs                    # run folders: <runs_dir>/<name>/<config>[-<key>=<value>...]-s<seed>
+    runs_dir: runs                    # run folders:
+                                      # <runs_dir>/<name>/<config>[-<key>=<value>...]-s<seed>
     cpu_processes: 1                  # training processes per array task when it has no GPU
 
 Runs are numbered config first, then grid combination, then seed (the seed varies fastest), so
@@ -145,7 +147,8 @@ def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; every error names the file and the key."""
     path = Path(path)
     if not path.is_file():
-        raise SweepError(f"sweep file {path} does not exist (the sweeps are in configs/sweeps/*.yaml)")
+        raise SweepError(f"sweep file {path} does not exist (the sweeps are in "
+                         "configs/sweeps/*.yaml)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -183,8 +186,8 @@ def _configs(raw: dict, path: Path) -> tuple[Path, ...]:
     for entry in configs:
         config = (path.parent / entry).resolve()
         if not config.is_file():
-            raise SweepError(f"{path}: `configs` entry {entry!r} does not exist (looked for {config}; "
-                             "paths are relative to the sweep file)")
+            raise SweepError(f"{path}: `configs` entry {entry!r} does not exist (looked for "
+                             f"{config}; paths are relative to the sweep file)")
         resolved.append(config)
     if len(set(resolved)) != len(resolved):
         raise SweepError(f"{path}: `configs` lists the same file twice")
@@ -231,7 +234,8 @@ def _grid(raw: dict, path: Path) -> tuple[tuple[str, tuple], ...]:
 
 def _check_key(key, path: Path, section: str) -> None:
     if not isinstance(key, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_.]*$", key):
-        raise SweepError(f"{path}: `{section}` key {key!r} must be a dotted config key like train.steps")
+        raise SweepError(f"{path}: `{section}` key {key!r} must be a dotted config key like "
+                         "train.steps")
     if key in RESERVED:
         raise SweepError(f"{path}: `{section}.{key}` cannot be set in a sweep: {RESERVED[key]}")
 
@@ -278,7 +282,8 @@ def _safe(text: str) -> str:
 
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
-    """Each grid key's last part (`task.k_shot` -> `k_shot`), or the whole key where two share it."""
+    """Each grid key's last part (`task.k_shot` -> `k_shot`), or the whole key where two
+    share it."""
     leaves = [k.rsplit(".", 1)[-1] for k in keys]
     return {k: (leaf if leaves.count(leaf) == 1 else k) for k, leaf in zip(keys, leaves)}
 

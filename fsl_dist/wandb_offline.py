@@ -66,8 +66,8 @@ def read_run(path: Path) -> dict:
             config.update({_key(it): json.loads(it.value_json) for it in record.config.update})
         elif kind == "run":
             run = record.run
-            meta.update(id=run.run_id, project=run.project, name=run.display_name, group=run.run_group,
-                        tags=list(run.tags))
+            meta.update(id=run.run_id, project=run.project, name=run.display_name,
+                        group=run.run_group, tags=list(run.tags))
             config.update({it.key: json.loads(it.value_json) for it in run.config.update})
         elif kind == "exit":
             meta["exit_code"] = record.exit.exit_code

@@ -16,15 +16,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from fsl_dist.compare import aggregate, format_groups, format_runs, from_run_dir, from_wandb, plot_curves, write_csv
+from fsl_dist.compare import (
+    aggregate,
+    format_groups,
+    format_runs,
+    from_run_dir,
+    from_wandb,
+    plot_curves,
+    write_csv,
+)
 from fsl_dist.sweep import SweepError, load_sweep
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="*", type=Path, help="run folders")
     parser.add_argument("--sweep", help="compare the run folders of this sweep file")
-    parser.add_argument("--runs-dir", type=Path, help="with --sweep: instead of the sweep file's runs_dir")
+    parser.add_argument("--runs-dir", type=Path,
+                        help="with --sweep: instead of the sweep file's runs_dir")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from the W&B API")
     parser.add_argument("--group", help="with --wandb: the W&B group (a sweep's name)")
     parser.add_argument("--plot", type=Path, help="PNG of the learning curves")
@@ -40,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def collect(args) -> tuple[list, Path, str]:
     """(runs, default plot path, title)."""
     if args.wandb:
-        return from_wandb(args.wandb, args.group), Path(f"compare-{args.group}.png"), f"{args.wandb} group {args.group}"
+        return (from_wandb(args.wandb, args.group), Path(f"compare-{args.group}.png"),
+                f"{args.wandb} group {args.group}")
     if args.sweep:
         sweep = load_sweep(args.sweep)
         dirs = [sweep.run_dir(run, args.runs_dir) for run in sweep.runs()]

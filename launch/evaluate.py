@@ -10,7 +10,7 @@ their spread and the larger of the two intervals (over episodes, over seeds): on
 part one seed's interval understates the uncertainty.
 
 Episodes are divided among processes and gathered; the JSON goes to the run folder.
-"""
+"""  # noqa: E501 (the --help text)
 
 from __future__ import annotations
 
@@ -28,19 +28,23 @@ from fsl_dist.trainer import resolve_precision
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, help="a run folder written by launch/train.py")
-    parser.add_argument("--episodes", type=int, help="episodes (default: the config's eval.episodes)")
+    parser.add_argument("--episodes", type=int,
+                        help="episodes (default: the config's eval.episodes)")
     parser.add_argument("--ways", type=int, help="N-way; must equal the trained head's N")
     parser.add_argument("--shots", type=int, help="K-shot (default: the trained K)")
     parser.add_argument("--part", choices=("val", "test"), help="split part (default: eval.part)")
-    parser.add_argument("--inner-steps", type=int, help="inner steps at test time (default: eval.inner_steps)")
-    parser.add_argument("--checkpoint", help="evaluate a training checkpoint instead of the final model: "
-                        "latest, a step number, or a path (default: model.safetensors)")
+    parser.add_argument("--inner-steps", type=int,
+                        help="inner steps at test time (default: eval.inner_steps)")
+    parser.add_argument("--checkpoint", help="evaluate a training checkpoint instead of the final "
+                        "model: latest, a step number, or a path (default: model.safetensors)")
     parser.add_argument("--seeds", type=int, nargs="+",
                         help="episode seeds (default: the config's eval.seed); two or more report "
                              "the mean over seeds with the between-seed spread")
-    parser.add_argument("--out", default=None, help="file name in the run folder (default eval-<part>.json)")
+    parser.add_argument("--out", default=None,
+                        help="file name in the run folder (default eval-<part>.json)")
     return parser.parse_args(argv)
 
 
@@ -63,17 +67,20 @@ def main(argv=None) -> int:
         return 2
     dist = Distributed()
     try:
-        cfg, model, inner_lr, weights = load_trained(Path(args.run_dir), dist.device, args.checkpoint)
+        cfg, model, inner_lr, weights = load_trained(Path(args.run_dir), dist.device,
+                                                     args.checkpoint)
         if dist.device.type == "cpu" and cfg.train.tune_cpu_malloc:
             dist.print(f"cpu malloc: {tune_cpu_malloc()}", file=sys.stderr)
         if args.ways is not None and args.ways != cfg.task.n_way:
-            raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a {cfg.task.n_way}-way "
-                              "head; evaluate with its N-way or train a model for this N")
+            raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a "
+                              f"{cfg.task.n_way}-way head; evaluate with its N-way or train a "
+                              "model for this N")
         precision = resolve_precision(cfg.precision, launcher_precision(), dist.device)
         part = args.part or cfg.eval.part
         out_name = args.out or f"eval-{part}.json"
-        result = evaluate_held_out(model, inner_lr, cfg, dist, Path(args.run_dir), precision=precision,
-                                   episodes=args.episodes, shots=args.shots, part=part,
+        result = evaluate_held_out(model, inner_lr, cfg, dist, Path(args.run_dir),
+                                   precision=precision, episodes=args.episodes, shots=args.shots,
+                                   part=part,
                                    inner_steps=args.inner_steps, out_name=out_name,
                                    weights=weights, seeds=args.seeds)
     except (ConfigError, ShardError, FileNotFoundError) as err:

@@ -7,7 +7,7 @@ Machine rank and count come from the srun task (SLURM_PROCID, SLURM_NTASKS), the
 address and port from FSL_MAIN_ADDR / FSL_MAIN_PORT (the batch script sets them from
 `scontrol show hostnames`). Each machine runs `accelerate launch` with one process per GPU it
 was given, or --cpu-processes on CPU, and always --resume auto, so a requeued job continues.
-"""
+"""  # noqa: E501 (the --help text)
 
 from __future__ import annotations
 
@@ -18,18 +18,28 @@ import sys
 from pathlib import Path
 
 from fsl_dist.config import ConfigError, default_run_dir, load_config
-from fsl_dist.slurm import accelerate_command, job_port, machine_of, processes_per_machine, supervise
+from fsl_dist.slurm import (
+    accelerate_command,
+    job_port,
+    machine_of,
+    processes_per_machine,
+    supervise,
+)
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--run-dir", help="run folder on a shared filesystem (default runs/<config name>-<seed>)")
+    parser.add_argument("--run-dir", help="run folder on a shared filesystem "
+                        "(default runs/<config name>-<seed>)")
     parser.add_argument("--resume", default="auto", help="passed to train.py (default auto)")
-    parser.add_argument("--cpu-processes", type=int, default=1, help="processes per machine without GPUs")
-    parser.add_argument("--dry-run", action="store_true", help="print this machine's launch command only")
+    parser.add_argument("--cpu-processes", type=int, default=1,
+                        help="processes per machine without GPUs")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print this machine's launch command only")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser.parse_args(argv)
 
@@ -47,9 +57,11 @@ def main(argv=None) -> int:
     processes, on_gpu = processes_per_machine(os.environ, args.cpu_processes)
     address = os.environ.get("FSL_MAIN_ADDR")
     if machines > 1 and not address:
-        print("error: FSL_MAIN_ADDR is not set (launch/slurm/multinode.sbatch sets it)", file=sys.stderr)
+        print("error: FSL_MAIN_ADDR is not set (launch/slurm/multinode.sbatch sets it)",
+              file=sys.stderr)
         return 2
-    train_args = ["--config", args.config, "--run-dir", str(run_dir), "--resume", args.resume, *args.overrides]
+    train_args = ["--config", args.config, "--run-dir", str(run_dir), "--resume", args.resume,
+                  *args.overrides]
     argv, env = accelerate_command(TRAIN_SCRIPT, train_args, processes=processes, on_gpu=on_gpu,
                                    num_machines=machines, machine_rank=machine_rank,
                                    main_address=address, main_port=job_port(os.environ))

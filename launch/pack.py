@@ -17,7 +17,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", choices=["omniglot"])
     parser.add_argument("--source", help="folder with images_background.zip and "
-                        "images_evaluation.zip (or their extracted folders); default: cache + download")
+                        "images_evaluation.zip (or their extracted folders); "
+                        "default: cache + download")
     parser.add_argument("--split", required=True, choices=omniglot.SPLITS)
     parser.add_argument("--out", required=True, help="shard set folder to create or replace")
     parser.add_argument("--size", type=int, default=28, help="image side in pixels (default 28)")
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
         return 2
     manifest = shards.load_manifest(out)
     counts = ", ".join(f"{part} {manifest['splits'][part]['classes']} classes / "
-                       f"{len(manifest['splits'][part]['shards'])} shards" for part in omniglot.PARTS)
+                       f"{len(manifest['splits'][part]['shards'])} shards"
+                       for part in omniglot.PARTS)
     print(f"packed omniglot split {args.split!r} at {args.size}x{args.size} into {out}: {counts}")
     return 0
 

@@ -9,7 +9,7 @@
 sweep file is passed to sbatch. `run` (what each array task calls) trains one run through
 `accelerate launch`, one process per GPU of the allocation or `cpu_processes` on CPU, and turns
 SIGUSR1/SIGTERM into a checkpoint and exit status 75 (resumable; the batch script requeues).
-"""
+"""  # noqa: E501 (the --help text)
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ TRAIN_SCRIPT = ROOT / "launch" / "train.py"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     listing = sub.add_parser("list", help="print the index -> config, seed, overrides table")
@@ -41,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch command only")
     submit.add_argument("sweep")
     submit.add_argument("sbatch_args", nargs=argparse.REMAINDER, metavar="sbatch options",
-                        help="passed to sbatch after fsl_dist's own (so they win), e.g. --time=4:00:00")
+                        help="passed to sbatch after fsl_dist's own (so they win), "
+                             "e.g. --time=4:00:00")
 
     run = sub.add_parser("run", help="train one run of the sweep (what each array task calls)")
     run.add_argument("sweep")
@@ -49,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--runs-dir", type=Path, help="instead of the sweep file's runs_dir")
     run.add_argument("--processes", type=int, help="processes for this run (default: one per GPU "
                      "of the allocation, or the sweep's cpu_processes without GPUs)")
-    run.add_argument("--script", type=Path, default=TRAIN_SCRIPT, help="training script (default launch/train.py)")
+    run.add_argument("--script", type=Path, default=TRAIN_SCRIPT,
+                     help="training script (default launch/train.py)")
     run.add_argument("--dry-run", action="store_true", help="print the launch command only")
     return parser.parse_args(argv)
 

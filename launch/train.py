@@ -6,7 +6,7 @@
     accelerate launch launch/train.py --config configs/cnn_maml.yaml --resume auto
 
 Overrides are dotted `section.key=value` pairs (YAML values): `train.steps=5000 precision=bf16`.
-"""
+"""  # noqa: E501 (the --help text)
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from fsl_dist.slurm import EXIT_RESUMABLE  # 75: stopped by a signal, checkpoint
 from fsl_dist.trainer import Trainer
 
 
-
 def debug_overrides() -> list[str]:
     """Debug mode: a few steps on a small meta-batch, W&B off, every step printed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -35,11 +34,15 @@ def debug_overrides() -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/resnet_boil.yaml")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True,
+                        help="YAML config, e.g. configs/resnet_boil.yaml")
     parser.add_argument("--run-dir", help="run folder (default runs/<config name>-<seed>)")
-    parser.add_argument("--resume", help="'auto' (newest checkpoint in the run folder, if any) or a checkpoint path")
-    parser.add_argument("--debug", action="store_true", help="few steps, anomaly detection, deterministic, W&B off")
+    parser.add_argument("--resume", help="'auto' (newest checkpoint in the run folder, if any) "
+                        "or a checkpoint path")
+    parser.add_argument("--debug", action="store_true",
+                        help="few steps, anomaly detection, deterministic, W&B off")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
@@ -69,8 +72,9 @@ def main(argv=None) -> int:
                    f"continue with --resume auto")
         return dist.exit(EXIT_RESUMABLE)
     if result is not None:
-        dist.print(f"{cfg.name}: {cfg.eval.part} accuracy {result['mean']:.2f} ± {result['ci95']:.2f}% "
-                   f"over {result['episodes']} episodes -> {run_dir / 'eval.json'}")
+        dist.print(f"{cfg.name}: {cfg.eval.part} accuracy {result['mean']:.2f} ± "
+                   f"{result['ci95']:.2f}% over {result['episodes']} episodes -> "
+                   f"{run_dir / 'eval.json'}")
     return dist.exit(0)
 
 

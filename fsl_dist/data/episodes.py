@@ -115,7 +115,8 @@ def _pick_drawings(rng: np.random.Generator, classes: int, drawings: int, count:
 
 def _empty_indices(tasks: int, spec: TaskSpec) -> TaskIndices:
     n = spec.n_way
-    return TaskIndices(np.empty((tasks, n), np.int64), np.empty((tasks, n, spec.drawings_per_class), np.int64),
+    return TaskIndices(np.empty((tasks, n), np.int64),
+                       np.empty((tasks, n, spec.drawings_per_class), np.int64),
                        np.empty((tasks, n), np.int64), np.empty((tasks, n), np.int64))
 
 
@@ -154,14 +155,16 @@ class MemoryTasks:
         where = f"part {pool.part!r} of {pool.shard_dir}"
         check_spec_fits(spec, pool.num_classes, pool.drawings_per_class, where)
         if spec.rotate and pool.images.shape[-1] != pool.images.shape[-2]:
-            raise ValueError(f"rotation needs square images; {where} has {tuple(pool.images.shape[-2:])}")
+            raise ValueError(f"rotation needs square images; {where} has "
+                             f"{tuple(pool.images.shape[-2:])}")
         self.pool = pool
         self.spec = spec
         self.seed = seed
         self._rows = None  # flat (rotated) pool, built by the first batch
 
     def indices(self, step: int, indices: range | Sequence[int]) -> TaskIndices:
-        """Sample tasks ``indices`` of ``step``: one generator per task, seeded by (seed, step, i)."""
+        """Sample tasks ``indices`` of ``step``: one generator per task, seeded by
+        (seed, step, i)."""
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}")
         out = _empty_indices(len(indices), self.spec)
@@ -199,7 +202,8 @@ class MemoryTasks:
         """
         if self._rows is None:
             images = self.pool.images
-            turned = [torch.rot90(images, k, dims=(-2, -1)) for k in range(4 if self.spec.rotate else 1)]
+            turned = [torch.rot90(images, k, dims=(-2, -1))
+                      for k in range(4 if self.spec.rotate else 1)]
             self._rows = torch.stack(turned).reshape(-1, images.shape[-2] * images.shape[-1])
         return self._rows
 
@@ -360,7 +364,8 @@ def make_tasks(shard_dir: str | Path, part: str, spec: TaskSpec, *, seed: int,
     if tasks_per_batch is None or batches is None:
         raise ValueError("stream mode needs tasks_per_batch (this rank's share of the meta-batch) "
                          "and batches (meta-batches per epoch)")
-    manifest = shardlib.verify_shards(shard_dir, [part]) if verify else shardlib.load_manifest(shard_dir)
+    manifest = (shardlib.verify_shards(shard_dir, [part]) if verify
+                else shardlib.load_manifest(shard_dir))
     entry = shardlib.check_part(manifest, part, shard_dir)
     files = [(shard_dir / s["file"], s["classes"]) for s in entry["shards"]]
     return StreamTasks(files, spec, num_classes=entry["classes"],

@@ -126,11 +126,13 @@ def resolve_source(
         folder = Path(source).expanduser()
         if not folder.is_dir():
             raise OmniglotSourceError(f"Omniglot source folder {folder} does not exist; pass the "
-                                      "folder holding images_background.zip and images_evaluation.zip")
+                                      "folder holding images_background.zip and "
+                                      "images_evaluation.zip")
         missing = [name for name in archives
                    if not (folder / f"{name}.zip").is_file() and not (folder / name).is_dir()]
         if missing:
-            wanted = " and ".join(f"{name}.zip (or an extracted {name}/ folder)" for name in missing)
+            wanted = " and ".join(f"{name}.zip (or an extracted {name}/ folder)"
+                                  for name in missing)
             raise OmniglotSourceError(f"{folder} lacks {wanted}; put the official Omniglot "
                                       "archives there or pass another --source")
         return folder
@@ -240,7 +242,8 @@ def list_characters(members: list[str], archive: str) -> tuple[Character, ...]:
             problems.append(f"alphabet {alphabet} ({count} characters) is missing")
             continue
         for name in names:
-            character, problem = _check_character(archive, alphabet, name, found.get((alphabet, name)))
+            character, problem = _check_character(archive, alphabet, name,
+                                                  found.get((alphabet, name)))
             if problem:
                 problems.append(problem)
             else:
@@ -366,7 +369,8 @@ def _checksum_record(location: Path, content_sha256: str) -> dict:
 # ----------------------------------------------------------------------------- splits
 
 
-def split_characters(characters: tuple[Character, ...], split: str, seed: int) -> dict[str, list[int]]:
+def split_characters(characters: tuple[Character, ...], split: str,
+                     seed: int) -> dict[str, list[int]]:
     """Assign characters (by position in ``characters``) to train/val/test for a named split.
 
     One global seed decides everything, so every process and rank computes the same split.

@@ -249,7 +249,8 @@ def load_manifest(shard_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ShardError(f"{path} is unreadable ({error}); {_repack_hint(shard_dir)}") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "splits" not in manifest:
+    if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT
+            or "splits" not in manifest):
         raise ShardError(f"{path} is not an fsl_dist shard manifest; {_repack_hint(shard_dir)}")
     return manifest
 
@@ -311,7 +312,8 @@ def load_class_pool(shard_dir: str | Path, part: str, *, verify: bool = True) ->
     if len(classes) != entry["classes"]:
         raise ShardError(f"shard set {shard_dir} part {part!r} holds {len(classes)} classes, the "
                          f"manifest says {entry['classes']}; {_repack_hint(shard_dir)}")
-    tensor = torch.from_numpy(np.stack(images)) if images else torch.empty(0, 0, 0, 0, dtype=torch.uint8)
+    tensor = (torch.from_numpy(np.stack(images)) if images
+              else torch.empty(0, 0, 0, 0, dtype=torch.uint8))
     return ClassPool(images=tensor, classes=classes, part=part, shard_dir=shard_dir)
 
 
@@ -320,7 +322,8 @@ def read_shard(path: Path):
     try:
         yield from wds.tarfile_to_samples()([{"url": str(path)}])
     except Exception as error:  # tarfile/IO errors deep inside webdataset: name the file
-        raise ShardError(f"cannot read shard {path} ({error}); {_repack_hint(path.parent)}") from error
+        raise ShardError(f"cannot read shard {path} ({error}); "
+                         f"{_repack_hint(path.parent)}") from error
 
 
 def decode_class_sample(sample: dict, where: Path | str) -> tuple[np.ndarray, dict]:

@@ -6,17 +6,29 @@ meta-objective over a batch of tasks and ``objective.meta_backward`` its gradien
 task. Nothing here knows about ranks or processes.
 """
 
-from .algorithms import (ADAPTED_GROUPS, ALGORITHMS, DEFAULT_INNER_LR, LearnedInnerLR,
-                         adapted_parameter_names, resolve_inner_lr)
+from .algorithms import (
+    ADAPTED_GROUPS,
+    ALGORITHMS,
+    DEFAULT_INNER_LR,
+    LearnedInnerLR,
+    adapted_parameter_names,
+    resolve_inner_lr,
+)
 from .inner import INNER_LOSSES, Adaptation, adapt
-from .objective import (default_task_workers, default_vectorize, evaluate_tasks, meta_backward,
-                        meta_loss)
+from .objective import (
+    default_task_workers,
+    default_vectorize,
+    evaluate_tasks,
+    meta_backward,
+    meta_loss,
+)
 from .precision import PRECISIONS, InnerLossScaler
 from .spec import InnerLoopSpec
 
 __all__ = [
     "ADAPTED_GROUPS", "ALGORITHMS", "DEFAULT_INNER_LR", "INNER_LOSSES", "PRECISIONS",
-    "Adaptation", "InnerLoopSpec", "InnerLossScaler", "LearnedInnerLR", "adapt", "adapted_parameter_names",
+    "Adaptation", "InnerLoopSpec", "InnerLossScaler", "LearnedInnerLR", "adapt",
+    "adapted_parameter_names",
     "default_task_workers", "default_vectorize", "evaluate_tasks", "meta_backward", "meta_loss",
     "resolve_inner_lr",
 ]
