@@ -57,29 +57,44 @@ def test_source_checksums_recorded(packed, omniglot_source, split):
         assert re.fullmatch(r"[0-9a-f]{64}", record["content_sha256"])
 
 
-def test_parts_follow_the_split_definitions(packed):
-    ids = {split: {part: part_ids(packed(split), part) for part in omniglot.PARTS} for split in EXPECTED}
-    for split, parts in ids.items():
-        flat = [i for part in parts.values() for i in part]
-        assert len(flat) == len(set(flat)), f"{split}: a character is in two parts"
-    lake = ids["lake"]
-    assert set(lake["test"]) == set(range(965, 1624))  # images_evaluation ids
-    assert set(lake["train"]) | set(lake["val"]) == set(range(1, 965))
-    assert {i for p in ids["vinyals"].values() for i in p} == set(range(1, 1624))
-    futurama = ids["futurama"]
-    assert set(futurama["test"]) == FUTURAMA_IDS
-    assert set(futurama["train"]) | set(futurama["val"]) == set(range(1, 965)) - FUTURAMA_IDS
+@pytest.mark.parametrize("split", sorted(EXPECTED))
+def test_no_character_is_in_two_parts(packed, split):
+    flat = [i for part in omniglot.PARTS for i in part_ids(packed(split), part)]
+    assert len(flat) == len(set(flat)), f"{split}: a character is in two parts"
 
 
-def test_class_metadata_and_pixels(packed, omniglot_source):
+SPLIT_DEFINITIONS = {  # split -> {parts: the character ids they hold together}
+    "lake": {("test",): set(range(965, 1624)),  # images_evaluation ids
+             ("train", "val"): set(range(1, 965))},
+    "vinyals": {("train", "val", "test"): set(range(1, 1624))},
+    "futurama": {("test",): FUTURAMA_IDS,
+                 ("train", "val"): set(range(1, 965)) - FUTURAMA_IDS},
+}
+
+
+@pytest.mark.parametrize("split", sorted(SPLIT_DEFINITIONS))
+def test_parts_follow_the_split_definitions(packed, split):
+    for parts, expected in SPLIT_DEFINITIONS[split].items():
+        assert {i for part in parts for i in part_ids(packed(split), part)} == expected, parts
+
+
+def test_class_metadata_and_image_shape(packed):
     pool = shards.load_class_pool(packed("futurama"), "test")
     first = pool.classes[0]
     assert first == {"alphabet": "Futurama", "character": "character01", "id": 325,
                      "drawers": list(range(1, 21)), "archive": "images_background",
                      "split": "futurama", "part": "test"}
     assert pool.images.shape == (26, 20, 28, 28)
-    # Strokes bright on dark: most pixels are background (0), strokes reach 255.
+
+
+def test_strokes_are_bright_on_a_dark_background(packed):
+    pool = shards.load_class_pool(packed("futurama"), "test")
+    # Most pixels are background (0), strokes reach 255.
     assert pool.images.max() == 255 and pool.images.float().mean() < 64
+
+
+def test_pixels_are_the_inverted_drawing_of_the_zip(packed, omniglot_source):
+    pool = shards.load_class_pool(packed("futurama"), "test")
     with zipfile.ZipFile(omniglot_source / "images_background.zip") as archive:
         png = archive.read("images_background/Futurama/character01/0325_01.png")
     original = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
@@ -98,14 +113,23 @@ def test_two_packs_are_byte_identical(packed, omniglot_source, tmp_path):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
-def test_sample_keys_have_no_dots_and_are_unique(packed):
+@pytest.fixture(scope="module")
+def vinyals_keys(packed):
+    """The sample keys of every shard of the vinyals set (read once for the tests below)."""
     manifest = shards.load_manifest(packed("vinyals"))
     keys = []
     for part in omniglot.PARTS:
         for path in shards.shard_files(packed("vinyals"), part, manifest):
             keys += [s["__key__"] for s in shards.read_shard(path)]
-    assert len(keys) == 1623 == len(set(keys))
-    assert not any("." in key for key in keys)
+    return keys
+
+
+def test_sample_keys_are_unique(vinyals_keys):
+    assert len(vinyals_keys) == 1623 == len(set(vinyals_keys))
+
+
+def test_sample_keys_have_no_dots(vinyals_keys):
+    assert not any("." in key for key in vinyals_keys)
 
 
 def test_incomplete_source_names_what_is_missing(omniglot_source, tmp_path):
@@ -128,10 +152,18 @@ def test_incomplete_source_names_what_is_missing(omniglot_source, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_extracted_folder_reads_like_the_zip(omniglot_source, tmp_path):
+@pytest.fixture(scope="module")
+def extracted_evaluation(omniglot_source, tmp_path_factory):
+    """images_evaluation.zip extracted (once: about 13,000 files), as a user might have it."""
+    folder = tmp_path_factory.mktemp("extracted")
     with zipfile.ZipFile(omniglot_source / "images_evaluation.zip") as archive:
-        archive.extractall(tmp_path)
-    folder = omniglot.resolve_source(tmp_path, download=False, archives=(omniglot.EVALUATION,))
+        archive.extractall(folder)
+    return folder
+
+
+def test_extracted_folder_reads_like_the_zip(omniglot_source, extracted_evaluation):
+    folder = omniglot.resolve_source(extracted_evaluation, download=False,
+                                     archives=(omniglot.EVALUATION,))
     from_folder = omniglot._ArchiveReader(folder / omniglot.EVALUATION, omniglot.EVALUATION)
     from_zip = omniglot._ArchiveReader(omniglot_source / "images_evaluation.zip", omniglot.EVALUATION)
     members = from_zip.png_members()
@@ -140,18 +172,35 @@ def test_extracted_folder_reads_like_the_zip(omniglot_source, tmp_path):
         omniglot.list_characters(from_folder.png_members(), omniglot.EVALUATION)
     assert all(from_folder.read(m) == from_zip.read(m) for m in members[::997])
     from_zip.close()
+
+
+def test_an_extracted_folder_without_an_alphabet_names_it(extracted_evaluation):
+    # images_evaluation read as images_background: its alphabets (Korean among them) are missing
+    folder = omniglot.resolve_source(extracted_evaluation, download=False,
+                                     archives=(omniglot.EVALUATION,))
+    from_folder = omniglot._ArchiveReader(folder / omniglot.EVALUATION, omniglot.EVALUATION)
     with pytest.raises(omniglot.OmniglotSourceError, match="Korean"):
         omniglot.list_characters(from_folder.png_members(), omniglot.BACKGROUND)
 
 
-def test_missing_source_and_md5_errors(tmp_path, monkeypatch):
+def test_a_source_folder_that_does_not_exist_is_named(tmp_path):
     with pytest.raises(omniglot.OmniglotSourceError, match="does not exist"):
         omniglot.resolve_source(tmp_path / "nowhere", download=False)
+
+
+def test_a_source_folder_without_the_zips_names_them(tmp_path):
     with pytest.raises(omniglot.OmniglotSourceError, match="images_evaluation.zip"):
         omniglot.resolve_source(tmp_path, download=False)
+
+
+def test_no_source_and_no_download_says_downloading_is_off(tmp_path, monkeypatch):
     monkeypatch.setenv("FSL_DATA_HOME", str(tmp_path))
     with pytest.raises(omniglot.OmniglotSourceError, match="downloading is off"):
         omniglot.resolve_source(None, download=False)
+
+
+def test_a_zip_that_is_not_the_official_one_fails_its_md5(tmp_path, monkeypatch):
+    monkeypatch.setenv("FSL_DATA_HOME", str(tmp_path))
     fake = tmp_path / "omniglot" / "images_background.zip"
     fake.parent.mkdir()
     fake.write_bytes(b"not the official zip")
@@ -159,11 +208,13 @@ def test_missing_source_and_md5_errors(tmp_path, monkeypatch):
         omniglot.resolve_source(None, download=False, archives=(omniglot.BACKGROUND,))
 
 
-def test_bad_pack_arguments(omniglot_source, tmp_path):
-    with pytest.raises(ValueError, match="unknown split 'omniglot'.*lake, vinyals, futurama"):
-        shards.pack_omniglot(omniglot_source, "omniglot", tmp_path / "x", download=False)
-    with pytest.raises(ValueError, match="image size 200"):
-        shards.pack_omniglot(omniglot_source, "futurama", tmp_path / "x", size=200, download=False)
+@pytest.mark.parametrize("split, size, message", [
+    ("omniglot", 28, "unknown split 'omniglot'.*lake, vinyals, futurama"),
+    ("futurama", 200, "image size 200"),
+], ids=["unknown-split", "image-size-200"])
+def test_bad_pack_arguments(omniglot_source, tmp_path, split, size, message):
+    with pytest.raises(ValueError, match=message):
+        shards.pack_omniglot(omniglot_source, split, tmp_path / "x", size=size, download=False)
     assert not (tmp_path / "x").exists()
 
 
