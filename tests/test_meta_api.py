@@ -36,18 +36,32 @@ def test_evaluate_tasks_adapts_under_no_grad(vectorize):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_adapted_names_and_step_sizes():
-    names = ["features.0.weight", "features.0.bias", "classifier.weight"]
-    assert adapted_parameter_names("maml", names) == names
-    assert adapted_parameter_names("boil", names) == names[:2]
-    assert adapted_parameter_names("anil", names) == names[2:]
+NAMES = ["features.0.weight", "features.0.bias", "classifier.weight"]
+
+
+@pytest.mark.parametrize("algorithm, adapted", [
+    ("maml", NAMES), ("boil", NAMES[:2]), ("anil", NAMES[2:])])
+def test_adapted_names(algorithm, adapted):
+    assert adapted_parameter_names(algorithm, NAMES) == adapted
+
+
+def test_the_algorithms_are_maml_boil_and_anil():
     assert set(ALGORITHMS) == {"maml", "boil", "anil"}
+
+
+def test_an_unknown_algorithm_is_refused():
     with pytest.raises(ValueError):
-        adapted_parameter_names("reptile", names)
-    assert resolve_inner_lr({"features": 0.1, "classifier": 0.2}, names) == {
-        names[0]: 0.1, names[1]: 0.1, names[2]: 0.2}
+        adapted_parameter_names("reptile", NAMES)
+
+
+def test_step_sizes_are_per_part():
+    assert resolve_inner_lr({"features": 0.1, "classifier": 0.2}, NAMES) == {
+        NAMES[0]: 0.1, NAMES[1]: 0.1, NAMES[2]: 0.2}
+
+
+def test_a_part_without_a_step_size_is_named():
     with pytest.raises(ValueError, match="classifier"):
-        resolve_inner_lr({"features": 0.1}, names)
+        resolve_inner_lr({"features": 0.1}, NAMES)
 
 
 def test_learned_inner_lr_is_meta_learned():
@@ -57,12 +71,18 @@ def test_learned_inner_lr_is_meta_learned():
     loss, _ = meta_loss(model, tasks, InnerLoopSpec("boil", inner_steps=1, inner_lr=lrs))
     loss.backward()
     assert all(p.grad is not None and p.grad != 0 for p in lrs.parameters())
+
+
+def test_learned_step_sizes_of_one_algorithm_cannot_serve_another():
+    model, tasks = tiny()
+    lrs = LearnedInnerLR(model, "boil", 0.3)
     with pytest.raises(ValueError):  # BOIL's step sizes cannot serve MAML's head
         meta_loss(model, tasks, InnerLoopSpec("maml", inner_steps=1, inner_lr=lrs))
 
 
-def test_default_vectorize_is_per_device_type():
-    assert default_vectorize("cpu") is False
-    assert default_vectorize("cpu", build_model("cnn", 5)) is False
-    assert default_vectorize("cpu", build_model("resnet", 5)) is False
-    assert default_vectorize(torch.device("cuda", 3)) is True
+@pytest.mark.parametrize("device, model, expected", [
+    ("cpu", None, False), ("cpu", "cnn", False), ("cpu", "resnet", False),
+    (torch.device("cuda", 3), None, True)], ids=["cpu", "cpu-cnn", "cpu-resnet", "cuda"])
+def test_default_vectorize_is_per_device_type(device, model, expected):
+    args = (device,) if model is None else (device, build_model(model, 5))
+    assert default_vectorize(*args) is expected
