@@ -17,27 +17,45 @@ def test_models_on_omniglot_inputs(name):
     assert list(model.buffers()) == []  # nothing that forward could change
 
 
-def test_model_options():
-    assert build_model("cnn", 3, width=8, blocks=2, image_size=8).classifier.in_features == 8 * 2 * 2
-    assert build_model("resnet", 3, widths=(4, 8)).classifier.in_features == 8
-    assert build_model("resnet", 3, width=4).classifier.in_features == 32
-    with pytest.raises(ValueError):
-        build_model("vit", 5)
-    with pytest.raises(ValueError):
-        build_model("cnn", 5, image_size=8)  # four halvings of 8 leave nothing
+@pytest.mark.parametrize("name, options, features", [
+    ("cnn", dict(width=8, blocks=2, image_size=8), 8 * 2 * 2),
+    ("resnet", dict(widths=(4, 8)), 8),
+    ("resnet", dict(width=4), 32),
+], ids=["cnn-width-blocks-size", "resnet-widths", "resnet-width"])
+def test_model_options(name, options, features):
+    assert build_model(name, 3, **options).classifier.in_features == features
 
 
-def test_batch_norm_uses_batch_statistics_in_train_and_eval():
+@pytest.mark.parametrize("name, options", [
+    ("vit", {}),
+    ("cnn", dict(image_size=8)),  # four halvings of 8 leave nothing
+], ids=["unknown-model", "cnn-image-too-small"])
+def test_impossible_models_are_refused(name, options):
+    with pytest.raises(ValueError):
+        build_model(name, 5, **options)
+
+
+def norm_and_input():
     torch.manual_seed(0)
     norm = BatchStatNorm2d(3)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2)
         norm.bias.normal_()
-    x = torch.randn(4, 3, 5, 5) * 3 + 1
+    return norm, torch.randn(4, 3, 5, 5) * 3 + 1
+
+
+def test_batch_norm_uses_batch_statistics_in_train_and_eval():
+    norm, x = norm_and_input()
     expected = F.batch_norm(x, None, None, norm.weight, norm.bias, training=True)
     torch.testing.assert_close(norm(x), expected)
     torch.testing.assert_close(norm.eval()(x), expected)  # no running statistics at test time
-    # Transductive: an example's output depends on the rest of its batch.
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batch_norm_is_transductive(mode):
+    """An example's output depends on the rest of its batch."""
+    norm, x = norm_and_input()
+    norm.train(mode == "train")
     assert not torch.allclose(norm(x)[:2], norm(x[:2]))
 
 

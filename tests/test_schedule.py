@@ -23,8 +23,11 @@ def test_cosine_falls_from_lr_to_min_lr_and_stays_there():
     assert all(a > b for a, b in zip(falling, falling[1:]))
 
 
-def test_constant_is_the_default_and_ignores_the_step():
+def test_constant_is_the_default():
     assert OptimConfig().schedule == "constant"
+
+
+def test_constant_ignores_the_step():
     assert {outer_lr(OptimConfig(lr=3e-4), s, 10) for s in (0, 5, 10, 99)} == {3e-4}
 
 

@@ -18,10 +18,12 @@ def test_offline_without_an_api_key(no_wandb_credentials):
     assert wandb_mode() == "offline"
 
 
-def test_online_with_an_api_key_or_netrc_entry(no_wandb_credentials, monkeypatch):
+def test_online_with_an_api_key(no_wandb_credentials, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode() == "online"
-    monkeypatch.delenv("WANDB_API_KEY")
+
+
+def test_online_with_a_netrc_entry(no_wandb_credentials):
     netrc = no_wandb_credentials / ".netrc"
     netrc.write_text("machine api.wandb.ai\n  login user\n  password secret\n")
     netrc.chmod(0o600)
