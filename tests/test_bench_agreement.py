@@ -1,26 +1,24 @@
-"""launch/bench.py's methods compute the same meta-gradient: fsl_dist's vmap path and the peers
-learn2learn, higher and TorchOpt against fsl_dist's loop path, float32, tiny models, MAML, BOIL
-and ANIL at two inner steps. A peer that is not installed (launch/install_bench_peers.sh) is
-skipped with the reason, or fails the test with FSL_REQUIRE_PEERS=1 (as in CI)."""
+"""launch/bench.py's methods (fsl_dist.bench.peers) compute the same meta-gradient: fsl_dist's
+vmap path and the peers learn2learn, higher and TorchOpt against fsl_dist's loop path, float32,
+tiny models, MAML, BOIL and ANIL at two inner steps. A peer that is not installed
+(launch/install_bench_peers.sh) is skipped with the reason, or fails the test with
+FSL_REQUIRE_PEERS=1 (as in CI)."""
 
 import copy
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
-
-from fsl_dist.models import build_model
 from meta_helpers import make_tasks
 
-BENCH = Path(__file__).resolve().parents[1] / "launch" / "bench.py"
-_spec = importlib.util.spec_from_file_location("fsl_dist_bench", BENCH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from fsl_dist.bench import peers
+from fsl_dist.bench.measure import meta_gradient
+from fsl_dist.models import build_model
+from fsl_dist.numerics import agreement
 
 TOLERANCE = 1e-5  # largest |g - g_loop| relative to the largest |g_loop|, float32
-OTHERS = ["vmap", "loop, no feature reuse", "loop, serial", "loop, meta_loss + backward", *bench.PEERS]
+OTHERS = ["vmap", "loop, no feature reuse", "loop, serial", "loop, meta_loss + backward",
+          *peers.PEERS]
 
 
 def tiny(name):
@@ -43,24 +41,24 @@ def tasks():
 def test_meta_gradient_matches_loop(model_name, algorithm, method, tasks):
     case = {"model": model_name, "algorithm": algorithm, "inner_steps": 2,
             "n_way": 3, "k_shot": 1, "n_query": 2, "meta_batch": 3}
-    if not bench.METHODS[method][0](case):
+    if not peers.METHODS[method][0](case):
         pytest.skip(f"{method} applies to ANIL only")
     base = tiny(model_name)
 
     def gradient(name):
         model = copy.deepcopy(base)
         try:
-            backward = bench.METHODS[name][1](model, tasks, case)
-        except bench.Unavailable as why:
+            backward = peers.METHODS[name][1](model, tasks, case)
+        except peers.Unavailable as why:
             if os.environ.get("FSL_REQUIRE_PEERS") == "1":
                 pytest.fail(f"{why}; FSL_REQUIRE_PEERS=1: install them with "
                             "`bash launch/install_bench_peers.sh`")
             pytest.skip(str(why))
-        return bench.meta_gradient(backward, model)
+        return meta_gradient(backward, model)
 
     reference, grad = gradient("loop"), gradient(method)
     assert reference.abs().max() > 0
-    result = bench.agreement(grad, reference)
+    result = agreement(grad, reference)
     assert result["max_rel_diff"] <= TOLERANCE, result
 
 
@@ -71,7 +69,7 @@ def test_flop_reference_computes_the_same_meta_gradient(algorithm, tasks):
             "n_way": 3, "k_shot": 1, "n_query": 2, "meta_batch": 3}
     base = tiny("cnn")
     grads = {}
-    for name, factory in [("loop", bench.METHODS["loop"][1]), ("reference", bench.REFERENCE)]:
+    for name, factory in [("loop", peers.METHODS["loop"][1]), ("reference", peers.REFERENCE)]:
         model = copy.deepcopy(base)
-        grads[name] = bench.meta_gradient(factory(model, tasks, case), model)
-    assert bench.agreement(grads["reference"], grads["loop"])["max_rel_diff"] <= TOLERANCE
+        grads[name] = meta_gradient(factory(model, tasks, case), model)
+    assert agreement(grads["reference"], grads["loop"])["max_rel_diff"] <= TOLERANCE
