@@ -1,22 +1,20 @@
-"""launch/precision_check.py: the float64 comparison it prints is right where the answer is known
-(float32 matches float64 on a small model; moving weights by zero changes nothing), its support-
-loss trace matches an inner step written out by hand, and a bad run folder is a clear error."""
+"""launch/precision_check.py (fsl_dist.bench.precision_check): the float64 comparison it prints
+is right where the answer is known (float32 matches float64 on a small model; moving weights by
+zero changes nothing), its support-loss trace matches an inner step written out by hand, and a
+bad run folder is a clear error."""
 
 from __future__ import annotations
 
 import re
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fsl_dist.models import build_model
 from launching import ROOT
 
-sys.path.insert(0, str(ROOT / "launch"))
-import precision_check  # noqa: E402
+from fsl_dist.bench import precision_check
+from fsl_dist.models import build_model
 
 SMALL = ["model.width=8", "task.k_shot=1", "task.q_query=2"]
 
