@@ -47,25 +47,34 @@ def sweep_folders(tmp_path):
     ]
 
 
-def test_table_and_aggregate_have_the_right_numbers(sweep_folders):
-    runs = [from_run_dir(d) for d in sweep_folders]
-    first = runs[0]
-    assert (first.name, first.config, first.seed, first.steps, first.finished) == ("cnn_maml-s0", "cnn_maml", 0, 4, True)
+def test_a_run_folder_gives_the_right_numbers(sweep_folders):
+    first = from_run_dir(sweep_folders[0])
+    assert (first.name, first.config, first.seed, first.steps, first.finished) == (
+        "cnn_maml-s0", "cnn_maml", 0, 4, True)
     assert (first.val_acc, first.val_ci95, first.test_acc, first.test_ci95) == (50.0, 4.0, 52.0, 3.0)
     assert first.tasks_per_s == statistics.median([11, 10, 11, 10])
     assert first.val_curve == [(2, 40.0), (4, 50.0)] and len(first.train_curve) == 4
     assert first.wall_time_s is None  # no W&B files here
 
-    groups = aggregate(runs)
-    assert [g.label for g in groups] == ["cnn_maml", "cnn_boil"] and [len(g.runs) for g in groups] == [2, 2]
+
+def test_aggregate_gives_mean_and_std_over_seeds(sweep_folders):
+    groups = aggregate([from_run_dir(d) for d in sweep_folders])
+    assert [g.label for g in groups] == ["cnn_maml", "cnn_boil"]
+    assert [len(g.runs) for g in groups] == [2, 2]
     mean, std = groups[0].mean_std("test_acc")
     assert mean == pytest.approx(54.0) and std == pytest.approx(statistics.stdev([52.0, 56.0]))
-    assert groups[1].mean_std("val_acc") == (pytest.approx(61.0), pytest.approx(statistics.stdev([60.0, 62.0])))
+    assert groups[1].mean_std("val_acc") == (pytest.approx(61.0),
+                                             pytest.approx(statistics.stdev([60.0, 62.0])))
 
-    table = format_runs(runs)
+
+def test_run_table_has_the_right_numbers(sweep_folders):
+    table = format_runs([from_run_dir(d) for d in sweep_folders])
     assert "cnn_maml-s1  cnn_maml  1     4      54.00 ± 4.50" in table
     assert "56.00 ± 2.00" in table
-    summary = format_groups(groups)
+
+
+def test_group_table_has_the_right_numbers(sweep_folders):
+    summary = format_groups(aggregate([from_run_dir(d) for d in sweep_folders]))
     assert "cnn_maml  2      4      52.00 ± 2.83" in summary and "54.00 ± 2.83" in summary
     assert "63.00 ± 2.83" in summary  # cnn_boil test: mean of 61 and 65
 
@@ -138,14 +147,23 @@ def test_wandb_api_runs_are_read_like_run_folders():
         ("cnn_maml", 3, 2, 40.0, 41.0, 1.5, 12.5)
 
 
+# The command line: one process per test, as many as before the split.
 @pytest.mark.integration
-def test_cli(sweep_folders, tmp_path):
+def test_cli_prints_the_tables_and_writes_the_plot_and_csv(sweep_folders, tmp_path):
     out = run("compare.py", [*map(str, sweep_folders), "--plot", str(tmp_path / "c.png"),
                              "--csv", str(tmp_path / "runs.csv")]).stdout
     assert "cnn_boil-s1" in out and "63.00 ± 2.83" in out and (tmp_path / "c.png").is_file()
     assert len((tmp_path / "runs.csv").read_text().splitlines()) == 5
+
+
+@pytest.mark.integration
+def test_cli_names_a_folder_that_is_no_run(tmp_path):
     bad = run("compare.py", [str(tmp_path / "nothing")], check=False)
     assert bad.returncode == 2 and "no config.yaml" in bad.stderr
+
+
+@pytest.mark.integration
+def test_cli_without_folders_is_a_usage_error():
     assert run("compare.py", [], check=False).returncode == 2
 
 
