@@ -25,31 +25,60 @@ def sweep_text(extra: str = "") -> str:
             f"seeds: [3, 7]\n{extra}")
 
 
-def test_expands_config_then_grid_then_seed_with_stable_names(tmp_path):
-    path = write(tmp_path, sweep_text("overrides: {train.steps: 5, optim.lr: 1e-4}\n"
-                                      "grid: {task.k_shot: [1, 5]}\nruns_dir: out\n"))
-    sweep = load_sweep(path)
+def grid_sweep(tmp_path):
+    """Two configs x a two-point grid x two seeds: 8 runs."""
+    return load_sweep(write(tmp_path, sweep_text("overrides: {train.steps: 5, optim.lr: 1e-4}\n"
+                                                 "grid: {task.k_shot: [1, 5]}\nruns_dir: out\n")))
+
+
+def test_expands_config_then_grid_then_seed(tmp_path):
+    sweep = grid_sweep(tmp_path)
     runs = sweep.runs()
     assert len(sweep) == len(runs) == 8 and sweep.array_spec() == "0-7"
     assert [(r.config_name, dict(r.grid)["task.k_shot"], r.seed) for r in runs[:4]] == [
         ("cnn_maml", 1, 3), ("cnn_maml", 1, 7), ("cnn_maml", 5, 3), ("cnn_maml", 5, 7)]
     assert runs[4].config_name == "cnn_boil"
-    assert runs[2].name == "cnn_maml-k_shot=5-s3"
-    assert sweep.name == "sw" and sweep.run_dir(runs[2]) == Path("out/sw/cnn_maml-k_shot=5-s3")
-    args = sweep.train_args(runs[2])
-    assert args[:6] == ["--config", str(CONFIGS / "cnn_maml.yaml"), "--run-dir", "out/sw/cnn_maml-k_shot=5-s3",
-                        "--resume", "auto"]
-    assert args[6:] == ["train.steps=5", "optim.lr=1e-4", "task.k_shot=5", "train.seed=3", "logging.group=sw"]
-    cfg = load_config(runs[2].config, sweep.config_overrides(runs[2]))
-    assert (cfg.train.seed, cfg.task.k_shot, cfg.train.steps, cfg.optim.lr, cfg.logging.group) == (3, 5, 5, 1e-4, "sw")
+
+
+def test_run_names_and_folders_are_stable(tmp_path):
+    sweep = grid_sweep(tmp_path)
+    run = sweep.runs()[2]
+    assert run.name == "cnn_maml-k_shot=5-s3"
+    assert sweep.name == "sw" and sweep.run_dir(run) == Path("out/sw/cnn_maml-k_shot=5-s3")
+
+
+def test_train_args_of_a_run(tmp_path):
+    sweep = grid_sweep(tmp_path)
+    args = sweep.train_args(sweep.runs()[2])
+    assert args[:6] == ["--config", str(CONFIGS / "cnn_maml.yaml"),
+                        "--run-dir", "out/sw/cnn_maml-k_shot=5-s3", "--resume", "auto"]
+    assert args[6:] == ["train.steps=5", "optim.lr=1e-4", "task.k_shot=5", "train.seed=3",
+                        "logging.group=sw"]
+
+
+def test_a_runs_overrides_give_its_config(tmp_path):
+    sweep = grid_sweep(tmp_path)
+    run = sweep.runs()[2]
+    cfg = load_config(run.config, sweep.config_overrides(run))
+    assert (cfg.train.seed, cfg.task.k_shot, cfg.train.steps, cfg.optim.lr, cfg.logging.group) == (
+        3, 5, 5, 1e-4, "sw")
     sweep.check()
-    table = describe(sweep)
+
+
+def test_describe_lists_the_runs_and_the_array(tmp_path):
+    table = describe(grid_sweep(tmp_path))
     assert "cnn_boil-k_shot=1-s7" in table and "8 runs (sbatch --array=0-7)" in table
 
 
-def test_values_reach_the_config_unchanged_even_when_a_shell_would_mangle_them(tmp_path):
-    for value in ["a b; rm -rf /", "$(touch x)", "'quoted'", "1e-4", "true", "null", "x*"]:
-        assert load_config(CONFIGS / "cnn_maml.yaml", [f"logging.tags=[{format_value(value)}]"]).logging.tags == [value]
+# Values reach the config unchanged even where a shell would mangle them.
+@pytest.mark.parametrize("value", ["a b; rm -rf /", "$(touch x)", "'quoted'", "1e-4", "true",
+                                   "null", "x*"])
+def test_a_formatted_value_reads_back_unchanged(value):
+    overrides = [f"logging.tags=[{format_value(value)}]"]
+    assert load_config(CONFIGS / "cnn_maml.yaml", overrides).logging.tags == [value]
+
+
+def test_sweep_overrides_reach_the_config_unchanged(tmp_path):
     path = write(tmp_path, sweep_text("overrides:\n  logging.tags: ['a b; echo pwned', '$(id)']\n"
                                       "  algorithm.inner_lr: {features: 0.3, classifier: 0.5}\n"))
     sweep = load_sweep(path)
@@ -57,7 +86,9 @@ def test_values_reach_the_config_unchanged_even_when_a_shell_would_mangle_them(t
     cfg = load_config(run.config, sweep.config_overrides(run))
     assert cfg.logging.tags == ["a b; echo pwned", "$(id)"]
     assert cfg.algorithm.inner_lr == {"features": 0.3, "classifier": 0.5}
-    # the run folder name keeps only safe characters
+
+
+def test_the_run_folder_name_keeps_only_safe_characters(tmp_path):
     path = write(tmp_path, sweep_text("grid: {logging.project: ['a b/c', d]}\n"), "g.yaml")
     assert load_sweep(path).runs()[0].name == "cnn_maml-project=a_b_c-s3"
 
@@ -69,10 +100,14 @@ def test_seed_count_and_name(tmp_path):
 
 def test_config_paths_are_relative_to_the_sweep_file():
     sweep = load_sweep(ROOT / "configs" / "sweeps" / "four_systems.yaml")
-    assert [c.name for c in sweep.configs] == ["cnn_maml.yaml", "cnn_boil.yaml", "resnet_maml.yaml", "resnet_boil.yaml"]
+    assert [c.name for c in sweep.configs] == ["cnn_maml.yaml", "cnn_boil.yaml", "resnet_maml.yaml",
+                                               "resnet_boil.yaml"]
     assert len(sweep) == 12
-    sweep.check()
-    load_sweep(ROOT / "configs" / "sweeps" / "cnn_shots.yaml").check()
+
+
+@pytest.mark.parametrize("name", ["four_systems", "cnn_shots"])
+def test_the_shipped_sweeps_pass_their_check(name):
+    load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml").check()
 
 
 @pytest.mark.parametrize("text, message", [
@@ -97,12 +132,13 @@ def test_bad_sweep_files_name_the_file_and_key(tmp_path, text, message):
     assert message in str(err.value) and str(path) in str(err.value)
 
 
-def test_check_catches_a_bad_override_before_submission(tmp_path):
-    sweep = load_sweep(write(tmp_path, sweep_text("grid: {task.n_way: [5, -1]}\n")))
-    with pytest.raises(SweepError, match=r"run 2 \(cnn_maml-n_way=-1-s3\).*task.n_way"):
-        sweep.check()
-    sweep = load_sweep(write(tmp_path, sweep_text("overrides: {train.stepz: 3}\n")))
-    with pytest.raises(SweepError, match="unknown key `train.stepz`"):
+@pytest.mark.parametrize("extra, message", [
+    ("grid: {task.n_way: [5, -1]}\n", r"run 2 \(cnn_maml-n_way=-1-s3\).*task.n_way"),
+    ("overrides: {train.stepz: 3}\n", "unknown key `train.stepz`"),
+], ids=["bad-grid-value", "unknown-override-key"])
+def test_check_catches_a_bad_override_before_submission(tmp_path, extra, message):
+    sweep = load_sweep(write(tmp_path, sweep_text(extra)))
+    with pytest.raises(SweepError, match=message):
         sweep.check()
 
 
@@ -112,24 +148,45 @@ def test_index_out_of_range(tmp_path):
         sweep.run(4)
 
 
-def test_processes_follow_the_allocation():
-    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1,3"}) == 3
-    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
-    assert visible_gpus({"SLURM_GPUS_ON_NODE": "4"}) == 4
-    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1", "ACCELERATE_USE_CPU": "1"}) == 0
-    assert processes_per_machine({"CUDA_VISIBLE_DEVICES": "2,5"}, cpu_processes=3) == (2, True)
-    assert processes_per_machine({"CUDA_VISIBLE_DEVICES": ""}, cpu_processes=3) == (3, False)
+@pytest.mark.parametrize("env, gpus", [
+    ({"CUDA_VISIBLE_DEVICES": "0,1,3"}, 3),
+    ({"CUDA_VISIBLE_DEVICES": ""}, 0),
+    ({"SLURM_GPUS_ON_NODE": "4"}, 4),
+    ({"CUDA_VISIBLE_DEVICES": "0,1", "ACCELERATE_USE_CPU": "1"}, 0),
+], ids=["cuda-3", "cuda-none", "slurm-4", "forced-cpu"])
+def test_visible_gpus_follow_the_allocation(env, gpus):
+    assert visible_gpus(env) == gpus
+
+
+@pytest.mark.parametrize("gpus, expected", [("2,5", (2, True)), ("", (3, False))],
+                         ids=["gpus", "cpu"])
+def test_processes_follow_the_allocation(gpus, expected):
+    assert processes_per_machine({"CUDA_VISIBLE_DEVICES": gpus}, cpu_processes=3) == expected
+
+
+def test_machine_of_reads_slurms_task():
     assert machine_of({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}) == (1, 2)
+
+
+def test_machine_of_outside_slurm_names_the_variable():
     with pytest.raises(RuntimeError, match="SLURM_PROCID"):
         machine_of({})
 
 
-def test_accelerate_commands():
+def test_accelerate_command_for_one_cpu_process():
     argv, env = accelerate_command("t.py", ["--x", "a b"], processes=1, on_gpu=False, base_env={})
-    assert argv[-3:] == ["t.py", "--x", "a b"] and "--multi_gpu" not in argv and env["ACCELERATE_USE_CPU"] == "1"
-    argv, env = accelerate_command("t.py", [], processes=4, on_gpu=True, base_env={}, main_port=1234)
+    assert argv[-3:] == ["t.py", "--x", "a b"] and "--multi_gpu" not in argv
+    assert env["ACCELERATE_USE_CPU"] == "1"
+
+
+def test_accelerate_command_for_four_gpus():
+    argv, env = accelerate_command("t.py", [], processes=4, on_gpu=True, base_env={},
+                                   main_port=1234)
     assert argv[argv.index("--num_processes") + 1] == "4" and "--multi_gpu" in argv
     assert argv[argv.index("--main_process_port") + 1] == "1234" and "ACCELERATE_USE_CPU" not in env
+
+
+def test_accelerate_command_for_three_machines():
     argv, _ = accelerate_command("t.py", [], processes=2, on_gpu=True, base_env={}, num_machines=3,
                                  machine_rank=2, main_address="10.0.0.1", main_port=5)
     flags = dict(zip(argv[3:-1:2], argv[4:-1:2]))
@@ -138,17 +195,32 @@ def test_accelerate_commands():
     assert flags["--num_machines"] == "3"
 
 
+# The command line: one process per test, as many as before the split.
 @pytest.mark.integration
-def test_cli_list_and_submit_dry_run(tmp_path):
-    path = write(tmp_path, sweep_text())
-    out = run("sweep.py", ["list", str(path)]).stdout
+def test_cli_list(tmp_path):
+    out = run("sweep.py", ["list", str(write(tmp_path, sweep_text()))]).stdout
     assert "cnn_boil-s7" in out and "4 runs" in out
-    out = run("sweep.py", ["submit", "--dry-run", str(path), "--time=5", "--gpus-per-node=2"]).stdout
+
+
+@pytest.mark.integration
+def test_cli_submit_dry_run(tmp_path):
+    path = write(tmp_path, sweep_text())
+    out = run("sweep.py", ["submit", "--dry-run", str(path), "--time=5",
+                           "--gpus-per-node=2"]).stdout
     assert "sbatch --array=0-3 --job-name=fsl-sw" in out and "--time=5 --gpus-per-node=2" in out
     assert str(ROOT / "launch" / "slurm" / "array.sbatch") in out
+
+
+@pytest.mark.integration
+def test_cli_run_dry_run(tmp_path):
+    path = write(tmp_path, sweep_text())
     out = run("sweep.py", ["run", str(path), "--index", "3", "--dry-run"],
               env=_env(CUDA_VISIBLE_DEVICES="")).stdout
     assert "cnn_boil seed 7" in out and "train.seed=7 logging.group=sw" in out
+
+
+@pytest.mark.integration
+def test_cli_names_a_missing_sweep_file(tmp_path):
     bad = run("sweep.py", ["list", str(tmp_path / "nope.yaml")], check=False)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
