@@ -65,17 +65,30 @@ def test_an_early_signal_is_not_fatal_and_is_passed_on_later(tmp_path):
     assert status == EXIT_RESUMABLE and time.monotonic() - started < 10
 
 
+def quiet(*args, **kwargs):
+    pass
+
+
 @pytest.mark.integration
-def test_finished_failed_and_unresumable_runs(tmp_path):
-    quiet = lambda *a, **k: None  # noqa: E731
+def test_a_finished_run_exits_0(tmp_path):
     assert supervise(launcher_argv(tmp_path), launch_env(FAKE_TRAIN_SECONDS=0.1), script=FAKE_TRAIN,
                      run_dir=tmp_path, log=quiet) == 0
     assert (tmp_path / "done.json").is_file()
+
+
+@pytest.mark.integration
+def test_a_failed_run_exits_1(tmp_path):
     crash = [sys.executable, str(PAYLOADS / "fake_launcher.py"), "-c", "import sys; sys.exit(3)"]
     assert supervise(crash, launch_env(), script=FAKE_TRAIN, run_dir=tmp_path, log=quiet) == 1
-    assert outcome(1, stop_requested=True, run_dir=tmp_path / "none") == 1  # no checkpoint: a failure
-    assert outcome(1, stop_requested=False, run_dir=tmp_path) == 1
-    assert outcome(-9, stop_requested=False, run_dir=tmp_path) == 137
+
+
+@pytest.mark.parametrize("status, stop_requested, run_dir, expected", [
+    (1, True, "none", 1),  # a stop was asked for but there is no checkpoint: a failure
+    (1, False, ".", 1),
+    (-9, False, ".", 137),  # killed by SIGKILL: the shell's 128 + 9
+], ids=["stopped-without-checkpoint", "failed", "killed"])
+def test_unresumable_outcomes(tmp_path, status, stop_requested, run_dir, expected):
+    assert outcome(status, stop_requested=stop_requested, run_dir=tmp_path / run_dir) == expected
 
 
 @pytest.mark.integration
