@@ -6,7 +6,8 @@ no-op when the world size is 1). Launch with accelerate's usual flags:
 
     accelerate launch launch/train.py --config configs/resnet_boil.yaml                 # 1 process
     accelerate launch --multi_gpu --num_processes 8 launch/train.py --config ...        # 8 GPUs
-    accelerate launch --multi_gpu --num_processes 2 launch/train.py --config ...        # 2 CPU ranks (gloo) without CUDA
+    accelerate launch --multi_gpu --num_processes 2 launch/train.py --config ...
+        # 2 CPU ranks (gloo) without CUDA
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from accelerate.utils import InitProcessGroupKwargs
 
 # A rank that dies leaves the others blocked in a collective; accelerate's launcher (torchrun)
 # then ends the job, and this timeout is the backstop when no launcher watches.
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("FSL_COLLECTIVE_TIMEOUT_S", "600")))
+COLLECTIVE_TIMEOUT = datetime.timedelta(
+    seconds=int(os.environ.get("FSL_COLLECTIVE_TIMEOUT_S", "600")))
 
 
 def launcher_precision() -> str:
@@ -35,7 +37,8 @@ def launcher_precision() -> str:
 
 def cuda_available() -> bool:
     # ACCELERATE_USE_CPU=1 forces the CPU even where CUDA exists.
-    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return torch.cuda.is_available() and not forced_cpu
 
 
 class Distributed:
@@ -138,7 +141,8 @@ class Distributed:
     # ------------------------------------------------------------ trackers (main process only)
     def start_trackers(self, project: str, config: dict, wandb_kwargs: dict) -> None:
         if self.accelerator.log_with:
-            self.accelerator.init_trackers(project, config=config, init_kwargs={"wandb": wandb_kwargs})
+            self.accelerator.init_trackers(project, config=config,
+                                           init_kwargs={"wandb": wandb_kwargs})
             self._trackers_started = True
 
     def log(self, values: dict, step: int) -> None:

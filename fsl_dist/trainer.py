@@ -26,12 +26,12 @@ from fsl_dist import checkpoint as ckpt
 from fsl_dist.config import Config, ConfigError, OptimConfig, to_dict
 from fsl_dist.cpu_malloc import tune_cpu_malloc
 from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
+from fsl_dist.distributed import launcher_precision
 from fsl_dist.evaluate import evaluate
 from fsl_dist.meta import InnerLoopSpec, InnerLossScaler, LearnedInnerLR, meta_backward
 from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.models import build_model
 from fsl_dist.numerics import flat_grads
-from fsl_dist.distributed import launcher_precision
 from fsl_dist.runs import ensure_shards, evaluate_held_out, save_final_model, write_run_info
 from fsl_dist.tracking import MetricsFile, wandb_init_kwargs
 
@@ -82,13 +82,15 @@ class StepWindow:
 
 
 def resolve_precision(configured: Optional[str], launcher: str, device: torch.device) -> str:
-    """The config's `precision`, or accelerate's --mixed_precision when the config leaves it null."""
+    """The config's `precision`, or accelerate's --mixed_precision when the config leaves it
+    null."""
     precision = configured or launcher
     if configured and launcher != "no" and launcher != configured:
         raise ConfigError(f"`precision` = {configured!r} in the config but accelerate launch says "
                           f"--mixed_precision {launcher}; set one of them, or make them agree")
     if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("`precision` = 'fp16' needs a CUDA GPU; on CPU use precision=bf16 (or no)")
+        raise ConfigError("`precision` = 'fp16' needs a CUDA GPU; "
+                          "on CPU use precision=bf16 (or no)")
     return precision
 
 
@@ -133,7 +135,8 @@ def build_task_sources(cfg: Config, dist) -> dict:
     share = cfg.train.meta_batch_size // dist.world_size
     train = make_tasks(cfg.data.shards, "train", task_spec(cfg, "train"), seed=cfg.train.seed,
                        mode=cfg.data.mode, tasks_per_batch=share, batches=cfg.train.steps,
-                       rank=dist.rank, world=dist.world_size, shuffle_buffer=cfg.data.shuffle_buffer)
+                       rank=dist.rank, world=dist.world_size,
+                       shuffle_buffer=cfg.data.shuffle_buffer)
     val = make_tasks(cfg.data.shards, "val", task_spec(cfg, "val"), seed=cfg.eval.seed)
     return {"train": train, "val": val}
 
@@ -238,7 +241,8 @@ def checkpoint_state(state: TrainState, wandb_id: Optional[str]) -> dict:
         "skipped_steps": state.skipped_steps,
         "elapsed_s": state.elapsed_s,
         "model": state.model.state_dict(),
-        "inner_lr": state.inner_lr.state_dict() if isinstance(state.inner_lr, torch.nn.Module) else None,
+        "inner_lr": (state.inner_lr.state_dict()
+                     if isinstance(state.inner_lr, torch.nn.Module) else None),
         "optimizer": state.optimizer.state_dict(),
         "outer_scaler": state.outer_scaler.state_dict(),
         "inner_scaler": state.inner_scaler.state_dict(),
@@ -253,7 +257,8 @@ def restore_state(state: TrainState, saved: dict) -> None:
     state.model.load_state_dict(saved["model"])
     if saved.get("inner_lr") is not None:
         if not isinstance(state.inner_lr, torch.nn.Module):
-            raise ConfigError("the checkpoint has learned inner step sizes; set algorithm.learn_inner_lr=true")
+            raise ConfigError("the checkpoint has learned inner step sizes; "
+                              "set algorithm.learn_inner_lr=true")
         state.inner_lr.load_state_dict(saved["inner_lr"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.outer_scaler.load_state_dict(saved["outer_scaler"])
@@ -304,7 +309,8 @@ class Trainer:
         self.sources = build_task_sources(cfg, dist)
         self.state = build_state(cfg, dist.device)
         self.batches = TrainBatches(self.sources["train"],
-                                    rank_slice(cfg.train.meta_batch_size, dist.rank, dist.world_size),
+                                    rank_slice(cfg.train.meta_batch_size, dist.rank,
+                                               dist.world_size),
                                     dist.device)
         self.wandb_id = None
         resume_from = find_resume_point(self.run_dir, resume)
@@ -322,7 +328,8 @@ class Trainer:
         current step, checkpoint and return from fit() with `stopped_early` set."""
         def note(signum, _frame):
             self._signalled = True
-            print(f"rank {self.dist.rank}: got signal {signum}; stopping after this step", flush=True)
+            print(f"rank {self.dist.rank}: got signal {signum}; stopping after this step",
+                  flush=True)
         for sig in signals:
             signal.signal(sig, note)
 
@@ -358,8 +365,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg, dist, state = self.cfg, self.dist, self.state
         self.start()
-        bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not dist.is_main or self.debug,
-                   dynamic_ncols=True, desc=cfg.name)
+        bar = tqdm(total=cfg.train.steps, initial=state.step,
+                   disable=not dist.is_main or self.debug, dynamic_ncols=True, desc=cfg.name)
         self.stopped_early = False
         self._clock = time.perf_counter()
         self._window = StepWindow()
@@ -376,7 +383,8 @@ class Trainer:
         bar.close()
         if state.step % cfg.train.checkpoint_every:
             self.save_checkpoint()  # the end of the run (or a stop) is always resumable
-        return {"step": state.step, "skipped_steps": state.skipped_steps, "stopped_early": self.stopped_early}
+        return {"step": state.step, "skipped_steps": state.skipped_steps,
+                "stopped_early": self.stopped_early}
 
     def after_step(self, out: dict, bar) -> None:
         cfg, state = self.cfg, self.state
@@ -393,7 +401,8 @@ class Trainer:
         if self.debug:
             self.debug_report(out)
         if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
-            val = validate(state, cfg, self.dist, self.sources["val"], self.precision, cfg.eval.val_episodes)
+            val = validate(state, cfg, self.dist, self.sources["val"], self.precision,
+                           cfg.eval.val_episodes)
             self.log({"step": state.step, "val/acc": val["mean"], "val/ci95": val["ci95"],
                       "val/acc_before": val["before_adaptation"], "val/episodes": val["episodes"]})
         if state.step % cfg.train.checkpoint_every == 0:
@@ -417,15 +426,18 @@ class Trainer:
 
     def debug_report(self, out: dict) -> None:
         self.dist.print(
-            f"step {self.state.step:5d}  loss {out['query_loss']:.4f}  inner {out['inner_loss']:.4f}  "
+            f"step {self.state.step:5d}  loss {out['query_loss']:.4f}  "
+            f"inner {out['inner_loss']:.4f}  "
             f"acc {out['acc_before']:.3f}->{out['acc_after']:.3f}  |g| {out['grad_norm']:.4f}  "
             f"{out['step_time'] * 1000:.0f} ms  {out['tasks_per_s']:.1f} tasks/s"
             + ("  SKIPPED (non-finite)" if out["skipped"] else ""))
         if self.state.step % DEBUG_CHECKSUM_EVERY == 0 and self.dist.world_size > 1:
             same, digests = self.dist.parameters_in_sync(self.state.trainable())
             if not same:
-                raise RuntimeError(f"parameters diverged across processes at step {self.state.step}: {digests}")
-            self.dist.print(f"step {self.state.step:5d}  parameters identical on {len(digests)} processes ({digests[0]})")
+                raise RuntimeError("parameters diverged across processes at step "
+                                   f"{self.state.step}: {digests}")
+            self.dist.print(f"step {self.state.step:5d}  parameters identical on "
+                            f"{len(digests)} processes ({digests[0]})")
 
     # -------------------------------------------------------- the end
     def finish(self) -> Optional[dict]:

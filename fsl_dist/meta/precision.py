@@ -105,7 +105,8 @@ def bf16_cpu_warning(device_type: str, precision: str, cpuinfo: str | None = Non
     """A warning for bf16 on a CPU that has no bf16 instructions (None otherwise): there oneDNN
     emulates bf16 products and a meta-step is several times slower than in float32 (measured:
     BENCHMARKS.md, "What limits the numbers")."""
-    if device_type != "cpu" or precision != "bf16" or cpu_has_bf16_instructions(cpuinfo) is not False:
+    if (device_type != "cpu" or precision != "bf16"
+            or cpu_has_bf16_instructions(cpuinfo) is not False):
         return None
     return ("warning: precision=bf16 on a CPU without bf16 instructions (none of "
             f"{', '.join(BF16_CPU_FLAGS)} in /proc/cpuinfo): bf16 is emulated there and measured "

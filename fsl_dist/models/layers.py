@@ -15,7 +15,8 @@ _UNDER_VMAP = contextvars.ContextVar("fsl_dist_batch_norm_under_vmap", default=F
 
 @contextlib.contextmanager
 def batch_norm_for_vmap():
-    """Within this block, BatchStatNorm2d uses the written-out form that vmap differentiates exactly."""
+    """Within this block, BatchStatNorm2d uses the written-out form that vmap differentiates
+    exactly."""
     token = _UNDER_VMAP.set(True)
     try:
         yield
