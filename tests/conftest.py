@@ -4,11 +4,21 @@ start processes (`accelerate launch`, subprocesses, a SLURM cluster, benchmark s
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from fsl_dist.data import shards
+# OpenMP threads that spin while they wait (libgomp's default) fight any other busy process for
+# the cores: with a training run on one of two cores, the unit tier took 8 minutes instead of
+# under 1. Passive waiting for this process only: libgomp reads the variable once, as torch loads
+# it, so it is set for that import and taken back; the processes the tests start inherit none.
+if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    import torch  # noqa: F401
+    del os.environ["OMP_WAIT_POLICY"]
+
+from fsl_dist.data import shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # FSL_OMNIGLOT points elsewhere, for a clone whose parent folder has no shared/.
