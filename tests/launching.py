@@ -35,10 +35,12 @@ def command(script: str, args: list[str], processes: int) -> list[str]:
 
 
 def run(script: str, args: list[str], *, processes: int = 0, timeout: float = 300,
-        check: bool = True, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+        check: bool = True, env: dict | None = None,
+        cwd: Path = ROOT) -> subprocess.CompletedProcess:
     result = subprocess.run(command(script, args, processes), cwd=cwd, env=env or child_env(),
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {result.returncode}\n"
-                             f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}")
+                             f"--- stdout\n{result.stdout[-4000:]}\n"
+                             f"--- stderr\n{result.stderr[-6000:]}")
     return result

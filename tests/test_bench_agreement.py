@@ -9,12 +9,13 @@ import os
 
 import pytest
 import torch
-from meta_helpers import make_tasks
 
 from fsl_dist.bench import peers
 from fsl_dist.bench.measure import meta_gradient
 from fsl_dist.models import build_model
 from fsl_dist.numerics import agreement
+
+from meta_helpers import make_tasks
 
 TOLERANCE = 1e-5  # largest |g - g_loop| relative to the largest |g_loop|, float32
 OTHERS = ["vmap", "loop, no feature reuse", "loop, serial", "loop, meta_loss + backward",

@@ -41,9 +41,9 @@ def test_bench_quick_prints_a_row_per_method(tmp_path):
     assert again.stdout.count("| cnn | maml |") == len(METHODS)
 
     # resuming with another selection measures it and keeps the rows already in the file
-    other_case = run("bench.py", ["--quick", "--models", "cnn", "--algorithms", "boil", "--methods", "loop",
-                                  "--steps", "1", "--warmup", "0", "--threads", "2",
-                                  "--json", str(out), "--resume"], timeout=120)
+    other_case = run("bench.py", ["--quick", "--models", "cnn", "--algorithms", "boil",
+                                  "--methods", "loop", "--steps", "1", "--warmup", "0",
+                                  "--threads", "2", "--json", str(out), "--resume"], timeout=120)
     widened = json.loads(out.read_text())["rows"]
     assert widened[:len(rows)] == rows
     assert [(r["algorithm"], r["method"]) for r in widened[len(rows):]] == [("boil", "loop")]

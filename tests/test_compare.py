@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from fsl_dist.compare import aggregate, format_groups, format_runs, from_run_dir, from_rows, from_wandb, plot_curves
+from fsl_dist.compare import (
+    aggregate,
+    format_groups,
+    format_runs,
+    from_rows,
+    from_run_dir,
+    from_wandb,
+    plot_curves,
+)
 from fsl_dist.config import load_config, save_config
 
 from launching import ROOT, run
@@ -19,7 +27,8 @@ CONFIGS = ROOT / "configs"
 def fake_run(folder: Path, config: str, seed: int, *, steps: int = 4, val=(), test=None,
              speed: float = 10.0, extra=()) -> Path:
     """A finished run folder as the trainer writes it."""
-    cfg = load_config(CONFIGS / f"{config}.yaml", [f"train.seed={seed}", f"train.steps={steps}", *extra])
+    cfg = load_config(CONFIGS / f"{config}.yaml",
+                      [f"train.seed={seed}", f"train.steps={steps}", *extra])
     folder.mkdir(parents=True)
     save_config(cfg, folder / "config.yaml")
     rows = []
@@ -40,10 +49,14 @@ def fake_run(folder: Path, config: str, seed: int, *, steps: int = 4, val=(), te
 @pytest.fixture
 def sweep_folders(tmp_path):
     return [
-        fake_run(tmp_path / "cnn_maml-s0", "cnn_maml", 0, val=[(2, (40.0, 5.0)), (4, (50.0, 4.0))], test=(52.0, 3.0)),
-        fake_run(tmp_path / "cnn_maml-s1", "cnn_maml", 1, val=[(2, (42.0, 5.0)), (4, (54.0, 4.5))], test=(56.0, 2.0)),
-        fake_run(tmp_path / "cnn_boil-s0", "cnn_boil", 0, val=[(2, (45.0, 5.0)), (4, (60.0, 3.0))], test=(61.0, 2.5), speed=20),
-        fake_run(tmp_path / "cnn_boil-s1", "cnn_boil", 1, val=[(2, (47.0, 5.0)), (4, (62.0, 3.5))], test=(65.0, 2.0), speed=20),
+        fake_run(tmp_path / "cnn_maml-s0", "cnn_maml", 0, val=[(2, (40.0, 5.0)), (4, (50.0, 4.0))],
+                 test=(52.0, 3.0)),
+        fake_run(tmp_path / "cnn_maml-s1", "cnn_maml", 1, val=[(2, (42.0, 5.0)), (4, (54.0, 4.5))],
+                 test=(56.0, 2.0)),
+        fake_run(tmp_path / "cnn_boil-s0", "cnn_boil", 0, val=[(2, (45.0, 5.0)), (4, (60.0, 3.0))],
+                 test=(61.0, 2.5), speed=20),
+        fake_run(tmp_path / "cnn_boil-s1", "cnn_boil", 1, val=[(2, (47.0, 5.0)), (4, (62.0, 3.5))],
+                 test=(65.0, 2.0), speed=20),
     ]
 
 
@@ -51,7 +64,8 @@ def test_a_run_folder_gives_the_right_numbers(sweep_folders):
     first = from_run_dir(sweep_folders[0])
     assert (first.name, first.config, first.seed, first.steps, first.finished) == (
         "cnn_maml-s0", "cnn_maml", 0, 4, True)
-    assert (first.val_acc, first.val_ci95, first.test_acc, first.test_ci95) == (50.0, 4.0, 52.0, 3.0)
+    assert (first.val_acc, first.val_ci95, first.test_acc, first.test_ci95) == (
+        50.0, 4.0, 52.0, 3.0)
     assert first.tasks_per_s == statistics.median([11, 10, 11, 10])
     assert first.val_curve == [(2, 40.0), (4, 50.0)] and len(first.train_curve) == 4
     assert first.wall_time_s is None  # no W&B files here
@@ -88,15 +102,17 @@ def test_unfinished_runs_show_their_progress(tmp_path):
 
 
 def test_grid_points_of_one_config_are_not_averaged_together(tmp_path):
-    runs = [from_run_dir(fake_run(tmp_path / f"k{k}-s{s}", "cnn_maml", s, extra=[f"task.k_shot={k}"],
-                                  test=(50.0 + k + s, 1.0))) for k in (1, 5) for s in (0, 1)]
+    runs = [from_run_dir(fake_run(tmp_path / f"k{k}-s{s}", "cnn_maml", s,
+                                  extra=[f"task.k_shot={k}"], test=(50.0 + k + s, 1.0)))
+            for k in (1, 5) for s in (0, 1)]
     groups = aggregate(runs)
     assert [g.label for g in groups] == ["cnn_maml k_shot=1", "cnn_maml k_shot=5"]
     assert groups[1].mean_std("test_acc")[0] == pytest.approx(55.5)
 
 
 def test_png_of_learning_curves(sweep_folders, tmp_path):
-    path = plot_curves(aggregate([from_run_dir(d) for d in sweep_folders]), tmp_path / "out" / "c.png", title="t")
+    path = plot_curves(aggregate([from_run_dir(d) for d in sweep_folders]),
+                       tmp_path / "out" / "c.png", title="t")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
@@ -108,15 +124,16 @@ def test_offline_wandb_files_give_wall_time_and_stand_in_for_metrics(tmp_path, m
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    folder = fake_run(tmp_path / "cnn_maml-s0", "cnn_maml", 0, val=[(4, (50.0, 4.0))], test=(52.0, 3.0))
+    folder = fake_run(tmp_path / "cnn_maml-s0", "cnn_maml", 0, val=[(4, (50.0, 4.0))],
+                      test=(52.0, 3.0))
     run_id = None
     for steps in ((1, 2), (3, 4)):
-        w = wandb.init(project="p", dir=str(folder), name=folder.name, group="g", id=run_id, resume="allow",
-                       config={"name": "cnn_maml"})
+        w = wandb.init(project="p", dir=str(folder), name=folder.name, group="g", id=run_id,
+                       resume="allow", config={"name": "cnn_maml"})
         run_id = w.id
         for step in steps:
-            w.log({"train/acc_after": 0.1 * step, "perf/tasks_per_s": 5.0, **({"val/acc": 49.0} if step == 4 else {})},
-                  step=step)
+            w.log({"train/acc_after": 0.1 * step, "perf/tasks_per_s": 5.0,
+                   **({"val/acc": 49.0} if step == 4 else {})}, step=step)
         w.finish()
     with_metrics = from_run_dir(folder)
     assert with_metrics.wall_time_s is not None and 0 < with_metrics.wall_time_s < 60
@@ -135,7 +152,8 @@ def test_wandb_api_runs_are_read_like_run_folders():
 
         def scan_history(self):
             return [{"_step": 1, "train/acc_after": 0.3, "perf/tasks_per_s": 4.0, "_runtime": 1.0},
-                    {"_step": 2, "val/acc": 40.0, "val/ci95": 2.0, "test/acc": 41.0, "test/ci95": 1.5}]
+                    {"_step": 2, "val/acc": 40.0, "val/ci95": 2.0,
+                     "test/acc": 41.0, "test/ci95": 1.5}]
 
     class FakeApi:
         def runs(self, path, filters):
@@ -143,8 +161,8 @@ def test_wandb_api_runs_are_read_like_run_folders():
             return [FakeRun()]
 
     [got] = from_wandb("e/p", "g", api=FakeApi())
-    assert (got.config, got.seed, got.steps, got.val_acc, got.test_acc, got.test_ci95, got.wall_time_s) == \
-        ("cnn_maml", 3, 2, 40.0, 41.0, 1.5, 12.5)
+    assert (got.config, got.seed, got.steps, got.val_acc, got.test_acc, got.test_ci95,
+            got.wall_time_s) == ("cnn_maml", 3, 2, 40.0, 41.0, 1.5, 12.5)
 
 
 # The command line: one process per test, as many as before the split.
@@ -169,7 +187,8 @@ def test_cli_without_folders_is_a_usage_error():
 
 def test_a_logged_elapsed_time_is_the_wall_time():
     got = from_rows("x", {"name": "c", "train": {"seed": 1, "steps": 2}},
-                    [{"step": 1, "perf/elapsed_s": 3.0}, {"step": 2, "perf/elapsed_s": 7.5}], wall_time_s=99.0)
+                    [{"step": 1, "perf/elapsed_s": 3.0}, {"step": 2, "perf/elapsed_s": 7.5}],
+                    wall_time_s=99.0)
     assert got.wall_time_s == 7.5
 
 

@@ -1,4 +1,5 @@
-"""Tasks: valid N-way K-shot Q-query episodes, no leakage, identical global batches for any world size."""
+"""Tasks: valid N-way K-shot Q-query episodes, no leakage, identical global batches for any
+world size."""
 
 import numpy as np
 import pytest
@@ -51,15 +52,18 @@ def test_memory_tasks_are_valid(vinyals, spec):
         assert distinct_per_row(sampled.classes)  # N distinct classes per task
         assert distinct_per_row(sampled.drawings)  # K+Q distinct drawings: support, query disjoint
         assert (np.sort(sampled.labels, axis=1) == np.arange(n)).all()
-        assert torch.equal(batch["support_y"], torch.from_numpy(np.repeat(sampled.labels, k, axis=1)))
+        assert torch.equal(batch["support_y"],
+                           torch.from_numpy(np.repeat(sampled.labels, k, axis=1)))
         assert torch.equal(batch["query_y"], torch.from_numpy(np.repeat(sampled.labels, q, axis=1)))
         assert spec.rotate or not sampled.rotations.any()
         # Rebuild the images the slow, obvious way: index the pool, then turn each class.
-        expected = pool.images[torch.from_numpy(sampled.classes)[:, :, None], torch.from_numpy(sampled.drawings)]
+        expected = pool.images[torch.from_numpy(sampled.classes)[:, :, None],
+                               torch.from_numpy(sampled.drawings)]
         for turns in (1, 2, 3):
             mask = torch.from_numpy(sampled.rotations == turns)
             expected[mask] = torch.rot90(expected[mask], turns, dims=(-2, -1))
-        assert torch.equal(to_uint8(batch["support_x"]).view(count, n, k, 28, 28), expected[:, :, :k])
+        assert torch.equal(to_uint8(batch["support_x"]).view(count, n, k, 28, 28),
+                           expected[:, :, :k])
         assert torch.equal(to_uint8(batch["query_x"]).view(count, n, q, 28, 28), expected[:, :, k:])
 
 
@@ -194,7 +198,8 @@ def check_stream_batch(batch, spec, tasks, lookup):
 def test_stream_tasks_are_valid_and_from_train_only(packed):
     out = packed("futurama")
     train = shards.load_class_pool(out, "train")
-    held_out = {c["id"] for part in ("val", "test") for c in shards.load_class_pool(out, part).classes}
+    held_out = {c["id"] for part in ("val", "test")
+                for c in shards.load_class_pool(out, part).classes}
     lookup = image_lookup(train)
     spec = TaskSpec(5, 1, 15)
     seen = set()

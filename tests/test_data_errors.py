@@ -140,7 +140,8 @@ def test_killed_pack_leaves_earlier_set_intact(packed, omniglot_source, tmp_path
     before = {p.name: p.read_bytes() for p in dest.iterdir()}
     command = [sys.executable, str(REPO / "launch" / "pack.py"), "omniglot", "--source",
                str(omniglot_source), "--split", "futurama", "--out", str(dest),
-               "--classes-per-shard", "1", "--no-download"]  # 1 class per shard: ~1000 files to write
+               "--classes-per-shard", "1",  # 1 class per shard: ~1000 files to write
+               "--no-download"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -40,7 +40,8 @@ def test_manifest_counts_and_shards(packed, split):
         for index, shard in enumerate(entry["shards"]):
             assert shard["file"] == f"{part}-{index:06d}.tar"
             data = (out / shard["file"]).read_bytes()
-            assert hashlib.sha256(data).hexdigest() == shard["sha256"]  # independent of verify_shards
+            # independent of verify_shards
+            assert hashlib.sha256(data).hexdigest() == shard["sha256"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [shards.MANIFEST] + [s["file"] for e in manifest["splits"].values() for s in e["shards"]])
     shards.verify_shards(out)
@@ -49,7 +50,8 @@ def test_manifest_counts_and_shards(packed, split):
 @pytest.mark.parametrize("split", sorted(EXPECTED))
 def test_source_checksums_recorded(packed, omniglot_source, split):
     recorded = shards.load_manifest(packed(split))["source"]
-    sums = dict(line.split()[::-1] for line in (omniglot_source / "SHA256SUMS").read_text().splitlines())
+    sums = dict(line.split()[::-1]
+                for line in (omniglot_source / "SHA256SUMS").read_text().splitlines())
     assert set(recorded) == set(omniglot.SPLIT_ARCHIVES[split])
     for name, record in recorded.items():
         assert record["kind"] == "zip" and record["sha256"] == sums[f"{name}.zip"]
@@ -100,7 +102,8 @@ def test_pixels_are_the_inverted_drawing_of_the_zip(packed, omniglot_source):
     original = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
     full = omniglot._decode_drawing(png, 105, where="test")
     np.testing.assert_array_equal(full, 255 - original)  # 105: inverted, otherwise untouched
-    np.testing.assert_array_equal(pool.images[0, 0].numpy(), omniglot._decode_drawing(png, 28, where="test"))
+    np.testing.assert_array_equal(pool.images[0, 0].numpy(),
+                                  omniglot._decode_drawing(png, 28, where="test"))
 
 
 def test_two_packs_are_byte_identical(packed, omniglot_source, tmp_path):
@@ -165,7 +168,8 @@ def test_extracted_folder_reads_like_the_zip(omniglot_source, extracted_evaluati
     folder = omniglot.resolve_source(extracted_evaluation, download=False,
                                      archives=(omniglot.EVALUATION,))
     from_folder = omniglot._ArchiveReader(folder / omniglot.EVALUATION, omniglot.EVALUATION)
-    from_zip = omniglot._ArchiveReader(omniglot_source / "images_evaluation.zip", omniglot.EVALUATION)
+    from_zip = omniglot._ArchiveReader(omniglot_source / "images_evaluation.zip",
+                                       omniglot.EVALUATION)
     members = from_zip.png_members()
     assert from_folder.png_members() == members
     assert omniglot.list_characters(members, omniglot.EVALUATION) == \

@@ -3,9 +3,18 @@
 import pytest
 import torch
 
-from fsl_dist.meta import (ALGORITHMS, InnerLoopSpec, LearnedInnerLR, adapted_parameter_names,
-                           default_vectorize, evaluate_tasks, meta_loss, resolve_inner_lr)
+from fsl_dist.meta import (
+    ALGORITHMS,
+    InnerLoopSpec,
+    LearnedInnerLR,
+    adapted_parameter_names,
+    default_vectorize,
+    evaluate_tasks,
+    meta_loss,
+    resolve_inner_lr,
+)
 from fsl_dist.models import build_model
+
 from meta_helpers import make_tasks
 
 

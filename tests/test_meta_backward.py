@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from fsl_dist.meta import (ALGORITHMS, InnerLoopSpec, LearnedInnerLR, evaluate_tasks,
-                           meta_backward, meta_loss)
+from fsl_dist.meta import (
+    ALGORITHMS,
+    InnerLoopSpec,
+    LearnedInnerLR,
+    evaluate_tasks,
+    meta_backward,
+    meta_loss,
+)
+
 from meta_helpers import make_tasks
 from test_meta_gradients import SETTINGS, check_against_finite_differences, tiny_model
 
@@ -58,7 +65,8 @@ def test_worker_threads_give_bitwise_the_serial_result(algorithm):
     for workers in (2, 3):
         grads, stats = backward_grads(model, tasks, 0.4, algorithm, workers=workers)
         assert all(torch.equal(a, b) for a, b in zip(grads, serial))
-        assert {k: v.item() for k, v in stats.items()} == {k: v.item() for k, v in serial_stats.items()}
+        assert ({k: v.item() for k, v in stats.items()}
+                == {k: v.item() for k, v in serial_stats.items()})
     assert torch.get_num_threads() == threads  # restored after the workers ran
 
 

@@ -5,10 +5,17 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from fsl_dist.meta import (ALGORITHMS, InnerLoopSpec, LearnedInnerLR, adapt,
-                           adapted_parameter_names, meta_loss)
+from fsl_dist.meta import (
+    ALGORITHMS,
+    InnerLoopSpec,
+    LearnedInnerLR,
+    adapt,
+    adapted_parameter_names,
+    meta_loss,
+)
 from fsl_dist.meta.inner import cross_entropy
 from fsl_dist.models import build_model
+
 from meta_helpers import flat, make_tasks, rel_err
 
 SETTINGS = dict(inner_steps=2, inner_lr={"features": 0.3, "classifier": 0.5})

@@ -16,8 +16,9 @@ def test_short_second_order_maml_run_beats_chance_by_far(packed, tmp_path):
     run("train.py", ["--config", str(ROOT / "configs" / "cnn_maml.yaml"), "--run-dir", str(run_dir),
                      f"data.shards={packed('futurama')}", "model.width=32", "task.k_shot=1",
                      "task.q_query=5", "train.meta_batch_size=8", f"train.steps={STEPS}",
-                     "train.eval_every=20", "train.checkpoint_every=1000", "eval.val_episodes=100",
-                     "eval.episodes=100", "eval.inner_steps=3", "train.seed=0", "logging.wandb=false"])
+                     "train.eval_every=20", "train.checkpoint_every=1000",
+                     "eval.val_episodes=100", "eval.episodes=100", "eval.inner_steps=3",
+                     "train.seed=0", "logging.wandb=false"])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val/acc" in r]
     assert [r["step"] for r in val] == [20, 40, STEPS]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from fsl_dist.meta import ALGORITHMS, InnerLoopSpec, InnerLossScaler, meta_loss
 from fsl_dist.meta.precision import bf16_cpu_warning, cpu_has_bf16_instructions
 from fsl_dist.models import build_model
+
 from meta_helpers import flat, make_tasks, rel_err
 
 

@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from launching import ROOT
 
 from fsl_dist.bench import precision_check
 from fsl_dist.models import build_model
+
+from launching import ROOT
 
 SMALL = ["model.width=8", "task.k_shot=1", "task.q_query=2"]
 
@@ -30,8 +31,9 @@ def table_rows(text: str) -> list[list[str]]:
 
 
 def test_float32_matches_float64_and_every_column_is_a_cosine(shards, capsys):
-    status = precision_check.main(["--config", str(ROOT / "configs" / "cnn_maml.yaml"), "--tasks", "2",
-                                   "--inner-steps", "1,2", f"data.shards={shards}", *SMALL])
+    status = precision_check.main(["--config", str(ROOT / "configs" / "cnn_maml.yaml"),
+                                   "--tasks", "2", "--inner-steps", "1,2",
+                                   f"data.shards={shards}", *SMALL])
     assert status == 0
     rows = table_rows(capsys.readouterr().out)
     assert [r[0] for r in rows] == ["1", "2"]
@@ -76,7 +78,8 @@ def test_support_loss_trace_matches_one_inner_step_by_hand():
         grads = dict(zip([n for n, _ in model.named_parameters() if n.startswith("features.")],
                          torch.autograd.grad(loss, body)))
         stepped = {n: p - 0.3 * grads[n] if n in grads else p for n, p in model.named_parameters()}
-        expected_after.append(F.cross_entropy(torch.func.functional_call(model, stepped, (x,)), y).item())
+        expected_after.append(
+            F.cross_entropy(torch.func.functional_call(model, stepped, (x,)), y).item())
     assert before == pytest.approx(sum(expected_before) / 2, rel=1e-12)
     assert after == pytest.approx(sum(expected_after) / 2, rel=1e-12)
     assert after != pytest.approx(before, rel=1e-6)  # BOIL's body step changed the loss

@@ -9,6 +9,7 @@ import torch
 
 from fsl_dist.config import ConfigError, OptimConfig, load_config
 from fsl_dist.trainer import outer_lr
+
 from launching import ROOT, run
 from test_train_distributed import TINY, max_abs_difference, train, weights
 

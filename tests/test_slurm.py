@@ -30,7 +30,8 @@ from launching import child_env as launch_env
 
 pytestmark = pytest.mark.slow
 CLUSTER_SCRIPTS = ROOT / "tests" / "slurm"
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "PREEMPTED"}
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "PREEMPTED"}
 # Tiny CPU runs: one thread, the per-task loop (fastest at this size), few episodes.
 TINY = {"model.width": 8, "train.meta_batch_size": 2, "task.k_shot": 1, "task.q_query": 2,
         "eval.episodes": 10, "eval.val_episodes": 4, "eval.batch_size": 5, "train.cpu_threads": 1,
@@ -50,7 +51,8 @@ def _answers(env: dict) -> bool:
     if not shutil.which("scontrol"):
         return False
     ping = subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True, timeout=30)
-    state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=30)
+    state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True,
+                           timeout=30)
     return "is UP" in ping.stdout and any(s in state.stdout for s in ("idle", "mixed", "allocated"))
 
 
@@ -64,7 +66,8 @@ def slurm():
         yield env  # started by .ci/run (or by hand): leave it running
         return
     if os.geteuid() != 0:
-        _unavailable("no running SLURM cluster, and starting one needs root (slurmd launches jobs as their user)")
+        _unavailable("no running SLURM cluster, and starting one needs root "
+                     "(slurmd launches jobs as their user)")
     # not under pytest's 0700 temporary folders: munged wants every folder above its socket
     # world-executable
     base = Path(os.environ.get("TMPDIR", "/tmp")) / "fsl_dist-slurm-tests"
@@ -72,12 +75,14 @@ def slurm():
     started = subprocess.run(["bash", str(CLUSTER_SCRIPTS / "start_cluster.sh")], env=cluster_env,
                              capture_output=True, text=True, timeout=600)
     if started.returncode != 0:
-        _unavailable(f"tests/slurm/start_cluster.sh could not start a SLURM cluster:\n{started.stderr[-3000:]}")
+        _unavailable("tests/slurm/start_cluster.sh could not start a SLURM cluster:\n"
+                     f"{started.stderr[-3000:]}")
     env["SLURM_CONF"] = str(base / "slurm.conf")
     try:
         yield env
     finally:
-        subprocess.run(["bash", str(CLUSTER_SCRIPTS / "stop_cluster.sh"), "--quiet"], env=cluster_env, timeout=120)
+        subprocess.run(["bash", str(CLUSTER_SCRIPTS / "stop_cluster.sh"), "--quiet"],
+                       env=cluster_env, timeout=120)
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +113,8 @@ def wait_for(condition, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def wait_done(env: dict, job: str, tasks: int, timeout: float, logs: list[Path] = ()) -> dict[str, str]:
+def wait_done(env: dict, job: str, tasks: int, timeout: float,
+              logs: list[Path] = ()) -> dict[str, str]:
     def done():
         states = job_states(env, job)
         return states if len(states) == tasks and set(states.values()) <= TERMINAL else None
@@ -128,7 +134,8 @@ def release_requeued(env: dict, job: str) -> None:
         info = slurm_cmd(env, "scontrol", "show", "job", job, check=False)
         return "Restarts=1" in info and "JobState=PENDING" in info
     wait_for(requeued, 120, f"job {job} to requeue")
-    wait_for(lambda: slurm_cmd(env, "sinfo", "-h", "-o", "%T").strip() == "idle", 60, "the node to be idle")
+    wait_for(lambda: slurm_cmd(env, "sinfo", "-h", "-o", "%T").strip() == "idle", 60,
+             "the node to be idle")
     time.sleep(2)
     slurm_cmd(env, "scontrol", "update", f"JobId={job}", "StartTime=now")
 
@@ -137,7 +144,8 @@ def overrides(values: dict) -> list[str]:
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
 
 
-def write_sweep(path: Path, configs: list[str], seeds: list[int], values: dict, runs_dir: Path) -> Path:
+def write_sweep(path: Path, configs: list[str], seeds: list[int], values: dict,
+                runs_dir: Path) -> Path:
     body = {"configs": [str(ROOT / "configs" / f"{c}.yaml") for c in configs], "seeds": seeds,
             "overrides": values, "runs_dir": str(runs_dir)}
     path.write_text(json.dumps(body, indent=1))  # JSON is YAML
@@ -150,8 +158,10 @@ def write_sweep(path: Path, configs: list[str], seeds: list[int], values: dict, 
 def test_sweep_runs_as_an_array_job_and_compares(slurm, shards, tmp_path):
     values = dict(TINY, **{"train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 2,
                            "data.shards": str(shards), "logging.wandb": True})
-    sweep_file = write_sweep(tmp_path / "tiny_grid.yaml", ["cnn_maml", "cnn_boil"], [0, 1], values, tmp_path / "runs")
-    submitted = run("sweep.py", ["submit", str(sweep_file), "--cpus-per-task=1", "--time=10"], env=slurm)
+    sweep_file = write_sweep(tmp_path / "tiny_grid.yaml", ["cnn_maml", "cnn_boil"], [0, 1], values,
+                             tmp_path / "runs")
+    submitted = run("sweep.py", ["submit", str(sweep_file), "--cpus-per-task=1", "--time=10"],
+                    env=slurm)
     job = submitted.stdout.strip().split()[-1]  # "Submitted batch job N"
     sweep = load_sweep(sweep_file)
     logs = [sweep.group_dir() / f"slurm-{job}_{i}.out" for i in range(4)]
@@ -193,21 +203,25 @@ def test_sweep_runs_as_an_array_job_and_compares(slurm, shards, tmp_path):
 # ---------------------------------------------------------------- preemption
 
 
-def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slurm, shards, tmp_path):
+def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slurm, shards,
+                                                                            tmp_path):
     """The signal is sent with `scancel --signal=USR1 --batch` once the first checkpoint exists:
     what `--signal=B:USR1@N` delivers, at a moment the test controls (SLURM checks time limits
     about once a minute, too coarse for a test of seconds)."""
     values = dict(TINY, **{"train.steps": 100, "train.eval_every": 50, "train.checkpoint_every": 5,
                            "data.shards": str(shards), "logging.wandb": True})
-    sweep_file = write_sweep(tmp_path / "preempt.yaml", ["cnn_maml"], [3], values, tmp_path / "runs")
+    sweep_file = write_sweep(tmp_path / "preempt.yaml", ["cnn_maml"], [3], values,
+                             tmp_path / "runs")
     sweep = load_sweep(sweep_file)
     folder = sweep.run_dir(sweep.run(0))
     log = tmp_path / "job.out"
     # by hand, as a user would: sbatch from the project root, `python3` from the environment
-    job = slurm_cmd(slurm, "sbatch", "--parsable", "--array=0", "--cpus-per-task=1", f"--output={log}",
-                    str(ROOT / "launch" / "slurm" / "array.sbatch"), str(sweep_file)).strip()
+    job = slurm_cmd(slurm, "sbatch", "--parsable", "--array=0", "--cpus-per-task=1",
+                    f"--output={log}", str(ROOT / "launch" / "slurm" / "array.sbatch"),
+                    str(sweep_file)).strip()
     task = f"{job}_0"
-    wait_for(lambda: list((folder / "checkpoints").glob("step-*.pt")) or job_states(slurm, job).get(task) in TERMINAL,
+    wait_for(lambda: (list((folder / "checkpoints").glob("step-*.pt"))
+                      or job_states(slurm, job).get(task) in TERMINAL),
              120, "the first checkpoint")
     slurm_cmd(slurm, "scancel", "--signal=USR1", "--batch", task)
 
@@ -215,13 +229,16 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
     states = wait_done(slurm, job, tasks=1, timeout=180, logs=[log])
     assert states[task] == "COMPLETED", states
     text = log.read_text()
-    assert "stopped by a signal at step" in text and "requeueing job" in text and "restart 1" in text
+    assert ("stopped by a signal at step" in text and "requeueing job" in text
+            and "restart 1" in text)
     stopped_at = int(text.split("stopped by a signal at step ")[1].split(";")[0])
     assert 5 <= stopped_at < 100
-    assert f"resumed from {folder / 'checkpoints' / f'step-{stopped_at:08d}.pt'} at step {stopped_at}" in text
+    assert (f"resumed from {folder / 'checkpoints' / f'step-{stopped_at:08d}.pt'} "
+            f"at step {stopped_at}") in text
 
     # no step lost or repeated; one W&B run continued across the requeue
-    train_steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()
+    train_steps = [json.loads(line)["step"]
+                   for line in (folder / "metrics.jsonl").read_text().splitlines()
                    if "train/loss" in line]
     assert train_steps == list(range(1, 101))
     segments = [read_run(p)["meta"] for p in find_run_files(folder)]
@@ -230,7 +247,8 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
 
     # the same run uninterrupted, outside SLURM, through the same entry point
     other = tmp_path / "uninterrupted"
-    run("sweep.py", ["run", str(sweep_file), "--index", "0", "--runs-dir", str(other)], env=slurm, timeout=300)
+    run("sweep.py", ["run", str(sweep_file), "--index", "0", "--runs-dir", str(other)], env=slurm,
+        timeout=300)
     resumed = load_file(str(folder / "model.safetensors"))
     straight = load_file(str(sweep.run_dir(sweep.run(0), other) / "model.safetensors"))
     assert resumed.keys() == straight.keys()
@@ -249,12 +267,14 @@ def test_multinode_script_with_two_tasks_on_one_node_survives_preemption(slurm, 
     run_dir = tmp_path / "mn"
     log = tmp_path / "mn.out"
     args = ["--config", str(ROOT / "configs" / "cnn_maml.yaml"), "--run-dir", str(run_dir),
-            *overrides(dict(TINY, **{"train.steps": 60, "train.eval_every": 60, "train.checkpoint_every": 5,
-                                     "data.shards": str(shards), "logging.wandb": False}))]
-    job = slurm_cmd(slurm, "sbatch", "--parsable", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2",
-                    "--cpus-per-task=1", f"--output={log}", str(ROOT / "launch" / "slurm" / "multinode.sbatch"),
-                    *args).strip()
-    wait_for(lambda: list((run_dir / "checkpoints").glob("step-*.pt")) or job_states(slurm, job).get(job) in TERMINAL,
+            *overrides(dict(TINY, **{"train.steps": 60, "train.eval_every": 60,
+                                     "train.checkpoint_every": 5, "data.shards": str(shards),
+                                     "logging.wandb": False}))]
+    job = slurm_cmd(slurm, "sbatch", "--parsable", "--nodes=1", "--ntasks=2",
+                    "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={log}",
+                    str(ROOT / "launch" / "slurm" / "multinode.sbatch"), *args).strip()
+    wait_for(lambda: (list((run_dir / "checkpoints").glob("step-*.pt"))
+                      or job_states(slurm, job).get(job) in TERMINAL),
              120, "the first checkpoint")
     slurm_cmd(slurm, "scancel", "--signal=USR1", "--batch", job)
     release_requeued(slurm, job)
@@ -269,6 +289,7 @@ def test_multinode_script_with_two_tasks_on_one_node_survives_preemption(slurm, 
     assert (info["world_size"], info["backend"]) == (2, "gloo")
     evaluation = json.loads((run_dir / "eval.json").read_text())
     assert evaluation["world_size"] == 2
-    train_steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    train_steps = [json.loads(line)["step"]
+                   for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                    if "train/loss" in line]
     assert train_steps == list(range(1, 61))

@@ -24,7 +24,8 @@ FAKE_TRAIN = PAYLOADS / "fake_train.py"
 
 
 def launcher_argv(run_dir: Path) -> list[str]:
-    return [sys.executable, str(PAYLOADS / "fake_launcher.py"), str(FAKE_TRAIN), "--run-dir", str(run_dir)]
+    return [sys.executable, str(PAYLOADS / "fake_launcher.py"), str(FAKE_TRAIN),
+            "--run-dir", str(run_dir)]
 
 
 def signal_me_when(path: Path, sig: int, timeout: float = 20) -> threading.Thread:
@@ -43,11 +44,12 @@ def signal_me_when(path: Path, sig: int, timeout: float = 20) -> threading.Threa
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
 def test_a_signal_becomes_a_checkpoint_and_exit_75(tmp_path, sig):
     thread = signal_me_when(tmp_path / "started-0.jsonl", sig)
-    status = supervise(launcher_argv(tmp_path), launch_env(FAKE_TRAIN_SECONDS=30), script=FAKE_TRAIN,
-                       run_dir=tmp_path, log=lambda *a, **k: None)
+    status = supervise(launcher_argv(tmp_path), launch_env(FAKE_TRAIN_SECONDS=30),
+                       script=FAKE_TRAIN, run_dir=tmp_path, log=lambda *a, **k: None)
     thread.join()
     assert status == EXIT_RESUMABLE
-    assert (tmp_path / "checkpoints" / "step-00000003.pt").is_file() and not (tmp_path / "done.json").exists()
+    assert ((tmp_path / "checkpoints" / "step-00000003.pt").is_file()
+            and not (tmp_path / "done.json").exists())
 
 
 @pytest.mark.integration
@@ -58,7 +60,8 @@ def test_an_early_signal_is_not_fatal_and_is_passed_on_later(tmp_path):
     # the training process runs this first: it ignores USR1 (as inherited) for its first second
     code = ("import signal,time,runpy,sys; time.sleep(1.0); sys.argv=sys.argv[1:]; "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
-    argv = [sys.executable, str(PAYLOADS / "fake_launcher.py"), "-c", code, str(FAKE_TRAIN), "--run-dir", str(tmp_path)]
+    argv = [sys.executable, str(PAYLOADS / "fake_launcher.py"), "-c", code, str(FAKE_TRAIN),
+            "--run-dir", str(tmp_path)]
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
     started = time.monotonic()
     status = supervise(argv, env, script=FAKE_TRAIN, run_dir=tmp_path, log=lambda *a, **k: None)
@@ -95,9 +98,12 @@ def test_unresumable_outcomes(tmp_path, status, stop_requested, run_dir, expecte
 def test_only_the_training_processes_are_signalled(tmp_path):
     """Descendants running the training script are found; the launcher and helpers (like W&B's
     service process) are not."""
-    helper = "import subprocess,sys,time; p=subprocess.Popen([sys.executable,'-c','import time; time.sleep(30)']); time.sleep(30)"
+    helper = ("import subprocess,sys,time; "
+              "p=subprocess.Popen([sys.executable,'-c','import time; time.sleep(30)']); "
+              "time.sleep(30)")
     launcher = subprocess.Popen([sys.executable, "-c",
-                                 "import subprocess,sys; subprocess.call([sys.executable,'-c',sys.argv[1],sys.argv[2]])",
+                                 "import subprocess,sys; "
+                                 "subprocess.call([sys.executable,'-c',sys.argv[1],sys.argv[2]])",
                                  helper, str(FAKE_TRAIN)])
     try:
         deadline = time.monotonic() + 10
@@ -137,17 +143,20 @@ def test_array_script_forwards_the_signal_and_requeues_without_slurm(tmp_path):
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.log\n")
     (bin_dir / "scontrol").chmod(0o755)
     sweep = tmp_path / "sw.yaml"
-    sweep.write_text(f"configs: [{ROOT / 'configs' / 'cnn_maml.yaml'}, {ROOT / 'configs' / 'cnn_boil.yaml'}]\n"
+    sweep.write_text(f"configs: [{ROOT / 'configs' / 'cnn_maml.yaml'}, "
+                     f"{ROOT / 'configs' / 'cnn_boil.yaml'}]\n"
                      f"seeds: [0, 1]\nruns_dir: {tmp_path / 'runs'}\n")
-    env = launch_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=ROOT, SLURM_ARRAY_TASK_ID=3, SLURM_ARRAY_JOB_ID=40,
-                   SLURM_JOB_ID=43, SLURM_SUBMIT_DIR=ROOT, FSL_PYTHON=sys.executable,
+    env = launch_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=ROOT,
+                   SLURM_ARRAY_TASK_ID=3, SLURM_ARRAY_JOB_ID=40, SLURM_JOB_ID=43,
+                   SLURM_SUBMIT_DIR=ROOT, FSL_PYTHON=sys.executable,
                    CUDA_VISIBLE_DEVICES="", FAKE_TRAIN_SECONDS=60)
     job = subprocess.Popen(["bash", str(ROOT / "launch" / "slurm" / "array.sbatch"), str(sweep),
                             "--script", str(FAKE_TRAIN)], env=env, cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = tmp_path / "runs" / "sw" / "cnn_boil-s1"
     deadline = time.monotonic() + 60
-    while not (run_dir / "started-0.jsonl").exists() and time.monotonic() < deadline and job.poll() is None:
+    while (not (run_dir / "started-0.jsonl").exists() and time.monotonic() < deadline
+           and job.poll() is None):
         time.sleep(0.05)
     job.send_signal(signal.SIGUSR1)
     out, _ = job.communicate(timeout=60)
@@ -155,4 +164,5 @@ def test_array_script_forwards_the_signal_and_requeues_without_slurm(tmp_path):
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "43"], out
     assert (run_dir / "checkpoints").is_dir()
     started = (run_dir / "started-0.jsonl").read_text()
-    assert "train.seed=1" in started and "logging.group=sw" in started and '"--resume", "auto"' in started
+    assert ("train.seed=1" in started and "logging.group=sw" in started
+            and '"--resume", "auto"' in started)

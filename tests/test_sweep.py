@@ -144,7 +144,8 @@ def test_check_catches_a_bad_override_before_submission(tmp_path, extra, message
 
 def test_index_out_of_range(tmp_path):
     sweep = load_sweep(write(tmp_path, sweep_text()))
-    with pytest.raises(SweepError, match=r"array index 4 is out of range; this sweep has 4 runs \(indices 0-3\)"):
+    with pytest.raises(SweepError, match=r"array index 4 is out of range; "
+                                         r"this sweep has 4 runs \(indices 0-3\)"):
         sweep.run(4)
 
 
@@ -191,7 +192,8 @@ def test_accelerate_command_for_three_machines():
                                  machine_rank=2, main_address="10.0.0.1", main_port=5)
     flags = dict(zip(argv[3:-1:2], argv[4:-1:2]))
     assert argv[argv.index("--num_processes") + 1] == "6"
-    assert argv[argv.index("--machine_rank") + 1] == "2" and argv[argv.index("--main_process_ip") + 1] == "10.0.0.1"
+    assert (argv[argv.index("--machine_rank") + 1] == "2"
+            and argv[argv.index("--main_process_ip") + 1] == "10.0.0.1")
     assert flags["--num_machines"] == "3"
 
 

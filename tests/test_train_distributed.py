@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from fsl_dist.checkpoint import latest_checkpoint, load_checkpoint
 from fsl_dist.meta.precision import cpu_has_bf16_instructions
+
 from launching import ROOT, child_env, command, run
 
 # Tiny but real: Conv-4 of width 8 on 5-way 1-shot tasks from the packed Futurama split.
@@ -71,7 +72,8 @@ def two_rank_maml(shards, tmp_path_factory):
     # ~0.1 lr per step: measured 2.5e-4 after 6 steps at lr 1e-3, so the bound is lr itself.
     (("precision=bf16", "train.cpu_threads=1"), 1e-3),
 ], ids=["maml", "boil", "maml-bf16"])
-def test_two_ranks_give_the_parameters_of_one_process(shards, tmp_path, two_rank_maml, extra, tolerance):
+def test_two_ranks_give_the_parameters_of_one_process(shards, tmp_path, two_rank_maml, extra,
+                                                      tolerance):
     if extra:
         two = tmp_path / "two"
         train(two, shards, 2, *extra)
@@ -87,7 +89,8 @@ def test_two_ranks_give_the_parameters_of_one_process(shards, tmp_path, two_rank
     difference = max_abs_difference(weights(one), weights(two))
     assert difference < tolerance, f"max |one - two| = {difference:.3g}"
     # the first step starts from identical weights on identical tasks: identical loss
-    first = [next(json.loads(line)["train/loss"] for line in (d / "metrics.jsonl").read_text().splitlines()
+    first = [next(json.loads(line)["train/loss"]
+                  for line in (d / "metrics.jsonl").read_text().splitlines()
                   if "train/loss" in line) for d in (one, two)]
     assert first[0] == pytest.approx(first[1], rel=1e-6)
 
@@ -127,7 +130,8 @@ def _rank_pids(launcher_pid: int) -> list[int]:
         for pid in children.get(frontier.pop(), []):
             frontier.append(pid)
             argv = processes[pid][1]
-            if any(a.endswith("launch/train.py") for a in argv) and not any("accelerate" in a for a in argv):
+            if (any(a.endswith("launch/train.py") for a in argv)
+                    and not any("accelerate" in a for a in argv)):
                 found.append(pid)
     return sorted(found)
 

@@ -11,6 +11,7 @@ import yaml
 
 from fsl_dist.config import load_config
 from fsl_dist.wandb_offline import find_run_files, read_run
+
 from launching import ROOT, run
 
 SYSTEMS = ("cnn_maml", "cnn_boil", "resnet_maml", "resnet_boil")
@@ -44,7 +45,8 @@ def test_system_trains_evaluates_and_leaves_its_run_folder(name, shards, tmp_pat
     info = json.loads((run_dir / "run.json").read_text())
     assert info["world_size"] == 1 and info["precision"] == "no" and info["packages"]["torch"]
     model = yaml.safe_load((run_dir / "model.yaml").read_text())
-    assert model["model"]["name"] == name.split("_")[0] and model["algorithm"]["name"] == name.split("_")[1]
+    assert (model["model"]["name"] == name.split("_")[0]
+            and model["algorithm"]["name"] == name.split("_")[1])
 
     evaluation = json.loads((run_dir / "eval.json").read_text())
     assert evaluation["episodes"] == 10 and evaluation["part"] == "test"
@@ -79,7 +81,8 @@ def test_evaluate_divides_episodes_among_two_processes(shards, tmp_path):
     a = json.loads((run_dir / "one.json").read_text())
     b = json.loads((run_dir / "two.json").read_text())
     assert b["world_size"] == 2 and a["world_size"] == 1 and a["episodes"] == b["episodes"] == 12
-    assert a["mean"] == pytest.approx(b["mean"], abs=1e-9) and a["ci95"] == pytest.approx(b["ci95"], abs=1e-9)
+    assert (a["mean"] == pytest.approx(b["mean"], abs=1e-9)
+            and a["ci95"] == pytest.approx(b["ci95"], abs=1e-9))
     assert one.returncode == two.returncode == 0
 
 
@@ -90,14 +93,17 @@ def test_evaluate_reads_a_kept_checkpoint_and_names_the_weights(shards, tmp_path
     run("evaluate.py", [*args, "--out", "final.json"])
     run("evaluate.py", [*args, "--out", "last.json", "--checkpoint", "2"])
     run("evaluate.py", [*args, "--out", "first.json", "--checkpoint", "1"])
-    final, last, first = (json.loads((run_dir / f"{n}.json").read_text()) for n in ("final", "last", "first"))
+    final, last, first = (json.loads((run_dir / f"{n}.json").read_text())
+                          for n in ("final", "last", "first"))
     assert final["weights"] == "model.safetensors"
-    assert last["weights"] == "checkpoints/step-00000002.pt" and first["weights"] == "checkpoints/step-00000001.pt"
+    assert (last["weights"] == "checkpoints/step-00000002.pt"
+            and first["weights"] == "checkpoints/step-00000001.pt")
     # the final model is the step-2 checkpoint's model: the same episodes, the same accuracy
     assert last["mean"] == final["mean"] and last["ci95"] == final["ci95"]
     missing = run("evaluate.py", [*args, "--checkpoint", "7"], check=False)
     assert missing.returncode == 2
-    assert "step-00000007.pt does not exist" in missing.stderr and "step-00000002.pt" in missing.stderr
+    assert ("step-00000007.pt does not exist" in missing.stderr
+            and "step-00000002.pt" in missing.stderr)
     nested = run("evaluate.py", [*args, "--out", "runs/x/eval.json"], check=False)
     assert nested.returncode == 2 and "--out runs/x/eval.json" in nested.stderr
     assert not (run_dir / "runs").exists()
@@ -120,7 +126,8 @@ def test_debug_mode_runs_a_few_printed_steps(shards, tmp_path):
     ("precision=fp16", "needs a CUDA GPU"),
 ])
 def test_bad_config_values_fail_before_training(override, message, shards, tmp_path):
-    result = run("train.py", config_args("cnn_maml", tmp_path / "run", shards, override), check=False)
+    result = run("train.py", config_args("cnn_maml", tmp_path / "run", shards, override),
+                 check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
     assert "Traceback" not in result.stderr
