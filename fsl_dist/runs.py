@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from fsl_dist import checkpoint as ckpt
 from fsl_dist.config import Config, ConfigError, load_config, save_config
 from fsl_dist.data.episodes import TaskSpec, make_tasks
-from fsl_dist.data.shards import ShardError, load_manifest, pack_omniglot
+from fsl_dist.data.shards import ShardError, classes_with_at_least, load_manifest, pack_omniglot
 from fsl_dist.evaluate import combine_seeds, evaluate
 from fsl_dist.io import atomic_write, atomic_write_json, atomic_write_text
 from fsl_dist.meta import InnerLoopSpec, LearnedInnerLR
@@ -74,18 +74,21 @@ def ensure_shards(cfg: Config, dist) -> None:
 
 
 def check_tasks_fit(cfg: Config, manifest: dict) -> None:
-    """N-way and K+Q against every part of the split (the test part is used only at the end,
+    """N-way and K+Q against every part of the shard set (the test part is used only at the end,
     so it is checked now rather than after hours of training)."""
-    drawings = manifest["drawings_per_class"]
-    if cfg.task.k_shot + cfg.task.q_query > drawings:
-        raise ConfigError(f"`task.k_shot` + `task.q_query` = {cfg.task.k_shot} + "
-                          f"{cfg.task.q_query} needs more than the {drawings} drawings per class "
-                          f"of {cfg.data.shards}")
+    needed = cfg.task.k_shot + cfg.task.q_query
     for part, entry in manifest["splits"].items():
         if cfg.task.n_way > entry["classes"]:
             raise ConfigError(f"`task.n_way` = {cfg.task.n_way} is larger than the "
-                              f"{entry['classes']} classes of the {part} part of split "
-                              f"{cfg.data.split!r} ({cfg.data.shards})")
+                              f"{entry['classes']} classes of the {part} part of "
+                              f"{cfg.data.shards}")
+        qualifying = classes_with_at_least(entry["images_per_class"], needed)
+        if qualifying < cfg.task.n_way:
+            raise ConfigError(f"`task.k_shot` + `task.q_query` = {cfg.task.k_shot} + "
+                              f"{cfg.task.q_query} = {needed} images per class: only {qualifying} "
+                              f"of the {entry['classes']} classes of the {part} part of "
+                              f"{cfg.data.shards} hold that many, fewer than `task.n_way` = "
+                              f"{cfg.task.n_way}")
 
 
 # ---------------------------------------------------------------- run.json, model files
