@@ -2,12 +2,14 @@
 
     runs/<config name>-<seed>/
         config.yaml          the resolved config (load_config reads it back)
-        run.json             world size, device, precision, package versions, git commit, W&B id
+        run.json             world size, device, precision, package versions, git commit, W&B id,
+                             the data (data set, channels, image size, shard format version)
         metrics.jsonl        one JSON row per logged step
         checkpoints/         step-NNNNNNNN.pt, the newest few
         wandb/               W&B's own files (offline-run-*/run-<id>.wandb without an API key)
         model.safetensors    final weights (and learned inner step sizes), loadable without pickle
-        model.yaml           what is needed to rebuild the model around those weights
+        model.yaml           what is needed to rebuild the model around those weights (its input
+                             channels and image size come from the shards' manifest)
         eval.json            the final held-out evaluation
 """
 
