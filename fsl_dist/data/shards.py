@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -71,7 +72,7 @@ class ClassPool:
     def num_classes(self) -> int:
         return len(self.counts)
 
-    @property
+    @functools.cached_property
     def offsets(self) -> np.ndarray:
         """int64 [classes]: row of each class's first image in ``images``."""
         return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
