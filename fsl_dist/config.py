@@ -29,17 +29,22 @@ class ConfigError(ValueError):
 class DataConfig:
     shards: str = "shards/omniglot-futurama"
     """Folder of the packed shard set (made by launch/pack.py)."""
+    dataset: str = "omniglot"
+    """What the shards hold: omniglot (packed from `source` when `shards` is missing) or folder
+    (an image folder packed by `launch/pack.py folder`; never packed by training)."""
     split: str = "futurama"
-    """Class split the shards were packed with: lake, vinyals or futurama."""
+    """Omniglot only: the class split the shards were packed with: lake, vinyals or futurama."""
     source: Optional[str] = None
     """Omniglot zips or folders to pack from when `shards` is missing (None: the download cache)."""
     mode: str = "memory"
     """memory: each rank holds its class pool; stream: shards are streamed (data bigger than
     RAM)."""
     rotate: bool = True
-    """Meta-train classes are rotated by a random multiple of 90 degrees (new classes)."""
+    """Meta-train classes are rotated by a random multiple of 90 degrees (new classes): an
+    Omniglot augmentation; set false for natural images (configs/folder_example.yaml does)."""
     image_size: int = 28
-    """Side of the packed images; used when packing missing shards."""
+    """Omniglot only: side of the images when packing missing shards. The model always takes
+    its input size and channels from the shards' manifest."""
     shuffle_buffer: int = 200
     """Stream mode: classes held in the shuffle buffer."""
 
@@ -156,6 +161,7 @@ class Config:
 
 CHOICES = {
     "precision": (None, "no", "bf16", "fp16"),
+    "data.dataset": ("omniglot", "folder"),
     "data.split": ("lake", "vinyals", "futurama"),
     "data.mode": ("memory", "stream"),
     "model.name": ("cnn", "resnet"),

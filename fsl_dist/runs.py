@@ -2,12 +2,14 @@
 
     runs/<config name>-<seed>/
         config.yaml          the resolved config (load_config reads it back)
-        run.json             world size, device, precision, package versions, git commit, W&B id
+        run.json             world size, device, precision, package versions, git commit, W&B id,
+                             the data (data set, channels, image size, shard format version)
         metrics.jsonl        one JSON row per logged step
         checkpoints/         step-NNNNNNNN.pt, the newest few
         wandb/               W&B's own files (offline-run-*/run-<id>.wandb without an API key)
         model.safetensors    final weights (and learned inner step sizes), loadable without pickle
-        model.yaml           what is needed to rebuild the model around those weights
+        model.yaml           what is needed to rebuild the model around those weights (its input
+                             channels and image size come from the shards' manifest)
         eval.json            the final held-out evaluation
 """
 
@@ -28,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from fsl_dist import checkpoint as ckpt
 from fsl_dist.config import Config, ConfigError, load_config, save_config
 from fsl_dist.data.episodes import TaskSpec, make_tasks
-from fsl_dist.data.shards import ShardError, load_manifest, pack_omniglot
+from fsl_dist.data.shards import ShardError, classes_with_at_least, load_manifest, pack_omniglot
 from fsl_dist.evaluate import combine_seeds, evaluate
 from fsl_dist.io import atomic_write, atomic_write_json, atomic_write_text
 from fsl_dist.meta import InnerLoopSpec, LearnedInnerLR
@@ -41,16 +43,22 @@ PACKAGES = ("fsl_dist", "torch", "accelerate", "webdataset", "wandb", "numpy", "
 
 
 def pack_command(cfg: Config) -> str:
+    if cfg.data.dataset == "folder":
+        return f"python launch/pack.py folder ROOT --out {cfg.data.shards} --size 84"
     source = f" --source {cfg.data.source}" if cfg.data.source else ""
     return (f"python launch/pack.py omniglot{source} --split {cfg.data.split} "
             f"--out {cfg.data.shards} --size {cfg.data.image_size}")
 
 
-def ensure_shards(cfg: Config, dist) -> None:
-    """Make sure the configured shard set exists and matches the config. When it is missing, the
-    main process packs it (from `data.source`, else the checked download cache) while the others
-    wait; a failure is reported on every rank with the command that makes the shards."""
+def ensure_shards(cfg: Config, dist) -> dict:
+    """Make sure the configured shard set exists and matches the config, and return its
+    manifest. When an Omniglot set is missing, the main process packs it (from `data.source`,
+    else the checked download cache) while the others wait; a failure is reported on every rank
+    with the command that makes the shards. Folder sets are only ever made by launch/pack.py."""
     manifest = Path(cfg.data.shards) / "manifest.json"
+    if not manifest.is_file() and cfg.data.dataset != "omniglot":
+        raise ShardError(f"no shard set at {cfg.data.shards} (missing {manifest}); make it with:"
+                         f"\n    {pack_command(cfg)}")
     if not manifest.is_file():
         failure = None
         if dist.is_main:
@@ -67,25 +75,47 @@ def ensure_shards(cfg: Config, dist) -> None:
                              f"packing it failed:\n    {failure}\nmake it with:\n    "
                              f"{pack_command(cfg)}")
     packed = load_manifest(cfg.data.shards)
-    if packed["split"] != cfg.data.split:
+    if packed["dataset"] != cfg.data.dataset:
+        raise ConfigError(f"`data.dataset` = {cfg.data.dataset!r} but {manifest} holds "
+                          f"{packed['dataset']!r} shards; set data.dataset={packed['dataset']} "
+                          f"or point data.shards at {cfg.data.dataset} shards")
+    if packed["dataset"] == "omniglot" and packed["split"] != cfg.data.split:
         raise ConfigError(f"`data.split` = {cfg.data.split!r} but {manifest} was packed with split "
                           f"{packed['split']!r}; point data.shards at a {cfg.data.split} shard set")
+    if cfg.data.rotate and not packed.get("rotate", False):
+        dist.print(f"warning: data.rotate is on but the {packed['dataset']} shards at "
+                   f"{cfg.data.shards} are marked as not meant for rotation; set data.rotate=false")
     check_tasks_fit(cfg, packed)
+    return packed
+
+
+def model_inputs(manifest: dict) -> dict:
+    """What the model takes from the data, always from the shard set's manifest: the image
+    channels and side (a hand-kept config value could disagree with the shards)."""
+    return {"in_channels": manifest["channels"], "image_size": manifest["image_size"]}
+
+
+def build_run_model(cfg: Config, inputs: dict) -> torch.nn.Module:
+    """The configured backbone for images of ``inputs`` (``model_inputs``)."""
+    return build_model(cfg.model.name, cfg.task.n_way, width=cfg.model.width, **inputs)
 
 
 def check_tasks_fit(cfg: Config, manifest: dict) -> None:
-    """N-way and K+Q against every part of the split (the test part is used only at the end,
+    """N-way and K+Q against every part of the shard set (the test part is used only at the end,
     so it is checked now rather than after hours of training)."""
-    drawings = manifest["drawings_per_class"]
-    if cfg.task.k_shot + cfg.task.q_query > drawings:
-        raise ConfigError(f"`task.k_shot` + `task.q_query` = {cfg.task.k_shot} + "
-                          f"{cfg.task.q_query} needs more than the {drawings} drawings per class "
-                          f"of {cfg.data.shards}")
+    needed = cfg.task.k_shot + cfg.task.q_query
     for part, entry in manifest["splits"].items():
         if cfg.task.n_way > entry["classes"]:
             raise ConfigError(f"`task.n_way` = {cfg.task.n_way} is larger than the "
-                              f"{entry['classes']} classes of the {part} part of split "
-                              f"{cfg.data.split!r} ({cfg.data.shards})")
+                              f"{entry['classes']} classes of the {part} part of "
+                              f"{cfg.data.shards}")
+        qualifying = classes_with_at_least(entry["images_per_class"], needed)
+        if qualifying < cfg.task.n_way:
+            raise ConfigError(f"`task.k_shot` + `task.q_query` = {cfg.task.k_shot} + "
+                              f"{cfg.task.q_query} = {needed} images per class: only {qualifying} "
+                              f"of the {entry['classes']} classes of the {part} part of "
+                              f"{cfg.data.shards} hold that many, fewer than `task.n_way` = "
+                              f"{cfg.task.n_way}")
 
 
 # ---------------------------------------------------------------- run.json, model files
@@ -111,8 +141,15 @@ def package_versions() -> dict:
     return versions
 
 
+def data_facts(manifest: dict) -> dict:
+    """What run.json and model.yaml record about the data the model was trained on."""
+    return {"dataset": manifest["dataset"], "split": manifest.get("split"),
+            "channels": manifest["channels"], "image_size": manifest["image_size"],
+            "format_version": manifest["format_version"]}
+
+
 def write_run_info(cfg: Config, run_dir: Path, dist, precision: str,
-                   wandb_id: Optional[str]) -> None:
+                   wandb_id: Optional[str], manifest: dict) -> None:
     save_config(cfg, run_dir / "config.yaml")
     device = dist.device
     info = {
@@ -127,21 +164,23 @@ def write_run_info(cfg: Config, run_dir: Path, dist, precision: str,
         "git_commit": git_commit(),
         "host": platform.node(),
         "wandb_id": wandb_id,
+        "data": data_facts(manifest),
     }
     atomic_write_json(run_dir / "run.json", info)
 
 
-def save_final_model(state, cfg: Config, run_dir: Path) -> None:
+def save_final_model(state, cfg: Config, run_dir: Path, manifest: dict) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.model.state_dict().items()}
     if isinstance(state.inner_lr, torch.nn.Module):
         tensors.update({f"inner_lr.{k}": v.detach().cpu().contiguous()
                         for k, v in state.inner_lr.state_dict().items()})
     atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     description = {
-        "model": {"name": cfg.model.name, "n_way": cfg.task.n_way, "width": cfg.model.width},
+        "model": {"name": cfg.model.name, "n_way": cfg.task.n_way, "width": cfg.model.width,
+                  **model_inputs(manifest)},
         "algorithm": dataclasses.asdict(cfg.algorithm),
         "task": dataclasses.asdict(cfg.task),
-        "data": {"split": cfg.data.split, "image_size": cfg.data.image_size},
+        "data": data_facts(manifest),
         "step": state.step,
     }
     atomic_write_text(run_dir / "model.yaml", yaml.safe_dump(description, sort_keys=False))
@@ -167,7 +206,7 @@ def load_trained(run_dir: Path, device: torch.device, checkpoint: Optional[str] 
     else:
         saved = ckpt.load_checkpoint(weights)
         model_state, inner_lr_state = saved["model"], saved.get("inner_lr") or {}
-    model = build_model(cfg.model.name, cfg.task.n_way, width=cfg.model.width)
+    model = build_run_model(cfg, trained_inputs(run_dir, cfg))
     model.load_state_dict(model_state)
     inner_lr = cfg.algorithm.inner_lr
     if cfg.algorithm.learn_inner_lr:
@@ -175,6 +214,22 @@ def load_trained(run_dir: Path, device: torch.device, checkpoint: Optional[str] 
         inner_lr.load_state_dict(inner_lr_state)
         inner_lr = inner_lr.to(device)
     return cfg, model.to(device), inner_lr, weights
+
+
+def trained_inputs(run_dir: Path, cfg: Config) -> dict:
+    """The model inputs of the shards a trained run evaluates on; model.yaml, when the run
+    wrote one, must record the same (the shards could have been re-packed at another size)."""
+    inputs = model_inputs(load_manifest(cfg.data.shards))
+    description = run_dir / "model.yaml"
+    if description.is_file():
+        recorded = yaml.safe_load(description.read_text()).get("model", {})
+        differ = {k: (recorded[k], v) for k, v in inputs.items() if recorded.get(k, v) != v}
+        if differ:
+            what = ", ".join(f"{k} {was} (trained) vs {now} (shards)"
+                             for k, (was, now) in differ.items())
+            raise ConfigError(f"{cfg.data.shards} does not match the model of {run_dir}: {what}; "
+                              "point data.shards at the shards it was trained on")
+    return inputs
 
 
 def find_checkpoint(run_dir: Path, which: str) -> Path:

@@ -30,9 +30,15 @@ from fsl_dist.distributed import launcher_precision
 from fsl_dist.evaluate import evaluate
 from fsl_dist.meta import InnerLoopSpec, InnerLossScaler, LearnedInnerLR, meta_backward
 from fsl_dist.meta.precision import bf16_cpu_warning
-from fsl_dist.models import build_model
 from fsl_dist.numerics import flat_grads
-from fsl_dist.runs import ensure_shards, evaluate_held_out, save_final_model, write_run_info
+from fsl_dist.runs import (
+    build_run_model,
+    ensure_shards,
+    evaluate_held_out,
+    model_inputs,
+    save_final_model,
+    write_run_info,
+)
 from fsl_dist.tracking import MetricsFile, wandb_init_kwargs
 
 STAT_KEYS = ("query_loss", "acc_before", "acc_after", "inner_loss", "inner_nonfinite")
@@ -110,9 +116,11 @@ def configure_cpu(cfg: Config, dist) -> None:
             dist.print(f"cpu malloc: {tune_cpu_malloc()}")
 
 
-def build_state(cfg: Config, device: torch.device) -> TrainState:
+def build_state(cfg: Config, device: torch.device, inputs: dict) -> TrainState:
+    """Model, inner step sizes and optimizer; ``inputs`` (``runs.model_inputs``) are the image
+    channels and side from the shard set's manifest."""
     torch.manual_seed(cfg.train.seed)  # the same seed on every rank: identical initial weights
-    model = build_model(cfg.model.name, cfg.task.n_way, width=cfg.model.width).to(device)
+    model = build_run_model(cfg, inputs).to(device)
     inner_lr = cfg.algorithm.inner_lr
     params = list(model.parameters())
     if cfg.algorithm.learn_inner_lr:
@@ -305,9 +313,9 @@ class Trainer:
             dist.print(warning)
         check_process_count(cfg, dist.world_size)
         configure_cpu(cfg, dist)
-        ensure_shards(cfg, dist)
+        self.manifest = ensure_shards(cfg, dist)
         self.sources = build_task_sources(cfg, dist)
-        self.state = build_state(cfg, dist.device)
+        self.state = build_state(cfg, dist.device, model_inputs(self.manifest))
         self.batches = TrainBatches(self.sources["train"],
                                     rank_slice(cfg.train.meta_batch_size, dist.rank,
                                                dist.world_size),
@@ -348,7 +356,8 @@ class Trainer:
             self.dist.start_trackers(self.cfg.logging.project, to_dict(self.cfg), kwargs)
             self.wandb_id = self.dist.wandb_run_id() or self.wandb_id
         if self.dist.is_main:
-            write_run_info(self.cfg, self.run_dir, self.dist, self.precision, self.wandb_id)
+            write_run_info(self.cfg, self.run_dir, self.dist, self.precision, self.wandb_id,
+                           self.manifest)
 
     def save_checkpoint(self) -> None:
         if self.dist.is_main:
@@ -444,7 +453,7 @@ class Trainer:
         """Final weights and held-out evaluation; returns eval results on every rank."""
         cfg = self.cfg
         if self.dist.is_main:
-            save_final_model(self.state, cfg, self.run_dir)
+            save_final_model(self.state, cfg, self.run_dir, self.manifest)
         result = None
         if self.state.step >= cfg.train.steps:
             result = evaluate_held_out(self.state.model, self.state.inner_lr, cfg, self.dist,

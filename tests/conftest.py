@@ -66,6 +66,7 @@ INTEGRATION_MODULES = frozenset({
     "test_slurm.py",  # a real SLURM cluster
     "test_train_distributed.py",
     "test_train_end_to_end.py",
+    "test_train_folder.py",
 })
 
 

@@ -57,14 +57,16 @@ def test_memory_tasks_are_valid(vinyals, spec):
         assert torch.equal(batch["query_y"], torch.from_numpy(np.repeat(sampled.labels, q, axis=1)))
         assert spec.rotate or not sampled.rotations.any()
         # Rebuild the images the slow, obvious way: index the pool, then turn each class.
-        expected = pool.images[torch.from_numpy(sampled.classes)[:, :, None],
-                               torch.from_numpy(sampled.drawings)]
+        by_class = pool.images.view(pool.num_classes, 20, 1, 28, 28)  # Omniglot: 20 per class
+        expected = by_class[torch.from_numpy(sampled.classes)[:, :, None],
+                            torch.from_numpy(sampled.drawings)]
         for turns in (1, 2, 3):
             mask = torch.from_numpy(sampled.rotations == turns)
             expected[mask] = torch.rot90(expected[mask], turns, dims=(-2, -1))
-        assert torch.equal(to_uint8(batch["support_x"]).view(count, n, k, 28, 28),
+        assert torch.equal(to_uint8(batch["support_x"]).view(count, n, k, 1, 28, 28),
                            expected[:, :, :k])
-        assert torch.equal(to_uint8(batch["query_x"]).view(count, n, q, 28, 28), expected[:, :, k:])
+        assert torch.equal(to_uint8(batch["query_x"]).view(count, n, q, 1, 28, 28),
+                           expected[:, :, k:])
 
 
 def rotated_sample(vinyals):
@@ -161,10 +163,10 @@ def image_lookup(pool, rotations=(0,)):
     """Bytes of every (possibly rotated) drawing -> all (class id, drawer, rotation) it could be."""
     lookup = {}
     for turns in rotations:
-        turned = torch.rot90(pool.images, turns, dims=(-2, -1)).contiguous().numpy()
         for c, meta in enumerate(pool.classes):
-            for d in range(turned.shape[1]):
-                lookup.setdefault(turned[c, d].tobytes(), []).append((meta["id"], d, turns))
+            turned = torch.rot90(pool.class_images(c), turns, dims=(-2, -1)).contiguous().numpy()
+            for d in range(turned.shape[0]):
+                lookup.setdefault(turned[d, 0].tobytes(), []).append((meta["id"], d, turns))
     return lookup
 
 

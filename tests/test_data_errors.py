@@ -113,7 +113,7 @@ def test_more_ways_than_classes_is_refused_before_training(packed, mode):
 @each_mode
 def test_more_shots_than_drawings_is_refused_before_training(packed, mode):
     with pytest.raises(ValueError, match=r"k_shot \+ q_query = 5 \+ 16 = 21 exceeds the 20 "
-                                         r"drawings.*at most 15"):
+                                         r"images per class.*at most 15"):
         make_tasks_of(packed, mode, "train", TaskSpec(5, 5, 16))
 
 

@@ -30,11 +30,16 @@ def test_manifest_counts_and_shards(packed, split):
     out = packed(split)
     manifest = shards.load_manifest(out)
     assert manifest["split"] == split and manifest["image_size"] == 28
+    assert manifest["format"] == shards.FORMAT
+    assert manifest["format_version"] == shards.FORMAT_VERSION
+    assert manifest["dataset"] == "omniglot" and manifest["channels"] == 1
+    assert manifest["split_source"] == {"kind": "named", "split": split, "seed": 0}
     assert manifest["packer"]["packer_version"] == shards.PACKER_VERSION
     for part, classes in EXPECTED[split].items():
         entry = manifest["splits"][part]
         assert entry["classes"] == classes
         assert entry["images"] == 20 * classes
+        assert entry["images_per_class"] == [20] * classes
         assert len(entry["shards"]) == math.ceil(classes / shards.DEFAULT_CLASSES_PER_SHARD)
         assert sum(s["classes"] for s in entry["shards"]) == classes
         for index, shard in enumerate(entry["shards"]):
@@ -86,7 +91,9 @@ def test_class_metadata_and_image_shape(packed):
     assert first == {"alphabet": "Futurama", "character": "character01", "id": 325,
                      "drawers": list(range(1, 21)), "archive": "images_background",
                      "split": "futurama", "part": "test"}
-    assert pool.images.shape == (26, 20, 28, 28)
+    assert pool.images.shape == (26 * 20, 1, 28, 28)
+    assert pool.counts.tolist() == [20] * 26
+    assert pool.class_images(25).shape == (20, 1, 28, 28)
 
 
 def test_strokes_are_bright_on_a_dark_background(packed):
@@ -102,7 +109,7 @@ def test_pixels_are_the_inverted_drawing_of_the_zip(packed, omniglot_source):
     original = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
     full = omniglot._decode_drawing(png, 105, where="test")
     np.testing.assert_array_equal(full, 255 - original)  # 105: inverted, otherwise untouched
-    np.testing.assert_array_equal(pool.images[0, 0].numpy(),
+    np.testing.assert_array_equal(pool.class_images(0)[0, 0].numpy(),
                                   omniglot._decode_drawing(png, 28, where="test"))
 
 

@@ -30,10 +30,11 @@ import torch
 from fsl_dist import numerics
 from fsl_dist.config import ConfigError, load_config
 from fsl_dist.data.episodes import make_tasks
+from fsl_dist.data.shards import load_manifest
 from fsl_dist.meta import InnerLoopSpec, adapt, adapted_parameter_names, meta_backward
 from fsl_dist.meta.algorithms import resolve_inner_lr
 from fsl_dist.meta.inner import INNER_LOSSES
-from fsl_dist.runs import load_trained
+from fsl_dist.runs import load_trained, model_inputs
 from fsl_dist.trainer import build_state, task_spec
 
 BF16_ROUNDING = 2.0 ** -9  # half a unit in the last place of bf16's 8-bit significand
@@ -77,7 +78,8 @@ def load_subject(args) -> tuple:
                                                      args.checkpoint)
         return cfg, model, inner_lr, str(weights)
     cfg = load_config(args.config, args.overrides)
-    state = build_state(cfg, torch.device("cpu"))
+    inputs = model_inputs(load_manifest(cfg.data.shards))
+    state = build_state(cfg, torch.device("cpu"), inputs)
     weights = f"initial weights of {args.config} (seed {cfg.train.seed})"
     return cfg, state.model, state.inner_lr, weights
 

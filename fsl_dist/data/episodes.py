@@ -2,14 +2,16 @@
 
 Every meta-batch is a dict with exactly these keys (T tasks, N ways, K shots, Q queries)::
 
-    support_x  float32 [T, N*K, 1, H, W]  in [0, 1], strokes bright on dark
+    support_x  float32 [T, N*K, C, H, W]  in [0, 1] (Omniglot: C = 1, strokes bright on dark)
     support_y  int64   [T, N*K]           labels 0..N-1, assigned to classes in a random order
-    query_x    float32 [T, N*Q, 1, H, W]
+    query_x    float32 [T, N*Q, C, H, W]
     query_y    int64   [T, N*Q]
 
-Support and query come from disjoint drawings of the same N distinct classes. With
+Support and query come from disjoint images of the same N distinct classes. Classes may hold
+different numbers of images: a class with fewer than K+Q is never drawn for such a task. With
 ``TaskSpec.rotate`` each sampled class is turned by a random multiple of 90 degrees (all its
-drawings alike), which makes it a new class, as in the MAML protocol.
+images alike), which makes it a new class, as in the MAML protocol for Omniglot; natural images
+are not rotated (``data.rotate: false``, as ``configs/folder_example.yaml`` sets).
 
 Two modes give the same format:
 
@@ -52,8 +54,8 @@ class TaskSpec:
     """Shape of one few-shot task."""
 
     n_way: int  # classes per task
-    k_shot: int  # labelled drawings per class (support set)
-    q_query: int  # drawings per class to classify (query set)
+    k_shot: int  # labelled images per class (support set)
+    q_query: int  # images per class to classify (query set)
     rotate: bool = False  # turn each sampled class by a random multiple of 90 degrees
 
     def __post_init__(self):
@@ -63,19 +65,30 @@ class TaskSpec:
                 raise ValueError(f"TaskSpec.{name} must be a positive integer, got {value!r}")
 
     @property
-    def drawings_per_class(self) -> int:
+    def images_per_class(self) -> int:
         return self.k_shot + self.q_query
 
 
-def check_spec_fits(spec: TaskSpec, num_classes: int, drawings: int, where: str) -> None:
-    """Raise a clear ValueError if tasks of ``spec`` cannot be drawn from a pool."""
-    if spec.n_way > num_classes:
+def check_spec_fits(spec: TaskSpec, counts, where: str) -> None:
+    """Raise a clear ValueError if tasks of ``spec`` cannot be drawn from classes holding
+    ``counts`` images each: at least N of them must hold K+Q images."""
+    counts = np.asarray(counts, dtype=np.int64)
+    needed = spec.images_per_class
+    if spec.n_way > len(counts):
         raise ValueError(f"{spec.n_way}-way tasks need {spec.n_way} classes but {where} has only "
-                         f"{num_classes}; lower n_way or use a part with more classes")
-    if spec.drawings_per_class > drawings:
-        raise ValueError(f"k_shot + q_query = {spec.k_shot} + {spec.q_query} = "
-                         f"{spec.drawings_per_class} exceeds the {drawings} drawings per class of "
-                         f"{where}; lower q_query to at most {drawings - spec.k_shot}")
+                         f"{len(counts)}; lower n_way or use a part with more classes")
+    qualifying = int((counts >= needed).sum())
+    if qualifying >= spec.n_way:
+        return
+    largest = int(counts.max())
+    if largest < needed and largest == int(counts.min()):  # every class holds the same number
+        raise ValueError(f"k_shot + q_query = {spec.k_shot} + {spec.q_query} = {needed} exceeds "
+                         f"the {largest} images per class of {where}; lower q_query to at most "
+                         f"{largest - spec.k_shot}")
+    raise ValueError(f"{spec.n_way}-way tasks with k_shot + q_query = {needed} images per class "
+                     f"need {spec.n_way} classes holding at least {needed} images, but only "
+                     f"{qualifying} of the {len(counts)} classes of {where} do; lower n_way, "
+                     f"k_shot or q_query")
 
 
 def rank_slice(total: int, rank: int, world: int) -> range:
@@ -94,44 +107,52 @@ class TaskIndices:
     """What was sampled for T tasks, as positions into a class pool."""
 
     classes: np.ndarray  # int64 [T, N]: pool position of each task's n-th class
-    drawings: np.ndarray  # int64 [T, N, K+Q]: drawing indices; the first K are the support
+    drawings: np.ndarray  # int64 [T, N, K+Q]: image indices within the class; first K: support
     rotations: np.ndarray  # int64 [T, N]: quarter turns (counter-clockwise) of each class
     labels: np.ndarray  # int64 [T, N]: label given to each task's n-th class
 
 
-def _sample_one(rng: np.random.Generator, num_classes: int, drawings: int, spec: TaskSpec):
-    """Classes, drawings, rotations and labels of one task from one generator."""
-    classes = rng.choice(num_classes, spec.n_way, replace=False)
+def _sample_one(rng: np.random.Generator, eligible: np.ndarray, counts: np.ndarray,
+                widest: int, spec: TaskSpec):
+    """Classes, images, rotations and labels of one task from one generator.
+
+    ``eligible`` are the pool positions of the classes holding at least K+Q images, ``widest``
+    the largest class of the pool: the draws depend on the pool, never on the task's classes."""
+    classes = eligible[rng.choice(len(eligible), spec.n_way, replace=False)]
     labels = rng.permutation(spec.n_way)
-    picks = _pick_drawings(rng, spec.n_way, drawings, spec.drawings_per_class)
+    picks = _pick_drawings(rng, counts[classes], widest, spec.images_per_class)
     turns = rng.integers(0, 4, spec.n_way) if spec.rotate else np.zeros(spec.n_way, np.int64)
     return classes, picks, turns, labels
 
 
-def _pick_drawings(rng: np.random.Generator, classes: int, drawings: int, count: int) -> np.ndarray:
-    """[classes, count] distinct drawing indices per class: argsort of noise, one call for all."""
-    return rng.random((classes, drawings)).argsort(axis=1)[:, :count]
+def _pick_drawings(rng: np.random.Generator, counts: np.ndarray, widest: int,
+                   count: int) -> np.ndarray:
+    """[classes, count] distinct image indices per class (class j has ``counts[j]``): argsort of
+    noise, one call for all; indices past a class's end sort last, so they are never taken."""
+    noise = rng.random((len(counts), widest))
+    noise[np.arange(widest)[None, :] >= np.asarray(counts)[:, None]] = 2.0
+    return noise.argsort(axis=1, kind="stable")[:, :count]
 
 
 def _empty_indices(tasks: int, spec: TaskSpec) -> TaskIndices:
     n = spec.n_way
     return TaskIndices(np.empty((tasks, n), np.int64),
-                       np.empty((tasks, n, spec.drawings_per_class), np.int64),
+                       np.empty((tasks, n, spec.images_per_class), np.int64),
                        np.empty((tasks, n), np.int64), np.empty((tasks, n), np.int64))
 
 
 def assemble(support: torch.Tensor, query: torch.Tensor, labels: np.ndarray) -> dict:
-    """uint8 support ``[T, N, K, H, W]`` and query ``[T, N, Q, H, W]`` -> the meta-batch dict.
+    """uint8 support ``[T, N, K, C, H, W]`` and query ``[T, N, Q, C, H, W]`` -> the meta-batch.
 
     ``labels[t, n]`` is the label of class n of task t; images are already rotated.
     """
-    tasks, n, k, height, width = support.shape
+    tasks, n, k, *image = support.shape
     q = query.shape[2]
     label = torch.from_numpy(labels).to(torch.int64)[:, :, None]
     return {
-        "support_x": _to_unit_float(support).reshape(tasks, n * k, 1, height, width),
+        "support_x": _to_unit_float(support).reshape(tasks, n * k, *image),
         "support_y": label.expand(tasks, n, k).reshape(tasks, n * k),
-        "query_x": _to_unit_float(query).reshape(tasks, n * q, 1, height, width),
+        "query_x": _to_unit_float(query).reshape(tasks, n * q, *image),
         "query_y": label.expand(tasks, n, q).reshape(tasks, n * q),
     }
 
@@ -153,13 +174,15 @@ class MemoryTasks:
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         where = f"part {pool.part!r} of {pool.shard_dir}"
-        check_spec_fits(spec, pool.num_classes, pool.drawings_per_class, where)
+        check_spec_fits(spec, pool.counts, where)
         if spec.rotate and pool.images.shape[-1] != pool.images.shape[-2]:
             raise ValueError(f"rotation needs square images; {where} has "
                              f"{tuple(pool.images.shape[-2:])}")
         self.pool = pool
         self.spec = spec
         self.seed = seed
+        self._eligible = np.flatnonzero(pool.counts >= spec.images_per_class)
+        self._offsets = pool.offsets
         self._rows = None  # flat (rotated) pool, built by the first batch
 
     def indices(self, step: int, indices: range | Sequence[int]) -> TaskIndices:
@@ -168,34 +191,35 @@ class MemoryTasks:
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}")
         out = _empty_indices(len(indices), self.spec)
-        num_classes, drawings = self.pool.num_classes, self.pool.drawings_per_class
+        counts = self.pool.counts
+        widest = int(counts.max())
         for row, task in enumerate(indices):
             if task < 0:
                 raise ValueError(f"task index must be non-negative, got {task}")
             rng = np.random.default_rng((self.seed, step, task))
-            sample = _sample_one(rng, num_classes, drawings, self.spec)
+            sample = _sample_one(rng, self._eligible, counts, widest, self.spec)
             out.classes[row], out.drawings[row], out.rotations[row], out.labels[row] = sample
         return out
 
     def batch(self, step: int, indices: range | Sequence[int]) -> dict:
         """The meta-batch of tasks ``indices`` of ``step`` (leading dimension ``len(indices)``)."""
         sampled = self.indices(step, indices)
-        # One row per (rotation, class, drawing) of the flat pool: two index_select calls fetch
-        # support and query already contiguous, so reshaping them copies nothing.
-        rows = (sampled.rotations * self.pool.num_classes + sampled.classes)[:, :, None]
-        rows = torch.from_numpy(rows * self.pool.drawings_per_class + sampled.drawings)
+        # One row per (rotation, image) of the flat pool: two index_select calls fetch support
+        # and query already contiguous, so reshaping them copies nothing.
+        first = sampled.rotations * len(self.pool.images) + self._offsets[sampled.classes]
+        rows = torch.from_numpy(first[:, :, None] + sampled.drawings)
         k = self.spec.k_shot
         support = self._gather(rows[:, :, :k])
         query = self._gather(rows[:, :, k:])
         return assemble(support, query, sampled.labels)
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
-        height, width = self.pool.images.shape[-2:]
+        image = self.pool.images.shape[1:]
         picked = self._flat_pool().index_select(0, rows.reshape(-1))
-        return picked.view(*rows.shape, height, width)
+        return picked.view(*rows.shape, *image)
 
     def _flat_pool(self) -> torch.Tensor:
-        """Pool as rows of pixels ``[R * C * D, H * W]``, R = 4 rotations if rotating, else 1.
+        """Pool as rows of pixels ``[R * I, C * H * W]`` (I images), R = 4 rotations if rotating.
 
         Built on first use (not in the constructor) and kept: 4 x 17 MB for Omniglot's largest
         train part, in exchange for rotation costing nothing per task.
@@ -204,7 +228,7 @@ class MemoryTasks:
             images = self.pool.images
             turned = [torch.rot90(images, k, dims=(-2, -1))
                       for k in range(4 if self.spec.rotate else 1)]
-            self._rows = torch.stack(turned).reshape(-1, images.shape[-2] * images.shape[-1])
+            self._rows = torch.stack(turned).reshape(-1, images[0].numel())
         return self._rows
 
 
@@ -239,12 +263,14 @@ class StreamTasks(IterableDataset):
     The constructor only validates; shards are opened when iterated.
     """
 
-    def __init__(self, shards: list[tuple[Path, int]], spec: TaskSpec, *, num_classes: int,
-                 drawings_per_class: int, seed: int, tasks_per_batch: int, batches: int,
+    def __init__(self, shards: list[tuple[Path, int]], spec: TaskSpec, *, counts,
+                 seed: int, tasks_per_batch: int, batches: int,
                  rank: int | None = None, world: int | None = None, shuffle_buffer: int = 256,
                  where: str = "the stream"):
+        """``shards``: (path, classes in it holding at least K+Q images); ``counts``: the
+        images of every class of the part (the manifest's ``images_per_class``)."""
         super().__init__()
-        check_spec_fits(spec, num_classes, drawings_per_class, where)
+        check_spec_fits(spec, counts, where)
         if not shards:
             raise ValueError(f"{where} lists no shards; re-pack the shard set")
         for name, value in (("tasks_per_batch", tasks_per_batch), ("batches", batches),
@@ -260,7 +286,7 @@ class StreamTasks(IterableDataset):
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.shards = list(shards)
         self.spec = spec
-        self.drawings_per_class = drawings_per_class
+        self.widest = int(max(counts))
         self.seed = seed
         self.tasks_per_batch = tasks_per_batch
         self.batches = batches
@@ -293,24 +319,28 @@ class StreamTasks(IterableDataset):
         return rank, world
 
     def _class_stream(self, paths: list[Path], rng: np.random.Generator):
-        """Endless (images [D, H, W], metadata) from shards picked at random, then shuffled."""
+        """Endless (images [n, C, H, W], metadata) from shards picked at random, then shuffled;
+        classes with fewer than K+Q images are left out."""
         shard_rng = random.Random(int(rng.integers(2**62)))
         urls = ({"url": str(paths[shard_rng.randrange(len(paths))])} for _ in itertools.count())
         samples = wds.tarfile_to_samples()(urls)
         shuffled = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                                rng=random.Random(int(rng.integers(2**62))))(samples)
         for sample in shuffled:
-            yield shardlib.decode_class_sample(sample, sample.get("__url__", "a shard"))
+            images, meta = shardlib.decode_class_sample(sample, sample.get("__url__", "a shard"))
+            if len(images) >= self.spec.images_per_class:
+                yield images, meta
 
     def _next_batch(self, classes, pending: deque, rng: np.random.Generator) -> dict:
-        spec, drawings = self.spec, self.drawings_per_class
+        spec = self.spec
         per_task = []
         for _ in range(self.tasks_per_batch):
             chosen = _take_distinct(classes, pending, spec.n_way)
-            picks = _pick_drawings(rng, spec.n_way, drawings, spec.drawings_per_class)
+            counts = np.array([len(images) for images in chosen])
+            picks = _pick_drawings(rng, counts, self.widest, spec.images_per_class)
             per_task.append(np.stack([images[p] for images, p in zip(chosen, picks)]))
         labels = np.stack([rng.permutation(spec.n_way) for _ in per_task])
-        images = np.stack(per_task)  # [T, N, K+Q, H, W]
+        images = np.stack(per_task)  # [T, N, K+Q, C, H, W]
         if spec.rotate:
             images = _turn_each_class(images, rng.integers(0, 4, labels.shape))
         images = torch.from_numpy(images)
@@ -319,7 +349,7 @@ class StreamTasks(IterableDataset):
 
 
 def _turn_each_class(images: np.ndarray, turns: np.ndarray) -> np.ndarray:
-    """Rotate all drawings of class [t, n] by turns[t, n] quarter turns (counter-clockwise)."""
+    """Rotate all images of class [t, n] by turns[t, n] quarter turns (counter-clockwise)."""
     turned = np.empty_like(images)
     for t, n in np.ndindex(turns.shape):
         turned[t, n] = np.rot90(images[t, n], int(turns[t, n]), axes=(-2, -1))
@@ -367,8 +397,13 @@ def make_tasks(shard_dir: str | Path, part: str, spec: TaskSpec, *, seed: int,
     manifest = (shardlib.verify_shards(shard_dir, [part]) if verify
                 else shardlib.load_manifest(shard_dir))
     entry = shardlib.check_part(manifest, part, shard_dir)
-    files = [(shard_dir / s["file"], s["classes"]) for s in entry["shards"]]
-    return StreamTasks(files, spec, num_classes=entry["classes"],
-                       drawings_per_class=manifest["drawings_per_class"], seed=seed,
+    counts = shardlib.images_per_class(manifest, part)
+    files, start = [], 0
+    for shard in entry["shards"]:  # count per shard only the classes a task can use
+        in_shard = counts[start:start + shard["classes"]]
+        files.append((shard_dir / shard["file"],
+                      shardlib.classes_with_at_least(in_shard, spec.images_per_class)))
+        start += shard["classes"]
+    return StreamTasks(files, spec, counts=counts, seed=seed,
                        tasks_per_batch=tasks_per_batch, batches=batches, rank=rank, world=world,
                        shuffle_buffer=shuffle_buffer, where=f"part {part!r} of {shard_dir}")

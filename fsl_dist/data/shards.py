@@ -1,13 +1,16 @@
-"""Pack Omniglot into WebDataset shards with a manifest, and open and verify a shard set.
+"""Pack few-shot data sets into WebDataset shards with a manifest; open and verify a shard set.
 
 A shard set is one folder::
 
     train-000000.tar ... val-000000.tar ... test-000000.tar   manifest.json
 
-Each tar sample is one character class: ``<key>.npy`` holds all its drawings as one uint8 array
-``[20, H, W]`` (strokes bright on dark) and ``<key>.json`` its metadata (alphabet, character,
-global id, drawers, split, part). The manifest records the split, image size, per-part counts,
-every shard's SHA-256 and the source archives' checksums.
+Each tar sample is one class: ``<key>.npy`` holds all its images as one uint8 array
+``[n, C, H, W]`` (``n`` may differ between classes; C is 1 or 3; H = W) and ``<key>.json`` its
+metadata (at least a unique ``id``; Omniglot adds alphabet, character, drawers, ...). The
+manifest records the format and its version, the data set's name, channels, image size, the
+split's source, per-part and per-class image counts, every shard's SHA-256, the source's
+checksums and the packer's version. Sets of an older format are refused with the command that
+re-packs them.
 
 Packing is reproducible (fixed tar headers, sorted classes, seeded split) and atomic (written
 to a hidden temporary folder beside the destination, then renamed into place).
@@ -16,11 +19,12 @@ Example::
 
     out = pack_omniglot("../shared/data/omniglot", "futurama", "shards/omniglot-futurama")
     pool = load_class_pool(out, "train")     # verifies SHA-256 first
-    pool.images.shape                        # torch.Size([838, 20, 28, 28])
+    pool.images.shape                        # torch.Size([16760, 1, 28, 28]): 838 classes x 20
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -29,6 +33,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -38,10 +43,13 @@ from fsl_dist import __version__
 from fsl_dist.data import omniglot
 
 MANIFEST = "manifest.json"
-FORMAT = "fsl_dist/omniglot-shards"
-PACKER_VERSION = 1  # bump when the bytes written for the same source change
+FORMAT = "fsl_dist/class-shards"
+FORMAT_VERSION = 2  # bump when a reader of the previous version would misread the set
+OLD_FORMATS = {"fsl_dist/omniglot-shards": 1}  # earlier formats, refused with a repack command
+PACKER_VERSION = 2  # bump when the bytes written for the same source change
 DEFAULT_CLASSES_PER_SHARD = 32
 SHARD_NAME = "{part}-{index:06d}.tar"
+PARTS = ("train", "val", "test")
 _TMP_MARK = ".tmp-"
 _OLD_MARK = ".old-"
 
@@ -52,20 +60,36 @@ class ShardError(ValueError):
 
 @dataclass(frozen=True)
 class ClassPool:
-    """All classes of one part of a shard set, in memory."""
+    """All classes of one part of a shard set, in memory, as one flat stack of images."""
 
-    images: torch.Tensor  # uint8 [C, D, H, W], strokes bright on dark
-    classes: list[dict]  # JSON metadata per class, same order as images
+    images: torch.Tensor  # uint8 [sum of counts, C, H, W]: class c's images are consecutive
+    counts: np.ndarray  # int64 [classes]: images of each class
+    classes: list[dict]  # JSON metadata per class, same order as counts
     part: str
     shard_dir: Path
 
     @property
     def num_classes(self) -> int:
-        return self.images.shape[0]
+        return len(self.counts)
 
-    @property
-    def drawings_per_class(self) -> int:
-        return self.images.shape[1]
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        """int64 [classes]: row of each class's first image in ``images``."""
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+
+    def class_images(self, index: int) -> torch.Tensor:
+        """uint8 [n, C, H, W]: every image of class ``index``."""
+        start = int(self.offsets[index])
+        return self.images[start:start + int(self.counts[index])]
+
+
+@dataclass(frozen=True)
+class ClassEntry:
+    """One class to pack: its sample key, its metadata and how to get its images."""
+
+    key: str
+    meta: dict  # must hold a unique "id"
+    load: Callable[[], np.ndarray]  # -> uint8 [n, C, size, size]
 
 
 # ----------------------------------------------------------------------------- packing
@@ -89,22 +113,57 @@ def pack_omniglot(
     """
     if split not in omniglot.SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(omniglot.SPLITS)}")
-    if classes_per_shard < 1:
-        raise ValueError(f"classes_per_shard must be at least 1, got {classes_per_shard}")
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    check_pack_options(classes_per_shard, seed)
     archives = omniglot.SPLIT_ARCHIVES[split]
     folder = omniglot.resolve_source(source, download=download, archives=archives)
     decoded = omniglot.decode_archives(folder, archives, size)
     parts = omniglot.split_characters(decoded.characters, split, seed)
+    entries = {part: [_omniglot_entry(decoded, i, split, part) for i in parts[part]]
+               for part in PARTS}
+    header = {"dataset": "omniglot", "split": split, "seed": seed, "channels": 1,
+              "image_size": size, "rotate": True, "source": decoded.checksums,
+              "split_source": {"kind": "named", "split": split, "seed": seed}}
+    return write_shard_set(out_dir, entries, header, classes_per_shard=classes_per_shard)
+
+
+def check_pack_options(classes_per_shard: int, seed: int) -> None:
+    if classes_per_shard < 1:
+        raise ValueError(f"classes_per_shard must be at least 1, got {classes_per_shard}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+
+
+def _omniglot_entry(decoded, index: int, split: str, part: str) -> ClassEntry:
+    character = decoded.characters[index]
+    meta = {"alphabet": character.alphabet, "character": character.name,
+            "id": character.char_id, "drawers": list(character.drawers),
+            "archive": character.archive, "split": split, "part": part}
+    return ClassEntry(class_key(character.alphabet, character.name), meta,
+                      lambda: decoded.images[index][:, None])  # one channel
+
+
+def write_shard_set(out_dir: str | Path, parts: dict[str, list[ClassEntry]], header: dict, *,
+                    classes_per_shard: int, on_class: Callable[[int], None] | None = None
+                    ) -> Path:
+    """Write ``parts`` (part -> classes, in order) as a shard set at ``out_dir``, atomically.
+
+    ``header`` holds the manifest's data-set fields: at least ``dataset``, ``channels``,
+    ``image_size`` and ``split_source``. ``on_class(images)`` is called after each class (for
+    a progress bar). An existing set at ``out_dir`` is replaced only once the new one is complete.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out_dir)
     staging = out_dir.parent / f".{out_dir.name}{_TMP_MARK}{os.getpid()}"
     staging.mkdir()
     try:
-        manifest = _write_shard_set(staging, decoded, parts, split=split, size=size,
-                                    classes_per_shard=classes_per_shard, seed=seed)
+        splits = {part: _write_part(staging, part, parts[part], header, classes_per_shard,
+                                    on_class) for part in PARTS}
+        manifest = {**header, "format": FORMAT, "format_version": FORMAT_VERSION,
+                    "classes_per_shard": classes_per_shard, "splits": splits,
+                    "packer": {"name": "fsl_dist", "version": __version__,
+                               "packer_version": PACKER_VERSION, "numpy": np.__version__,
+                               "pillow": _pillow_version()}}
         _write_file_synced(staging / MANIFEST, _manifest_bytes(manifest))
         _fsync_dir(staging)
         _swap_into_place(staging, out_dir)
@@ -114,49 +173,37 @@ def pack_omniglot(
     return out_dir
 
 
-def _write_shard_set(staging, decoded, parts, *, split, size, classes_per_shard, seed) -> dict:
-    splits = {}
-    for part in omniglot.PARTS:
-        indices = parts[part]
-        shards = []
-        for start in range(0, len(indices), classes_per_shard):
-            chunk = indices[start:start + classes_per_shard]
-            name = SHARD_NAME.format(part=part, index=len(shards))
-            data = _shard_bytes(decoded, chunk, split=split, part=part)
-            _write_file_synced(staging / name, data)
-            shards.append({"file": name, "sha256": hashlib.sha256(data).hexdigest(),
-                           "bytes": len(data), "classes": len(chunk)})
-        splits[part] = {"classes": len(indices),
-                        "images": len(indices) * omniglot.DRAWINGS_PER_CHARACTER,
-                        "shards": shards}
-    return {
-        "format": FORMAT,
-        "dataset": "omniglot",
-        "split": split,
-        "seed": seed,
-        "image_size": size,
-        "drawings_per_class": omniglot.DRAWINGS_PER_CHARACTER,
-        "classes_per_shard": classes_per_shard,
-        "splits": splits,
-        "source": decoded.checksums,
-        "packer": {"name": "fsl_dist", "version": __version__, "packer_version": PACKER_VERSION,
-                   "numpy": np.__version__, "pillow": _pillow_version()},
-    }
+def _write_part(staging: Path, part: str, entries: list[ClassEntry], header: dict,
+                classes_per_shard: int, on_class) -> dict:
+    shards, counts = [], []
+    for start in range(0, len(entries), classes_per_shard):
+        chunk = entries[start:start + classes_per_shard]
+        name = SHARD_NAME.format(part=part, index=len(shards))
+        data, chunk_counts = _shard_bytes(chunk, header, on_class)
+        _write_file_synced(staging / name, data)
+        shards.append({"file": name, "sha256": hashlib.sha256(data).hexdigest(),
+                       "bytes": len(data), "classes": len(chunk)})
+        counts += chunk_counts
+    return {"classes": len(entries), "images": sum(counts), "images_per_class": counts,
+            "shards": shards}
 
 
-def _shard_bytes(decoded, indices, *, split: str, part: str) -> bytes:
+def _shard_bytes(entries: list[ClassEntry], header: dict, on_class) -> tuple[bytes, list[int]]:
     """One tar in memory, with fixed headers so the same input gives the same bytes."""
-    buffer = io.BytesIO()
+    buffer, counts = io.BytesIO(), []
+    wanted = (header["channels"], header["image_size"], header["image_size"])
     with wds.TarWriter(buffer, encoder=False, mtime=0, user="fsl_dist", group="fsl_dist") as tar:
-        for i in indices:
-            character = decoded.characters[i]
-            meta = {"alphabet": character.alphabet, "character": character.name,
-                    "id": character.char_id, "drawers": list(character.drawers),
-                    "archive": character.archive, "split": split, "part": part}
-            tar.write({"__key__": class_key(character.alphabet, character.name),
-                       "npy": _npy_bytes(decoded.images[i]),
-                       "json": json.dumps(meta, sort_keys=True).encode()})
-    return buffer.getvalue()
+        for entry in entries:
+            images = entry.load()
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != wanted:
+                raise ValueError(f"class {entry.key!r} gives a {images.dtype} array of shape "
+                                 f"{images.shape}, expected uint8 [n, C, H, W] = [n, {wanted}]")
+            tar.write({"__key__": entry.key, "npy": _npy_bytes(images),
+                       "json": json.dumps(entry.meta, sort_keys=True).encode()})
+            counts.append(int(images.shape[0]))
+            if on_class is not None:
+                on_class(int(images.shape[0]))
+    return buffer.getvalue(), counts
 
 
 def class_key(alphabet: str, character: str) -> str:
@@ -232,14 +279,21 @@ def _process_alive(pid: int) -> bool:
 # ----------------------------------------------------------------------------- opening
 
 
-def _repack_hint(shard_dir: Path, split: str | None = None) -> str:
-    split_arg = split or "NAME"
-    return (f"re-pack it: python launch/pack.py omniglot --source DIR --split {split_arg} "
-            f"--out {shard_dir}")
+def repack_command(shard_dir: Path, manifest: dict | None = None) -> str:
+    """The command that (re)makes the set at ``shard_dir``, from what its manifest says."""
+    manifest = manifest if isinstance(manifest, dict) else {}
+    if manifest.get("dataset") == "folder":
+        return f"python launch/pack.py folder ROOT --out {shard_dir}"
+    split = manifest.get("split") or "NAME"
+    return f"python launch/pack.py omniglot --source DIR --split {split} --out {shard_dir}"
+
+
+def _repack_hint(shard_dir: Path, manifest: dict | None = None) -> str:
+    return f"re-pack it: {repack_command(shard_dir, manifest)}"
 
 
 def load_manifest(shard_dir: str | Path) -> dict:
-    """Read and sanity-check ``manifest.json`` of a shard set."""
+    """Read and sanity-check ``manifest.json`` of a shard set; older formats are refused."""
     shard_dir = Path(shard_dir)
     path = shard_dir / MANIFEST
     if not path.is_file():
@@ -249,8 +303,15 @@ def load_manifest(shard_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ShardError(f"{path} is unreadable ({error}); {_repack_hint(shard_dir)}") from error
-    if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT
-            or "splits" not in manifest):
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path} is not an fsl_dist shard manifest; {_repack_hint(shard_dir)}")
+    found = manifest.get("format")
+    version = OLD_FORMATS.get(found, manifest.get("format_version"))
+    if found in OLD_FORMATS or (found == FORMAT and version != FORMAT_VERSION):
+        raise ShardError(f"shard set {shard_dir} has the old format {found} version {version} "
+                         f"(this fsl_dist reads version {FORMAT_VERSION}); repack with "
+                         f"`{repack_command(shard_dir, manifest)}`")
+    if found != FORMAT or "splits" not in manifest:
         raise ShardError(f"{path} is not an fsl_dist shard manifest; {_repack_hint(shard_dir)}")
     return manifest
 
@@ -277,7 +338,7 @@ def verify_shards(shard_dir: str | Path, parts: list[str] | tuple[str, ...] | No
     """
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
-    hint = _repack_hint(shard_dir, manifest.get("split"))
+    hint = _repack_hint(shard_dir, manifest)
     for part in parts if parts is not None else list(manifest["splits"]):
         for entry in check_part(manifest, part, shard_dir)["shards"]:
             _verify_one(shard_dir / entry["file"], entry, hint)
@@ -311,10 +372,13 @@ def load_class_pool(shard_dir: str | Path, part: str, *, verify: bool = True) ->
             classes.append(meta)
     if len(classes) != entry["classes"]:
         raise ShardError(f"shard set {shard_dir} part {part!r} holds {len(classes)} classes, the "
-                         f"manifest says {entry['classes']}; {_repack_hint(shard_dir)}")
-    tensor = (torch.from_numpy(np.stack(images)) if images
-              else torch.empty(0, 0, 0, 0, dtype=torch.uint8))
-    return ClassPool(images=tensor, classes=classes, part=part, shard_dir=shard_dir)
+                         f"manifest says {entry['classes']}; {_repack_hint(shard_dir, manifest)}")
+    channels, size = manifest["channels"], manifest["image_size"]
+    tensor = (torch.from_numpy(np.concatenate(images)) if images
+              else torch.empty(0, channels, size, size, dtype=torch.uint8))
+    counts = np.array([len(a) for a in images], dtype=np.int64)
+    return ClassPool(images=tensor, counts=counts, classes=classes, part=part,
+                     shard_dir=shard_dir)
 
 
 def read_shard(path: Path):
@@ -327,14 +391,23 @@ def read_shard(path: Path):
 
 
 def decode_class_sample(sample: dict, where: Path | str) -> tuple[np.ndarray, dict]:
-    """One raw sample -> (uint8 array [D, H, W], metadata dict)."""
+    """One raw sample -> (uint8 array [n, C, H, W], metadata dict)."""
     try:
         array = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
         meta = json.loads(sample["json"])
     except (KeyError, ValueError, OSError) as error:
         raise ShardError(f"sample {sample.get('__key__')!r} of {where} is malformed ({error!r}); "
                          f"{_repack_hint(Path(where).parent)}") from error
-    if array.dtype != np.uint8 or array.ndim != 3:
+    if array.dtype != np.uint8 or array.ndim != 4:
         raise ShardError(f"sample {sample.get('__key__')!r} of {where} has a {array.dtype} array "
-                         f"of shape {array.shape}, expected uint8 [D, H, W]")
+                         f"of shape {array.shape}, expected uint8 [n, C, H, W]")
     return array, meta
+
+
+def images_per_class(manifest: dict, part: str) -> list[int]:
+    """Images of each class of ``part``, in shard order (as the manifest records them)."""
+    return list(manifest["splits"][part]["images_per_class"])
+
+
+def classes_with_at_least(counts: Iterable[int], needed: int) -> int:
+    return sum(1 for count in counts if count >= needed)
