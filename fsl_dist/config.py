@@ -114,8 +114,8 @@ class TrainConfig:
     cpu_threads: Optional[int] = None
     """Threads per process on CPU; null: the machine's cores divided among local processes."""
     tune_cpu_malloc: bool = True
-    """On CPU, keep glibc's allocator from returning freed activations to the kernel: 1.1-1.2x
-    the meta-step speed for a higher peak RSS (fsl_dist/cpu_malloc.py)."""
+    """On CPU, keep glibc's allocator from returning freed activations to the kernel: faster
+    meta-steps for a higher peak RSS (fsl_dist/cpu_malloc.py; numbers in BENCHMARKS.md)."""
 
 
 @dataclass
