@@ -3,6 +3,7 @@ explicitly): packing, manifest, tasks, count mismatches, missing files, the ship
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,8 +171,6 @@ def test_missing_files_are_named_with_where_the_data_set_is_published(tmp_path, 
 
 
 def test_missing_images_and_class_folders_are_counted(copies, tmp_path):
-    import shutil
-
     mini = shutil.copytree(copies["miniimagenet"], tmp_path / "mini")
     (mini / "images" / "nval0100000002.jpg").unlink()
     with pytest.raises(benchmarks.BenchmarkSourceError,
@@ -194,3 +193,12 @@ def test_pack_subcommand_help_runs(name):
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert benchmarks.BENCHMARKS[name].published.split(",")[0] in " ".join(result.stdout.split())
+
+
+def test_a_damaged_benchmark_set_names_its_own_repack_command(packed, tmp_path):
+    damaged = shutil.copytree(packed["fc100"], tmp_path / "fc100")
+    shard = shards.shard_files(damaged, "val")[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(shards.ShardError,
+                       match=r"re-pack it: python launch/pack.py fc100 ROOT --out "):
+        shards.verify_shards(damaged)
