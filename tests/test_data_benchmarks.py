@@ -7,13 +7,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from fsl_dist.config import Config, validate
 from fsl_dist.data import benchmarks, episodes, shards
 from fsl_dist.data.episodes import TaskSpec
+from fsl_dist.runs import ensure_shards
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("pack_cli", REPO / "launch" / "pack.py")
@@ -24,6 +27,8 @@ SIZE = 8
 IMAGES = 3  # per class
 SMALL = {"train": 3, "val": 2, "test": 2}  # classes per part of the synthetic copies
 FOLDER_LAYOUTS = benchmarks.PART_FOLDER_LAYOUTS
+# what ensure_shards needs of the distributed layer, for one process
+ONE_PROCESS = SimpleNamespace(is_main=True, print=print, broadcast_object=lambda value: value)
 
 
 def save_images(rng, paths):
@@ -202,3 +207,15 @@ def test_a_damaged_benchmark_set_names_its_own_repack_command(packed, tmp_path):
     with pytest.raises(shards.ShardError,
                        match=r"re-pack it: python launch/pack.py fc100 ROOT --out "):
         shards.verify_shards(damaged)
+
+
+def test_training_takes_a_benchmark_set_and_names_its_pack_command_when_missing(packed,
+                                                                               tmp_path):
+    cfg = Config()
+    cfg.data.shards, cfg.data.dataset, cfg.data.rotate = str(packed["cub"]), "cub", False
+    cfg.task.n_way, cfg.task.k_shot, cfg.task.q_query = 3, 1, 1
+    validate(cfg)
+    assert ensure_shards(cfg, ONE_PROCESS)["dataset"] == "cub"
+    cfg.data.shards = str(tmp_path / "nowhere")
+    with pytest.raises(shards.ShardError, match=r"python launch/pack.py cub ROOT --out .*nowhere"):
+        ensure_shards(cfg, ONE_PROCESS)
