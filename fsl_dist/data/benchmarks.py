@@ -91,6 +91,9 @@ def pack_benchmark(name: str, root: str | Path, out_dir: str | Path, *, size: in
                    quiet: bool = False) -> Path:
     """Pack the benchmark ``name`` from its copy at ``root`` into a shard set at ``out_dir``.
 
+    ``size`` defaults to the benchmark's (84, or 32 for CIFAR-FS and FC100); ``channels`` 3
+    converts every image to RGB (a few ImageNet and CUB images are grayscale or CMYK).
+
     ``expected`` ({"classes": {part: n}, "images_per_class": n or None}) replaces the
     benchmark's known counts: for small synthetic copies in tests, never for real data.
     """
