@@ -30,8 +30,10 @@ class DataConfig:
     shards: str = "shards/omniglot-futurama"
     """Folder of the packed shard set (made by launch/pack.py)."""
     dataset: str = "omniglot"
-    """What the shards hold: omniglot (packed from `source` when `shards` is missing) or folder
-    (an image folder packed by `launch/pack.py folder`; never packed by training)."""
+    """What the shards hold: omniglot (packed from `source` when `shards` is missing), folder
+    (an image folder packed by `launch/pack.py folder`) or a benchmark packed by `launch/pack.py
+    NAME` (miniimagenet, tieredimagenet, cifarfs, fc100, cub); only Omniglot is packed by
+    training."""
     split: str = "futurama"
     """Omniglot only: the class split the shards were packed with: lake, vinyals or futurama."""
     source: Optional[str] = None
@@ -161,7 +163,8 @@ class Config:
 
 CHOICES = {
     "precision": (None, "no", "bf16", "fp16"),
-    "data.dataset": ("omniglot", "folder"),
+    "data.dataset": ("omniglot", "folder", "miniimagenet", "tieredimagenet", "cifarfs", "fc100",
+                     "cub"),
     "data.split": ("lake", "vinyals", "futurama"),
     "data.mode": ("memory", "stream"),
     "model.name": ("cnn", "resnet"),

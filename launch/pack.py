@@ -3,17 +3,20 @@
     python launch/pack.py omniglot --source ../shared/data/omniglot --split futurama \\
         --out shards/omniglot-futurama
     python launch/pack.py folder data/my-images --out shards/my-folder --size 84 --channels 3
+    python launch/pack.py miniimagenet data/mini-imagenet --out shards/miniimagenet
 
 omniglot: without --source the official zips are taken from the cache folder
 ($FSL_DATA_HOME/omniglot or ~/.cache/fsl_dist/omniglot), downloaded there first if missing, and
 checked against their MD5. folder: ROOT/<class>/<image>, any format Pillow opens; the shorter
 side is resized to --size, then the centre square is cropped (see fsl_dist/data/folder.py).
+miniimagenet, tieredimagenet, cifarfs, fc100, cub: the standard benchmarks from local copies of
+their usual layouts, checked against their known class counts (see fsl_dist/data/benchmarks.py).
 """
 
 import argparse
 import sys
 
-from fsl_dist.data import folder, omniglot, shards
+from fsl_dist.data import benchmarks, folder, omniglot, shards
 
 
 def fractions(text: str) -> tuple[float, ...]:
@@ -47,10 +50,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="convert every image to 1 (grayscale) or 3 (RGB) channels; "
                         "needed when the images mix them")
     images.add_argument("--quiet", action="store_true", help="no progress bar")
-    for sub in (omni, images):
+    subs = [omni, images]
+    for name, benchmark in benchmarks.BENCHMARKS.items():
+        sub = datasets.add_parser(name, help=f"{name}: {benchmark.layout}",
+                                  description=f"Expects {benchmark.layout}; published by "
+                                  f"{benchmark.published}.")
+        sub.add_argument("root", help=f"the local copy: {benchmark.layout}")
+        sub.add_argument("--size", type=int, default=benchmark.size,
+                         help=f"image side in pixels (default {benchmark.size})")
+        sub.add_argument("--channels", type=int, choices=(1, 3), default=3,
+                         help="1 (grayscale) or 3 (RGB, default)")
+        sub.add_argument("--quiet", action="store_true", help="no progress bar")
+        subs.append(sub)
+    for sub in subs:
         sub.add_argument("--out", required=True, help="shard set folder to create or replace")
         sub.add_argument("--classes-per-shard", type=int,
                          default=shards.DEFAULT_CLASSES_PER_SHARD)
+    for sub in (omni, images):  # the benchmarks' splits are fixed
         sub.add_argument("--seed", type=int, default=0, help="seed of the class split (default 0)")
     return parser.parse_args(argv)
 
@@ -60,6 +76,11 @@ def pack(args: argparse.Namespace):
         return shards.pack_omniglot(args.source, args.split, args.out, size=args.size,
                                     classes_per_shard=args.classes_per_shard, seed=args.seed,
                                     download=not args.no_download)
+    if args.dataset in benchmarks.BENCHMARKS:  # always checked against the real counts
+        return benchmarks.pack_benchmark(args.dataset, args.root, args.out, size=args.size,
+                                         channels=args.channels,
+                                         classes_per_shard=args.classes_per_shard,
+                                         quiet=args.quiet)
     return folder.pack_folder(args.root, args.out, size=args.size, channels=args.channels,
                               split_file=args.split_file, fractions=args.fractions,
                               seed=args.seed, classes_per_shard=args.classes_per_shard,

@@ -233,11 +233,7 @@ def pack_folder(root: str | Path, out_dir: str | Path, *, size: int = DEFAULT_SI
     written; an existing set at ``out_dir`` is replaced only once the new one is complete.
     """
     root = Path(root)
-    shards.check_pack_options(classes_per_shard, seed)
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
-    if channels not in (None, 1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    check_image_options(size, channels, classes_per_shard, seed)
     classes = list_classes(root)
     by_name = {c.name: c for c in classes}
     if split_file is not None:
@@ -249,18 +245,37 @@ def pack_folder(root: str | Path, out_dir: str | Path, *, size: int = DEFAULT_SI
         parts = split_by_fractions(list(by_name), fractions, seed)
         split_source = {"kind": "fractions", "fractions": [float(f) for f in fractions],
                         "seed": seed}
+    return pack_classes(classes, parts, out_dir, dataset="folder", split_source=split_source,
+                        where=root, size=size, channels=channels, seed=seed,
+                        classes_per_shard=classes_per_shard, quiet=quiet)
+
+
+def check_image_options(size, channels, classes_per_shard: int, seed: int) -> None:
+    shards.check_pack_options(classes_per_shard, seed)
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+
+
+def pack_classes(classes: list[FolderClass], parts: dict[str, list[str]], out_dir: str | Path,
+                 *, dataset: str, split_source: dict, where: Path, size: int,
+                 channels: int | None, seed: int, classes_per_shard: int, quiet: bool) -> Path:
+    """The packing core shared by the folder and benchmark packers: ``classes`` (all listed, in
+    the order that gives their ids) and ``parts`` (part -> class names) into a shard set."""
+    by_name = {c.name: c for c in classes}
     used = [by_name[name] for part in shards.PARTS for name in parts[part]]
-    channels = channels or common_channels(used, root)
-    ids = {c.name: i for i, c in enumerate(classes, start=1)}  # position among all, by name
+    channels = channels or common_channels(used, where)
+    ids = {c.name: i for i, c in enumerate(classes, start=1)}  # position among all listed
     entries = {part: [_entry(by_name[name], ids[name], part, size, channels)
                       for name in parts[part]] for part in shards.PARTS}
-    header = {"dataset": "folder", "channels": channels, "image_size": size, "rotate": False,
+    header = {"dataset": dataset, "channels": channels, "image_size": size, "rotate": False,
               "seed": seed, "split_source": split_source,
-              "source": {"folder": root.resolve().name, "classes": len(classes),
+              "source": {"folder": where.resolve().name, "classes": len(classes),
                          "classes_used": len(used),
                          "images_used": sum(len(c.files) for c in used)}}
     total = header["source"]["images_used"]
-    with tqdm(total=total, unit="img", desc=f"packing {root.name}", dynamic_ncols=True,
+    with tqdm(total=total, unit="img", desc=f"packing {where.name}", dynamic_ncols=True,
               disable=quiet or not sys.stderr.isatty()) as bar:
         return shards.write_shard_set(out_dir, entries, header,
                                       classes_per_shard=classes_per_shard, on_class=bar.update)

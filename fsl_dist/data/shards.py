@@ -282,8 +282,8 @@ def _process_alive(pid: int) -> bool:
 def repack_command(shard_dir: Path, manifest: dict | None = None) -> str:
     """The command that (re)makes the set at ``shard_dir``, from what its manifest says."""
     manifest = manifest if isinstance(manifest, dict) else {}
-    if manifest.get("dataset") == "folder":
-        return f"python launch/pack.py folder ROOT --out {shard_dir}"
+    if manifest.get("dataset") not in (None, "omniglot"):  # the folder and benchmark packers
+        return f"python launch/pack.py {manifest['dataset']} ROOT --out {shard_dir}"
     split = manifest.get("split") or "NAME"
     return f"python launch/pack.py omniglot --source DIR --split {split} --out {shard_dir}"
 
