@@ -142,6 +142,8 @@ def test_two_ranks_stream_only_their_own_shards(large_set, tmp_path):
     _, opened = train(tmp_path / "two", large_set, 2)
     assert json.loads((tmp_path / "two" / "run" / "run.json").read_text())["world_size"] == 2
     assert set(opened) == {0, 1}, opened
+    print({rank: f"opened {len(names)} of its {len(expected_shards(large_set, rank, 2))} shards"
+           for rank, names in opened.items()})
     for rank in (0, 1):
         mine = expected_shards(large_set, rank, 2)
         assert opened[rank] and opened[rank] <= mine, (rank, opened[rank] - mine)
