@@ -49,6 +49,12 @@ class DataConfig:
     its input size and channels from the shards' manifest."""
     shuffle_buffer: int = 200
     """Stream mode: classes held in the shuffle buffer."""
+    memory_budget_gb: float = 8.0
+    """Memory mode is refused before loading when the parts a process loads hold more image bytes
+    than this (GB = 10^9); set data.mode=stream instead. Every process holds its own pool, and
+    its peak is a few times the pool (loading concatenates; the sampler keeps a flat copy, four
+    with rotation), so 8 keeps a node of several processes within common RAM while sets the size
+    of mini-ImageNet at 84 px (under 1 GB of images) stay in memory."""
 
 
 @dataclass

@@ -30,7 +30,13 @@ from safetensors.torch import load_file, save_file
 from fsl_dist import checkpoint as ckpt
 from fsl_dist.config import Config, ConfigError, load_config, save_config
 from fsl_dist.data.episodes import TaskSpec, make_tasks
-from fsl_dist.data.shards import ShardError, classes_with_at_least, load_manifest, pack_omniglot
+from fsl_dist.data.shards import (
+    ShardError,
+    classes_with_at_least,
+    load_manifest,
+    memory_budget_problem,
+    pack_omniglot,
+)
 from fsl_dist.evaluate import combine_seeds, evaluate
 from fsl_dist.io import atomic_write, atomic_write_json, atomic_write_text
 from fsl_dist.meta import InnerLoopSpec, LearnedInnerLR
@@ -88,6 +94,7 @@ def ensure_shards(cfg: Config, dist) -> dict:
         dist.print(f"warning: data.rotate is on but the {packed['dataset']} shards at "
                    f"{cfg.data.shards} are marked as not meant for rotation; set data.rotate=false")
     check_tasks_fit(cfg, packed)
+    check_memory_budget(cfg, packed)
     return packed
 
 
@@ -118,6 +125,17 @@ def check_tasks_fit(cfg: Config, manifest: dict) -> None:
                               f"of the {entry['classes']} classes of the {part} part of "
                               f"{cfg.data.shards} hold that many, fewer than `task.n_way` = "
                               f"{cfg.task.n_way}")
+
+
+def check_memory_budget(cfg: Config, manifest: dict) -> None:
+    """The parts every process loads into memory (train only in memory mode; validation and the
+    held-out part always), against `data.memory_budget_gb`, from the manifest, before loading."""
+    streaming = cfg.data.mode == "stream"
+    parts = ["val", cfg.eval.part] if streaming else ["train", "val", cfg.eval.part]
+    problem = memory_budget_problem(manifest, parts, cfg.data.memory_budget_gb, cfg.data.shards,
+                                    streaming=streaming)
+    if problem:
+        raise ConfigError(problem)
 
 
 # ---------------------------------------------------------------- run.json, model files
@@ -267,7 +285,8 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
     tasks = TaskSpec(cfg.task.n_way, k_shot, cfg.task.q_query, rotate=False)
 
     def one_seed(seed: int) -> dict:
-        source = make_tasks(cfg.data.shards, part, tasks, seed=seed)
+        source = make_tasks(cfg.data.shards, part, tasks, seed=seed,
+                            memory_budget_gb=cfg.data.memory_budget_gb)
         result = evaluate(model, inner_loop, source, episodes=episodes, dist=dist,
                           batch_size=cfg.eval.batch_size)
         return {**result, "eval_seed": seed}

@@ -144,8 +144,10 @@ def build_task_sources(cfg: Config, dist) -> dict:
     train = make_tasks(cfg.data.shards, "train", task_spec(cfg, "train"), seed=cfg.train.seed,
                        mode=cfg.data.mode, tasks_per_batch=share, batches=cfg.train.steps,
                        rank=dist.rank, world=dist.world_size,
-                       shuffle_buffer=cfg.data.shuffle_buffer)
-    val = make_tasks(cfg.data.shards, "val", task_spec(cfg, "val"), seed=cfg.eval.seed)
+                       shuffle_buffer=cfg.data.shuffle_buffer,
+                       memory_budget_gb=cfg.data.memory_budget_gb)
+    val = make_tasks(cfg.data.shards, "val", task_spec(cfg, "val"), seed=cfg.eval.seed,
+                     memory_budget_gb=cfg.data.memory_budget_gb)
     return {"train": train, "val": val}
 
 

@@ -43,6 +43,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from fsl_dist.config import DataConfig
 from fsl_dist.data import shards as shardlib
 
 MODES = ("memory", "stream")
@@ -379,10 +380,12 @@ def _take_distinct(classes, pending: deque, n: int) -> list[np.ndarray]:
 def make_tasks(shard_dir: str | Path, part: str, spec: TaskSpec, *, seed: int,
                mode: str = "memory", verify: bool = True, tasks_per_batch: int | None = None,
                batches: int | None = None, rank: int | None = None, world: int | None = None,
-               shuffle_buffer: int = 256) -> MemoryTasks | StreamTasks:
+               shuffle_buffer: int = 256, memory_budget_gb: float = DataConfig.memory_budget_gb
+               ) -> MemoryTasks | StreamTasks:
     """Open one part of a shard set as a task sampler; all checks happen here, before training.
 
-    ``memory``: loads (and verifies) the part's classes and returns ``MemoryTasks``.
+    ``memory``: loads (and verifies) the part's classes and returns ``MemoryTasks``; a part
+    holding more than ``memory_budget_gb`` of images is refused before loading.
     ``stream``: verifies the part's shards and returns ``StreamTasks`` (needs ``tasks_per_batch``
     and ``batches``).
     """
@@ -390,6 +393,11 @@ def make_tasks(shard_dir: str | Path, part: str, spec: TaskSpec, *, seed: int,
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     shard_dir = Path(shard_dir)
     if mode == "memory":
+        manifest = shardlib.load_manifest(shard_dir)
+        shardlib.check_part(manifest, part, shard_dir)
+        problem = shardlib.memory_budget_problem(manifest, [part], memory_budget_gb, shard_dir)
+        if problem:
+            raise ValueError(problem)
         return MemoryTasks(shardlib.load_class_pool(shard_dir, part, verify=verify), spec, seed)
     if tasks_per_batch is None or batches is None:
         raise ValueError("stream mode needs tasks_per_batch (this rank's share of the meta-batch) "

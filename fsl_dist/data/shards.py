@@ -411,3 +411,31 @@ def images_per_class(manifest: dict, part: str) -> list[int]:
 
 def classes_with_at_least(counts: Iterable[int], needed: int) -> int:
     return sum(1 for count in counts if count >= needed)
+
+
+def part_bytes(manifest: dict, part: str) -> int:
+    """Bytes of one part's images once loaded as uint8 [images, C, H, W], from the manifest."""
+    side = manifest["image_size"]
+    return int(manifest["splits"][part]["images"]) * manifest["channels"] * side * side
+
+
+def memory_budget_problem(manifest: dict, parts: Iterable[str], budget_gb: float,
+                          shard_dir: Path | str, *, streaming: bool = False) -> str | None:
+    """Why loading ``parts`` of a set into each process's memory would exceed ``budget_gb``
+    (GB = 10^9 bytes), or None. ``streaming``: the train part streams, only held-out parts
+    load."""
+    sizes = {part: part_bytes(manifest, part) for part in dict.fromkeys(parts)}
+    total = sum(sizes.values())
+    if total <= budget_gb * 1e9:
+        return None
+    listed = ", ".join(f"{part} {_gigabytes(size)}" for part, size in sizes.items())
+    fix = ("held-out parts always load into memory; re-pack with fewer val/test classes or raise"
+           " data.memory_budget_gb" if streaming else
+           "set data.mode=stream to stream the train part, or raise data.memory_budget_gb")
+    return (f"{'stream' if streaming else 'memory'} mode would load {_gigabytes(total)} of images"
+            f" per process ({listed} of {shard_dir}), above data.memory_budget_gb = {budget_gb:g}"
+            f"; {fix}")
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.3g} GB"
