@@ -28,6 +28,8 @@ class DropBlock(nn.Module):
     ``randomness`` argument, which the meta-objective does not set: with ``drop_rate`` > 0 use
     the loop path (``algorithm.vectorize: false``). Its masks are drawn anew at every forward,
     so a task's inner steps see different masks; the meta-gradient tests run with it off.
+    Not a config key yet: training and evaluation never switch the model's mode, so it would
+    stay on at evaluation.
     """
 
     def __init__(self, drop_rate: float, block_size: int):
