@@ -67,9 +67,10 @@ class TaskConfig:
 @dataclass
 class ModelConfig:
     name: str = "cnn"
-    """cnn (Conv-4) or resnet (ResNet-12 style)."""
+    """cnn (Conv-4), resnet (small ResNet-12 style, Omniglot) or resnet12 (the ResNet-12 of the
+    mini-ImageNet benchmarks, widths 64:160:320:640)."""
     width: int = 64
-    """Channels of the cnn, base width of the resnet."""
+    """Channels of the cnn, base width of the resnet, first-block width of the resnet12."""
 
 
 @dataclass
@@ -173,7 +174,7 @@ CHOICES = {
                      "cub"),
     "data.split": ("lake", "vinyals", "futurama"),
     "data.mode": ("memory", "stream"),
-    "model.name": ("cnn", "resnet"),
+    "model.name": ("cnn", "resnet", "resnet12"),
     "algorithm.name": ("maml", "boil", "anil"),
     "algorithm.inner_loss": ("ce", "mse"),
     "eval.part": ("val", "test"),

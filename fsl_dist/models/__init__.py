@@ -15,19 +15,21 @@ from torch import nn
 from .conv4 import Conv4
 from .layers import BatchStatNorm2d
 from .resnet import ResNet12
+from .resnet12 import StandardResNet12
 
-MODELS = {"cnn": Conv4, "resnet": ResNet12}
+MODELS = {"cnn": Conv4, "resnet": ResNet12, "resnet12": StandardResNet12}
 
 
 def build_model(name: str, n_way: int, **options) -> nn.Module:
-    """Build the backbone ``name`` ("cnn" or "resnet") with an ``n_way`` head.
+    """Build the backbone ``name`` ("cnn", "resnet" or "resnet12") with an ``n_way`` head.
 
     ``options`` go to the model's constructor: ``width``, ``in_channels``, ``image_size`` for
-    both; ``blocks`` for "cnn"; ``widths`` for "resnet". Unknown options raise ``TypeError``.
+    all; ``blocks`` for "cnn"; ``widths`` for "resnet"; ``drop_rate``, ``dropblock_size`` for
+    "resnet12". Unknown options raise ``TypeError``.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
     return MODELS[name](n_way, **options)
 
 
-__all__ = ["MODELS", "build_model", "Conv4", "ResNet12", "BatchStatNorm2d"]
+__all__ = ["MODELS", "build_model", "Conv4", "ResNet12", "StandardResNet12", "BatchStatNorm2d"]
