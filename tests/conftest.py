@@ -62,6 +62,7 @@ def packed(omniglot_source, tmp_path_factory):
 INTEGRATION_MODULES = frozenset({
     "test_bench_quick.py",  # launch/bench.py and bench_scaling.py as scripts
     "test_cpu_malloc.py",  # a fresh interpreter per allocator setting
+    "test_meta_learns_folder.py",
     "test_meta_learns_omniglot.py",
     "test_slurm.py",  # a real SLURM cluster
     "test_train_distributed.py",

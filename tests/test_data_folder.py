@@ -259,18 +259,26 @@ def test_the_command_line_packs_a_folder_and_reports_errors_in_one_line(image_fo
 # ----------------------------------------------------------------------------- Omniglot
 
 
+def write_omniglot_folder(source: Path, root: Path, alphabets, *,
+                          by_alphabet: bool = False) -> Path:
+    """The characters of background `alphabets` of the official zip as an image folder, one
+    class folder of PNGs (unchanged) per character: named `characterNN`, or, with by_alphabet,
+    `<alphabet>.characterNN`, since character names repeat across alphabets."""
+    with zipfile.ZipFile(source / "images_background.zip") as archive:
+        for member in archive.namelist():
+            parts = member.split("/")  # images_background/<alphabet>/<character>/<file>.png
+            if len(parts) == 4 and parts[1] in alphabets and parts[3].endswith(".png"):
+                character = f"{parts[1]}.{parts[2]}" if by_alphabet else parts[2]
+                (root / character).mkdir(parents=True, exist_ok=True)
+                (root / character / parts[3]).write_bytes(archive.read(member))
+    return root
+
+
 @pytest.fixture(scope="module")
 def futurama_folder(omniglot_source, tmp_path_factory):
     """The 26 Futurama characters of the official zip as an image folder (its PNGs, unchanged)."""
-    root = tmp_path_factory.mktemp("futurama") / "root"
-    prefix = "images_background/Futurama/"
-    with zipfile.ZipFile(omniglot_source / "images_background.zip") as archive:
-        for member in archive.namelist():
-            if member.startswith(prefix) and member.endswith(".png"):
-                character, name = member[len(prefix):].split("/")
-                (root / character).mkdir(parents=True, exist_ok=True)
-                (root / character / name).write_bytes(archive.read(member))
-    return root
+    return write_omniglot_folder(omniglot_source, tmp_path_factory.mktemp("futurama") / "root",
+                                 {"Futurama"})
 
 
 def futurama_split(tmp_path):
