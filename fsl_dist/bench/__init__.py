@@ -19,7 +19,9 @@ separately, as fsl_dist's ANIL path and learn2learn's ANIL example do); each tas
 is divided by the meta-batch and back-propagated right away (as in the libraries' MAML
 examples), which sums to the gradient of the mean.
 
-A step is the meta-gradient + an Adam step on synthetic binary 28x28 images. Each row runs in
+A step is the meta-gradient + an Adam step on synthetic binary 28x28 images (``--image-size``,
+``--channels`` and ``--width`` set another case: 84, 3 and 32 for Conv-4-32 at mini-ImageNet
+scale; every method gets that model and those tasks). Each row runs in
 its own process, so its peak memory (CPU: the RSS high-water mark, reset just before the first
 step, above the RSS then; GPU: ``torch.cuda.max_memory_allocated``) is its own. Before timing,
 each row computes its meta-gradient once at the initial weights (float32, on one intra-op

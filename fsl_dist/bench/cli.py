@@ -50,6 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                              + ", ".join(repr(m) for m in LEVERS) + ")")
     parser.add_argument("--models", nargs="*", default=["cnn", "resnet"],
                         help="a subset of the rows")
+    parser.add_argument("--image-size", type=int, default=28,
+                        help="side of the synthetic square images (84: mini-ImageNet scale)")
+    parser.add_argument("--channels", type=int, default=1, help="image channels (3: RGB)")
+    parser.add_argument("--width", type=int,
+                        help="the model's width (cnn: every block, e.g. 32 for Conv-4-32; "
+                             "resnet12: the first block, 64 for 64-160-320-640; default: the "
+                             "model's own)")
     parser.add_argument("--algorithms", nargs="*", default=["maml", "boil", "anil"],
                         help="a subset of the rows")
     parser.add_argument("--tasks", nargs="*", type=parse_task,
@@ -177,7 +184,7 @@ def main(argv=None):
     header = run_header(args, earlier)
     print(f"ceiling: {ceiling_line(header['ceiling_gflop_per_s'])}", file=sys.stderr, flush=True)
     selected = cases(args.quick, args.models, args.algorithms, args.inner_steps,
-                     args.meta_batches, args.tasks)
+                     args.meta_batches, args.tasks, args.image_size, args.channels, args.width)
     rows = rows_of_other_cases(earlier["rows"], selected) if earlier else []
     with tempfile.TemporaryDirectory() as tmp:
         measure_case = CaseRunner(args, header["ceiling_gflop_per_s"], tmp)

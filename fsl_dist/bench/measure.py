@@ -18,7 +18,7 @@ from fsl_dist.cpu_malloc import tune_cpu_malloc
 from fsl_dist.models import build_model
 from fsl_dist.numerics import gradient_of
 
-from .cases import synthetic_tasks
+from .cases import model_options, synthetic_tasks
 from .peers import METHODS, REFERENCE, Unavailable, tunes_malloc
 
 
@@ -31,7 +31,7 @@ def float64_gradient(case) -> torch.Tensor:
     """The case's meta-gradient in float64 (plain-autograd reference, CPU): the truth that the
     float32 methods' rounding is measured against."""
     torch.manual_seed(0)
-    model = build_model(case["model"], case["n_way"]).double()
+    model = build_model(case["model"], case["n_way"], **model_options(case)).double()
     tasks = {k: v.double() if v.is_floating_point() else v
              for k, v in synthetic_tasks(case, "cpu").items()}
     return meta_gradient(REFERENCE(model, tasks, case), model)
@@ -43,7 +43,7 @@ def count_flops(case, device="cpu") -> float:
     FlopCounterMode, times the meta-batch."""
     from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(0)
-    model = build_model(case["model"], case["n_way"]).to(device)
+    model = build_model(case["model"], case["n_way"], **model_options(case)).to(device)
     tasks = synthetic_tasks(case, device, meta_batch=1)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -132,7 +132,7 @@ def run_row(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     case = spec["case"]
-    model = build_model(case["model"], case["n_way"]).to(device)
+    model = build_model(case["model"], case["n_way"], **model_options(case)).to(device)
     tasks = synthetic_tasks(case, device)
     try:
         backward = METHODS[spec["method"]][1](model, tasks, case)

@@ -7,13 +7,13 @@ from pathlib import Path
 
 from fsl_dist.numerics import agreement
 
-from .cases import task_name
+from .cases import model_label, task_name
 from .peers import METHODS, PEERS
 
 HEADER = ["model", "algorithm", "task", "inner steps", "meta-batch", "method", "tasks/s",
           "s/step", "peak mem (MiB)", "GFLOP/step", "GFLOP/s", "% fp32 ceiling",
           "x best peer", "max rel. diff vs loop", "max rel. diff vs float64", "cosine vs float64"]
-MODEL_NAMES = {"cnn": "Conv-4", "resnet": "ResNet"}
+MODEL_NAMES = {"cnn": "Conv-4", "resnet": "ResNet", "resnet12": "ResNet-12"}
 
 
 def _fmt(value, spec):
@@ -24,7 +24,7 @@ def markdown(rows) -> str:
     lines = ["| " + " | ".join(HEADER) + " |",
              "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        head = (f"| {r['model']} | {r['algorithm']} | {task_name(r)} | {r['inner_steps']} "
+        head = (f"| {model_label(r)} | {r['algorithm']} | {task_name(r)} | {r['inner_steps']} "
                 f"| {r['meta_batch']} | {r['method']} ")
         if "tasks_per_s" not in r:
             why = r.get("unavailable") or f"failed: {r.get('error')}"
@@ -82,7 +82,8 @@ def case_summary(rows) -> str:
     lines = ["| " + " | ".join(titles) + " |", "|---" + "|---:" * (len(titles) - 1) + "|"]
     by_case = {}
     for r in rows:
-        key = (r["model"], r["algorithm"], task_name(r), r["inner_steps"], r["meta_batch"])
+        model = MODEL_NAMES.get(r["model"], r["model"]) + model_label(r)[len(r["model"]):]
+        key = (model, r["algorithm"], task_name(r), r["inner_steps"], r["meta_batch"])
         by_case.setdefault(key, {})[r["method"]] = r
     for key, methods in by_case.items():
         lines.append("| " + " | ".join(_summary_cells(key, methods, with_rounds)) + " |")
@@ -95,7 +96,7 @@ def _summary_cells(key, methods: dict, with_rounds: bool) -> list[str]:
     loop = rate.get("loop")
     peer = max((m for m in PEERS if m in rate), key=rate.get, default=None)
     no_reuse = rate.get("loop, no feature reuse")
-    return [f"{MODEL_NAMES.get(model, model)} {algorithm.upper()}, {task}, {steps} "
+    return [f"{model} {algorithm.upper()}, {task}, {steps} "
             f"step{'s' if steps > 1 else ''}, meta-batch {meta_batch}",
             _fmt(loop, ".2f"),
             f"{rate[peer]:.2f} ({peer})" if peer else "-",
