@@ -1,7 +1,6 @@
 """The benchmark packers on tiny synthetic copies of each layout (expected counts passed
 explicitly): packing, manifest, tasks, count mismatches, missing files, the shipped CUB split."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -14,14 +13,11 @@ import pytest
 from PIL import Image
 
 from fsl_dist.config import Config, validate
-from fsl_dist.data import benchmarks, episodes, shards
+from fsl_dist.data import benchmarks, episodes, pack_cli, shards
 from fsl_dist.data.episodes import TaskSpec
 from fsl_dist.runs import ensure_shards
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("pack_cli", REPO / "launch" / "pack.py")
-pack_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pack_cli)
 
 SIZE = 8
 IMAGES = 3  # per class

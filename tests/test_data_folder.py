@@ -1,7 +1,6 @@
 """The folder packer: ImageFolder layouts of mixed formats, modes and sizes into shards; the resize
 policy; splits from a file or fractions; every bad input named; Omniglot as a folder."""
 
-import importlib.util
 import json
 import shutil
 import zipfile
@@ -11,14 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fsl_dist.data import episodes, folder, shards
+from fsl_dist.data import episodes, folder, pack_cli, shards
 from fsl_dist.data.episodes import TaskSpec
-
-# launch/pack.py is a script, not a module of the package: load it from its file
-_PACK = Path(__file__).resolve().parents[1] / "launch" / "pack.py"
-_spec = importlib.util.spec_from_file_location("pack_cli", _PACK)
-pack_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pack_cli)
 
 SIZE = 16
 # class -> (count, mode, file format, width, height): mixed formats, modes and odd sizes;
