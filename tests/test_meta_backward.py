@@ -86,3 +86,26 @@ def test_evaluation_in_worker_threads_matches_serial():
     threaded = evaluate_tasks(model, tasks, spec, workers=2)
     torch.testing.assert_close(threaded["acc_after_per_task"], serial["acc_after_per_task"])
     torch.testing.assert_close(threaded["query_loss"], serial["query_loss"])
+
+
+def test_default_workers_run_small_tasks_side_by_side_and_large_ones_alone():
+    """Omniglot-sized tasks run one per intra-op thread, 84x84 tasks one at a time on all
+    threads (the measured choice, BENCHMARKS.md), and CUDA one at a time."""
+    from fsl_dist.meta.objective import (
+        SIDE_BY_SIDE_MAX_PIXELS,
+        default_task_workers,
+        pixels_per_task,
+    )
+    omniglot = {"support_x": torch.zeros(2, 5, 1, 28, 28), "query_x": torch.zeros(2, 75, 1, 28, 28)}
+    mini = {"support_x": torch.zeros(2, 5, 3, 84, 84), "query_x": torch.zeros(2, 75, 3, 84, 84)}
+    assert pixels_per_task(omniglot) == 80 * 28 * 28 < SIDE_BY_SIDE_MAX_PIXELS
+    assert pixels_per_task(mini) == 80 * 84 * 84 > SIDE_BY_SIDE_MAX_PIXELS
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert default_task_workers("cpu", pixels_per_task(omniglot)) == 2
+        assert default_task_workers("cpu") == 2
+        assert default_task_workers("cpu", pixels_per_task(mini)) == 1
+        assert default_task_workers("cuda", pixels_per_task(omniglot)) == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -29,13 +29,15 @@ def case_spec(case, **options) -> InnerLoopSpec:
 
 def fsl_dist_method(workers=None, **options):
     """fsl_dist's trainer path, ``fsl_dist.meta.meta_backward`` with the ``InnerLoopSpec``
-    fields ``options`` (and ``workers``), without the accuracy-before statistic (the trainer
-    computes it on logged steps only)."""
+    fields ``options`` (and ``workers``: a count, None for the default, or "threads" for one
+    task per intra-op thread), without the accuracy-before statistic (the trainer computes it on
+    logged steps only)."""
     def make(model, tasks, case):
         spec = case_spec(case, **options)
+        count = torch.get_num_threads() if workers == "threads" else workers
 
         def backward():
-            meta_backward(model, tasks, spec, acc_before=False, workers=workers)
+            meta_backward(model, tasks, spec, acc_before=False, workers=count)
         return backward
     return make
 
@@ -204,8 +206,9 @@ def reference_task(model, case):
 # --- the table of methods -----------------------------------------------------------------------
 
 # name -> (applies to case?, factory(model, tasks, case) -> backward()). "loop" is the CPU
-# default of launch/train.py (tasks in worker threads), "vmap" the CUDA default; "default,
-# bf16" is the device's default path under bf16 autocast.
+# default of launch/train.py (small tasks side by side in worker threads, large ones one at a
+# time), "vmap" the CUDA default; "default, bf16" is the device's default path under bf16
+# autocast.
 METHODS = {
     "loop": (lambda case: True, fsl_dist_method(vectorize=False)),
     "vmap": (lambda case: True, fsl_dist_method(vectorize=True)),
@@ -218,6 +221,7 @@ METHODS = {
     "torchopt": (lambda case: True, peer_method(torchopt_task)),
     # Levers, not run unless named with --methods:
     "loop, serial": (lambda case: True, fsl_dist_method(vectorize=False, workers=1)),
+    "loop, side by side": (lambda case: True, fsl_dist_method(vectorize=False, workers="threads")),
     "loop, meta_loss + backward": (lambda case: True, meta_loss_method),
     "compiled": (lambda case: case["algorithm"] != "anil", compiled_method),
     "loop, glibc malloc defaults": (lambda case: True, fsl_dist_method(vectorize=False)),
@@ -225,8 +229,9 @@ METHODS = {
     "higher, tuned malloc": (lambda case: True, peer_method(higher_task)),
     "torchopt, tuned malloc": (lambda case: True, peer_method(torchopt_task)),
 }
-LEVERS = ("loop, serial", "loop, meta_loss + backward", "compiled", "loop, glibc malloc defaults",
-          "learn2learn, tuned malloc", "higher, tuned malloc", "torchopt, tuned malloc")
+LEVERS = ("loop, serial", "loop, side by side", "loop, meta_loss + backward", "compiled",
+          "loop, glibc malloc defaults", "learn2learn, tuned malloc", "higher, tuned malloc",
+          "torchopt, tuned malloc")
 DEFAULT_METHODS = [m for m in METHODS if m not in LEVERS]
 REFERENCE = peer_method(reference_task)  # for counting FLOP
 

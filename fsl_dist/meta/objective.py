@@ -36,15 +36,31 @@ def default_vectorize(device, model: nn.Module | None = None) -> bool:
     return device_type == "cuda"
 
 
-def default_task_workers(device) -> int:
+# Tasks with more pixels than this (images x height x width, support and query together) run one
+# at a time on all intra-op threads; smaller ones run side by side. Set between the measured
+# cases (BENCHMARKS.md): Omniglot-sized tasks (under 10^5 pixels) gain from side-by-side tasks,
+# 84x84 tasks (over 5 x 10^5) lose speed with them and double their memory.
+SIDE_BY_SIDE_MAX_PIXELS = 2**18
+
+
+def default_task_workers(device, task_pixels: int | None = None) -> int:
     """Threads that run the loop path's tasks side by side (each task on one intra-op thread).
 
-    CPU: as many as torch's intra-op threads, because small convolutions use several threads
-    less well than whole tasks do (BENCHMARKS.md). CUDA: 1 (the GPU takes vmap).
+    CPU: as many as torch's intra-op threads for small tasks, because small convolutions use
+    several threads less well than whole tasks do; 1 for tasks over ``SIDE_BY_SIDE_MAX_PIXELS``,
+    whose convolutions keep every thread busy. CUDA: 1 (the GPU takes vmap).
     """
     if torch.device(device).type != "cpu":
         return 1
+    if task_pixels is not None and task_pixels > SIDE_BY_SIDE_MAX_PIXELS:
+        return 1
     return max(1, torch.get_num_threads())
+
+
+def pixels_per_task(tasks: Mapping[str, Tensor]) -> int:
+    """Images x height x width of one task of the batch, support and query together."""
+    support, query = tasks["support_x"], tasks["query_x"]
+    return (support.shape[1] + query.shape[1]) * support.shape[-2] * support.shape[-1]
 
 
 @dataclass(frozen=True)
@@ -254,7 +270,8 @@ def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoop
 
         loss_scale: multiplies the meta-loss before differentiation (fp16 outer scaling).
         workers: loop path only: tasks run in this many threads, each task on one intra-op
-            thread; None asks ``default_task_workers`` (CPU: torch's thread count).
+            thread; None asks ``default_task_workers`` (CPU: torch's thread count for small
+            tasks, 1 for large ones).
 
     On the loop path each task's graph is differentiated as soon as it is built and then
     freed, so memory holds one task's graph per worker rather than the whole meta-batch; the
@@ -287,7 +304,7 @@ def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoop
         return grads, [r.detach() for r in results]
 
     if workers is None:
-        workers = default_task_workers(device)
+        workers = default_task_workers(device, pixels_per_task(tasks))
     per_task = _map_tasks(one, n_tasks, model, workers)
     for k, leaf in enumerate(leaves):
         parts = [grads[k] for grads, _ in per_task if grads[k] is not None]
@@ -326,7 +343,8 @@ def evaluate_tasks(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoo
             return [r.detach() for r in results]
 
         per_task = _map_tasks(one, batch[0].shape[0], model,
-                              default_task_workers(device) if workers is None else workers)
+                              default_task_workers(device, pixels_per_task(tasks))
+                              if workers is None else workers)
         results = [torch.stack(column) for column in zip(*per_task)]
     results = [r.detach() for r in results]
     return {**_summary(*results), "acc_after_per_task": results[2].float()}
