@@ -1,4 +1,5 @@
-"""The mini-ImageNet configs load, hold the MAML paper's settings, and build their models."""
+"""The mini-ImageNet configs load, hold their papers' settings (Conv-4 MAML: the MAML paper's;
+the BOIL and ResNet-12 systems: BOIL's official code), and build their models."""
 
 from pathlib import Path
 
@@ -23,10 +24,16 @@ def test_every_config_loads_with_the_shared_settings(path):
     cfg = load_config(path)
     assert cfg.data.shards == "shards/miniimagenet" and cfg.data.rotate is False
     assert (cfg.task.n_way, cfg.task.q_query) == (5, 15)
-    algo = cfg.algorithm
-    assert (algo.inner_steps, algo.inner_lr, cfg.eval.inner_steps) == (5, 0.01, 10)
     assert cfg.algorithm.first_order is False
-    assert (cfg.train.steps, cfg.optim.lr) == (60000, 0.001)
+    assert cfg.train.steps == 60000
+
+
+# (inner steps, inner step size, test inner steps, meta step size, meta-batch 1-shot / 5-shot)
+MAML_PAPER = (5, 0.01, 10, 0.001, {1: 4, 5: 2})
+BOIL_CODE_CONV4 = (1, 0.5, 1, 0.001, {1: 4, 5: 4})
+BOIL_CODE_RESNET12 = (1, 0.3, 1, 0.0006, {1: 4, 5: 4})
+SETTINGS = {("cnn", "maml"): MAML_PAPER, ("cnn", "boil"): BOIL_CODE_CONV4,
+            ("resnet", "maml"): BOIL_CODE_RESNET12, ("resnet", "boil"): BOIL_CODE_RESNET12}
 
 
 @pytest.mark.parametrize("path", SYSTEMS, ids=lambda p: p.stem)
@@ -35,7 +42,11 @@ def test_each_system_is_what_its_name_says_and_builds_at_84x84_rgb(path):
     cfg = load_config(path)
     shots = int(setting[len("5w"):-len("s")])
     assert cfg.algorithm.name == algorithm and cfg.task.k_shot == shots
-    assert cfg.train.meta_batch_size == {1: 4, 5: 2}[shots]
-    expected = {"cnn": ("cnn", 32, 32 * 5 * 5), "resnet": ("resnet12", 64, 640)}[model_name]
+    steps, step_size, test_steps, meta_lr, meta_batch = SETTINGS[model_name, algorithm]
+    algo = cfg.algorithm
+    assert (algo.inner_steps, algo.inner_lr, cfg.eval.inner_steps) == (steps, step_size, test_steps)
+    assert cfg.optim.lr == meta_lr and cfg.train.meta_batch_size == meta_batch[shots]
+    width = {"maml": 32, "boil": 64}[algorithm]  # MAML's Conv-4 has 32 filters, BOIL's 64
+    expected = {"cnn": ("cnn", width, width * 5 * 5), "resnet": ("resnet12", 64, 640)}[model_name]
     model = build_run_model(cfg, {"in_channels": 3, "image_size": 84})
     assert (cfg.model.name, cfg.model.width, model.classifier.in_features) == expected
