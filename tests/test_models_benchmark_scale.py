@@ -5,6 +5,9 @@ differences (float64) and vmap against the loop (float32), with DropBlock off: i
 a finite difference of it means nothing.
 """
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -111,3 +114,42 @@ def test_resnet12_vmap_and_loop_agree_in_float32(algorithm):
     assert rel_err(grad_v, grad_l) < 1e-4
     for key in stats_l:
         torch.testing.assert_close(stats_v[key], stats_l[key], rtol=1e-5, atol=1e-6)
+
+
+def test_dropblock_from_the_config_trains_and_is_off_whenever_evaluating():
+    """`model.drop_rate` reaches ResNet-12; meta-training draws masks on the loop and the vmap
+    paths (a mask per task under vmap), and evaluate_tasks scores as the model without
+    DropBlock would, leaving the model in training mode afterwards."""
+    from fsl_dist.config import ConfigError, load_config
+    from fsl_dist.meta import evaluate_tasks
+    from fsl_dist.runs import build_run_model
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "miniimagenet" / "resnet_boil_5w1s.yaml",
+                      ["model.width=4", "model.drop_rate=0.3", "model.dropblock_size=3"])
+    torch.manual_seed(0)
+    model = build_run_model(cfg, {"in_channels": 3, "image_size": 32})
+    assert all(block.drop.drop_rate == 0.3 for block in model.features[:4])
+    plain = build_run_model(load_config(root / "configs" / "miniimagenet" /
+                                        "resnet_boil_5w1s.yaml", ["model.width=4"]),
+                            {"in_channels": 3, "image_size": 32})
+    plain.load_state_dict(model.state_dict())
+    tasks = rgb(make_tasks(tasks=2, n_way=5, k_shot=1, n_query=2, size=32, dtype=torch.float32,
+                           jitter=0.1))
+    for vectorize in (False, True):
+        spec = InnerLoopSpec("boil", inner_steps=1, inner_lr=0.3, vectorize=vectorize)
+        model.zero_grad()
+        meta_backward(model, tasks, spec, workers=2)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        first = evaluate_tasks(model, tasks, spec, workers=2)
+        again = evaluate_tasks(model, tasks, spec, workers=2)
+        reference = evaluate_tasks(plain, tasks, spec, workers=2)
+        for key in ("acc_after", "query_loss"):
+            torch.testing.assert_close(first[key], again[key])
+            torch.testing.assert_close(first[key], reference[key])
+        assert model.training
+    for override, message in (("model.drop_rate=1", "must be in [0, 1)"),
+                              ("model.name=cnn", "has none")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(root / "configs" / "miniimagenet" / "resnet_boil_5w1s.yaml",
+                        ["model.drop_rate=0.1", override])

@@ -135,8 +135,11 @@ def _run_tasks(model, tasks, params, lrs, plan: _Plan, vectorize: bool):
     """Per-task results stacked over tasks: five tensors of shape [T]."""
     batch = [tasks[k] for k in TASK_KEYS]
     if vectorize:
+        # randomness: each task draws its own DropBlock masks (models without random ops
+        # are unaffected)
         with batch_norm_for_vmap():
-            return torch.func.vmap(lambda *task: _one_task(model, params, lrs, plan, *task))(*batch)
+            return torch.func.vmap(lambda *task: _one_task(model, params, lrs, plan, *task),
+                                   randomness="different")(*batch)
     per_task = [_one_task(model, params, lrs, plan, *task) for task in zip(*batch)]
     return tuple(torch.stack(column) for column in zip(*per_task))
 
@@ -152,6 +155,8 @@ def _replicas(model: nn.Module, count: int) -> list[nn.Module]:
     while len(copies) < count:
         copies.append(copy.deepcopy(model))
     _REPLICAS[model] = copies
+    for replica in copies[:count]:
+        replica.train(model.training)  # DropBlock's mode follows the model's
     return copies[:count]
 
 
@@ -321,10 +326,20 @@ def evaluate_tasks(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoo
     For meta-validation and meta-test: works under ``torch.no_grad()`` (the inner gradients
     are taken regardless) and its memory does not grow with the number of inner steps; the
     spec's ``first_order`` is moot (there is no outer gradient). On the loop path tasks run in
-    ``workers`` threads (as in ``meta_backward``). Returns the stats of ``meta_loss`` plus
-    ``acc_after_per_task`` (1-D, one query accuracy per task, for confidence intervals).
+    ``workers`` threads (as in ``meta_backward``). The model is in evaluation mode meanwhile
+    (DropBlock off). Returns the stats of ``meta_loss`` plus ``acc_after_per_task`` (1-D, one
+    query accuracy per task, for confidence intervals).
     """
     _check_tasks(tasks)
+    was_training = model.training
+    model.eval()  # evaluation mode: DropBlock (ResNet-12's option) off
+    try:
+        return _evaluate_tasks(model, tasks, spec, inner_loss_scale, workers)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate_tasks(model, tasks, spec, inner_loss_scale, workers) -> dict:
     device = tasks["support_x"].device
     vectorize = _vectorize(spec, model, device)
     plan, lrs = _plan(model, spec, device.type, vectorize, inner_loss_scale=inner_loss_scale,

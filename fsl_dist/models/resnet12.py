@@ -24,12 +24,11 @@ def block_widths(width: int) -> tuple[int, ...]:
 class DropBlock(nn.Module):
     """DropBlock (Ghiasi et al., 2018): zero square blocks of a feature map, training mode only.
 
-    Random, so it is off by default and in eval mode. Under ``vmap`` a random op needs vmap's
-    ``randomness`` argument, which the meta-objective does not set: with ``drop_rate`` > 0 use
-    the loop path (``algorithm.vectorize: false``). Its masks are drawn anew at every forward,
-    so a task's inner steps see different masks; the meta-gradient tests run with it off.
-    Not a config key yet: training and evaluation never switch the model's mode, so it would
-    stay on at evaluation.
+    Random, so it is off by default (``model.drop_rate``) and in eval mode, which
+    ``evaluate_tasks`` sets while it evaluates. Under ``vmap`` the meta-objective draws
+    different masks per task (vmap's ``randomness="different"``). Masks are drawn anew at every
+    forward, so a task's inner steps see different masks; the meta-gradient tests run with it
+    off.
     """
 
     def __init__(self, drop_rate: float, block_size: int):
