@@ -24,6 +24,12 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.pt"
 
 
+def step_of(path: Path) -> Optional[int]:
+    """The step of a checkpoint file by its name, or None for any other file."""
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary files are never listed)."""
     folder = Path(run_dir) / CHECKPOINT_DIR
@@ -46,6 +52,15 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, damaged, not a checkpoint)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"checkpoint {path} cannot be read ({reason}); resume from an older one "
+                         f"in {path.parent} (--resume auto takes the newest that loads)")
+        self.path, self.reason = path, reason
+
+
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint (tensors and plain values only: no pickled code is executed)."""
     path = Path(path)
@@ -55,10 +70,20 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which, and what to do
-        raise ValueError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
-            f"resume from an older one in {path.parent}"
-        ) from err
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(path, reason) from None
+
+
+def newest_loadable(run_dir: Path) -> tuple[Optional[Path], Optional[dict], list[str]]:
+    """The newest checkpoint of ``run_dir`` that loads, its contents, and a line for each newer
+    one skipped (why); (None, None, notes) when none loads or there is none."""
+    notes = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path), notes
+        except CheckpointError as err:
+            notes.append(f"skipped {path}: it cannot be read ({err.reason})")
+    return None, None, notes
 
 
 def rng_state() -> dict:

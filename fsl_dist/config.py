@@ -11,6 +11,7 @@ impossible values are errors that name the file, the key and what would be accep
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -71,6 +72,11 @@ class ModelConfig:
     mini-ImageNet benchmarks, widths 64:160:320:640)."""
     width: int = 64
     """Channels of the cnn, base width of the resnet, first-block width of the resnet12."""
+    drop_rate: float = 0.0
+    """resnet12 only: DropBlock after each block, this fraction of positions dropped in
+    meta-training (inner and outer forwards alike), never at evaluation; 0 is off."""
+    dropblock_size: int = 5
+    """resnet12 only: DropBlock's block side (MetaOptNet's 5), capped by the feature map."""
 
 
 @dataclass
@@ -125,6 +131,12 @@ class TrainConfig:
     tune_cpu_malloc: bool = True
     """On CPU, keep glibc's allocator from returning freed activations to the kernel: faster
     meta-steps for a higher peak RSS (fsl_dist/cpu_malloc.py; numbers in BENCHMARKS.md)."""
+    max_skipped_steps: Optional[int] = 20
+    """Stop the run (exit code 3) after this many consecutive steps skipped for non-finite
+    gradients or losses; null never stops. fp16's loss scaling skips a few while it settles."""
+    loss_warn_factor: Optional[float] = 10.0
+    """Warn when the training loss (moving average) climbs past this factor of its lowest value
+    so far; null never warns."""
 
 
 @dataclass
@@ -185,6 +197,7 @@ POSITIVE = (
     "train.meta_batch_size", "train.checkpoint_every", "train.keep_checkpoints",
     "train.eval_every", "train.log_every", "eval.episodes", "eval.val_episodes",
     "eval.batch_size", "data.image_size", "data.shuffle_buffer", "optim.lr",
+    "model.dropblock_size",
 )
 NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr")
 _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -327,6 +340,7 @@ def get(cfg: Config, dotted: str):
 def validate(cfg: Config, where: str = "config") -> None:
     """Values that type-check but cannot work. Checks needing the data or the process count
     (N-way vs. the split's classes, meta-batch vs. processes) run in the trainer's setup."""
+    _validate_finite(cfg, where)
     for key, allowed in CHOICES.items():
         if get(cfg, key) not in allowed:
             shown = ", ".join(str(a) for a in allowed if a is not None)
@@ -343,6 +357,20 @@ def validate(cfg: Config, where: str = "config") -> None:
         if bad:
             raise ConfigError(f"{where}: `algorithm.inner_lr.{bad[0]}` is no group; use features "
                               "and/or classifier")
+    for key, value in _inner_lrs(lr):
+        if not value > 0:
+            raise ConfigError(f"{where}: `{key}` = {value!r} must be positive (to keep a part "
+                              "fixed in the inner loop choose algorithm.name boil or anil)")
+    if not 0 <= cfg.model.drop_rate < 1:
+        raise ConfigError(f"{where}: `model.drop_rate` = {cfg.model.drop_rate} must be in [0, 1)")
+    if cfg.model.drop_rate and cfg.model.name != "resnet12":
+        raise ConfigError(f"{where}: `model.drop_rate` is DropBlock of model.name=resnet12; "
+                          f"{cfg.model.name!r} has none: set it to 0")
+    if cfg.train.max_skipped_steps is not None and cfg.train.max_skipped_steps < 1:
+        raise ConfigError(f"{where}: `train.max_skipped_steps` must be at least 1 or null")
+    if cfg.train.loss_warn_factor is not None and not cfg.train.loss_warn_factor > 1:
+        raise ConfigError(f"{where}: `train.loss_warn_factor` = {cfg.train.loss_warn_factor} "
+                          "must be above 1 or null")
     if cfg.eval.inner_steps is not None and cfg.eval.inner_steps < 0:
         raise ConfigError(f"{where}: `eval.inner_steps` must not be negative")
     if cfg.optim.min_lr > cfg.optim.lr:
@@ -353,6 +381,30 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: `optim.grad_clip` must be positive or null")
     if cfg.train.cpu_threads is not None and cfg.train.cpu_threads < 1:
         raise ConfigError(f"{where}: `train.cpu_threads` must be at least 1 or null")
+
+
+def _inner_lrs(lr) -> list[tuple[str, float]]:
+    if isinstance(lr, dict):
+        return [(f"algorithm.inner_lr.{k}", v) for k, v in lr.items()]
+    return [("algorithm.inner_lr", lr)]
+
+
+def _validate_finite(cfg: Config, where: str) -> None:
+    """No inf or NaN anywhere: YAML reads .inf and .nan as numbers, and a non-finite rate
+    trains to NaN weights without an error."""
+    def walk(node, prefix):
+        if dataclasses.is_dataclass(node):
+            for f in dataclasses.fields(node):
+                walk(getattr(node, f.name), f"{prefix}{f.name}.")
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{prefix[:-1]}[{i}].")
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"{where}: `{prefix[:-1]}` = {node!r} must be a finite number")
+    walk(cfg, "")
 
 
 def _validate_step_schedule(optim: OptimConfig, where: str) -> None:

@@ -38,7 +38,7 @@ from fsl_dist.data.shards import (
     pack_omniglot,
 )
 from fsl_dist.evaluate import combine_seeds, evaluate
-from fsl_dist.io import atomic_write, atomic_write_json, atomic_write_text
+from fsl_dist.io import DiskFullError, atomic_write, atomic_write_json, atomic_write_text
 from fsl_dist.meta import InnerLoopSpec, LearnedInnerLR
 from fsl_dist.models import build_model
 
@@ -106,7 +106,10 @@ def model_inputs(manifest: dict) -> dict:
 
 def build_run_model(cfg: Config, inputs: dict) -> torch.nn.Module:
     """The configured backbone for images of ``inputs`` (``model_inputs``)."""
-    return build_model(cfg.model.name, cfg.task.n_way, width=cfg.model.width, **inputs)
+    options = dict(width=cfg.model.width, **inputs)
+    if cfg.model.name == "resnet12":
+        options.update(drop_rate=cfg.model.drop_rate, dropblock_size=cfg.model.dropblock_size)
+    return build_model(cfg.model.name, cfg.task.n_way, **options)
 
 
 def check_tasks_fit(cfg: Config, manifest: dict) -> None:
@@ -201,7 +204,9 @@ def save_final_model(state, cfg: Config, run_dir: Path, manifest: dict) -> None:
         "algorithm": dataclasses.asdict(cfg.algorithm),
         "task": dataclasses.asdict(cfg.task),
         "data": data_facts(manifest),
+        # A stopped run exports too: these say how far it got, for whoever evaluates it.
         "step": state.step,
+        "planned_steps": cfg.train.steps,
     }
     atomic_write_text(run_dir / "model.yaml", yaml.safe_dump(description, sort_keys=False))
 
@@ -234,6 +239,18 @@ def load_trained(run_dir: Path, device: torch.device, checkpoint: Optional[str] 
         inner_lr.load_state_dict(inner_lr_state)
         inner_lr = inner_lr.to(device)
     return cfg, model.to(device), inner_lr, weights
+
+
+def training_progress(run_dir: Path, weights: Path, cfg: Config) -> dict:
+    """How far the training of ``weights`` got: ``trained_steps`` (None if unknown) of
+    ``planned_steps``. A checkpoint's step is in its name; the exported model's in model.yaml."""
+    step = None
+    name = ckpt.step_of(weights)
+    if name is not None:
+        step = name
+    elif (run_dir / "model.yaml").is_file():
+        step = yaml.safe_load((run_dir / "model.yaml").read_text()).get("step")
+    return {"trained_steps": step, "planned_steps": cfg.train.steps}
 
 
 def trained_inputs(run_dir: Path, cfg: Config) -> dict:
@@ -303,6 +320,14 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
     if weights is not None:
         result["weights"] = Path(weights).relative_to(run_dir).as_posix() if Path(
             weights).is_relative_to(run_dir) else str(weights)
+        result.update(training_progress(Path(run_dir), Path(weights), cfg))
+    failure = None
     if dist.is_main:
-        atomic_write_json(Path(run_dir) / out_name, result)
+        try:
+            atomic_write_json(Path(run_dir) / out_name, result)
+        except DiskFullError as err:
+            failure = str(err)
+    failure = dist.broadcast_object(failure)  # every rank fails alike
+    if failure:
+        raise DiskFullError(failure)
     return result

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from fsl_dist.io import atomic_write_text
+from fsl_dist.io import append_line, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -66,8 +66,7 @@ class MetricsFile:
 
     def write(self, row: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(row, sort_keys=True) + "\n")
+            append_line(self.path, json.dumps(row, sort_keys=True))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

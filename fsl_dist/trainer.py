@@ -23,11 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from fsl_dist import checkpoint as ckpt
+from fsl_dist import runfolder
 from fsl_dist.config import Config, ConfigError, OptimConfig, to_dict
 from fsl_dist.cpu_malloc import tune_cpu_malloc
 from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
+from fsl_dist.data.shards import verify_shards
 from fsl_dist.distributed import launcher_precision
 from fsl_dist.evaluate import evaluate
+from fsl_dist.io import DiskFullError
 from fsl_dist.meta import InnerLoopSpec, InnerLossScaler, LearnedInnerLR, meta_backward
 from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.numerics import flat_grads
@@ -45,6 +48,10 @@ STAT_KEYS = ("query_loss", "acc_before", "acc_after", "inner_loss", "inner_nonfi
 DEBUG_CHECKSUM_EVERY = 2
 
 
+class DivergedError(Exception):
+    """Training stopped because its steps kept producing non-finite values."""
+
+
 @dataclass
 class TrainState:
     model: torch.nn.Module
@@ -54,6 +61,7 @@ class TrainState:
     inner_scaler: InnerLossScaler  # fp16 only: dynamic scale of the support loss
     step: int = 0
     skipped_steps: int = 0
+    consecutive_skipped: int = 0  # skipped steps in a row up to now (divergence stops the run)
     elapsed_s: float = 0.0  # training wall time, summed over resumes
 
     def trainable(self) -> list[torch.Tensor]:
@@ -82,6 +90,39 @@ class StepWindow:
         rate, mean = tasks_per_step * self.steps / self.seconds, self.seconds / self.steps
         self.seconds, self.steps = 0.0, 0
         return rate, mean
+
+
+class LossWatch:
+    """Warns when the training loss's moving average exceeds ``factor`` times the lower of its
+    lowest value so far and the loss of guessing (``chance``, ln N for N-way cross-entropy):
+    a climb, or a run that is far worse than chance from the start. Once per excursion, again
+    only after the average has come back down."""
+
+    SMOOTHING = 0.9  # the moving average over about ten steps: one hard batch is no climb
+
+    def __init__(self, factor: Optional[float], chance: float):
+        self.factor, self.chance = factor, chance
+        self.average: Optional[float] = None
+        self.lowest = math.inf
+        self.warned = False
+
+    def update(self, loss: float, step: int) -> Optional[str]:
+        if self.factor is None or not math.isfinite(loss):
+            return None
+        self.average = loss if self.average is None else (
+            self.SMOOTHING * self.average + (1 - self.SMOOTHING) * loss)
+        self.lowest = min(self.lowest, self.average)
+        reference = min(self.lowest, self.chance)
+        if self.average <= self.factor * reference:
+            self.warned = False
+            return None
+        if self.warned:
+            return None
+        self.warned = True
+        what = "its lowest so far" if self.lowest < self.chance else "that of guessing"
+        return (f"warning: step {step}: the training loss (moving average {self.average:.4g}) is "
+                f"over {self.factor:g}x {what} ({reference:.4g}); the run may be diverging: "
+                "consider a lower optim.lr or algorithm.inner_lr")
 
 
 # ---------------------------------------------------------------- setup
@@ -230,7 +271,9 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
     grad_norm = torch.linalg.vector_norm(grads).item()
     if inner_bad or outer_bad:
         state.skipped_steps += 1  # identical decision on every rank: they saw the same sums
+        state.consecutive_skipped += 1
     else:
+        state.consecutive_skipped = 0
         if cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         lr = outer_lr(cfg.optim, state.step, cfg.train.steps)
@@ -249,6 +292,7 @@ def checkpoint_state(state: TrainState, wandb_id: Optional[str]) -> dict:
     return {
         "step": state.step,
         "skipped_steps": state.skipped_steps,
+        "consecutive_skipped": state.consecutive_skipped,
         "elapsed_s": state.elapsed_s,
         "model": state.model.state_dict(),
         "inner_lr": (state.inner_lr.state_dict()
@@ -276,15 +320,24 @@ def restore_state(state: TrainState, saved: dict) -> None:
     ckpt.set_rng_state(saved["rng"])
     state.step = int(saved["step"])
     state.skipped_steps = int(saved.get("skipped_steps", 0))
+    state.consecutive_skipped = int(saved.get("consecutive_skipped", 0))
     state.elapsed_s = float(saved.get("elapsed_s", 0.0))
 
 
-def find_resume_point(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
+def load_resume_point(run_dir: Path, resume: Optional[str]):
+    """(path, contents, notes) of the checkpoint to resume from: ``resume`` "auto" takes the
+    newest that loads (notes say which newer ones were skipped, and why), a path takes that
+    file; (None, None, notes) starts afresh."""
     if resume is None:
-        return None
+        return None, None, []
     if resume == "auto":
-        return ckpt.latest_checkpoint(run_dir)  # None: a fresh run
-    return Path(resume)
+        path, saved, notes = ckpt.newest_loadable(run_dir)
+        if path is None and notes:  # starting afresh would drop the run's metrics
+            raise runfolder.RunFolderError(
+                f"--resume auto: no checkpoint of {run_dir} loads ({'; '.join(notes)}); start "
+                "afresh with --overwrite (the old run is moved aside)")
+        return path, saved, notes
+    return Path(resume), ckpt.load_checkpoint(Path(resume)), []
 
 
 # ---------------------------------------------------------------- the loop
@@ -307,8 +360,9 @@ class Trainer:
     """Owns one run: its folder, state, data, trackers; `fit()` trains to `train.steps`."""
 
     def __init__(self, cfg: Config, dist, run_dir: Path, *, resume: Optional[str] = None,
-                 debug: bool = False):
+                 overwrite: bool = False, debug: bool = False):
         self.cfg, self.dist, self.run_dir, self.debug = cfg, dist, Path(run_dir), debug
+        self.lock = self._claim_run_folder(resume, overwrite)
         self.precision = resolve_precision(cfg.precision, launcher_precision(), dist.device)
         warning = bf16_cpu_warning(dist.device.type, self.precision)
         if warning:
@@ -316,21 +370,43 @@ class Trainer:
         check_process_count(cfg, dist.world_size)
         configure_cpu(cfg, dist)
         self.manifest = ensure_shards(cfg, dist)
-        self.sources = build_task_sources(cfg, dist)
+        self.sources = build_task_sources(cfg, dist)  # checksums the train and val parts
+        if cfg.eval.part not in ("train", "val"):
+            # The held-out part is read only at the end: a damaged shard found after hours of
+            # training would cost the run its result, so it is checksummed now as well.
+            verify_shards(cfg.data.shards, [cfg.eval.part])
         self.state = build_state(cfg, dist.device, model_inputs(self.manifest))
         self.batches = TrainBatches(self.sources["train"],
                                     rank_slice(cfg.train.meta_batch_size, dist.rank,
                                                dist.world_size),
                                     dist.device)
         self.wandb_id = None
-        resume_from = find_resume_point(self.run_dir, resume)
-        if resume_from is not None:
-            saved = ckpt.load_checkpoint(resume_from)
+        resume_from, saved, notes = load_resume_point(self.run_dir, resume)
+        for note in notes:
+            dist.print(f"resume: {note}")
+        if saved is not None:
             restore_state(self.state, saved)
             self.wandb_id = saved.get("wandb_id")
             dist.print(f"resumed from {resume_from} at step {self.state.step}")
         self.metrics = MetricsFile(self.run_dir, enabled=dist.is_main)
+        self.loss_watch = LossWatch(cfg.train.loss_warn_factor, math.log(cfg.task.n_way))
         self._signalled = False  # set by a preemption signal, acted on between steps
+        self._failure: Optional[Exception] = None  # an I/O failure on the main rank
+
+    def _claim_run_folder(self, resume: Optional[str], overwrite: bool):
+        """The main process locks the run folder and checks it may start there (the others
+        learn the verdict, so every rank fails alike); returns the lock (None elsewhere)."""
+        lock, failure = None, None
+        if self.dist.is_main:
+            try:
+                lock, note = runfolder.claim(self.run_dir, resume=resume, overwrite=overwrite)
+                self.dist.print(note)
+            except runfolder.RunFolderError as err:
+                failure = str(err)
+        failure = self.dist.broadcast_object(failure)
+        if failure:
+            raise runfolder.RunFolderError(failure)
+        return lock
 
     # -------------------------------------------------------- preemption
     def stop_on_signals(self, signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
@@ -344,8 +420,9 @@ class Trainer:
             signal.signal(sig, note)
 
     def _should_stop(self) -> bool:
-        # A signal may reach only some ranks: agree, so all leave the loop after the same step.
-        return self.dist.any_true(self._signalled)
+        # A signal may reach only some ranks, an I/O failure only the main one: agree, so all
+        # leave the loop after the same step.
+        return self.dist.any_true(self._signalled or self._failure is not None)
 
     # -------------------------------------------------------- bookkeeping
     def start(self) -> None:
@@ -362,14 +439,24 @@ class Trainer:
                            self.manifest)
 
     def save_checkpoint(self) -> None:
+        """Checkpoint now (main process); a failure to write is raised on every rank."""
+        failure = None
         if self.dist.is_main:
-            ckpt.save_checkpoint(self.run_dir, self.state.step,
-                                 checkpoint_state(self.state, self.wandb_id),
-                                 keep=self.cfg.train.keep_checkpoints)
-        self.dist.barrier()
+            try:
+                ckpt.save_checkpoint(self.run_dir, self.state.step,
+                                     checkpoint_state(self.state, self.wandb_id),
+                                     keep=self.cfg.train.keep_checkpoints)
+            except DiskFullError as err:
+                failure = str(err)
+        failure = self.dist.broadcast_object(failure)  # also the barrier after the write
+        if failure:
+            raise DiskFullError(failure)
 
     def log(self, row: dict) -> None:
-        self.metrics.write(row)
+        try:
+            self.metrics.write(row)
+        except DiskFullError as err:  # main only: the loop stops all ranks after this step
+            self._failure = self._failure or err
         self.dist.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     # -------------------------------------------------------- training
@@ -378,24 +465,44 @@ class Trainer:
         self.start()
         bar = tqdm(total=cfg.train.steps, initial=state.step,
                    disable=not dist.is_main or self.debug, dynamic_ncols=True, desc=cfg.name)
-        self.stopped_early = False
+        self.stopped_early, diverged = False, None
         self._clock = time.perf_counter()
         self._window = StepWindow()
-        while state.step < cfg.train.steps:
-            if self._should_stop():
-                self.stopped_early = True
-                break
-            tasks = self.batches.at(state.step)
-            started = time.perf_counter()
-            out = train_step(state, tasks, cfg, dist, self.precision,
-                             acc_before=self.debug or self.logs_step(state.step + 1))
-            out["step_time"] = time.perf_counter() - started
-            self.after_step(out, bar)
-        bar.close()
+        try:
+            while state.step < cfg.train.steps:
+                if self._should_stop():
+                    self.stopped_early = True
+                    break
+                tasks = self.batches.at(state.step)
+                started = time.perf_counter()
+                out = train_step(state, tasks, cfg, dist, self.precision,
+                                 acc_before=self.debug or self.logs_step(state.step + 1))
+                out["step_time"] = time.perf_counter() - started
+                self.after_step(out, bar)
+                diverged = self.divergence()
+                if diverged:
+                    break
+        finally:
+            bar.close()  # a message after it starts on a line of its own
+        failure = dist.broadcast_object(str(self._failure) if self._failure else None)
+        if failure:
+            raise DiskFullError(failure)
         if state.step % cfg.train.checkpoint_every:
             self.save_checkpoint()  # the end of the run (or a stop) is always resumable
         return {"step": state.step, "skipped_steps": state.skipped_steps,
-                "stopped_early": self.stopped_early}
+                "stopped_early": self.stopped_early or diverged is not None,
+                "diverged": diverged}
+
+    def divergence(self) -> Optional[str]:
+        """Why the run must stop for non-finite steps, or None (every rank decides alike)."""
+        limit, state = self.cfg.train.max_skipped_steps, self.state
+        if limit is None or state.consecutive_skipped < limit:
+            return None
+        return (f"stopped at step {state.step}: the last {state.consecutive_skipped} steps had "
+                f"non-finite gradients or losses and were skipped (train.max_skipped_steps = "
+                f"{limit}); the weights are those of step {state.step - state.consecutive_skipped}"
+                f", checkpointed. Lower optim.lr or algorithm.inner_lr (or use precision=no), "
+                "then continue with --resume auto or start afresh")
 
     def after_step(self, out: dict, bar) -> None:
         cfg, state = self.cfg, self.state
@@ -404,8 +511,14 @@ class Trainer:
         state.elapsed_s += now - self._clock  # steps, logging, validation, checkpoints
         self._clock = now
         bar.update(1)
-        bar.set_postfix(loss=f"{out['query_loss']:.3f}", acc=f"{out['acc_after']:.3f}",
-                        tasks_s=f"{out['tasks_per_s']:.1f}")
+        postfix = {"loss": f"{out['query_loss']:.3f}", "acc": f"{out['acc_after']:.3f}",
+                   "tasks_s": f"{out['tasks_per_s']:.1f}"}
+        if state.skipped_steps:
+            postfix["skipped"] = state.skipped_steps
+        bar.set_postfix(postfix)
+        warning = self.loss_watch.update(out["query_loss"], state.step)
+        if warning:
+            self.dist.print(warning)
         self._window.add(out["step_time"])
         if self.logs_step(state.step):
             self.log(self.train_row(out, *self._window.take(cfg.train.meta_batch_size)))
@@ -451,18 +564,38 @@ class Trainer:
                             f"{len(digests)} processes ({digests[0]})")
 
     # -------------------------------------------------------- the end
-    def finish(self) -> Optional[dict]:
-        """Final weights and held-out evaluation; returns eval results on every rank."""
+    def finish(self, export: bool = True) -> Optional[dict]:
+        """Final weights (unless ``export`` is False: a diverged run) and, for a run that
+        reached train.steps, the held-out evaluation; returns its results on every rank."""
         cfg = self.cfg
-        if self.dist.is_main:
-            save_final_model(self.state, cfg, self.run_dir, self.manifest)
+        failure = None
+        if self.dist.is_main and export:
+            try:
+                save_final_model(self.state, cfg, self.run_dir, self.manifest)
+            except DiskFullError as err:
+                failure = str(err)
+        failure = self.dist.broadcast_object(failure)
+        if failure:
+            raise DiskFullError(failure)
         result = None
         if self.state.step >= cfg.train.steps:
             result = evaluate_held_out(self.state.model, self.state.inner_lr, cfg, self.dist,
-                                        self.run_dir, precision=self.precision)
+                                       self.run_dir, precision=self.precision)
             self.log({"step": self.state.step, f"{cfg.eval.part}/acc": result["mean"],
                       f"{cfg.eval.part}/ci95": result["ci95"]})
-        self.dist.barrier()
-        self.dist.end()
+        failure = self.dist.broadcast_object(str(self._failure) if self._failure else None)
+        if failure:
+            raise DiskFullError(failure)
+        self.close()
         return result
 
+    def close(self) -> None:
+        """End the trackers and give up the run folder (also after a failure every rank saw);
+        once."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        self.dist.barrier()
+        self.dist.end()
+        if self.lock is not None:
+            self.lock.release()

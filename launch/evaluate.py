@@ -21,8 +21,8 @@ from pathlib import Path
 
 from fsl_dist.config import ConfigError
 from fsl_dist.cpu_malloc import tune_cpu_malloc
-from fsl_dist.data.shards import ShardError
 from fsl_dist.distributed import Distributed, launcher_precision
+from fsl_dist.exits import exit_code, report
 from fsl_dist.runs import evaluate_held_out, load_trained
 from fsl_dist.trainer import resolve_precision
 
@@ -45,17 +45,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the mean over seeds with the between-seed spread")
     parser.add_argument("--out", default=None,
                         help="file name in the run folder (default eval-<part>.json)")
+    parser.add_argument("--traceback", action="store_true",
+                        help="show the traceback of expected failures too")
     return parser.parse_args(argv)
 
 
 def summary_line(result: dict) -> str:
-    line = (f"{result['part']} accuracy {result['mean']:.2f} ± {result['ci95']:.2f}% "
-            f"over {result['episodes']} episodes")
+    line = progress_note(result) + (f"{result['part']} accuracy {result['mean']:.2f} ± "
+                                    f"{result['ci95']:.2f}% over {result['episodes']} episodes")
     if "seed_means" in result:
         means = ", ".join(f"{m:.2f}" for m in result["seed_means"])
         line += (f" from {len(result['seeds'])} seeds (seed means {means}; between-seed std "
                  f"{result['seed_std']:.2f}; interval lower end {result['low']:.2f})")
     return line
+
+
+def progress_note(result: dict) -> str:
+    """ "model of step 187 of 2000 (training stopped early): " when it did, else ""."""
+    done, planned = result.get("trained_steps"), result.get("planned_steps")
+    if done is None or planned is None or done >= planned:
+        return ""
+    return f"model of step {done} of {planned} (training stopped early): "
 
 
 def main(argv=None) -> int:
@@ -83,9 +93,12 @@ def main(argv=None) -> int:
                                    part=part,
                                    inner_steps=args.inner_steps, out_name=out_name,
                                    weights=weights, seeds=args.seeds)
-    except (ConfigError, ShardError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        code = exit_code(err)
+        if code is None or args.traceback:
+            raise
+        report(err)
+        return dist.exit(code)
     dist.print(json.dumps(result, indent=2))
     dist.print(summary_line(result), file=sys.stderr)
     dist.print(f"wrote {Path(args.run_dir) / out_name}", file=sys.stderr)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from fsl_dist.config import ConfigError, default_run_dir, load_config
-from fsl_dist.data.shards import ShardError
+from fsl_dist.config import default_run_dir, load_config
 from fsl_dist.distributed import Distributed
-from fsl_dist.slurm import EXIT_RESUMABLE  # 75: stopped by a signal, checkpointed, resumable
+from fsl_dist.exits import EXIT_DIVERGED, EXIT_STOPPED, exit_code, report
+from fsl_dist.io import DiskFullError
 from fsl_dist.trainer import Trainer
 
 
@@ -39,8 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", required=True,
                         help="YAML config, e.g. configs/resnet_boil.yaml")
     parser.add_argument("--run-dir", help="run folder (default runs/<config name>-<seed>)")
-    parser.add_argument("--resume", help="'auto' (newest checkpoint in the run folder, if any) "
-                        "or a checkpoint path")
+    parser.add_argument("--resume", help="'auto' (newest checkpoint in the run folder that loads, "
+                        "if any) or a checkpoint path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="the run folder holds an old run: move it aside (to "
+                        "<run-dir>.old-<time>) and start afresh")
+    parser.add_argument("--traceback", action="store_true",
+                        help="show the traceback of expected failures too (bad input, full disk)")
     parser.add_argument("--debug", action="store_true",
                         help="few steps, anomaly detection, deterministic, W&B off")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -49,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    dist = trainer = None
     try:
         cfg = load_config(args.config, (debug_overrides() if args.debug else []) + args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
@@ -57,25 +63,42 @@ def main(argv=None) -> int:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         dist = Distributed(log_with_wandb=cfg.logging.wandb, project_dir=str(run_dir))
-        trainer = Trainer(cfg, dist, run_dir, resume=args.resume, debug=args.debug)
-    except (ConfigError, ShardError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    trainer.stop_on_signals()
-    outcome = trainer.fit()
-    # Python restores default handlers while it shuts down; a late USR1 (sent to every rank by
-    # a batch script) would then kill a rank that already stopped cleanly.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    result = trainer.finish()
+        trainer = Trainer(cfg, dist, run_dir, resume=args.resume, overwrite=args.overwrite,
+                          debug=args.debug)
+        trainer.stop_on_signals()
+        outcome = trainer.fit()
+        # Python restores default handlers while it shuts down; a late USR1 (sent to every rank
+        # by a batch script) would then kill a rank that already stopped cleanly.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        result = trainer.finish(export=outcome["diverged"] is None)
+    except Exception as err:
+        code = exit_code(err)
+        if code is None or args.traceback:
+            raise
+        report(err)
+        if isinstance(err, DiskFullError) and trainer is not None:
+            trainer.close()  # raised on every rank alike: the trackers can end in step
+        return dist.exit(code) if dist is not None else code
+    return dist.exit(summarise(outcome, result, cfg, run_dir, dist))
+
+
+def summarise(outcome: dict, result, cfg, run_dir: Path, dist) -> int:
+    """The closing lines of a run, and its exit code."""
+    if outcome["skipped_steps"]:
+        dist.print(f"{outcome['skipped_steps']} of {outcome['step']} steps were skipped "
+                   "(non-finite gradients or losses)")
+    if outcome["diverged"]:
+        dist.print(f"error: {outcome['diverged']}", file=sys.stderr)
+        return EXIT_DIVERGED
     if outcome["stopped_early"]:
-        dist.print(f"stopped by a signal at step {outcome['step']}; checkpoint written, "
-                   f"continue with --resume auto")
-        return dist.exit(EXIT_RESUMABLE)
+        dist.print(f"stopped by a signal at step {outcome['step']} of {cfg.train.steps}; "
+                   f"checkpoint written, continue with --resume auto")
+        return EXIT_STOPPED
     if result is not None:
         dist.print(f"{cfg.name}: {cfg.eval.part} accuracy {result['mean']:.2f} ± "
                    f"{result['ci95']:.2f}% over {result['episodes']} episodes -> "
                    f"{run_dir / 'eval.json'}")
-    return dist.exit(0)
+    return 0
 
 
 if __name__ == "__main__":
