@@ -231,7 +231,7 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
     text = log.read_text()
     assert ("stopped by a signal at step" in text and "requeueing job" in text
             and "restart 1" in text)
-    stopped_at = int(text.split("stopped by a signal at step ")[1].split(";")[0])
+    stopped_at = int(text.split("stopped by a signal at step ")[1].split(" of ")[0])
     assert 5 <= stopped_at < 100
     assert (f"resumed from {folder / 'checkpoints' / f'step-{stopped_at:08d}.pt'} "
             f"at step {stopped_at}") in text
@@ -283,7 +283,7 @@ def test_multinode_script_with_two_tasks_on_one_node_survives_preemption(slurm, 
     text = log.read_text()
     assert text.count("2 machines on") == 2 and "restart 1" in text
     assert text.count("machine 0/2") == 2 and text.count("machine 1/2") == 2
-    stopped_at = int(text.split("stopped by a signal at step ")[1].split(";")[0])
+    stopped_at = int(text.split("stopped by a signal at step ")[1].split(" of ")[0])
     assert f"at step {stopped_at}" in text.split("restart 1")[1]  # resumed where it stopped
     info = json.loads((run_dir / "run.json").read_text())
     assert (info["world_size"], info["backend"]) == (2, "gloo")
