@@ -15,7 +15,8 @@
 # keeps /etc/slurm/slurm.conf and its ports). munge's socket is a file, reachable from every
 # namespace. Jobs started by a slurmd run in its namespace (only the network one is its own).
 #
-# Root only. Tested on Debian 12 (slurm-wlm 22.05, munge 0.5, iproute2 6.1), also under gVisor.
+# Root only. Tested on Debian 12 (slurmd 22.05.8, munge 0.5.15, iproute2 6.1) under gVisor (runsc),
+# whose network stack has namespaces, veth pairs and bridges; starts in under 1 s once installed.
 # Installs slurmctld slurmd slurm-client munge iproute2 with apt-get when missing.
 #
 # Afterwards:  source "$NETNS_CI_DIR/slurm.env"   (exports SLURM_CONF)
