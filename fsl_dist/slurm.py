@@ -74,6 +74,66 @@ def job_port(env: Mapping[str, str]) -> int:
     return 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
 
 
+def _interface_of_ipv4(address: str) -> Optional[str]:
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:  # SIOCGIFADDR: the interface's IPv4 address
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address on it
+                continue
+            if socket.inet_ntoa(raw[20:24]) == address:
+                return name
+    return None
+
+
+def _interface_of_ipv6(address: str) -> Optional[str]:
+    wanted = socket.inet_pton(socket.AF_INET6, address.split("%")[0]).hex()
+    try:
+        with open("/proc/net/if_inet6") as fh:
+            for line in fh:  # address (hex), index, prefix length, scope, flags, name
+                fields = line.split()
+                if len(fields) == 6 and fields[0] == wanted:
+                    return fields[5]
+    except OSError:
+        pass
+    return None
+
+
+def interface_towards(address: str) -> Optional[tuple[str, str]]:
+    """(interface, local address) through which this machine reaches `address`, as the kernel
+    routes it (a UDP socket is connected, nothing is sent); None when it cannot tell.
+
+    gloo picks its network interface from this machine's hostname, and where the hostname
+    resolves to 127.0.0.1 (or to an address the other machines cannot reach) every rank
+    advertises an address the others cannot connect to and the job hangs in its first
+    collective. The interface that leads to the main process's address is the one the other
+    machines reach this one through: launch/multinode.py gives it to gloo."""
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(address, 9, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(sockaddr)
+            local = s.getsockname()[0]
+        name = (_interface_of_ipv4 if family == socket.AF_INET else _interface_of_ipv6)(local)
+    except (OSError, ValueError):
+        return None
+    return (name, local) if name else None
+
+
+def gloo_interface(env: Mapping[str, str], main_address: str) -> Optional[str]:
+    """GLOO_SOCKET_IFNAME for a machine of a multi-machine job: the user's own setting, else the
+    interface towards the main address (None for the loopback interface, where gloo's own
+    choice from the hostname already works, or when it cannot be found)."""
+    if env.get("GLOO_SOCKET_IFNAME"):
+        return env["GLOO_SOCKET_IFNAME"]
+    found = interface_towards(main_address)
+    if found is None or found[0] == "lo" or found[1].startswith("127.") or found[1] == "::1":
+        return None
+    return found[0]
+
+
 def machine_of(env: Mapping[str, str]) -> tuple[int, int]:
     """(machine_rank, num_machines) of this srun task: one task per machine (node), so the
     task's rank is the machine's rank. SLURM_PROCID rather than SLURM_NODEID: with

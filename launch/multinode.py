@@ -7,6 +7,7 @@ Machine rank and count come from the srun task (SLURM_PROCID, SLURM_NTASKS), the
 address and port from FSL_MAIN_ADDR / FSL_MAIN_PORT (the batch script sets them from
 `scontrol show hostnames`). Each machine runs `accelerate launch` with one process per GPU it
 was given, or --cpu-processes on CPU, and always --resume auto, so a requeued job continues.
+gloo talks over the interface that leads to the main address (GLOO_SOCKET_IFNAME, unless set).
 """  # noqa: E501 (the --help text)
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from fsl_dist.config import ConfigError, default_run_dir, load_config
 from fsl_dist.slurm import (
     accelerate_command,
+    gloo_interface,
     job_port,
     machine_of,
     processes_per_machine,
@@ -65,9 +67,14 @@ def main(argv=None) -> int:
     argv, env = accelerate_command(TRAIN_SCRIPT, train_args, processes=processes, on_gpu=on_gpu,
                                    num_machines=machines, machine_rank=machine_rank,
                                    main_address=address, main_port=job_port(os.environ))
-    print(f"machine {machine_rank}/{machines} on {os.uname().nodename}: {processes} "
+    gloo = gloo_interface(env, address) if machines > 1 else None
+    if gloo:  # the interface the other machines reach this one through (see interface_towards)
+        env["GLOO_SOCKET_IFNAME"] = gloo
+    node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+    over = f", gloo over {gloo}" if gloo else ""
+    print(f"machine {machine_rank}/{machines} on {node}: {processes} "
           f"{'GPU' if on_gpu else 'CPU'} process{'es' if processes > 1 else ''}, main "
-          f"{address}:{job_port(os.environ)} -> {run_dir}", flush=True)
+          f"{address}:{job_port(os.environ)}{over} -> {run_dir}", flush=True)
     print(shlex.join(argv), flush=True)
     if args.dry_run:
         return 0

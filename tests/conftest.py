@@ -66,6 +66,7 @@ INTEGRATION_MODULES = frozenset({
     "test_meta_learns_omniglot.py",
     "test_run_faults.py",  # trainer processes, a tmpfs filled up
     "test_slurm.py",  # a real SLURM cluster
+    "test_slurm_netns.py",  # a two-node SLURM cluster in network namespaces
     "test_train_distributed.py",
     "test_train_end_to_end.py",
     "test_train_folder.py",

@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from fsl_dist.config import load_config
-from fsl_dist.slurm import accelerate_command, machine_of, processes_per_machine, visible_gpus
+from fsl_dist.slurm import (
+    accelerate_command,
+    gloo_interface,
+    interface_towards,
+    machine_of,
+    processes_per_machine,
+    visible_gpus,
+)
 from fsl_dist.sweep import SweepError, describe, format_value, load_sweep
 
 from launching import ROOT, run
@@ -195,6 +202,17 @@ def test_accelerate_command_for_three_machines():
     assert (argv[argv.index("--machine_rank") + 1] == "2"
             and argv[argv.index("--main_process_ip") + 1] == "10.0.0.1")
     assert flags["--num_machines"] == "3"
+
+
+def test_the_interface_towards_an_address_is_the_one_the_kernel_routes_through():
+    assert interface_towards("127.0.0.1") == ("lo", "127.0.0.1")
+
+
+def test_gloo_keeps_its_own_choice_on_loopback_and_the_users_setting():
+    # two "machines" on one host meet at 127.0.0.1: gloo's choice from the hostname works there
+    assert gloo_interface({}, "127.0.0.1") is None
+    assert gloo_interface({"GLOO_SOCKET_IFNAME": "ib0"}, "10.0.0.1") == "ib0"
+    # (a real address, across network namespaces: tests/test_slurm_netns.py)
 
 
 # The command line: one process per test, as many as before the split.
