@@ -7,9 +7,9 @@ node; the two meet over gloo through the veth interfaces, not at 127.0.0.1.
 1. The two-node run ends with the parameters of a one-process run of the same config (1e-6,
    as two ranks on one machine do: tests/test_train_distributed.py).
 2. SIGKILL to one node's training process mid-run (node 2's, then node 1's): the job fails
-   within KILL_BOUND_S seconds, and the same job submitted again (multinode.py always passes
-   --resume auto) resumes from the last checkpoint and ends bitwise equal to the uninterrupted
-   two-node run, its metrics steps 1..N once each.
+   within KILL_BOUND_S seconds, and the job requeued (`scontrol requeue`; multinode.py always
+   passes --resume auto) resumes from the last checkpoint and ends bitwise equal to the
+   uninterrupted two-node run, its metrics steps 1..N once each.
 
 The cluster is started and removed here (module fixture; namespaces, veths, bridge and daemons
 go even when a test fails). Root only: without root, or where network namespaces cannot be made,
@@ -39,6 +39,7 @@ from test_slurm import (
     _unavailable,
     job_states,
     overrides,
+    release_requeued,
     slurm_cmd,
     wait_done,
     wait_for,
@@ -178,7 +179,7 @@ def network_namespace(pid: int | str) -> int:
 # node 2: the main node's rank sees its peer's connection reset; node 1: the rank beside the
 # launcher that holds torchrun's store dies, and node 2 is the one left waiting
 @pytest.mark.parametrize("killed", [2, 1], ids=["node2", "node1"])
-def test_a_node_killed_mid_run_fails_the_job_fast_and_a_resubmission_resumes_exactly(
+def test_a_node_killed_mid_run_fails_the_job_fast_and_the_requeued_job_resumes_exactly(
         netns_slurm, shards, two_node_run, tmp_path, killed):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     job = submit(netns_slurm, run_dir, log, shards)
@@ -203,12 +204,13 @@ def test_a_node_killed_mid_run_fails_the_job_fast_and_a_resubmission_resumes_exa
     stopped_at = saved["step"]
     assert 5 <= stopped_at < STEPS and stopped_at % 5 == 0 and saved["model"]
 
-    # submitted again as it was: continues from the newest checkpoint
-    again = tmp_path / "again.out"
-    job2 = submit(netns_slurm, run_dir, again, shards)
-    states = wait_done(netns_slurm, job2, tasks=1, timeout=300, logs=[again])
-    assert states[job2] == "COMPLETED", again.read_text()[-4000:]
-    text = again.read_text()
+    # the failed job requeued (scontrol requeue, as an operator or a retry policy would): the
+    # same job id, the same command, --resume auto: it continues from the newest checkpoint
+    slurm_cmd(netns_slurm, "scontrol", "requeue", job)
+    release_requeued(netns_slurm, job)
+    states = wait_done(netns_slurm, job, tasks=1, timeout=300, logs=[log])
+    assert states[job] == "COMPLETED", log.read_text()[-4000:]
+    text = log.read_text().split("(restart 1)")[1]  # the requeued instance's output
     assert_two_namespaced_machines(text)
     checkpoint = run_dir / "checkpoints" / f"step-{stopped_at:08d}.pt"
     assert f"resumed from {checkpoint} at step {stopped_at}" in text, text[-3000:]
