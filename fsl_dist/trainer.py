@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from fsl_dist.runs import (
     save_final_model,
     write_run_info,
 )
+from fsl_dist.signals import STOP_SIGNALS, StopRequest
 from fsl_dist.tracking import MetricsFile, wandb_init_kwargs
 
 STAT_KEYS = ("query_loss", "acc_before", "acc_after", "inner_loss", "inner_nonfinite")
@@ -330,22 +330,26 @@ class Trainer:
             self.wandb_id = saved.get("wandb_id")
             dist.print(f"resumed from {resume_from} at step {self.state.step}")
         self.metrics = MetricsFile(self.run_dir, enabled=dist.is_main)
-        self._signalled = False  # set by a preemption signal, acted on between steps
+        self.stop = StopRequest()  # set by a stop signal, acted on between steps
 
     # -------------------------------------------------------- preemption
-    def stop_on_signals(self, signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
-        """On any of `signals` (SLURM's warning before the time limit, or a requeue), finish the
-        current step, checkpoint and return from fit() with `stopped_early` set."""
-        def note(signum, _frame):
-            self._signalled = True
-            print(f"rank {self.dist.rank}: got signal {signum}; stopping after this step",
-                  flush=True)
-        for sig in signals:
-            signal.signal(sig, note)
+    def stop_on_signals(self, signals=STOP_SIGNALS) -> None:
+        """On any of `signals` (SLURM's warning before the time limit, `kill`, Ctrl-C, a launcher
+        passing one of them on or dying), finish the current step, checkpoint and return from
+        fit() with `stopped_early` set; a second Ctrl-C quits at once (fsl_dist/signals.py)."""
+        self.stop.quit_line = self._quit_line
+        self.stop.install(signals)  # and SIGTERM when a launcher dies (PR_SET_PDEATHSIG)
+
+    def _quit_line(self) -> str:
+        newest = ckpt.latest_checkpoint(self.run_dir)
+        where = (f"--resume auto continues from {newest.name}" if newest is not None
+                 else "no checkpoint was written")
+        return (f"fsl_dist: interrupted again at step {self.state.step}: quitting without a "
+                f"checkpoint of this step; {where}")
 
     def _should_stop(self) -> bool:
         # A signal may reach only some ranks: agree, so all leave the loop after the same step.
-        return self.dist.any_true(self._signalled)
+        return self.dist.any_true(self.stop.requested)
 
     # -------------------------------------------------------- bookkeeping
     def start(self) -> None:
@@ -392,10 +396,11 @@ class Trainer:
             out["step_time"] = time.perf_counter() - started
             self.after_step(out, bar)
         bar.close()
-        if state.step % cfg.train.checkpoint_every:
-            self.save_checkpoint()  # the end of the run (or a stop) is always resumable
+        if state.step % cfg.train.checkpoint_every or state.step == 0:
+            self.save_checkpoint()  # the end of the run (or a stop, even before step 1) resumes
         return {"step": state.step, "skipped_steps": state.skipped_steps,
-                "stopped_early": self.stopped_early}
+                "stopped_early": self.stopped_early,
+                "checkpoint": ckpt.checkpoint_path(self.run_dir, state.step)}
 
     def after_step(self, out: dict, bar) -> None:
         cfg, state = self.cfg, self.state

@@ -16,13 +16,19 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
+from fsl_dist.signals import interrupted_while_starting
 
-from fsl_dist.config import ConfigError, default_run_dir, load_config
-from fsl_dist.data.shards import ShardError
-from fsl_dist.distributed import Distributed
-from fsl_dist.slurm import EXIT_RESUMABLE  # 75: stopped by a signal, checkpointed, resumable
-from fsl_dist.trainer import Trainer
+# Before the slow imports (torch, accelerate: seconds): a Ctrl-C while the run starts prints one
+# line instead of a KeyboardInterrupt traceback. Trainer.stop_on_signals takes over for training.
+signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import torch  # noqa: E402
+
+from fsl_dist.config import ConfigError, default_run_dir, load_config  # noqa: E402
+from fsl_dist.data.shards import ShardError  # noqa: E402
+from fsl_dist.distributed import Distributed  # noqa: E402
+from fsl_dist.slurm import EXIT_RESUMABLE  # noqa: E402 (75: stopped by a signal, checkpointed)
+from fsl_dist.trainer import Trainer  # noqa: E402
 
 
 def debug_overrides() -> list[str]:
@@ -66,10 +72,13 @@ def main(argv=None) -> int:
     # Python restores default handlers while it shuts down; a late USR1 (sent to every rank by
     # a batch script) would then kill a rank that already stopped cleanly.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if outcome["stopped_early"]:
+        # The one line of a stop, as soon as the checkpoint is there: a launcher that passed the
+        # signal on may kill this process before finish() is done (accelerate's: after 5 s).
+        dist.print(f"stopped by a signal at step {outcome['step']}; checkpoint written "
+                   f"({outcome['checkpoint']}), continue with --resume auto", flush=True)
     result = trainer.finish()
     if outcome["stopped_early"]:
-        dist.print(f"stopped by a signal at step {outcome['step']}; checkpoint written, "
-                   f"continue with --resume auto")
         return dist.exit(EXIT_RESUMABLE)
     if result is not None:
         dist.print(f"{cfg.name}: {cfg.eval.part} accuracy {result['mean']:.2f} ± "
