@@ -25,10 +25,12 @@ same signal on again, so one request often arrives twice.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import stat
 import sys
+from types import CodeType, FrameType
 from typing import Callable, Optional, Sequence
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -111,6 +113,8 @@ class StopRequest:
         self.signum: Optional[int] = None
         self.interrupts = 0
         self.launcher: Optional[int] = None  # PID of the launcher, if die_with_launcher set it
+        # Called with the interrupted frame on the first stop signal; may end the process.
+        self.on_first: Optional[Callable[[Optional[FrameType]], None]] = None
         self.quit_line = quit_line or (lambda: "fsl_dist: interrupted again: quitting now, "
                                        "without a checkpoint of this step")
 
@@ -126,7 +130,7 @@ class StopRequest:
             self.launcher = die_with_launcher(signal.SIGTERM)
         return self
 
-    def handle(self, signum: int, _frame=None) -> None:
+    def handle(self, signum: int, frame: Optional[FrameType] = None) -> None:
         if self.launcher is not None and os.getppid() != self.launcher:
             keep_stderr_writable()  # the launcher is gone, and with it the reader of a pipe
         if signum == signal.SIGINT:
@@ -135,14 +139,37 @@ class StopRequest:
                 quit_now(self.quit_line())
         if self.signum is None:
             self.signum = signum
+            if self.on_first is not None:
+                self.on_first(frame)
 
 
-def quit_now(line: str, status: int = EXIT_INTERRUPTED) -> None:
-    """Print one line and end the process without unwinding (no KeyboardInterrupt traceback)."""
+def running(frame: Optional[FrameType], code: CodeType) -> bool:
+    """Whether the function of `code` is on the stack of `frame` (a signal handler's frame)."""
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def stop_line(step: int, checkpoint) -> str:
+    """The one line of a clean stop (tests/test_slurm.py reads the step from it)."""
+    return (f"stopped by a signal at step {step}; checkpoint written ({checkpoint}), continue "
+            f"with --resume auto")
+
+
+def quit_now(line: str, status: int = EXIT_INTERRUPTED, *, stdout: bool = False) -> None:
+    """Print one line (to stderr, or stdout) and end the process without unwinding: no
+    KeyboardInterrupt traceback, no teardown (checkpoints and metrics rows are written whole)."""
     try:
-        sys.stdout.flush()
+        if line and sys.stderr.isatty():
+            sys.stderr.write("\n")  # below the progress bar, not after it
+            sys.stderr.flush()
         if line:
-            print(line, file=sys.stderr, flush=True)
+            print(line, file=sys.stdout if stdout else sys.stderr)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
     finally:
         os._exit(status)
 

@@ -38,7 +38,8 @@ from fsl_dist.runs import (
     save_final_model,
     write_run_info,
 )
-from fsl_dist.signals import STOP_SIGNALS, StopRequest
+from fsl_dist.signals import STOP_SIGNALS, StopRequest, quit_now, running, stop_line
+from fsl_dist.slurm import EXIT_RESUMABLE
 from fsl_dist.tracking import MetricsFile, wandb_init_kwargs
 
 STAT_KEYS = ("query_loss", "acc_before", "acc_after", "inner_loss", "inner_nonfinite")
@@ -331,6 +332,7 @@ class Trainer:
             dist.print(f"resumed from {resume_from} at step {self.state.step}")
         self.metrics = MetricsFile(self.run_dir, enabled=dist.is_main)
         self.stop = StopRequest()  # set by a stop signal, acted on between steps
+        self._step_rng = None  # random state at the start of the step in progress
 
     # -------------------------------------------------------- preemption
     def stop_on_signals(self, signals=STOP_SIGNALS) -> None:
@@ -339,6 +341,24 @@ class Trainer:
         fit() with `stopped_early` set; a second Ctrl-C quits at once (fsl_dist/signals.py)."""
         self.stop.quit_line = self._quit_line
         self.stop.install(signals)  # and SIGTERM when a launcher dies (PR_SET_PDEATHSIG)
+        if self.stop.launcher is not None and self.dist.world_size == 1:
+            self.stop.on_first = self._stop_now_if_safe
+
+    def _stop_now_if_safe(self, frame) -> None:
+        """One process under a launcher. accelerate's (>= 1.16) passes a signal on and kills
+        5 s later, less than a step of the README's ResNet on a CPU (measured 4-5 s). A signal
+        that comes while the meta-gradient is computed (the parameters and the optimizer not yet
+        touched: the tasks and the meta-gradient, most of a step) checkpoints the last finished
+        step at once, with the random state it ended with, prints the stop line and exits 75.
+        In the update and between steps the step finishes (the loop stops after it)."""
+        if self._step_rng is None or (running(frame, train_step.__code__)
+                                      and not running(frame, meta_backward.__code__)):
+            return  # between steps, or in the update: the step finishes
+        saved = checkpoint_state(self.state, self.wandb_id)
+        saved["rng"] = self._step_rng
+        path = ckpt.save_checkpoint(self.run_dir, self.state.step, saved,
+                                    keep=self.cfg.train.keep_checkpoints)
+        quit_now(stop_line(self.state.step, path), EXIT_RESUMABLE, stdout=True)
 
     def _quit_line(self) -> str:
         newest = ckpt.latest_checkpoint(self.run_dir)
@@ -374,7 +394,13 @@ class Trainer:
 
     def log(self, row: dict) -> None:
         self.metrics.write(row)
-        self.dist.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        try:
+            self.dist.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        except ConnectionError:
+            # accelerate's launcher (>= 1.16) stops W&B's service process with the trainer, and
+            # the next row raised ConnectionResetError (measured): the row is in metrics.jsonl.
+            if not self.stop.requested:
+                raise
 
     # -------------------------------------------------------- training
     def fit(self) -> dict:
@@ -389,10 +415,13 @@ class Trainer:
             if self._should_stop():
                 self.stopped_early = True
                 break
+            if self.stop.on_first is not None:
+                self._step_rng = ckpt.rng_state()  # until train_step returns: _stop_now_if_safe
             tasks = self.batches.at(state.step)
             started = time.perf_counter()
             out = train_step(state, tasks, cfg, dist, self.precision,
                              acc_before=self.debug or self.logs_step(state.step + 1))
+            self._step_rng = None
             out["step_time"] = time.perf_counter() - started
             self.after_step(out, bar)
         bar.close()
@@ -468,6 +497,10 @@ class Trainer:
             self.log({"step": self.state.step, f"{cfg.eval.part}/acc": result["mean"],
                       f"{cfg.eval.part}/ci95": result["ci95"]})
         self.dist.barrier()
-        self.dist.end()
+        try:
+            self.dist.end()
+        except ConnectionError:
+            if not self.stop.requested:  # W&B's service stopped with us (see log)
+                raise
         return result
 

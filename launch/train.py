@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from fsl_dist.signals import interrupted_while_starting
+from fsl_dist.signals import interrupted_while_starting, quit_now, stop_line
 
 # Before the slow imports (torch, accelerate: seconds): a Ctrl-C while the run starts prints one
 # line instead of a KeyboardInterrupt traceback. Trainer.stop_on_signals takes over for training.
@@ -75,11 +75,12 @@ def main(argv=None) -> int:
     if outcome["stopped_early"]:
         # The one line of a stop, as soon as the checkpoint is there: a launcher that passed the
         # signal on may kill this process before finish() is done (accelerate's: after 5 s).
-        dist.print(f"stopped by a signal at step {outcome['step']}; checkpoint written "
-                   f"({outcome['checkpoint']}), continue with --resume auto", flush=True)
+        dist.print(stop_line(outcome["step"], outcome["checkpoint"]), flush=True)
     result = trainer.finish()
     if outcome["stopped_early"]:
-        return dist.exit(EXIT_RESUMABLE)
+        # No interpreter teardown, on one process as on several (dist.exit): after accelerate's
+        # launcher stopped W&B's service with us, W&B's exit hook printed a traceback.
+        quit_now("", EXIT_RESUMABLE)
     if result is not None:
         dist.print(f"{cfg.name}: {cfg.eval.part} accuracy {result['mean']:.2f} ± "
                    f"{result['ci95']:.2f}% over {result['episodes']} episodes -> "
