@@ -8,10 +8,13 @@ is in, all ranks agree, it writes a checkpoint, prints one line and exits 75 (EX
 - `python launch/train.py`: Ctrl-C (SIGINT) and `kill` (SIGTERM) reach it directly; exit 75.
 - `accelerate launch launch/train.py` (accelerate's simple launcher, one process): Ctrl-C
   reaches launcher and trainer alike. accelerate >= 1.16 passes SIGTERM and SIGINT on to the
-  trainer as SIGTERM, waits 5 s, kills what is left with SIGKILL and exits 143 (SIGTERM) or 130
-  (SIGINT): a step plus a checkpoint must fit in those 5 s. accelerate 1.15 and older die of
-  SIGTERM at once without passing it on, and a Ctrl-C prints the launcher's KeyboardInterrupt
-  traceback; the trainer then notices through `die_with_launcher` below.
+  trainer (and to W&B's service process) as SIGTERM, waits 5 s, kills what is left with SIGKILL
+  and exits 143 (SIGTERM) or 130 (SIGINT). A step can take longer (4-8 s for the README's
+  ResNet-BOIL on a 2-core CPU), so one process under a launcher saves the last finished step at
+  once when the signal comes during a step's tasks or meta-gradient (StopRequest.on_first,
+  Trainer._stop_now_if_safe). accelerate 1.15 and older die of SIGTERM at once without passing
+  it on, and a Ctrl-C prints the launcher's KeyboardInterrupt traceback; the trainer then
+  notices through `die_with_launcher` below.
 - `accelerate launch --multi_gpu` (torch's elastic agent): the agent catches SIGTERM, SIGINT,
   SIGHUP and SIGQUIT, sends the same signal to every worker's process group (workers run in
   their own sessions, so a terminal's Ctrl-C reaches only the agent), waits up to 30 s
@@ -158,14 +161,19 @@ def stop_line(step: int, checkpoint) -> str:
             f"with --resume auto")
 
 
+def below_progress_bar() -> None:
+    """On a terminal, end the progress bar's line, so that a line printed now starts a new one."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
 def quit_now(line: str, status: int = EXIT_INTERRUPTED, *, stdout: bool = False) -> None:
     """Print one line (to stderr, or stdout) and end the process without unwinding: no
     KeyboardInterrupt traceback, no teardown (checkpoints and metrics rows are written whole)."""
     try:
-        if line and sys.stderr.isatty():
-            sys.stderr.write("\n")  # below the progress bar, not after it
-            sys.stderr.flush()
         if line:
+            below_progress_bar()
             print(line, file=sys.stdout if stdout else sys.stderr)
         logging.shutdown()
         sys.stdout.flush()

@@ -261,11 +261,13 @@ def test_accelerate_multi_gpu(sig, how, shards, tmp_path):
 @pytest.mark.integration
 def test_second_ctrl_c_quits_at_once(shards, tmp_path):
     """A second Ctrl-C while the step is still running: one line, exit 130, no traceback. Steps
-    of a few seconds (32 tasks of width 32) leave time for the second."""
-    run = Run(tmp_path, shards, 0, "model.width=32", "train.meta_batch_size=32")
+    of 2-3 s (16 tasks of 5 shots, width 32) leave time for the second, 0.2 s later (after the
+    step, the stop's checkpoint and final files take about that long, the handler still set)."""
+    run = Run(tmp_path, shards, 0, "model.width=32", "train.meta_batch_size=16",
+              "task.k_shot=5", "task.q_query=5")
     run.wait_for_steps(1)
     os.killpg(run.proc.pid, signal.SIGINT)
-    time.sleep(0.5)
+    time.sleep(0.2)
     os.killpg(run.proc.pid, signal.SIGINT)
     assert run.wait() == 130
     text = run.output()
