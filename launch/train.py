@@ -16,13 +16,19 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
+from fsl_dist.signals import interrupted_while_starting, quit_now, stop_line
 
-from fsl_dist.config import default_run_dir, load_config
-from fsl_dist.distributed import Distributed
-from fsl_dist.exits import EXIT_DIVERGED, EXIT_STOPPED, exit_code, report
-from fsl_dist.io import DiskFullError
-from fsl_dist.trainer import Trainer
+# Before the slow imports (torch, accelerate: seconds): a Ctrl-C while the run starts prints one
+# line instead of a KeyboardInterrupt traceback. Trainer.stop_on_signals takes over for training.
+signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import torch  # noqa: E402
+
+from fsl_dist.config import default_run_dir, load_config  # noqa: E402
+from fsl_dist.distributed import Distributed  # noqa: E402
+from fsl_dist.exits import EXIT_DIVERGED, EXIT_STOPPED, exit_code, report  # noqa: E402
+from fsl_dist.io import DiskFullError  # noqa: E402
+from fsl_dist.trainer import Trainer  # noqa: E402
 
 
 def debug_overrides() -> list[str]:
@@ -70,6 +76,12 @@ def main(argv=None) -> int:
         # Python restores default handlers while it shuts down; a late USR1 (sent to every rank
         # by a batch script) would then kill a rank that already stopped cleanly.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        stopped = outcome["stopped_early"] and not outcome["diverged"]
+        if stopped:
+            # The one line of a stop, as soon as the checkpoint is there: a launcher that passed
+            # the signal on may kill this process before finish() is done (accelerate's: 5 s).
+            dist.print(stop_line(outcome["step"], cfg.train.steps, outcome["checkpoint"]),
+                       flush=True)
         result = trainer.finish(export=outcome["diverged"] is None)
     except Exception as err:
         code = exit_code(err)
@@ -79,21 +91,21 @@ def main(argv=None) -> int:
         if isinstance(err, DiskFullError) and trainer is not None:
             trainer.close()  # raised on every rank alike: the trackers can end in step
         return dist.exit(code) if dist is not None else code
+    if stopped:
+        # No interpreter teardown, on one process as on several (dist.exit): after accelerate's
+        # launcher stopped W&B's service with us, W&B's exit hook printed a traceback.
+        quit_now("", EXIT_STOPPED)
     return dist.exit(summarise(outcome, result, cfg, run_dir, dist))
 
 
 def summarise(outcome: dict, result, cfg, run_dir: Path, dist) -> int:
-    """The closing lines of a run, and its exit code."""
+    """The closing lines of a run that was not stopped by a signal, and its exit code."""
     if outcome["skipped_steps"]:
         dist.print(f"{outcome['skipped_steps']} of {outcome['step']} steps were skipped "
                    "(non-finite gradients or losses)")
     if outcome["diverged"]:
         dist.print(f"error: {outcome['diverged']}", file=sys.stderr)
         return EXIT_DIVERGED
-    if outcome["stopped_early"]:
-        dist.print(f"stopped by a signal at step {outcome['step']} of {cfg.train.steps}; "
-                   f"checkpoint written, continue with --resume auto")
-        return EXIT_STOPPED
     if result is not None:
         dist.print(f"{cfg.name}: {cfg.eval.part} accuracy {result['mean']:.2f} ± "
                    f"{result['ci95']:.2f}% over {result['episodes']} episodes -> "

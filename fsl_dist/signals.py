@@ -1,0 +1,197 @@
+"""Stopping a training process with a signal: Ctrl-C, `kill`, SLURM's warning, a dying launcher.
+
+Every stop signal takes the path of SLURM's preemption warning: the trainer finishes the step it
+is in, all ranks agree, it writes a checkpoint, prints one line and exits 75 (EXIT_RESUMABLE)
+(see Trainer.fit and launch/train.py). What reaches the training process, by how it was started
+(measured with accelerate 1.15 and 1.16, torch 2.14; README, "Stopping and resuming"):
+
+- `python launch/train.py`: Ctrl-C (SIGINT) and `kill` (SIGTERM) reach it directly; exit 75.
+- `accelerate launch launch/train.py` (accelerate's simple launcher, one process): Ctrl-C
+  reaches launcher and trainer alike. accelerate >= 1.16 passes SIGTERM and SIGINT on to the
+  trainer (and to W&B's service process) as SIGTERM, waits 5 s, kills what is left with SIGKILL
+  and exits 143 (SIGTERM) or 130 (SIGINT). A step can take longer (4-8 s for the README's
+  ResNet-BOIL on a 2-core CPU), so one process under a launcher saves the last finished step at
+  once when the signal comes during a step's tasks or meta-gradient (StopRequest.on_first,
+  Trainer._stop_now_if_safe). accelerate 1.15 and older die of SIGTERM at once without passing
+  it on, and a Ctrl-C prints the launcher's KeyboardInterrupt traceback; the trainer then
+  notices through `die_with_launcher` below.
+- `accelerate launch --multi_gpu` (torch's elastic agent): the agent catches SIGTERM, SIGINT,
+  SIGHUP and SIGQUIT, sends the same signal to every worker's process group (workers run in
+  their own sessions, so a terminal's Ctrl-C reaches only the agent), waits up to 30 s
+  (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and exits 128 + signal.
+
+A second Ctrl-C (SIGINT) quits at once, without a checkpoint of the current step. Repeated
+SIGTERM and SIGUSR1 do not: SLURM signals every process of a job step, and launchers pass the
+same signal on again, so one request often arrives twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import stat
+import sys
+from types import CodeType, FrameType
+from typing import Callable, Optional, Sequence
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: quit without a checkpoint, as a shell reports Ctrl-C
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+# Programs whose children are training processes: accelerate's launcher (console script or
+# `python -m accelerate.commands.launch`) and torchrun (`torchrun` or `-m torch.distributed.run`).
+LAUNCHER_NAMES = frozenset({"accelerate", "accelerate-launch", "torchrun"})
+LAUNCHER_MODULES = frozenset({"accelerate.commands.launch", "accelerate.commands.accelerate_cli",
+                              "torch.distributed.run", "torch.distributed.launch"})
+
+
+def is_launcher(argv: Sequence[str]) -> bool:
+    """Whether a command line (of the parent process) is accelerate's launcher or torchrun."""
+    head = list(argv[:3])
+    if any(os.path.basename(a) in LAUNCHER_NAMES for a in head):
+        return True
+    return any(head[i] == "-m" and head[i + 1] in LAUNCHER_MODULES for i in range(len(head) - 1))
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def die_with_launcher(sig: int = signal.SIGTERM) -> Optional[int]:
+    """Ask the kernel to send `sig` to this process when its launcher dies (Linux
+    prctl(PR_SET_PDEATHSIG)), so that a launcher killed outright (SIGKILL, the OOM killer,
+    accelerate 1.15 on SIGTERM) leaves no trainer running on: with the stop handlers installed
+    the trainer takes the checkpointing path. Only under accelerate's launcher or torchrun: a
+    process started from a shell must outlive it (`nohup python launch/train.py &`). Returns
+    the launcher's PID when it was set, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getppid()
+    if not is_launcher(_cmdline(parent)):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), sig)
+    return parent
+
+
+def keep_stderr_writable() -> None:
+    """After the launcher died: accelerate's (>= 1.16) reads this process's stderr through a
+    pipe, and the next write to it (the progress bar) would raise BrokenPipeError and end the
+    process before its checkpoint. Send stderr where stdout goes (the terminal, a log file), or
+    to /dev/null when that is a pipe too."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(2).st_mode):
+            return
+        if not stat.S_ISFIFO(os.fstat(1).st_mode):
+            os.dup2(1, 2)
+        else:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+    except OSError:
+        pass
+
+
+class StopRequest:
+    """The stop flag a signal sets and the training loop reads between steps.
+
+    `install()` handles `signals` (default SIGTERM, SIGUSR1, SIGINT): the first sets
+    `requested`; a second SIGINT prints `quit_line()` to stderr and ends the process at once
+    with status 130 (os._exit: no teardown, no traceback; checkpoints are written atomically,
+    so the newest one stays whole)."""
+
+    def __init__(self, quit_line: Optional[Callable[[], str]] = None):
+        self.signum: Optional[int] = None
+        self.interrupts = 0
+        self.launcher: Optional[int] = None  # PID of the launcher, if die_with_launcher set it
+        # Called with the interrupted frame on the first stop signal; may end the process.
+        self.on_first: Optional[Callable[[Optional[FrameType]], None]] = None
+        self.quit_line = quit_line or (lambda: "fsl_dist: interrupted again: quitting now, "
+                                       "without a checkpoint of this step")
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def install(self, signals: Sequence[int] = STOP_SIGNALS) -> "StopRequest":
+        """Handle `signals`, then stop also when the launcher dies (die_with_launcher)."""
+        for sig in signals:
+            signal.signal(sig, self.handle)
+        if signal.SIGTERM in signals:
+            self.launcher = die_with_launcher(signal.SIGTERM)
+        return self
+
+    def handle(self, signum: int, frame: Optional[FrameType] = None) -> None:
+        if self.launcher is not None and os.getppid() != self.launcher:
+            keep_stderr_writable()  # the launcher is gone, and with it the reader of a pipe
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                quit_now(self.quit_line())
+        if self.signum is None:
+            self.signum = signum
+            if self.on_first is not None:
+                self.on_first(frame)
+
+
+def running(frame: Optional[FrameType], code: CodeType) -> bool:
+    """Whether the function of `code` is on the stack of `frame` (a signal handler's frame)."""
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def stop_line(step: int, planned: int, checkpoint) -> str:
+    """The one line of a clean stop (tests/test_slurm.py reads the step from it)."""
+    return (f"stopped by a signal at step {step} of {planned}; checkpoint written ({checkpoint}), "
+            "continue with --resume auto")
+
+
+def below_progress_bar() -> None:
+    """On a terminal, end the progress bar's line, so that a line printed now starts a new one."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def quit_now(line: str, status: int = EXIT_INTERRUPTED, *, stdout: bool = False) -> None:
+    """Print one line (to stderr, or stdout) and end the process without unwinding: no
+    KeyboardInterrupt traceback, no teardown (checkpoints and metrics rows are written whole)."""
+    try:
+        if line:
+            below_progress_bar()
+            print(line, file=sys.stdout if stdout else sys.stderr)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+def signal_name(signum: Optional[int]) -> str:
+    try:
+        return signal.Signals(signum).name
+    except (TypeError, ValueError):
+        return f"signal {signum}"
+
+
+def interrupted_while_starting(_signum=None, _frame=None) -> None:
+    """SIGINT handler for the seconds before training (imports, data, the process group), when
+    there is nothing to save: one line (from rank 0 only) instead of a KeyboardInterrupt
+    traceback, exit 130. Trainer.stop_on_signals replaces it."""
+    quiet = os.environ.get("RANK", "0") != "0"
+    quit_now("" if quiet else "fsl_dist: interrupted while starting; nothing to save")
