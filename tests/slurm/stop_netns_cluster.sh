@@ -9,55 +9,15 @@ set -uo pipefail
 
 BASE="$(realpath -m "${NETNS_CI_DIR:-${TMPDIR:-/tmp}/fsl_dist-netns-cluster}")"
 P="${NETNS_CI_PREFIX:-fslnn}"
-CONF="$BASE/slurm.conf"
 QUIET=0; PURGE=0
 for a in "$@"; do
     case "$a" in --quiet) QUIET=1 ;; --purge) PURGE=1 ;; esac
 done
 say() { [ "$QUIET" = 1 ] || echo "[stop_netns_cluster] $*" >&2; }
 
-alive() {  # alive PID [COMM]: running, not a zombie, and (if given) named COMM
-    local pid="${1:-}" comm="${2:-}"
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
-    [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" = Z ] && return 1
-    [ -z "$comm" ] || [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ]
-}
-pid_of() { [ -f "$1" ] && cat "$1" 2>/dev/null; }
-reap() {  # reap PID NAME N: wait N tenths of a second, then TERM, then KILL
-    local pid="$1" name="$2" n=0
-    while alive "$pid" "$name" && [ $n -lt "$3" ]; do sleep 0.1; n=$((n+1)); done
-    if alive "$pid" "$name"; then say "$name ($pid) still alive: SIGTERM"; kill -TERM "$pid" 2>/dev/null; sleep 2; fi
-    if alive "$pid" "$name"; then say "$name ($pid) still alive: SIGKILL"; kill -KILL "$pid" 2>/dev/null; sleep 0.5; fi
-}
-
-CTLD_PID="$(pid_of "$BASE/run/slurmctld.pid")"
-MUNGE_PID="$(pid_of "$BASE/munge/munged.pid")"
-SLURMD_PIDS=()
-for f in "$BASE"/run/slurmd-*.pid; do
-    [ -f "$f" ] && SLURMD_PIDS+=("$(pid_of "$f")")
-done
-
-if [ -f "$CONF" ] && alive "$CTLD_PID" slurmctld; then
-    export SLURM_CONF="$CONF"
-    jobs="$(squeue -h -t PD,R,CG,S -o '%A' 2>/dev/null | sort -u | tr '\n' ' ')"
-    if [ -n "${jobs// /}" ]; then
-        say "cancelling jobs: $jobs"
-        # shellcheck disable=SC2086
-        scancel $jobs 2>/dev/null
-        for _ in $(seq 100); do
-            [ -z "$(squeue -h -t PD,R,CG,S -o '%A' 2>/dev/null)" ] && break; sleep 0.1
-        done
-    fi
-    say "scontrol shutdown"
-    scontrol shutdown >/dev/null 2>&1
-fi
-for pid in "${SLURMD_PIDS[@]}"; do alive "$pid" slurmd && reap "$pid" slurmd 150; done
-alive "$CTLD_PID" slurmctld && reap "$CTLD_PID" slurmctld 150
-if alive "$MUNGE_PID" munged; then
-    say "stopping munged ($MUNGE_PID)"
-    kill -TERM "$MUNGE_PID" 2>/dev/null
-    reap "$MUNGE_PID" munged 50
-fi
+# shellcheck source=tests/slurm/stop_common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/stop_common.sh"
+stop_daemons "$BASE"
 
 # Whatever still runs inside the nodes' namespaces was started by this cluster (a job step that
 # outlived its slurmd): end it before the namespace goes.
