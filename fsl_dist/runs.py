@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from fsl_dist import checkpoint as ckpt
 from fsl_dist.config import Config, ConfigError, load_config, save_config
 from fsl_dist.data.episodes import TaskSpec, make_tasks
+from fsl_dist.data.preprocess import preprocessing_of
 from fsl_dist.data.shards import (
     ShardError,
     classes_with_at_least,
@@ -204,6 +205,10 @@ def save_final_model(state, cfg: Config, run_dir: Path, manifest: dict) -> None:
         "algorithm": dataclasses.asdict(cfg.algorithm),
         "task": dataclasses.asdict(cfg.task),
         "data": data_facts(manifest),
+        # What prediction needs to adapt and score as evaluation does, without the config.
+        "evaluation": {"inner_steps": cfg.eval.inner_steps or cfg.algorithm.inner_steps,
+                       "precision": cfg.precision},
+        "preprocessing": preprocessing_of(manifest),
         # A stopped run exports too: these say how far it got, for whoever evaluates it.
         "step": state.step,
         "planned_steps": cfg.train.steps,

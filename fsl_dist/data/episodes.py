@@ -151,14 +151,14 @@ def assemble(support: torch.Tensor, query: torch.Tensor, labels: np.ndarray) -> 
     q = query.shape[2]
     label = torch.from_numpy(labels).to(torch.int64)[:, :, None]
     return {
-        "support_x": _to_unit_float(support).reshape(tasks, n * k, *image),
+        "support_x": to_unit_float(support).reshape(tasks, n * k, *image),
         "support_y": label.expand(tasks, n, k).reshape(tasks, n * k),
-        "query_x": _to_unit_float(query).reshape(tasks, n * q, *image),
+        "query_x": to_unit_float(query).reshape(tasks, n * q, *image),
         "query_y": label.expand(tasks, n, q).reshape(tasks, n * q),
     }
 
 
-def _to_unit_float(images: torch.Tensor) -> torch.Tensor:
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).mul_(1.0 / 255.0)
 
 

@@ -345,8 +345,14 @@ def _decode_drawing(png: bytes, size: int, *, where: str) -> np.ndarray:
     if gray.size != (SOURCE_SIZE, SOURCE_SIZE):
         raise OmniglotSourceError(f"{where} is {gray.size[0]}x{gray.size[1]}, "
                                   f"not {SOURCE_SIZE}x{SOURCE_SIZE}; replace the source")
+    return omniglot_pixels(gray, size)
+
+
+def omniglot_pixels(gray: Image.Image, size: int) -> np.ndarray:
+    """A grayscale drawing -> uint8 [size, size], inverted (strokes bright on dark), resized
+    when its size differs (also how prediction prepares images for an Omniglot model)."""
     inverted = Image.fromarray(255 - np.asarray(gray))
-    if size != SOURCE_SIZE:
+    if inverted.size != (size, size):
         # LANCZOS over the whole support is PIL's antialiased reduction (as in MAML's resize).
         inverted = inverted.resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(inverted)

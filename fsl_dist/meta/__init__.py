@@ -16,6 +16,8 @@ from .algorithms import (
 )
 from .inner import INNER_LOSSES, Adaptation, adapt
 from .objective import (
+    AdaptedTask,
+    adapt_task,
     default_task_workers,
     default_vectorize,
     evaluate_tasks,
@@ -27,7 +29,8 @@ from .spec import InnerLoopSpec
 
 __all__ = [
     "ADAPTED_GROUPS", "ALGORITHMS", "DEFAULT_INNER_LR", "INNER_LOSSES", "PRECISIONS",
-    "Adaptation", "InnerLoopSpec", "InnerLossScaler", "LearnedInnerLR", "adapt",
+    "AdaptedTask", "Adaptation", "InnerLoopSpec", "InnerLossScaler", "LearnedInnerLR", "adapt",
+    "adapt_task",
     "adapted_parameter_names",
     "default_task_workers", "default_vectorize", "evaluate_tasks", "meta_backward", "meta_loss",
     "resolve_inner_lr",

@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -103,30 +103,46 @@ def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.argmax(-1) == y).float().mean()
 
 
+class _TaskForward(NamedTuple):
+    """How one task's images reach logits: ``forward(params, prepare(x))``."""
+
+    forward: Callable  # (params, prepared x) -> logits
+    params: dict       # the parameters ``forward`` takes (only the head's on the ANIL path)
+    prepare: Callable  # raw images -> what ``forward`` takes
+
+
+def _task_forward(model, params, plan: _Plan) -> _TaskForward:
+    if plan.reuse_features:
+        # ANIL fast path: the body does not adapt, so its features are computed once per
+        # image set (support and query separately, as in the full forward, since batch norm
+        # uses each batch's statistics) and the inner loop runs on the head alone.
+        body = _body_fn(model, plan.autocast)
+        head_params = {n: p for n, p in params.items() if n.startswith("classifier.")}
+        return _TaskForward(_head_fn(model), head_params, lambda x: body(params, x))
+    body, head = _body_fn(model, plan.autocast), _head_fn(model)
+    return _TaskForward(lambda params, x: head(params, body(params, x)), params, lambda x: x)
+
+
+def _adapt_task(task: _TaskForward, lrs, plan: _Plan, support_in, support_y):
+    """The inner loop of ``plan`` on one prepared support set (``inner.adapt``'s result)."""
+    return adapt(task.forward, task.params, support_in, support_y,
+                 adapted_names=plan.adapted_names, lrs=lrs, steps=plan.steps,
+                 first_order=plan.first_order, inner_loss=plan.inner_loss,
+                 loss_scale=plan.loss_scale, functional=plan.functional)
+
+
 def _one_task(model, params, lrs, plan: _Plan, support_x, support_y, query_x, query_y):
     """Adapt to one task and score the query set: (query loss, acc before, acc after,
     first support loss, non-finite flag)."""
-    if plan.reuse_features:
-        # ANIL fast path: the body does not adapt, so its features are computed once per
-        # task (support and query separately, as in the full forward, since batch norm uses
-        # each batch's statistics) and the inner loop runs on the head alone.
-        body = _body_fn(model, plan.autocast)
-        support_x, query_x = body(params, support_x), body(params, query_x)
-        params = {n: p for n, p in params.items() if n.startswith("classifier.")}
-        forward = _head_fn(model)
-    else:
-        body, head = _body_fn(model, plan.autocast), _head_fn(model)
-        forward = lambda params, x: head(params, body(params, x))  # noqa: E731
+    task = _task_forward(model, params, plan)
+    support_in, query_x = task.prepare(support_x), task.prepare(query_x)
     if plan.acc_before:
         with torch.no_grad():
-            acc_before = _accuracy(forward(params, query_x), query_y)
+            acc_before = _accuracy(task.forward(task.params, query_x), query_y)
     else:
         acc_before = torch.full((), math.nan, device=query_x.device)
-    adaptation = adapt(forward, params, support_x, support_y, adapted_names=plan.adapted_names,
-                       lrs=lrs, steps=plan.steps, first_order=plan.first_order,
-                       inner_loss=plan.inner_loss, loss_scale=plan.loss_scale,
-                       functional=plan.functional)
-    logits = forward(adaptation.params, query_x)
+    adaptation = _adapt_task(task, lrs, plan, support_in, support_y)
+    logits = task.forward(adaptation.params, query_x)
     return (cross_entropy(logits, query_y), acc_before, _accuracy(logits, query_y).detach(),
             adaptation.first_loss, adaptation.nonfinite.float())
 
@@ -331,12 +347,8 @@ def evaluate_tasks(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoo
     query accuracy per task, for confidence intervals).
     """
     _check_tasks(tasks)
-    was_training = model.training
-    model.eval()  # evaluation mode: DropBlock (ResNet-12's option) off
-    try:
+    with _evaluation_mode(model):
         return _evaluate_tasks(model, tasks, spec, inner_loss_scale, workers)
-    finally:
-        model.train(was_training)
 
 
 def _evaluate_tasks(model, tasks, spec, inner_loss_scale, workers) -> dict:
@@ -363,3 +375,48 @@ def _evaluate_tasks(model, tasks, spec, inner_loss_scale, workers) -> dict:
         results = [torch.stack(column) for column in zip(*per_task)]
     results = [r.detach() for r in results]
     return {**_summary(*results), "acc_after_per_task": results[2].float()}
+
+
+class AdaptedTask:
+    """One support set's adapted parameters; ``logits(x)`` scores images with them.
+
+    Made by ``adapt_task``. Batch norm normalises with the statistics of the images scored
+    together, as in evaluation, where a task's whole query set is one batch."""
+
+    def __init__(self, model: nn.Module, task: _TaskForward, params: dict):
+        self._model, self._task, self._params = model, task, params
+
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> Tensor:
+        """Logits ``[B, N]`` (float32) of images ``x [B, C, H, W]``."""
+        with _evaluation_mode(self._model):
+            return upcast(self._task.forward(self._params, self._task.prepare(x))).float()
+
+
+def adapt_task(model: nn.Module, support_x: Tensor, support_y: Tensor,
+               spec: InnerLoopSpec) -> AdaptedTask:
+    """Adapt to one support set (``support_x [S, C, H, W]``, labels ``[S]`` in 0..N-1) as
+    ``evaluate_tasks`` does for each of its tasks: the spec's algorithm, steps and step sizes,
+    evaluation mode, no graph kept. Raises ``FloatingPointError`` when an inner gradient is
+    not finite (the adapted weights would be meaningless)."""
+    plan, lrs = _plan(model, spec, support_x.device.type, False, first_order=True,
+                      reuse_features=True, acc_before=False)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    lrs = {n: lr.detach() if isinstance(lr, Tensor) else lr for n, lr in lrs.items()}
+    with _evaluation_mode(model), torch.enable_grad():
+        task = _task_forward(model, params, plan)
+        adaptation = _adapt_task(task, lrs, plan, task.prepare(support_x), support_y)
+    if adaptation.nonfinite.item():
+        raise FloatingPointError("adapting to the support set gave non-finite inner gradients")
+    adapted = {n: p.detach() for n, p in adaptation.params.items()}
+    return AdaptedTask(model, task, adapted)
+
+
+@contextlib.contextmanager
+def _evaluation_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()  # DropBlock (ResNet-12's option) off
+    try:
+        yield
+    finally:
+        model.train(was_training)

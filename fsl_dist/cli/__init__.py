@@ -1,0 +1,1 @@
+"""The command lines behind the console commands (fsl-train, fsl-predict, ...)."""

@@ -1,0 +1,242 @@
+"""Use a trained model: adapt it to a few labelled images, then classify new ones.
+
+    from fsl_dist.predict import load_model
+
+    model = load_model("runs/cnn_maml-0")  # a run folder, or model.safetensors + model.yaml
+    classifier = model.adapt(["cats/1.png", "dogs/1.png", ...], ["cat", "dog", ...])
+    result = classifier.predict(["new/a.png", "new/b.png"])
+    result.labels           # ["dog", "cat"]
+    result.probabilities    # float32 [2, N], columns in the order of result.classes
+
+Adaptation is the model's learned inner loop as evaluation runs it: its algorithm (which
+parameters adapt), its test-time inner steps, its step sizes (learned ones included), batch
+statistics in batch norm. Images are file paths, PIL images or tensors; files and PIL images go
+through the preprocessing its shards were packed with (``model.yaml``'s ``preprocessing``);
+tensors are taken as the model sees images: float in [0, 1] (or uint8, divided by 255),
+``[C, H, W]`` each or ``[B, C, H, W]``.
+
+Batch norm normalises with the statistics of the images scored together. Evaluation scores a
+task's whole query set as one batch, and so does ``predict`` by default; a different grouping
+(``batch_size``) can change the predictions of a model with batch norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from fsl_dist.data.episodes import to_unit_float
+from fsl_dist.data.preprocess import image_pixels, preprocessing_of
+from fsl_dist.meta import AdaptedTask, InnerLoopSpec, LearnedInnerLR, adapt_task
+from fsl_dist.models import build_model
+
+WEIGHTS, DESCRIPTION = "model.safetensors", "model.yaml"
+
+
+class PredictError(ValueError):
+    """An input prediction cannot use as given; the message names the file or the numbers."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What ``AdaptedClassifier.predict`` returns, one row per image."""
+
+    classes: tuple          # the support set's class labels, in column order
+    indices: torch.Tensor   # int64 [B]: column of the predicted class
+    probabilities: torch.Tensor  # float32 [B, N], on the CPU
+
+    @property
+    def labels(self) -> list:
+        return [self.classes[i] for i in self.indices.tolist()]
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None) -> "TrainedModel":
+    """A trained model from a run folder, a folder holding model.safetensors and model.yaml,
+    or the path of either file; on ``device`` (default: CUDA when there is one)."""
+    weights, description_file = _model_files(Path(path))
+    description = yaml.safe_load(description_file.read_text())
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tensors = load_file(str(weights))
+    model = _build(description, tensors, description_file).to(device)
+    spec = _inner_loop(description, model, tensors, device, description_file.parent)
+    return TrainedModel(model, spec, description, weights.parent)
+
+
+def _model_files(path: Path) -> tuple[Path, Path]:
+    folder = path if path.is_dir() else path.parent
+    weights, description = folder / WEIGHTS, folder / DESCRIPTION
+    for needed in (weights, description):
+        if not needed.is_file():
+            raise PredictError(f"{needed} is missing: --model takes a finished run folder or a "
+                               f"folder holding {WEIGHTS} and {DESCRIPTION}")
+    return weights, description
+
+
+def _build(description: dict, tensors: dict, where: Path) -> torch.nn.Module:
+    facts = description["model"]
+    model = build_model(facts["name"], facts["n_way"], width=facts["width"],
+                        in_channels=facts["in_channels"], image_size=facts["image_size"])
+    state = {k: v for k, v in tensors.items() if not k.startswith("inner_lr.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise PredictError(f"{where.parent / WEIGHTS} does not fit the model {where} describes: "
+                           f"{str(error).splitlines()[0]}") from error
+    return model.eval()
+
+
+def _inner_loop(description: dict, model, tensors: dict, device, folder: Path) -> InnerLoopSpec:
+    """The inner loop evaluation runs: model.yaml's algorithm and ``evaluation`` sections (a
+    model.yaml written before they were recorded: the run folder's config.yaml)."""
+    algorithm = description["algorithm"]
+    evaluation = description.get("evaluation") or _evaluation_from_config(folder)
+    inner_lr = algorithm["inner_lr"]
+    if algorithm.get("learn_inner_lr"):
+        inner_lr = LearnedInnerLR(model, algorithm["name"], inner_lr)
+        inner_lr.load_state_dict({k[len("inner_lr."):]: v for k, v in tensors.items()
+                                  if k.startswith("inner_lr.")})
+        inner_lr = inner_lr.to(device)
+    precision = evaluation.get("precision") or "no"
+    if precision == "fp16" and device.type != "cuda":
+        precision = "no"  # fp16 autocast is CUDA's; evaluation on a CPU refuses it
+    return InnerLoopSpec(algorithm["name"], inner_steps=evaluation["inner_steps"],
+                         inner_lr=inner_lr, first_order=algorithm.get("first_order", False),
+                         inner_loss=algorithm.get("inner_loss", "ce"), precision=precision,
+                         vectorize=False)
+
+
+def _evaluation_from_config(folder: Path) -> dict:
+    from fsl_dist.config import load_config  # only for model.yaml files of older runs
+
+    config = folder / "config.yaml"
+    if not config.is_file():
+        raise PredictError(f"{folder / DESCRIPTION} has no `evaluation` section and there is no "
+                           f"{config} to take it from; export the model again")
+    cfg = load_config(config)
+    return {"inner_steps": cfg.eval.inner_steps or cfg.algorithm.inner_steps,
+            "precision": cfg.precision}
+
+
+class TrainedModel:
+    """A meta-trained model and the inner loop it was evaluated with; ``adapt`` it to a
+    support set."""
+
+    def __init__(self, model: torch.nn.Module, spec: InnerLoopSpec, description: dict,
+                 folder: Path):
+        self.model, self.spec, self.description, self.folder = model, spec, description, folder
+        self.preprocessing = (description.get("preprocessing")
+                              or preprocessing_of(description["data"]))
+
+    @property
+    def n_way(self) -> int:
+        return self.description["model"]["n_way"]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def images(self, images, *, convert: bool = False) -> torch.Tensor:
+        """File paths, PIL images or tensors -> float32 ``[B, C, H, W]`` on the model's device,
+        as the model saw its training images (see the module's docstring)."""
+        if isinstance(images, torch.Tensor):
+            batch = images if images.dim() == 4 else images.unsqueeze(0)
+            return self._checked(batch, "the image tensor")
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        if not len(images):
+            raise PredictError("no images given")
+        return torch.cat([self._one_image(image, convert) for image in images])
+
+    def _one_image(self, image, convert: bool) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            return self._checked(image.unsqueeze(0), "an image tensor")
+        if isinstance(image, Image.Image):
+            return self._from_pil(image, "a PIL image", convert)
+        path = Path(image)
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                return self._from_pil(opened, str(path), convert)
+        except PredictError:
+            raise
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise PredictError(f"cannot read image {path} ({error}); replace or remove the "
+                               "file") from error
+
+    def _from_pil(self, image: Image.Image, where: str, convert: bool) -> torch.Tensor:
+        try:
+            pixels = image_pixels(image, self.preprocessing, convert=convert)
+        except ValueError as error:
+            raise PredictError(f"{where} {error}: give {self.preprocessing['channels']}-channel "
+                               "images, or convert them (convert=True, fsl-predict "
+                               "--convert)") from error
+        return self._checked(torch.from_numpy(pixels.copy()).unsqueeze(0), where)
+
+    def _checked(self, batch: torch.Tensor, where: str) -> torch.Tensor:
+        channels, size = self.preprocessing["channels"], self.preprocessing["size"]
+        if batch.dim() != 4 or tuple(batch.shape[1:]) != (channels, size, size):
+            raise PredictError(f"{where} has shape {tuple(batch.shape)}; the model takes "
+                               f"[B, {channels}, {size}, {size}] (channels, height, width)")
+        if batch.dtype == torch.uint8:
+            batch = to_unit_float(batch)  # as tasks are made from shard pixels
+        return batch.to(self.device, torch.float32)
+
+    def adapt(self, images, labels: Sequence, *, convert: bool = False) -> "AdaptedClassifier":
+        """Run the learned inner loop on a support set: ``images`` with their class ``labels``
+        (any hashable labels, exactly ``n_way`` distinct ones)."""
+        labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+        support = self.images(images, convert=convert)
+        if len(labels) != len(support):
+            raise PredictError(f"{len(support)} support images but {len(labels)} labels")
+        classes = _sorted_classes(labels)
+        if len(classes) != self.n_way:
+            raise PredictError(f"the support set has {len(classes)} classes "
+                               f"({_shown(classes)}) but the model is {self.n_way}-way: give "
+                               f"exactly {self.n_way} classes")
+        index = {c: i for i, c in enumerate(classes)}
+        targets = torch.tensor([index[c] for c in labels], device=self.device)
+        try:
+            task = adapt_task(self.model, support, targets, self.spec)
+        except FloatingPointError as error:
+            raise PredictError(f"{error}: the support images or the model are not usable "
+                               "together") from error
+        return AdaptedClassifier(self, task, tuple(classes))
+
+
+def _sorted_classes(labels: list) -> list:
+    try:
+        return sorted(set(labels))
+    except TypeError:  # labels of several types: sorted by their text
+        return sorted(set(labels), key=str)
+
+
+def _shown(classes: list, most: int = 8) -> str:
+    shown = ", ".join(str(c) for c in classes[:most])
+    return shown + (", ..." if len(classes) > most else "")
+
+
+class AdaptedClassifier:
+    """A model adapted to one support set; ``predict`` classifies images among its classes."""
+
+    def __init__(self, trained: TrainedModel, task: AdaptedTask, classes: tuple):
+        self.trained, self.task, self.classes = trained, task, classes
+
+    def predict(self, images, *, batch_size: int | None = None,
+                convert: bool = False) -> Prediction:
+        """Classes and class probabilities of ``images``, scored ``batch_size`` at a time
+        (default: all together, as evaluation scores a query set)."""
+        batch = self.trained.images(images, convert=convert)
+        step = batch_size or len(batch)
+        if step < 1:
+            raise PredictError(f"batch_size {batch_size} must be at least 1")
+        logits = torch.cat([self.task.logits(batch[i:i + step])
+                            for i in range(0, len(batch), step)])
+        # argmax of the logits, as evaluation scores: rounded probabilities can tie
+        return Prediction(self.classes, logits.argmax(-1).cpu(),
+                          torch.softmax(logits, dim=-1).cpu())
