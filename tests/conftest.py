@@ -64,6 +64,7 @@ INTEGRATION_MODULES = frozenset({
     "test_cpu_malloc.py",  # a fresh interpreter per allocator setting
     "test_meta_learns_folder.py",
     "test_meta_learns_omniglot.py",
+    "test_predict_trained.py",  # training runs, fsl-predict as a process
     "test_run_faults.py",  # trainer processes, a tmpfs filled up
     "test_slurm.py",  # a real SLURM cluster
     "test_slurm_netns.py",  # a two-node SLURM cluster in network namespaces
