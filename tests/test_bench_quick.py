@@ -121,3 +121,16 @@ def test_bench_scaling_runs_each_layout_and_reports_the_all_reduce(packed, tmp_p
         assert r["steps_timed"] == 3 and r["tasks_per_s"] > 0
         assert 0 <= r["allreduce_share"] < 1
     assert result.stdout.count("| 1 x 2 |") == 1 and result.stdout.count("| 2 x 1 |") == 1
+
+
+def test_bench_predict_prints_a_row_per_case(tmp_path):
+    out = tmp_path / "predict.json"
+    result = run("bench_predict.py", ["--cases", "cnn_maml", "resnet_boil", "--seconds", "0.05",
+                                      "--json", str(out)], timeout=240)
+    assert result.stdout.startswith("machine: ")
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| cnn_maml", "| resnet_boil"]
+    for row in json.loads(out.read_text())["rows"]:
+        assert row["inner_steps"] == 3 and row["query_batch"] == 25
+        assert min(row["adapt_ms"], row["images_per_s"], row["images_per_s_one"],
+                   row["images_per_s_png"]) > 0
