@@ -475,9 +475,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.metrics.truncate_after(self.state.step)
         self.dist.barrier()
-        if self.cfg.logging.wandb:
-            kwargs = wandb_init_kwargs(self.cfg, self.run_dir, self.wandb_id)
-            self.dist.start_trackers(self.cfg.logging.project, to_dict(self.cfg), kwargs)
+        cfg = self.cfg
+        if cfg.logging.wandb or cfg.logging.tensorboard:
+            wandb = wandb_init_kwargs(cfg, self.run_dir, self.wandb_id) if cfg.logging.wandb else {}
+            self.dist.start_trackers(cfg.logging.project, to_dict(cfg), wandb,
+                                     resumed_at=self.state.step)
             self.wandb_id = self.dist.wandb_run_id() or self.wandb_id
         if self.dist.is_main:
             write_run_info(self.cfg, self.run_dir, self.dist, self.precision, self.wandb_id,

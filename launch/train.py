@@ -71,7 +71,8 @@ def main(argv=None) -> int:
             torch.autograd.set_detect_anomaly(True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        dist = Distributed(log_with_wandb=cfg.logging.wandb, project_dir=str(run_dir))
+        dist = Distributed(log_with_wandb=cfg.logging.wandb,
+                           log_with_tensorboard=cfg.logging.tensorboard, project_dir=str(run_dir))
         trainer = Trainer(cfg, dist, run_dir, resume=args.resume, overwrite=args.overwrite,
                           debug=args.debug, quiet=args.quiet)
         trainer.stop_on_signals()
