@@ -7,8 +7,10 @@ import fcntl
 import os
 import re
 import struct
+import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,9 @@ from fsl_dist.models import build_model
 from fsl_dist.progress import progress
 from fsl_dist.runs import evaluate_held_out
 
+from launching import child_env, command, run
 from test_data_folder import LAYOUT, write_folder
+from test_train_end_to_end import config_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,10 +34,10 @@ class Terminal:
     """The writing end of a real pseudo-terminal as a text stream, and what reached it."""
 
     def __init__(self):
-        self.leader, follower = os.openpty()
+        self.leader, self.follower = os.openpty()
         # a new pty is 0 columns wide, and tqdm draws nothing in no width: 24 rows of 100
-        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-        self.stream = os.fdopen(follower, "w", buffering=1)
+        fcntl.ioctl(self.follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        self.stream = os.fdopen(self.follower, "w", buffering=1)
         os.set_blocking(self.leader, False)
 
     def written(self) -> str:
@@ -145,3 +149,36 @@ def test_packing_omniglot_counts_its_images(omniglot_source, tmp_path, terminal,
     manifest = shards.load_manifest(tmp_path / "omniglot")
     images = 20 * sum(manifest["splits"][part]["classes"] for part in shards.PARTS)  # drawings
     assert "packing omniglot-futurama" in shown and f"{images}/{images}" in shown
+
+
+# ------------------------------------------------------------------ the scripts, on a terminal
+
+
+def run_on_terminal(terminal: Terminal, script: str, args: list[str]) -> str:
+    """`python launch/<script> args` with stderr on the terminal: what it wrote there."""
+    process = subprocess.Popen(command(script, args, 0), cwd=ROOT, env=child_env(),
+                               stdout=subprocess.DEVNULL, stderr=terminal.follower)
+    shown = []
+    while process.poll() is None:  # read as it comes: a full pty would block the writer
+        time.sleep(0.2)
+        shown.append(terminal.written())
+    shown.append(terminal.written())
+    assert process.returncode == 0, "".join(shown)[-3000:]
+    return "".join(shown)
+
+
+@pytest.mark.integration
+def test_the_scripts_show_bars_only_on_a_terminal_without_quiet(packed, tmp_path, terminal):
+    run_dir = tmp_path / "cnn_maml"
+    trained = run_on_terminal(terminal, "train.py", [
+        *config_args("cnn_maml", run_dir, packed("futurama"), "logging.wandb=false"), "--quiet"])
+    assert "\r" not in trained.replace("\r\n", "") and "it/s" not in trained
+
+    evaluate = ["--run-dir", str(run_dir), "--episodes", "30"]
+    shown = run_on_terminal(terminal, "evaluate.py", evaluate)
+    assert re.search(r"test: +\d+%.*30/30 .*acc=\d+\.\d\d%", shown)  # the running mean
+    quiet = run_on_terminal(terminal, "evaluate.py", [*evaluate, "--quiet"])
+    piped = run("evaluate.py", evaluate).stderr  # stderr a pipe, no --quiet
+    for output in (quiet, piped):
+        assert "acc=" not in output and "\r" not in output.replace("\r\n", "")
+        assert "test accuracy" in output  # the summary line stays
