@@ -157,6 +157,9 @@ class EvalConfig:
 @dataclass
 class LoggingConfig:
     wandb: bool = True
+    tensorboard: bool = False
+    """Also log the same scalars as TensorBoard event files in <run-dir>/tensorboard/ (main
+    process; needs the `tensorboard` package). W&B and TensorBoard are independent."""
     project: str = "fsl_dist"
     entity: Optional[str] = None
     group: Optional[str] = None

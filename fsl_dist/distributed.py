@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as torch_dist
 from accelerate import Accelerator
+from accelerate.tracking import TensorBoardTracker, on_main_process
 from accelerate.utils import InitProcessGroupKwargs
 
 # A rank that dies leaves the others blocked in a collective; accelerate's launcher (torchrun)
@@ -35,6 +36,50 @@ def launcher_precision() -> str:
     return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
 
 
+TENSORBOARD_DIR = "tensorboard"  # in the run folder: `tensorboard --logdir <run-dir>/tensorboard`
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict:
+    """The config as TensorBoard hyperparameters, which are bool, int, float, str or None only
+    (add_hparams raises on a nested dict): sections become dotted keys ("optim.lr"), lists their
+    text ("[0.9, 0.999]")."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{prefix}{key}."))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+class RunTensorBoard(TensorBoardTracker):
+    """accelerate's TensorBoard tracker writing to <run-dir>/tensorboard/ (its default would be
+    <project_dir>/<W&B project name>/), with the config as hyperparameters of that same run."""
+
+    def __init__(self, run_dir: str):
+        super().__init__(run_name=TENSORBOARD_DIR, logging_dir=run_dir)
+
+    def resume_after(self, step: int) -> None:
+        """Before start(): a run resumed at `step` hides what earlier sessions logged after it
+        (SummaryWriter's purge_step), as metrics.jsonl drops those rows; otherwise a resume
+        from an older checkpoint would leave two values at the steps it repeats."""
+        if step > 0:
+            self.init_kwargs["purge_step"] = step + 1  # the SummaryWriter's keyword arguments
+
+    @on_main_process
+    def store_init_configuration(self, values: dict) -> None:
+        # Flat, into the scalars' own run. accelerate's version gives the nested config to
+        # add_hparams, which raises ValueError on a dict value, and would open a new timestamped
+        # sub-run (plus an hparams.yml copy of config.yaml) at every start and resume.
+        from torch.utils.tensorboard.summary import hparams  # needs tensorboard: import late
+
+        for summary in hparams(flat_hparams(values), metric_dict={}):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.flush()
+
+
 def cuda_available() -> bool:
     # ACCELERATE_USE_CPU=1 forces the CPU even where CUDA exists.
     forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
@@ -44,13 +89,21 @@ def cuda_available() -> bool:
 class Distributed:
     """Rank, device and collectives of this process, over accelerate's process group."""
 
-    def __init__(self, *, log_with_wandb: bool = False, project_dir: Optional[str] = None):
+    def __init__(self, *, log_with_wandb: bool = False, log_with_tensorboard: bool = False,
+                 project_dir: Optional[str] = None):
+        trackers = ["wandb"] if log_with_wandb else []
+        self._wandb, self._tensorboard = log_with_wandb, None
+        if log_with_tensorboard:
+            if project_dir is None:
+                raise ValueError("TensorBoard writes into the run folder: give project_dir")
+            self._tensorboard = RunTensorBoard(project_dir)
+            trackers.append(self._tensorboard)
         # Without CUDA, `--multi_gpu` would start processes that each believe they are rank 0
         # of 1 unless accelerate is told to use the CPU: then it forms a gloo group instead.
         self.accelerator = Accelerator(
             cpu=not cuda_available(),
             mixed_precision="no",  # fsl_dist applies its own autocast inside the inner loop
-            log_with="wandb" if log_with_wandb else None,
+            log_with=trackers or None,
             project_dir=project_dir,
             kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
         )
@@ -139,8 +192,12 @@ class Distributed:
         return len(set(every)) == 1, every
 
     # ------------------------------------------------------------ trackers (main process only)
-    def start_trackers(self, project: str, config: dict, wandb_kwargs: dict) -> None:
+    def start_trackers(self, project: str, config: dict, wandb_kwargs: dict,
+                       resumed_at: int = 0) -> None:
+        """Start W&B and/or TensorBoard; `resumed_at`: the step a resumed run continues after."""
         if self.accelerator.log_with:
+            if self._tensorboard is not None:
+                self._tensorboard.resume_after(resumed_at)
             self.accelerator.init_trackers(project, config=config,
                                            init_kwargs={"wandb": wandb_kwargs})
             self._trackers_started = True
@@ -150,7 +207,7 @@ class Distributed:
             self.accelerator.log(values, step=step)
 
     def wandb_run_id(self) -> Optional[str]:
-        if not self._trackers_started or not self.is_main:
+        if not self._trackers_started or not self.is_main or not self._wandb:
             return None
         return self.accelerator.get_tracker("wandb", unwrap=True).id
 

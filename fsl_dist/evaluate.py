@@ -13,6 +13,7 @@ import math
 import torch
 
 from fsl_dist.meta import InnerLoopSpec, evaluate_tasks
+from fsl_dist.progress import progress
 
 
 def split_episodes(episodes: int, rank: int, world: int) -> range:
@@ -78,17 +79,27 @@ def combine_seeds(per_seed: list[dict]) -> dict:
 
 
 def evaluate(model, spec: InnerLoopSpec, episode_source, *, episodes: int, dist,
-             batch_size: int) -> dict:
-    """Mean query accuracy after adaptation (and before it) over `episodes` held-out episodes."""
+             batch_size: int, quiet: bool = False, desc: str = "evaluating") -> dict:
+    """Mean query accuracy after adaptation (and before it) over `episodes` held-out episodes.
+
+    The main rank shows a progress bar over its share of the episodes, with the running mean
+    accuracy of that share (unless `quiet`, or stderr is not a terminal)."""
     mine = split_episodes(episodes, dist.rank, dist.world_size)
     after, before = [], []
-    for start in range(mine.start, mine.stop, batch_size):
-        chunk = range(start, min(start + batch_size, mine.stop))
-        tasks = {k: v.to(dist.device) for k, v in episode_source.batch(0, chunk).items()}
-        stats = evaluate_tasks(model, tasks, spec)
-        after.append(stats["acc_after_per_task"].detach().cpu())
-        # the mean before adaptation is all that is reported of it: one value per episode
-        before.append(stats["acc_before"].detach().cpu().expand(len(chunk)))
+    correct = 0.0  # this rank's per-episode accuracies summed so far: the bar's running mean
+    with progress(total=len(mine), desc=desc, unit="ep", leave=False,
+                  quiet=quiet or not dist.is_main) as bar:
+        for start in range(mine.start, mine.stop, batch_size):
+            chunk = range(start, min(start + batch_size, mine.stop))
+            tasks = {k: v.to(dist.device) for k, v in episode_source.batch(0, chunk).items()}
+            stats = evaluate_tasks(model, tasks, spec)
+            after.append(stats["acc_after_per_task"].detach().cpu())
+            # the mean before adaptation is all that is reported of it: one value per episode
+            before.append(stats["acc_before"].detach().cpu().expand(len(chunk)))
+            correct += float(after[-1].double().sum())
+            bar.update(len(chunk))
+            # redrawn after every chunk (a chunk takes far longer than a redraw)
+            bar.set_postfix(acc=f"{100 * correct / (chunk.stop - mine.start):.2f}%")
     empty = torch.zeros(0)
     acc_after = dist.gather_ragged(torch.cat(after) if after else empty)
     acc_before = dist.gather_ragged(torch.cat(before) if before else empty)

@@ -59,11 +59,12 @@ def pack_command(cfg: Config) -> str:
             f"--out {cfg.data.shards} --size {cfg.data.image_size}")
 
 
-def ensure_shards(cfg: Config, dist) -> dict:
+def ensure_shards(cfg: Config, dist, quiet: bool = False) -> dict:
     """Make sure the configured shard set exists and matches the config, and return its
     manifest. When an Omniglot set is missing, the main process packs it (from `data.source`,
     else the checked download cache) while the others wait; a failure is reported on every rank
-    with the command that makes the shards. Folder sets are only ever made by launch/pack.py."""
+    with the command that makes the shards. Folder sets are only ever made by launch/pack.py.
+    `quiet`: no packing progress bar."""
     manifest = Path(cfg.data.shards) / "manifest.json"
     if not manifest.is_file() and cfg.data.dataset != "omniglot":
         raise ShardError(f"no shard set at {cfg.data.shards} (missing {manifest}); make it with:"
@@ -75,7 +76,7 @@ def ensure_shards(cfg: Config, dist) -> dict:
                        f"from {cfg.data.source or 'the official Omniglot download'}")
             try:
                 pack_omniglot(cfg.data.source, cfg.data.split, cfg.data.shards,
-                              size=cfg.data.image_size)
+                              size=cfg.data.image_size, quiet=quiet)
             except Exception as err:  # noqa: BLE001 - reported to every rank below, not swallowed
                 failure = f"{type(err).__name__}: {err}"
         failure = dist.broadcast_object(failure)
@@ -295,10 +296,11 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
                       episodes: Optional[int] = None, shots: Optional[int] = None,
                       part: Optional[str] = None, inner_steps: Optional[int] = None,
                       out_name: str = "eval.json", weights: Optional[Path] = None,
-                      seeds: Optional[Sequence[int]] = None) -> dict:
+                      seeds: Optional[Sequence[int]] = None, quiet: bool = False) -> dict:
     """Evaluate on `part` (default eval.part) and write `out_name` in the run folder; `weights`,
     the file the model came from, is recorded relative to the run folder. With two or more
-    `seeds`, `episodes` are drawn for each episode seed and the result is `combine_seeds`'."""
+    `seeds`, `episodes` are drawn for each episode seed and the result is `combine_seeds`'.
+    `quiet`: no progress bar."""
     part = part or cfg.eval.part
     episodes = episodes or cfg.eval.episodes
     k_shot = shots or cfg.task.k_shot
@@ -309,8 +311,9 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
     def one_seed(seed: int) -> dict:
         source = make_tasks(cfg.data.shards, part, tasks, seed=seed,
                             memory_budget_gb=cfg.data.memory_budget_gb)
+        desc = f"{part} (seed {seed})" if len(seeds) > 1 else part
         result = evaluate(model, inner_loop, source, episodes=episodes, dist=dist,
-                          batch_size=cfg.eval.batch_size)
+                          batch_size=cfg.eval.batch_size, quiet=quiet, desc=desc)
         return {**result, "eval_seed": seed}
 
     seeds = list(seeds) if seeds else [cfg.eval.seed]

@@ -1,6 +1,7 @@
 """Where metrics go: a local `metrics.jsonl` in the run folder, and W&B through accelerate's
 trackers (main process only). W&B never prompts and never needs the network: without an API key
-it runs offline, and `logging.wandb=false` turns it off."""
+it runs offline, and `logging.wandb=false` turns it off. TensorBoard (`logging.tensorboard=true`)
+is accelerate's tracker too, set up in fsl_dist/distributed.py (RunTensorBoard)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from fsl_dist import checkpoint as ckpt
 from fsl_dist import runfolder
@@ -34,6 +33,7 @@ from fsl_dist.io import DiskFullError
 from fsl_dist.meta import InnerLoopSpec, InnerLossScaler, LearnedInnerLR, meta_backward
 from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.numerics import flat_grads
+from fsl_dist.progress import progress
 from fsl_dist.runs import (
     build_run_model,
     ensure_shards,
@@ -358,19 +358,25 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def validate(state: TrainState, cfg: Config, dist, source, precision: str, episodes: int) -> dict:
+def validate(state: TrainState, cfg: Config, dist, source, precision: str, episodes: int,
+             quiet: bool = False) -> dict:
     spec = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=state.inner_lr,
                                      evaluation=True)
+    # below the training bar, cleared when done (leave=False in evaluate)
     return evaluate(state.model, spec, source, episodes=episodes, dist=dist,
-                    batch_size=cfg.eval.batch_size)
+                    batch_size=cfg.eval.batch_size, quiet=quiet, desc="validating")
 
 
 class Trainer:
-    """Owns one run: its folder, state, data, trackers; `fit()` trains to `train.steps`."""
+    """Owns one run: its folder, state, data, trackers; `fit()` trains to `train.steps`.
+
+    Progress bars (packing, training, validation, the held-out evaluation) show on the main
+    rank's terminal unless `quiet`; debug mode prints a line per step instead."""
 
     def __init__(self, cfg: Config, dist, run_dir: Path, *, resume: Optional[str] = None,
-                 overwrite: bool = False, debug: bool = False):
+                 overwrite: bool = False, debug: bool = False, quiet: bool = False):
         self.cfg, self.dist, self.run_dir, self.debug = cfg, dist, Path(run_dir), debug
+        self.quiet = quiet or debug or not dist.is_main
         self.lock = self._claim_run_folder(resume, overwrite)
         self.precision = resolve_precision(cfg.precision, launcher_precision(), dist.device)
         warning = bf16_cpu_warning(dist.device.type, self.precision)
@@ -378,7 +384,7 @@ class Trainer:
             dist.print(warning)
         check_process_count(cfg, dist.world_size)
         configure_cpu(cfg, dist)
-        self.manifest = ensure_shards(cfg, dist)
+        self.manifest = ensure_shards(cfg, dist, quiet=self.quiet)
         self.sources = build_task_sources(cfg, dist)  # checksums the train and val parts
         if cfg.eval.part not in ("train", "val"):
             # The held-out part is read only at the end: a damaged shard found after hours of
@@ -469,9 +475,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.metrics.truncate_after(self.state.step)
         self.dist.barrier()
-        if self.cfg.logging.wandb:
-            kwargs = wandb_init_kwargs(self.cfg, self.run_dir, self.wandb_id)
-            self.dist.start_trackers(self.cfg.logging.project, to_dict(self.cfg), kwargs)
+        cfg = self.cfg
+        if cfg.logging.wandb or cfg.logging.tensorboard:
+            wandb = wandb_init_kwargs(cfg, self.run_dir, self.wandb_id) if cfg.logging.wandb else {}
+            self.dist.start_trackers(cfg.logging.project, to_dict(cfg), wandb,
+                                     resumed_at=self.state.step)
             self.wandb_id = self.dist.wandb_run_id() or self.wandb_id
         if self.dist.is_main:
             write_run_info(self.cfg, self.run_dir, self.dist, self.precision, self.wandb_id,
@@ -508,8 +516,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg, dist, state = self.cfg, self.dist, self.state
         self.start()
-        bar = tqdm(total=cfg.train.steps, initial=state.step,
-                   disable=not dist.is_main or self.debug, dynamic_ncols=True, desc=cfg.name)
+        bar = progress(total=cfg.train.steps, initial=state.step, desc=cfg.name,
+                       quiet=self.quiet)
         self.stopped_early, diverged = False, None
         self._clock = time.perf_counter()
         self._window = StepWindow()
@@ -576,7 +584,7 @@ class Trainer:
             self.debug_report(out)
         if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
             val = validate(state, cfg, self.dist, self.sources["val"], self.precision,
-                           cfg.eval.val_episodes)
+                           cfg.eval.val_episodes, quiet=self.quiet)
             self.log({"step": state.step, "val/acc": val["mean"], "val/ci95": val["ci95"],
                       "val/acc_before": val["before_adaptation"], "val/episodes": val["episodes"]})
         if state.step % cfg.train.checkpoint_every == 0:
@@ -630,7 +638,7 @@ class Trainer:
         result = None
         if self.state.step >= cfg.train.steps:
             result = evaluate_held_out(self.state.model, self.state.inner_lr, cfg, self.dist,
-                                       self.run_dir, precision=self.precision)
+                                       self.run_dir, precision=self.precision, quiet=self.quiet)
             self.log({"step": self.state.step, f"{cfg.eval.part}/acc": result["mean"],
                       f"{cfg.eval.part}/ci95": result["ci95"]})
         failure = self.dist.broadcast_object(str(self._failure) if self._failure else None)

@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="file name in the run folder (default eval-<part>.json)")
     parser.add_argument("--traceback", action="store_true",
                         help="show the traceback of expected failures too")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (there is none either when stderr is not a "
+                        "terminal)")
     return parser.parse_args(argv)
 
 
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
                                    precision=precision, episodes=args.episodes, shots=args.shots,
                                    part=part,
                                    inner_steps=args.inner_steps, out_name=out_name,
-                                   weights=weights, seeds=args.seeds)
+                                   weights=weights, seeds=args.seeds, quiet=args.quiet)
     except Exception as err:
         code = exit_code(err)
         if code is None or args.traceback:

@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="show the traceback of expected failures too (bad input, full disk)")
     parser.add_argument("--debug", action="store_true",
                         help="few steps, anomaly detection, deterministic, W&B off")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (there are none either when stderr is not a "
+                        "terminal)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
@@ -68,9 +71,10 @@ def main(argv=None) -> int:
             torch.autograd.set_detect_anomaly(True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        dist = Distributed(log_with_wandb=cfg.logging.wandb, project_dir=str(run_dir))
+        dist = Distributed(log_with_wandb=cfg.logging.wandb,
+                           log_with_tensorboard=cfg.logging.tensorboard, project_dir=str(run_dir))
         trainer = Trainer(cfg, dist, run_dir, resume=args.resume, overwrite=args.overwrite,
-                          debug=args.debug)
+                          debug=args.debug, quiet=args.quiet)
         trainer.stop_on_signals()
         outcome = trainer.fit()
         # Python restores default handlers while it shuts down; a late USR1 (sent to every rank

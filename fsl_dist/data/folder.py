@@ -28,15 +28,14 @@ import csv
 import hashlib
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from fsl_dist.data import shards
+from fsl_dist.progress import progress
 
 DEFAULT_FRACTIONS = (0.64, 0.16, 0.20)
 DEFAULT_SIZE = 84
@@ -275,8 +274,7 @@ def pack_classes(classes: list[FolderClass], parts: dict[str, list[str]], out_di
                          "classes_used": len(used),
                          "images_used": sum(len(c.files) for c in used)}}
     total = header["source"]["images_used"]
-    with tqdm(total=total, unit="img", desc=f"packing {where.name}", dynamic_ncols=True,
-              disable=quiet or not sys.stderr.isatty()) as bar:
+    with progress(total=total, unit="img", desc=f"packing {where.name}", quiet=quiet) as bar:
         return shards.write_shard_set(out_dir, entries, header,
                                       classes_per_shard=classes_per_shard, on_class=bar.update)
 

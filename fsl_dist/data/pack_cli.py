@@ -49,7 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     images.add_argument("--channels", type=int, choices=(1, 3),
                         help="convert every image to 1 (grayscale) or 3 (RGB) channels; "
                         "needed when the images mix them")
-    images.add_argument("--quiet", action="store_true", help="no progress bar")
     subs = [omni, images]
     for name, benchmark in benchmarks.BENCHMARKS.items():
         sub = datasets.add_parser(name, help=f"{name}: {benchmark.layout}",
@@ -60,12 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                          help=f"image side in pixels (default {benchmark.size})")
         sub.add_argument("--channels", type=int, choices=(1, 3), default=3,
                          help="1 (grayscale) or 3 (RGB, default)")
-        sub.add_argument("--quiet", action="store_true", help="no progress bar")
         subs.append(sub)
     for sub in subs:
         sub.add_argument("--out", required=True, help="shard set folder to create or replace")
         sub.add_argument("--classes-per-shard", type=int,
                          default=shards.DEFAULT_CLASSES_PER_SHARD)
+        sub.add_argument("--quiet", action="store_true",
+                         help="no progress bar (there is none either when stderr is not a "
+                         "terminal)")
     for sub in (omni, images):  # the benchmarks' splits are fixed
         sub.add_argument("--seed", type=int, default=0, help="seed of the class split (default 0)")
     return parser.parse_args(argv)
@@ -75,7 +76,7 @@ def pack(args: argparse.Namespace):
     if args.dataset == "omniglot":
         return shards.pack_omniglot(args.source, args.split, args.out, size=args.size,
                                     classes_per_shard=args.classes_per_shard, seed=args.seed,
-                                    download=not args.no_download)
+                                    download=not args.no_download, quiet=args.quiet)
     if args.dataset in benchmarks.BENCHMARKS:  # always checked against the real counts
         return benchmarks.pack_benchmark(args.dataset, args.root, args.out, size=args.size,
                                          channels=args.channels,

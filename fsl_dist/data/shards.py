@@ -41,6 +41,7 @@ import webdataset as wds
 
 from fsl_dist import __version__
 from fsl_dist.data import omniglot
+from fsl_dist.progress import progress
 
 MANIFEST = "manifest.json"
 FORMAT = "fsl_dist/class-shards"
@@ -104,12 +105,14 @@ def pack_omniglot(
     classes_per_shard: int = DEFAULT_CLASSES_PER_SHARD,
     seed: int = 0,
     download: bool = True,
+    quiet: bool = False,
 ) -> Path:
     """Pack one named split of Omniglot into a shard set at ``out_dir`` and return that folder.
 
     ``source`` is a folder with the official zips or extracted folders (checked by content), or
     None for the download cache (checked by MD5). An existing set at ``out_dir`` is replaced
-    only once the new one is complete.
+    only once the new one is complete. A progress bar counts the images written (on a terminal,
+    unless ``quiet``).
     """
     if split not in omniglot.SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(omniglot.SPLITS)}")
@@ -123,7 +126,10 @@ def pack_omniglot(
     header = {"dataset": "omniglot", "split": split, "seed": seed, "channels": 1,
               "image_size": size, "rotate": True, "source": decoded.checksums,
               "split_source": {"kind": "named", "split": split, "seed": seed}}
-    return write_shard_set(out_dir, entries, header, classes_per_shard=classes_per_shard)
+    images = sum(int(decoded.images[i].shape[0]) for part in PARTS for i in parts[part])
+    with progress(total=images, unit="img", desc=f"packing omniglot-{split}", quiet=quiet) as bar:
+        return write_shard_set(out_dir, entries, header, classes_per_shard=classes_per_shard,
+                               on_class=bar.update)
 
 
 def check_pack_options(classes_per_shard: int, seed: int) -> None:
