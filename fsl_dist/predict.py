@@ -35,6 +35,7 @@ from fsl_dist.data.episodes import to_unit_float
 from fsl_dist.data.preprocess import image_pixels, preprocessing_of
 from fsl_dist.meta import AdaptedTask, InnerLoopSpec, LearnedInnerLR, adapt_task
 from fsl_dist.models import build_model
+from fsl_dist.progress import progress
 
 WEIGHTS, DESCRIPTION = "model.safetensors", "model.yaml"
 
@@ -141,9 +142,10 @@ class TrainedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def images(self, images, *, convert: bool = False) -> torch.Tensor:
+    def images(self, images, *, convert: bool = False, quiet: bool = True) -> torch.Tensor:
         """File paths, PIL images or tensors -> float32 ``[B, C, H, W]`` on the model's device,
-        as the model saw its training images (see the module's docstring)."""
+        as the model saw its training images (see the module's docstring). ``quiet=False``
+        shows a progress bar on a terminal."""
         if isinstance(images, torch.Tensor):
             batch = images if images.dim() == 4 else images.unsqueeze(0)
             return self._checked(batch, "the image tensor")
@@ -151,7 +153,8 @@ class TrainedModel:
             images = [images]
         if not len(images):
             raise PredictError("no images given")
-        return torch.cat([self._one_image(image, convert) for image in images])
+        return torch.cat([self._one_image(image, convert) for image in
+                          progress(images, desc="reading images", unit="img", quiet=quiet)])
 
     def _one_image(self, image, convert: bool) -> torch.Tensor:
         if isinstance(image, torch.Tensor):
@@ -227,16 +230,18 @@ class AdaptedClassifier:
     def __init__(self, trained: TrainedModel, task: AdaptedTask, classes: tuple):
         self.trained, self.task, self.classes = trained, task, classes
 
-    def predict(self, images, *, batch_size: int | None = None,
-                convert: bool = False) -> Prediction:
+    def predict(self, images, *, batch_size: int | None = None, convert: bool = False,
+                quiet: bool = True) -> Prediction:
         """Classes and class probabilities of ``images``, scored ``batch_size`` at a time
-        (default: all together, as evaluation scores a query set)."""
-        batch = self.trained.images(images, convert=convert)
+        (default: all together, as evaluation scores a query set). ``quiet=False`` shows
+        progress bars on a terminal."""
+        if batch_size is not None and batch_size < 1:
+            raise PredictError(f"batch size {batch_size} must be at least 1")
+        batch = self.trained.images(images, convert=convert, quiet=quiet)
         step = batch_size or len(batch)
-        if step < 1:
-            raise PredictError(f"batch_size {batch_size} must be at least 1")
-        logits = torch.cat([self.task.logits(batch[i:i + step])
-                            for i in range(0, len(batch), step)])
+        starts = progress(range(0, len(batch), step), desc="predicting", unit="batch",
+                          quiet=quiet or len(batch) <= step)
+        logits = torch.cat([self.task.logits(batch[i:i + step]) for i in starts])
         # argmax of the logits, as evaluation scores: rounded probabilities can tie
         return Prediction(self.classes, logits.argmax(-1).cpu(),
                           torch.softmax(logits, dim=-1).cpu())

@@ -6,6 +6,7 @@ training); tests/test_predict_trained.py checks trained runs through the real co
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -194,3 +195,26 @@ def test_api_errors_name_the_numbers(shards, tasks, tmp_path):
         model.adapt(tasks["support_x"][0][:3], [0, 1, 2])
     classifier = model.adapt(tasks["support_x"][0], ["a", "b", "c", "d", "e"])
     assert set(classifier.predict(tasks["query_x"][0]).labels) <= {"a", "b", "c", "d", "e"}
+
+
+def test_the_command_shows_progress_on_a_terminal_only(shards, tasks, tmp_path, monkeypatch,
+                                                       capsys):
+    from test_progress import Terminal
+
+    folder = export(tmp_path / "model", shards, "model.width=8")
+    support, query = write_episode(tmp_path / "episode", tasks, 3, inverted=True)
+    args = folders_args(tmp_path, folder, support, query)
+    assert cli.main(args) == 0  # stderr captured by pytest: not a terminal
+    assert "reading images" not in capsys.readouterr().err
+    terminal = Terminal()
+    try:
+        monkeypatch.setattr(sys, "stderr", terminal.stream)
+        assert cli.main([*args, "--batch-size", "5"]) == 0
+        shown = terminal.written()
+        assert "reading images: 100%" in shown and f"{N_WAY * Q_QUERY}/{N_WAY * Q_QUERY}" in shown
+        assert "predicting: 100%" in shown and "3/3" in shown
+        assert cli.main([*args, "--quiet"]) == 0
+        assert "reading images" not in terminal.written()
+    finally:
+        monkeypatch.undo()
+        terminal.close()

@@ -45,7 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="query images scored together (default: all; batch norm uses the "
                              "batch's statistics, as evaluation does with a query set)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
-    parser.add_argument("--quiet", action="store_true", help="no table on stdout")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no table on stdout and no progress bars (there are none either "
+                             "when stderr is not a terminal)")
     parser.add_argument("--traceback", action="store_true",
                         help="show the traceback of expected failures too")
     return parser.parse_args(argv)
@@ -133,7 +135,8 @@ def predict_folders(args: argparse.Namespace) -> tuple[list[dict], tuple, dict]:
     labels = [cls.name for cls in support for _ in cls.files]
     files = query_files(args.query)
     classifier = model.adapt(images, labels, convert=args.convert)
-    prediction = classifier.predict(files, batch_size=args.batch_size, convert=args.convert)
+    prediction = classifier.predict(files, batch_size=args.batch_size, convert=args.convert,
+                                    quiet=args.quiet)
     rows = rows_of(files, prediction, true_classes(files, args.query, classifier.classes))
     summary = {"model": str(args.model), "support": str(args.support), "images": len(rows),
                "inner_steps": model.spec.inner_steps, "algorithm": model.spec.algorithm,
