@@ -2,6 +2,7 @@
 learning curves per config.
 
     python launch/compare.py runs/four_systems/*                        # run folders (offline)
+    fsl-compare runs/four_systems/*                                     # installed
     python launch/compare.py --sweep configs/sweeps/four_systems.yaml   # the run folders of a sweep
     python launch/compare.py --wandb my-team/fsl_dist --group four_systems   # W&B API (online)
 

@@ -1,6 +1,7 @@
 """Evaluate a trained run folder on held-out episodes: mean query accuracy ± 95% interval.
 
     python launch/evaluate.py --run-dir runs/cnn_maml-0 --episodes 600
+    fsl-evaluate --run-dir runs/cnn_maml-0 --episodes 600                 # installed
     accelerate launch --multi_gpu --num_processes 2 launch/evaluate.py --run-dir runs/cnn_maml-0 --inner-steps 5
     python launch/evaluate.py --run-dir runs/cnn_maml-0 --part val --checkpoint 2500   # a kept checkpoint
     python launch/evaluate.py --run-dir runs/cnn_maml-0 --seeds 1234 1235 1236 1237 1238

@@ -2,6 +2,7 @@
 node through srun:
 
     srun python launch/multinode.py --config configs/resnet_boil.yaml --run-dir runs/big [key=value ...]
+    srun fsl-multinode --config resnet_boil --run-dir runs/big           # installed from a wheel
 
 Machine rank and count come from the srun task (SLURM_PROCID, SLURM_NTASKS), the main process
 address and port from FSL_MAIN_ADDR / FSL_MAIN_PORT (the batch script sets them from
@@ -18,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from fsl_dist.cli import train_script
 from fsl_dist.config import ConfigError, default_run_dir, load_config
 from fsl_dist.slurm import (
     accelerate_command,
@@ -28,7 +30,7 @@ from fsl_dist.slurm import (
     supervise,
 )
 
-TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+TRAIN_SCRIPT = train_script()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    # Every machine must name the same folder: settle the default here (as launch/train.py's).
+    # Every machine must name the same folder: settle the default here (as fsl_dist.cli.train's).
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     machine_rank, machines = machine_of(os.environ)
     processes, on_gpu = processes_per_machine(os.environ, args.cpu_processes)

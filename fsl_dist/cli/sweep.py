@@ -20,12 +20,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fsl_dist.cli import CHECKOUT, train_script
 from fsl_dist.slurm import accelerate_command, processes_per_machine, supervise
 from fsl_dist.sweep import SweepError, describe, load_sweep
 
-ROOT = Path(__file__).resolve().parents[1]
-ARRAY_SCRIPT = ROOT / "launch" / "slurm" / "array.sbatch"
-TRAIN_SCRIPT = ROOT / "launch" / "train.py"
+# The batch script is the checkout's: the job calls back into it (launch/sweep.py) through FSL_ROOT.
+ARRAY_SCRIPT = CHECKOUT / "launch" / "slurm" / "array.sbatch"
+TRAIN_SCRIPT = train_script()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,6 +66,9 @@ def cmd_list(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    if not ARRAY_SCRIPT.is_file():
+        raise SweepError(f"submit needs the project checkout's launch/slurm/array.sbatch (not at "
+                         f"{ARRAY_SCRIPT}): run `python launch/sweep.py submit` from a clone")
     sweep = load_sweep(args.sweep)
     sweep.check()
     runs_dir = (args.runs_dir or sweep.runs_dir).resolve()
@@ -77,7 +81,7 @@ def cmd_submit(args) -> int:
         return 0
     logs.mkdir(parents=True, exist_ok=True)  # sbatch does not create the folder of --output
     # The job finds this checkout and this interpreter (a venv) through these two variables.
-    env = dict(os.environ, FSL_ROOT=str(ROOT), FSL_PYTHON=sys.executable)
+    env = dict(os.environ, FSL_ROOT=str(CHECKOUT), FSL_PYTHON=sys.executable)
     return subprocess.run(argv, env=env).returncode
 
 

@@ -1,11 +1,15 @@
 """Meta-train a config, on one process or many.
 
     accelerate launch launch/train.py --config configs/resnet_boil.yaml
+    fsl-train --config cnn_maml train.steps=500                 # installed: a config by its name
+    accelerate launch -m fsl_dist.cli.train --config resnet_boil
     accelerate launch --multi_gpu --num_processes 8 launch/train.py --config configs/cnn_maml.yaml train.seed=3
     python launch/train.py --config configs/cnn_maml.yaml --debug          # one process, a few steps
     accelerate launch launch/train.py --config configs/cnn_maml.yaml --resume auto
 
 Overrides are dotted `section.key=value` pairs (YAML values): `train.steps=5000 precision=bf16`.
+--config takes a file, or the name of a config shipped with fsl_dist (cnn_maml, cnn_boil,
+resnet_maml, resnet_boil, miniimagenet/cnn_boil_5w1s, ...): a file that exists wins.
 """  # noqa: E501 (the --help text)
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True,
-                        help="YAML config, e.g. configs/resnet_boil.yaml")
+                        help="YAML config file, or a shipped config's name (e.g. "
+                        "configs/resnet_boil.yaml or resnet_boil)")
     parser.add_argument("--run-dir", help="run folder (default runs/<config name>-<seed>)")
     parser.add_argument("--resume", help="'auto' (newest checkpoint in the run folder that loads, "
                         "if any) or a checkpoint path")
