@@ -6,6 +6,10 @@ impossible values are errors that name the file, the key and what would be accep
 
     cfg = load_config("configs/resnet_boil.yaml",
                       ["train.steps=100", "algorithm.inner_lr.features=0.3"])
+
+A config may also be given by the name of one shipped with fsl_dist (``resnet_boil``,
+``miniimagenet/cnn_boil_5w1s``): a file that exists wins, else the name is looked up in the shipped
+tree (fsl_dist/configs/ in an installed wheel, the checkout's configs/ otherwise; see setup.py).
 """
 
 from __future__ import annotations
@@ -211,8 +215,9 @@ INNER_LR_GROUPS = ("features", "classifier")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (following `inherit:`), apply `key.sub=value` overrides, validate."""
-    path = Path(path)
+    """Read a YAML config (a file, or a shipped config's name; following `inherit:`), apply
+    `key.sub=value` overrides, validate."""
+    path = find_config(path)
     raw = _read_with_parents(path, seen=())
     raw.setdefault("name", path.stem)
     for override in overrides:
@@ -222,6 +227,69 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     cfg = _build(Config, raw, where=str(path))
     validate(cfg, where=str(path))
     return cfg
+
+
+# Sweep files are not training configs, and sweeps run from a checkout (launch/slurm/): setup.py
+# leaves this folder out of the wheel, and names never resolve into it.
+NOT_SHIPPED = ("sweeps",)
+
+
+def shipped_configs() -> Optional[Path]:
+    """The config tree shipped with fsl_dist: fsl_dist/configs/ in an installed wheel (setup.py
+    copies it there), the checkout's configs/ beside the package in a clone or editable install."""
+    package = Path(__file__).resolve().parent
+    if (package / "configs").is_dir():
+        return package / "configs"
+    checkout = package.parent  # only a checkout: site-packages/configs would be someone else's
+    if (checkout / "setup.cfg").is_file() and (checkout / "configs").is_dir():
+        return checkout / "configs"
+    return None
+
+
+def shipped_config_names() -> list[str]:
+    """Names --config accepts without a file: `cnn_maml`, `miniimagenet/cnn_boil_5w1s`, ..."""
+    tree = shipped_configs()
+    if tree is None:
+        return []
+    names = (p.relative_to(tree).with_suffix("") for p in tree.rglob("*.yaml"))
+    return sorted(n.as_posix() for n in names if n.parts[0] not in NOT_SHIPPED)
+
+
+def _listed(names: list[str]) -> str:
+    """`base, cnn_maml, miniimagenet/{base, cnn_boil_5w1s}`: one line, each folder once."""
+    folders: dict[str, list[str]] = {}
+    for name in names:
+        folder, _, stem = name.rpartition("/")
+        folders.setdefault(folder, []).append(stem)
+    return ", ".join(", ".join(stems) if not folder else f"{folder}/{{{', '.join(stems)}}}"
+                     for folder, stems in folders.items())
+
+
+def find_config(given: str | Path) -> Path:
+    """The file of a config given as a path that exists, or else by a shipped config's name: with
+    or without `.yaml`, with or without a leading `configs/` (the README's commands work from any
+    folder). The name keeps the file's stem, so run folders are named as from the repo's file."""
+    path = Path(given)
+    if path.is_file():
+        return path
+    shipped = _shipped_file(path)
+    if shipped is not None:
+        return shipped
+    names = _listed(shipped_config_names()) or "none (no configs/ folder found)"
+    raise ConfigError(f"config {given} does not exist, and no config of that name ships with "
+                      f"fsl_dist; give a YAML file or one of: {names}")
+
+
+def _shipped_file(name: Path) -> Optional[Path]:
+    """The shipped config file `name` stands for, or None."""
+    tree = shipped_configs()
+    parts = name.parts[1:] if name.parts[:1] == ("configs",) else name.parts
+    if tree is None or not parts or name.is_absolute() or ".." in parts or parts[0] in NOT_SHIPPED:
+        return None
+    shipped = tree.joinpath(*parts)
+    if shipped.suffix not in (".yaml", ".yml"):
+        shipped = shipped.with_name(shipped.name + ".yaml")
+    return shipped if shipped.is_file() else None
 
 
 def _read_with_parents(path: Path, seen: tuple) -> dict:

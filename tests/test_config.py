@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fsl_dist.config import Config, ConfigError, load_config, save_config
+from fsl_dist.config import (
+    Config,
+    ConfigError,
+    default_run_dir,
+    find_config,
+    load_config,
+    save_config,
+    to_dict,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SYSTEMS = ("cnn_maml", "cnn_boil", "resnet_maml", "resnet_boil")
@@ -74,3 +82,40 @@ def test_saved_config_reads_back_equal(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert isinstance(cfg, Config)
+
+
+# ---------------------------------------------------------------- configs by name
+
+
+@pytest.mark.parametrize("given", ["cnn_maml", "cnn_maml.yaml", "configs/cnn_maml.yaml"])
+def test_a_shipped_config_loads_by_name_from_any_folder_with_its_files_run_folder(
+        given, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the name is looked up in the shipped tree
+    by_name, by_file = load_config(given), load_config(CONFIGS / "cnn_maml.yaml")
+    assert to_dict(by_name) == to_dict(by_file)
+    assert default_run_dir(by_name) == Path("runs/cnn_maml-0")
+
+
+def test_a_nested_name_follows_inherit_relative_to_its_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("miniimagenet/cnn_boil_5w1s")
+    assert find_config("miniimagenet/cnn_boil_5w1s") == CONFIGS / "miniimagenet/cnn_boil_5w1s.yaml"
+    assert cfg.name == "cnn_boil_5w1s" and cfg.data.dataset == "miniimagenet"
+
+
+def test_a_file_that_exists_wins_over_the_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cnn_maml.yaml").write_text(
+        f"inherit: {CONFIGS / 'cnn_maml.yaml'}\ntrain: {{steps: 7}}\n")
+    assert load_config("cnn_maml.yaml").train.steps == 7
+    assert load_config("cnn_maml").train.steps != 7  # no such file here: the shipped one
+
+
+@pytest.mark.parametrize("given", ["cnn_mamll", "sweeps/four_systems", "../configs/cnn_maml"])
+def test_an_unknown_name_is_a_config_error_listing_the_names(given, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"config {given} does not exist, and no config") as err:
+        load_config(given)
+    listed = str(err.value).partition("one of: ")[2]
+    assert "cnn_maml, " in listed and "miniimagenet/{base, " in listed
+    assert "sweeps" not in listed  # sweep files are not configs
