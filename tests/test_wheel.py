@@ -1,7 +1,7 @@
 """The wheel works outside the repo (issue 29, item 3): built from this checkout, installed into
 a fresh venv in a temporary folder, and run from that folder (not the repo), its console
-commands pack Omniglot from the local zips, train a shipped config by its name, evaluate and
-predict.
+commands pack Omniglot from the local zips, train a shipped config by its name, evaluate, and
+classify drawings from the zips with fsl-predict.
 
 Installing torch into every fresh venv would take minutes: the fresh venv sees the test venv's
 dependencies through a .pth file instead. A folder a .pth adds is not searched for further .pth
@@ -10,13 +10,15 @@ files, so an editable fsl_dist of the test venv stays invisible (checked below).
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -165,9 +167,27 @@ def test_an_unknown_config_name_exits_2_naming_it_and_the_shipped_names(installe
     assert "cnn_maml, " in result.stderr and len(result.stderr.splitlines()) == 1
 
 
+def write_futurama_drawings(zips: Path, folder: Path, per_class: int) -> None:
+    """The first `per_class` drawings of five Futurama characters (the futurama split's test
+    alphabet) from the source zip, one folder per character, as a user's images would come."""
+    with zipfile.ZipFile(zips / "images_background.zip") as archive:
+        names = sorted(n for n in archive.namelist() if "/Futurama/" in n and n.endswith(".png"))
+        for character in sorted({PurePosixPath(n).parent.name for n in names})[:5]:
+            drawings = [n for n in names if PurePosixPath(n).parent.name == character]
+            (folder / character).mkdir(parents=True)
+            for name in drawings[:per_class]:
+                (folder / character / PurePosixPath(name).name).write_bytes(archive.read(name))
+
+
 @pytest.mark.skipif(not PREDICT_MODULE.is_file(),
-                    reason="fsl_dist/cli/predict.py is not in this checkout yet (fsl-predict, "
-                           "issue 29): this step runs once it is")
-def test_fsl_predict_runs_from_outside_the_repo(trained, installed):
-    installed.run("fsl-predict", "--help")
-    # The prediction itself on the trained run (`trained`) is added with fsl_dist/cli/predict.py.
+                    reason="fsl_dist/cli/predict.py (fsl-predict) is not in this checkout")
+def test_fsl_predict_classifies_new_drawings_with_the_trained_run(trained, installed,
+                                                                  omniglot_source):
+    write_futurama_drawings(omniglot_source, installed.work / "support", per_class=1)
+    write_futurama_drawings(omniglot_source, installed.work / "query", per_class=3)
+    result = installed.run("fsl-predict", "--model", trained.relative_to(installed.work),
+                           "--support", "support", "--query", "query", "--out", "labels.csv")
+    rows = list(csv.DictReader((installed.work / "labels.csv").open()))
+    characters = {path.name for path in (installed.work / "support").iterdir()}
+    assert len(rows) == 15 and {row["predicted"] for row in rows} <= characters
+    assert "accuracy" in result.stdout + result.stderr  # query folders named after the classes
