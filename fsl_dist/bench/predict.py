@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fsl_dist.bench.machine import machine_line
+from fsl_dist.bench.machine import cpu_description
 from fsl_dist.config import load_config
 from fsl_dist.predict import load_model
 from fsl_dist.runs import build_run_model, save_final_model
@@ -117,10 +119,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def machine(device: torch.device) -> str:
+    """The machine line (the allocator as the process found it: prediction does not tune it)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
+    return (f"{name}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
+            f"{platform.python_version()}, device {device.type}, "
+            f"{torch.get_num_threads()} threads")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
-    print(f"machine: {machine_line(device, torch.get_num_threads())}")
+    print(f"machine: {machine(device)}")
     print(f"{args.seconds:g} s per measurement, after one warm-up call\n")
     rows = []
     for case in args.cases:
@@ -128,5 +138,5 @@ def main(argv=None) -> None:
             rows.append(measure(case, args, Path(scratch)))
     print(table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine_line(device, torch.get_num_threads()),
+        args.json.write_text(json.dumps({"machine": machine(device),
                                          "seconds": args.seconds, "rows": rows}, indent=1))
