@@ -94,6 +94,12 @@ class AlgorithmConfig:
     """ce (cross-entropy) or mse (on one-hot labels, as the original project)."""
     vectorize: Optional[bool] = None
     """vmap over tasks (true), a loop (false), or the measured faster path for the device (null)."""
+    msl_steps: int = 0
+    """MAML++'s multi-step loss: for the first `msl_steps` training steps the meta-objective is a
+    weighted sum of the query losses after every inner step, the weights annealed from uniform
+    towards the last step (`fsl_dist.meta.spec.msl_weights`); from then on the last step's loss
+    alone, as without it. 0 (default): off. The reference code anneals over 10 epochs of 500
+    iterations, 5000 steps. Evaluation is unchanged (the last step's accuracy)."""
 
 
 @dataclass
@@ -199,7 +205,8 @@ POSITIVE = (
     "eval.batch_size", "data.image_size", "data.shuffle_buffer", "optim.lr",
     "model.dropblock_size",
 )
-NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr")
+NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr",
+                "algorithm.msl_steps")
 _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 INNER_LR_GROUPS = ("features", "classifier")
 

@@ -253,7 +253,9 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
     state.optimizer.zero_grad(set_to_none=True)
     fp16 = precision == "fp16"
     outer_scale = state.outer_scaler.scale if fp16 else 1.0
-    spec = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=state.inner_lr)
+    # The step enters here: what MAML++ schedules by step is a function of it alone.
+    spec = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=state.inner_lr,
+                                     step=state.step)
     stats = meta_backward(state.model, tasks, spec, acc_before=acc_before, loss_scale=outer_scale,
                           inner_loss_scale=state.inner_scaler.scale if fp16 else None)
     device = params[0].device

@@ -38,12 +38,14 @@ class Adaptation(NamedTuple):
     params: Params     # every parameter, the adapted ones replaced by their adapted values
     first_loss: Tensor  # support loss before the first update (detached, unscaled)
     nonfinite: Tensor   # bool: some inner gradient held an inf or NaN
+    # with keep_steps: every parameter after each inner step (the last is ``params``)
+    steps: tuple = ()
 
 
 def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *,
           adapted_names, lrs: Mapping, steps: int, first_order: bool = False,
           inner_loss: str = "ce", loss_scale: float | None = None,
-          functional: bool = False) -> Adaptation:
+          functional: bool = False, keep_steps: bool = False) -> Adaptation:
     """Adapt ``params`` to one task's support set ``(x, y)`` with ``steps`` gradient steps.
 
     Args:
@@ -60,6 +62,8 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
             gradient in float32 afterwards (fp16 underflow protection).
         functional: take gradients with ``torch.func.grad`` (required under ``vmap``) instead
             of ``torch.autograd.grad``.
+        keep_steps: also return the parameters after every step (``Adaptation.steps``, for
+            MAML++'s multi-step loss).
 
     A non-finite gradient is not raised on (one rank raising would hang the others): it is
     reported in ``nonfinite`` and left in the result for the caller to skip the step.
@@ -77,6 +81,7 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
 
     gradient = _functional_gradient if functional else _autograd_gradient
     first_loss, nonfinite = None, torch.zeros((), dtype=torch.bool, device=x.device)
+    kept = []
     for _ in range(steps):
         grads, loss = gradient(support_loss, adapted, create_graph=not first_order)
         if loss_scale is not None:
@@ -85,7 +90,9 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
             first_loss = loss
         nonfinite = nonfinite | _any_nonfinite(grads)
         adapted = {n: p - lrs[n] * grads[n] for n, p in adapted.items()}
-    return Adaptation({**params, **adapted}, first_loss, nonfinite)
+        if keep_steps:
+            kept.append({**params, **adapted})
+    return Adaptation({**params, **adapted}, first_loss, nonfinite, tuple(kept))
 
 
 def _autograd_gradient(loss_fn, params: Params, create_graph: bool):
