@@ -88,6 +88,11 @@ class AlgorithmConfig:
     """One step size, or one per group: {features: a, classifier: b}."""
     first_order: bool = False
     """Second order by default; true drops the second-order term (explicitly)."""
+    first_order_steps: int = 0
+    """MAML++'s derivative-order annealing: first order while fewer than this many training
+    steps have finished, second order from then on (logged as train/second_order). 0
+    (default): off. The reference configs switch after epoch 80 of 500 iterations (the paper:
+    after 50 epochs)."""
     learn_inner_lr: bool = False
     """Meta-SGD style: one learnable step size per adapted parameter tensor."""
     inner_loss: str = "ce"
@@ -206,7 +211,7 @@ POSITIVE = (
     "model.dropblock_size",
 )
 NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr",
-                "algorithm.msl_steps")
+                "algorithm.msl_steps", "algorithm.first_order_steps")
 _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 INNER_LR_GROUPS = ("features", "classifier")
 
@@ -368,6 +373,10 @@ def validate(cfg: Config, where: str = "config") -> None:
         if not value > 0:
             raise ConfigError(f"{where}: `{key}` = {value!r} must be positive (to keep a part "
                               "fixed in the inner loop choose algorithm.name boil or anil)")
+    if cfg.algorithm.first_order and cfg.algorithm.first_order_steps:
+        raise ConfigError(f"{where}: `algorithm.first_order_steps` switches to second order "
+                          "after that many steps, but `algorithm.first_order` is true (first order "
+                          "throughout): drop one of them")
     if not 0 <= cfg.model.drop_rate < 1:
         raise ConfigError(f"{where}: `model.drop_rate` = {cfg.model.drop_rate} must be in [0, 1)")
     if cfg.model.drop_rate and cfg.model.name != "resnet12":

@@ -292,7 +292,9 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
             group["lr"] = lr
         state.optimizer.step()
     state.step += 1
-    out.update(grad_norm=grad_norm, skipped=float(inner_bad or outer_bad), allreduce_s=allreduce_s)
+    out.update(grad_norm=grad_norm, skipped=float(inner_bad or outer_bad), allreduce_s=allreduce_s,
+               second_order=float(not spec.first_order),
+               msl_last_weight=spec.step_weights[-1] if spec.step_weights else 1.0)
     return out
 
 
@@ -593,6 +595,9 @@ class Trainer:
             "train/loss": out["query_loss"], "train/acc_after": out["acc_after"],
             "train/acc_before": out["acc_before"], "train/inner_loss": out["inner_loss"],
             "train/grad_norm": out["grad_norm"], "train/skipped": out["skipped"],
+            # MAML++'s schedules at this step: derivative order and the last step's loss weight
+            "train/second_order": out["second_order"],
+            "train/msl_last_weight": out["msl_last_weight"],
             "lr": self.state.optimizer.param_groups[0]["lr"],
             "perf/tasks_per_s": tasks_per_s, "perf/step_time": step_time,  # since the last row
             "perf/allreduce_time": out["allreduce_s"],

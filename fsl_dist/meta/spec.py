@@ -74,7 +74,8 @@ class InnerLoopSpec:
         ``inner_lr`` overrides the configured step sizes (the trainer passes its
         ``LearnedInnerLR``); ``evaluation`` takes ``eval.inner_steps`` when it is set;
         ``inner_steps`` overrides both. ``step``, the number of finished training steps, sets
-        what is scheduled by step (the multi-step loss weights): the spec is a pure function
+        what is scheduled by step (the multi-step loss weights, first order before
+        ``algorithm.first_order_steps``): the spec is a pure function
         of it, so a resumed run continues the schedules exactly. Without it (evaluation, other
         callers) nothing scheduled is on.
         """
@@ -84,9 +85,10 @@ class InnerLoopSpec:
             if evaluation and cfg.eval.inner_steps is not None:
                 inner_steps = cfg.eval.inner_steps
         training = step is not None and not evaluation
+        annealing = training and step < algo.first_order_steps  # derivative-order annealing
         return cls(algorithm=algo.name, inner_steps=inner_steps,
                    inner_lr=algo.inner_lr if inner_lr is None else inner_lr,
-                   first_order=algo.first_order, inner_loss=algo.inner_loss,
+                   first_order=algo.first_order or annealing, inner_loss=algo.inner_loss,
                    precision=precision, vectorize=algo.vectorize,
                    step_weights=msl_weights(inner_steps, step, algo.msl_steps)
                    if training else None)
