@@ -93,8 +93,11 @@ class AlgorithmConfig:
     steps have finished, second order from then on (logged as train/second_order). 0
     (default): off. The reference configs switch after epoch 80 of 500 iterations (the paper:
     after 50 epochs)."""
-    learn_inner_lr: bool = False
-    """Meta-SGD style: one learnable step size per adapted parameter tensor."""
+    learn_inner_lr: Union[bool, str] = False
+    """Learned inner step sizes, each starting at `inner_lr`: true, one per adapted parameter
+    tensor (Meta-SGD style, per layer); per_step, one per inner step and adapted tensor, a
+    [inner_steps, tensors] parameter (MAML++'s LSLR, on in all its reference configs).
+    Evaluating with more steps than `inner_steps` reuses the last step's sizes. False: fixed."""
     inner_loss: str = "ce"
     """ce (cross-entropy) or mse (on one-hot labels, as the original project)."""
     vectorize: Optional[bool] = None
@@ -200,6 +203,7 @@ CHOICES = {
     "model.name": ("cnn", "resnet", "resnet12"),
     "algorithm.name": ("maml", "boil", "anil"),
     "algorithm.inner_loss": ("ce", "mse"),
+    "algorithm.learn_inner_lr": (False, True, "per_step"),
     "eval.part": ("val", "test"),
     "optim.schedule": ("constant", "cosine", "step"),
 }

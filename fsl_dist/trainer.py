@@ -31,7 +31,13 @@ from fsl_dist.data.shards import verify_shards
 from fsl_dist.distributed import launcher_precision
 from fsl_dist.evaluate import evaluate
 from fsl_dist.io import DiskFullError
-from fsl_dist.meta import InnerLoopSpec, InnerLossScaler, LearnedInnerLR, meta_backward
+from fsl_dist.meta import (
+    InnerLoopSpec,
+    InnerLossScaler,
+    LearnedInnerLR,
+    learned_inner_lr,
+    meta_backward,
+)
 from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.numerics import flat_grads
 from fsl_dist.runs import (
@@ -174,7 +180,9 @@ def build_state(cfg: Config, device: torch.device, inputs: dict) -> TrainState:
     inner_lr = cfg.algorithm.inner_lr
     params = list(model.parameters())
     if cfg.algorithm.learn_inner_lr:
-        inner_lr = LearnedInnerLR(model, cfg.algorithm.name, cfg.algorithm.inner_lr).to(device)
+        algo = cfg.algorithm
+        inner_lr = learned_inner_lr(model, algo.name, algo.inner_lr, algo.learn_inner_lr,
+                                    algo.inner_steps).to(device)
         params += list(inner_lr.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                  weight_decay=cfg.optim.weight_decay)

@@ -1,17 +1,35 @@
 """MAML++ options (Antoniou et al., 2019), each against an independent computation: the
 multi-step loss against per-step query losses computed by hand; derivative-order annealing
 against the first-order formula before its step and finite differences from it on (in the
-meta-objective and through the trainer's step)."""
+meta-objective and through the trainer's step); per-step learned step sizes against an inner
+loop written out by hand, and through export and loading; with all of them on, the
+meta-gradient against finite differences in float64 and the trainer's task-by-task path."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.func import functional_call
 
-from fsl_dist.config import ConfigError, load_config
-from fsl_dist.meta import ALGORITHMS, InnerLoopSpec, adapt, adapted_parameter_names, meta_loss
+from fsl_dist.config import ConfigError, load_config, save_config
+from fsl_dist.data.shards import load_manifest
+from fsl_dist.meta import (
+    ALGORITHMS,
+    InnerLoopSpec,
+    LearnedInnerLR,
+    adapt,
+    adapted_parameter_names,
+    evaluate_tasks,
+    learned_inner_lr,
+    meta_backward,
+    meta_loss,
+)
 from fsl_dist.meta.inner import cross_entropy
 from fsl_dist.meta.precision import InnerLossScaler
 from fsl_dist.meta.spec import msl_weights
+from fsl_dist.predict import load_model
+from fsl_dist.runs import build_run_model, load_trained, model_inputs, save_final_model
 from fsl_dist.trainer import TrainState, train_step
 
 from launching import ROOT
@@ -180,3 +198,129 @@ def test_the_trainer_step_takes_first_order_gradients_until_the_switch():
 def test_mamlpp_settings_that_cannot_work_are_named(overrides, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         config(*overrides)
+
+
+# ---------------------------------------------------------------- per-step step sizes (LSLR)
+
+
+def distinct_per_step(model, algorithm, steps):
+    """A per-step LearnedInnerLR whose every (step, tensor) size differs."""
+    lrs = LearnedInnerLR(model, algorithm, LR, steps=steps).double()
+    with torch.no_grad():
+        lrs.per_step.mul_(1 + 0.1 * torch.arange(lrs.per_step.numel(), dtype=torch.float64)
+                          .view_as(lrs.per_step) / lrs.per_step.numel())
+    return lrs
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_per_step_sizes_have_one_row_per_inner_step_and_one_column_per_adapted_tensor(algorithm):
+    model = tiny_model()
+    names = adapted_parameter_names(algorithm, dict(model.named_parameters()))
+    lrs = learned_inner_lr(model, algorithm, LR, "per_step", 3)
+    assert lrs.per_step.shape == (3, len(names)) and lrs.names == names
+    assert list(lrs.state_dict()) == ["per_step"]
+    for k in range(3):
+        for col, name in enumerate(names):
+            assert lrs.per_step[k, col].item() == pytest.approx(LR[name.split(".")[0]])
+    per_tensor = learned_inner_lr(model, algorithm, LR, True, 3)  # today's: one per tensor
+    assert per_tensor.steps is None and len(list(per_tensor.parameters())) == len(names)
+
+
+def hand_inner_loop_loss(model, tasks, names, rates):
+    """The second-order meta-objective with step k of tensor l taking ``rates[k, l]``, written
+    out with autograd alone."""
+    params = dict(model.named_parameters())
+    forward = lambda p, x: functional_call(model, p, (x,))  # noqa: E731
+    total = 0
+    for t in range(len(tasks["support_x"])):
+        current = dict(params)
+        for k in range(rates.shape[0]):
+            loss = cross_entropy(forward(current, tasks["support_x"][t]), tasks["support_y"][t])
+            grads = torch.autograd.grad(loss, [current[n] for n in names], create_graph=True)
+            current.update({n: current[n] - rates[k, col] * g
+                            for col, (n, g) in enumerate(zip(names, grads))})
+        total = total + cross_entropy(forward(current, tasks["query_x"][t]),
+                                      tasks["query_y"][t])
+    return total / len(tasks["support_x"])
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_step_k_of_tensor_l_uses_its_own_size(algorithm, vectorize):
+    model, tasks = tiny_model(), make_tasks()
+    lrs = distinct_per_step(model, algorithm, 2)
+    leaves = [*model.parameters(), lrs.per_step]
+    loss = meta_loss(model, tasks, InnerLoopSpec(algorithm, inner_steps=2, inner_lr=lrs,
+                                                 vectorize=vectorize))[0]
+    expected = hand_inner_loop_loss(model, tasks, lrs.names, lrs.per_step)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    got, want = (torch.autograd.grad(value, leaves) for value in (loss, expected))
+    torch.testing.assert_close(flat(got), flat(want), rtol=1e-9, atol=1e-12)
+    assert (got[-1] != 0).all()  # every (step, tensor) size is meta-learned
+
+
+def test_evaluation_beyond_the_learned_steps_reuses_the_last_row():
+    model, tasks = tiny_model(), make_tasks()
+    two = distinct_per_step(model, "maml", 2)
+    three = LearnedInnerLR(model, "maml", LR, steps=3).double()
+    with torch.no_grad():
+        three.per_step.copy_(torch.cat([two.per_step, two.per_step[-1:]]))
+    got, want = (evaluate_tasks(model, tasks, InnerLoopSpec("maml", inner_steps=3, inner_lr=lrs))
+                 for lrs in (two, three))
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+def test_per_step_sizes_are_exported_and_loaded_for_evaluation_and_prediction(packed, tmp_path):
+    shards = packed("futurama")
+    cfg = config(f"data.shards={shards}", "model.width=8", "algorithm.inner_steps=2",
+                 "algorithm.learn_inner_lr=per_step", "eval.inner_steps=3")
+    manifest = load_manifest(shards)
+    model = build_run_model(cfg, model_inputs(manifest))
+    lrs = learned_inner_lr(model, "maml", cfg.algorithm.inner_lr, "per_step", 2)
+    with torch.no_grad():
+        lrs.per_step.add_(torch.rand(lrs.per_step.shape))  # trained-looking, all distinct
+    save_final_model(SimpleNamespace(model=model, inner_lr=lrs, step=0), cfg, tmp_path, manifest)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["inner_lr.per_step"],
+                       lrs.per_step.detach())
+    _, _, loaded, _ = load_trained(tmp_path, torch.device("cpu"))
+    assert torch.equal(loaded.per_step, lrs.per_step)
+    predictor = load_model(tmp_path, "cpu")
+    assert predictor.spec.inner_steps == 3
+    assert torch.equal(predictor.spec.inner_lr.per_step, lrs.per_step)
+
+
+# ---------------------------------------------------------------- all options on
+
+
+def all_options_spec(algorithm, vectorize, model):
+    """The trainer's spec at step 5 of a config with every option of this module on: mid-way
+    through the multi-step loss annealing, after the switch to second order, per-step sizes."""
+    cfg = config(f"algorithm.name={algorithm}", "algorithm.inner_steps=3",
+                 "algorithm.msl_steps=10", "algorithm.first_order_steps=2",
+                 "algorithm.learn_inner_lr=per_step", f"algorithm.vectorize={vectorize}")
+    lrs = distinct_per_step(model, algorithm, 3)
+    spec = InnerLoopSpec.from_config(cfg, precision="no", inner_lr=lrs, step=5)
+    assert not spec.first_order and spec.step_weights == msl_weights(3, 5, 10)
+    return spec, lrs
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_all_options_meta_gradient_matches_finite_differences(algorithm, vectorize):
+    model, tasks = tiny_model(), make_tasks()
+    spec, lrs = all_options_spec(algorithm, vectorize, model)
+    check_against_finite_differences(lambda: meta_loss(model, tasks, spec)[0],
+                                     [*model.parameters(), lrs.per_step])
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_all_options_trainer_path_gives_the_meta_loss_gradient(algorithm):
+    model, tasks = tiny_model(), make_tasks()
+    spec, lrs = all_options_spec(algorithm, False, model)
+    leaves = [*model.parameters(), lrs.per_step]
+    expected = flat(torch.autograd.grad(meta_loss(model, tasks, spec)[0], leaves))
+    meta_backward(model, tasks, spec, workers=2)
+    torch.testing.assert_close(flat([p.grad for p in leaves]), expected, rtol=1e-10,
+                               atol=1e-13)

@@ -234,6 +234,13 @@ def _plan(model, spec: InnerLoopSpec, device_type: str, vectorize: bool, *,
     return plan, lrs
 
 
+def _detached(lrs):
+    """Step sizes (``resolve_inner_lr``'s) without their graph: evaluation learns nothing."""
+    if isinstance(lrs, list):
+        return [_detached(step) for step in lrs]
+    return {n: lr.detach() if isinstance(lr, Tensor) else lr for n, lr in lrs.items()}
+
+
 def _check_tasks(tasks):
     missing = [k for k in TASK_KEYS if k not in tasks]
     if missing:
@@ -372,7 +379,7 @@ def _evaluate_tasks(model, tasks, spec, inner_loss_scale, workers) -> dict:
     plan, lrs = _plan(model, spec, device.type, vectorize, inner_loss_scale=inner_loss_scale,
                       evaluation=True)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    lrs = {n: lr.detach() if isinstance(lr, Tensor) else lr for n, lr in lrs.items()}
+    lrs = _detached(lrs)
     if vectorize:
         with torch.enable_grad():
             results = _run_tasks(model, tasks, params, lrs, plan, True)
@@ -417,7 +424,7 @@ def adapt_task(model: nn.Module, support_x: Tensor, support_y: Tensor,
     plan, lrs = _plan(model, spec, support_x.device.type, False, evaluation=True,
                       acc_before=False)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    lrs = {n: lr.detach() if isinstance(lr, Tensor) else lr for n, lr in lrs.items()}
+    lrs = _detached(lrs)
     with _evaluation_mode(model), torch.enable_grad():
         task = _task_forward(model, params, plan)
         adaptation = _adapt_task(task, lrs, plan, task.prepare(support_x), support_y)
