@@ -118,12 +118,15 @@ class OptimConfig:
     """Clip the (all-reduced) meta-gradient to this norm; null disables clipping."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: str = "constant"
-    """constant; cosine: the outer learning rate falls from `lr` to `min_lr` over train.steps
-    (MAML++'s annealing); step: it is multiplied by `decay_factor` at each step of `decay_at`.
+    """constant; cosine: the outer learning rate falls from `lr` to `min_lr` over train.steps,
+    min_lr + (lr - min_lr)(1 + cos(pi step / train.steps)) / 2 (MAML++'s annealing: the form of
+    torch's CosineAnnealingLR, which its reference code steps once per epoch of 500 iterations,
+    from 1e-3 to 1e-5; here it moves every step); step: it is multiplied by `decay_factor` at
+    each step of `decay_at`.
     A function of the step alone, so a resumed run continues it exactly (and a constant-rate run
     resumed at step N with `schedule: step, decay_at: [N]` is that step schedule from the start)."""
     min_lr: float = 0.0
-    """The end of the cosine schedule."""
+    """The end of the cosine schedule (MAML++'s reference configs: 1e-5)."""
     decay_at: list[int] = field(default_factory=list)
     """The step schedule's steps, ascending: updates after this many finished steps use the lower
     rate."""
