@@ -331,10 +331,17 @@ def checkpoint_state(state: TrainState, wandb_id: Optional[str]) -> dict:
 def restore_state(state: TrainState, saved: dict) -> None:
     state.model.load_state_dict(saved["model"])
     if saved.get("inner_lr") is not None:
+        # per tensor ("lrs.*") or per step ("per_step", [inner steps, tensors])
+        kind = "per_step" if "per_step" in saved["inner_lr"] else "true"
+        advice = f"the checkpoint has learned inner step sizes: set algorithm.learn_inner_lr={kind}"
+        if kind == "per_step":
+            advice += " and the algorithm.inner_steps it was trained with"
         if not isinstance(state.inner_lr, torch.nn.Module):
-            raise ConfigError("the checkpoint has learned inner step sizes; "
-                              "set algorithm.learn_inner_lr=true")
-        state.inner_lr.load_state_dict(saved["inner_lr"])
+            raise ConfigError(advice)
+        try:
+            state.inner_lr.load_state_dict(saved["inner_lr"])
+        except RuntimeError as error:
+            raise ConfigError(f"{advice} ({str(error).splitlines()[0]})") from error
     state.optimizer.load_state_dict(saved["optimizer"])
     state.outer_scaler.load_state_dict(saved["outer_scaler"])
     state.inner_scaler.load_state_dict(saved["inner_scaler"])
