@@ -91,8 +91,8 @@ class AlgorithmConfig:
     first_order_steps: int = 0
     """MAML++'s derivative-order annealing: first order while fewer than this many training
     steps have finished, second order from then on (logged as train/second_order). 0
-    (default): off. The reference configs switch after epoch 80 of 500 iterations (the paper:
-    after 50 epochs)."""
+    (default): off. The paper switches after 50 epochs (of 500 iterations: 25000 steps); the
+    reference code's final configs keep it off (first_order_to_second_order_epoch -1)."""
     learn_inner_lr: Union[bool, str] = False
     """Learned inner step sizes, each starting at `inner_lr`: true, one per adapted parameter
     tensor (Meta-SGD style, per layer); per_step, one per inner step and adapted tensor, a
@@ -106,8 +106,9 @@ class AlgorithmConfig:
     """MAML++'s multi-step loss: for the first `msl_steps` training steps the meta-objective is a
     weighted sum of the query losses after every inner step, the weights annealed from uniform
     towards the last step (`fsl_dist.meta.spec.msl_weights`); from then on the last step's loss
-    alone, as without it. 0 (default): off. The reference code anneals over 10 epochs of 500
-    iterations, 5000 steps. Evaluation is unchanged (the last step's accuracy)."""
+    alone, as without it. 0 (default): off. The reference configs anneal over 10 (Omniglot) or
+    15 (mini-ImageNet) epochs of 500 iterations: 5000 or 7500 steps. Evaluation is unchanged
+    (the last step's accuracy)."""
 
 
 @dataclass

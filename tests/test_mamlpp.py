@@ -372,3 +372,11 @@ def test_all_options_under_bf16_err_as_bf16_rounding_does(algorithm, vectorize):
             p.copy_(p.bfloat16().float())
     assert torch.isfinite(mixed).all()
     assert rel_err(mixed, reference) <= 2 * rel_err(gradient(rounded, spec), reference)
+
+
+@pytest.mark.parametrize("name", ["omniglot_cnn_maml_20w1s", "miniimagenet_cnn_maml_5w1s"])
+def test_the_mamlpp_configs_load_with_their_options_on(name):
+    cfg = load_config(ROOT / "configs" / "mamlpp" / f"{name}.yaml")
+    algo = cfg.algorithm
+    assert (algo.learn_inner_lr, algo.inner_steps, cfg.optim.schedule) == ("per_step", 5, "cosine")
+    assert algo.msl_steps > 0 and not algo.first_order and algo.first_order_steps == 0
