@@ -112,7 +112,7 @@ def learned_inner_lr(model: nn.Module, algorithm: str, init, learn, inner_steps:
                           steps=inner_steps if learn == "per_step" else None)
 
 
-def resolve_inner_lr(inner_lr, names: Iterable[str]) -> dict:
+def resolve_inner_lr(inner_lr, names: Iterable[str]) -> dict | list[dict]:
     """``{name: step size}`` for the adapted ``names``; for a per-step ``LearnedInnerLR`` a
     list of them, one per inner step (what ``inner.adapt`` takes as ``lrs``).
 
