@@ -92,12 +92,27 @@ class AlgorithmConfig:
     """One step size, or one per group: {features: a, classifier: b}."""
     first_order: bool = False
     """Second order by default; true drops the second-order term (explicitly)."""
-    learn_inner_lr: bool = False
-    """Meta-SGD style: one learnable step size per adapted parameter tensor."""
+    first_order_steps: int = 0
+    """MAML++'s derivative-order annealing: first order while fewer than this many training
+    steps have finished, second order from then on (logged as train/second_order). 0
+    (default): off. The paper switches after 50 epochs (of 500 iterations: 25000 steps); the
+    reference code's final configs keep it off (first_order_to_second_order_epoch -1)."""
+    learn_inner_lr: Union[bool, str] = False
+    """Learned inner step sizes, each starting at `inner_lr`: true, one per adapted parameter
+    tensor (Meta-SGD style, per layer); per_step, one per inner step and adapted tensor, a
+    [inner_steps, tensors] parameter (MAML++'s LSLR, on in all its reference configs).
+    Evaluating with more steps than `inner_steps` reuses the last step's sizes. False: fixed."""
     inner_loss: str = "ce"
     """ce (cross-entropy) or mse (on one-hot labels, as the original project)."""
     vectorize: Optional[bool] = None
     """vmap over tasks (true), a loop (false), or the measured faster path for the device (null)."""
+    msl_steps: int = 0
+    """MAML++'s multi-step loss: for the first `msl_steps` training steps the meta-objective is a
+    weighted sum of the query losses after every inner step, the weights annealed from uniform
+    towards the last step (`fsl_dist.meta.spec.msl_weights`); from then on the last step's loss
+    alone, as without it. 0 (default): off. The reference configs anneal over 10 (Omniglot) or
+    15 (mini-ImageNet) epochs of 500 iterations: 5000 or 7500 steps. Evaluation is unchanged
+    (the last step's accuracy)."""
 
 
 @dataclass
@@ -108,12 +123,15 @@ class OptimConfig:
     """Clip the (all-reduced) meta-gradient to this norm; null disables clipping."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: str = "constant"
-    """constant; cosine: the outer learning rate falls from `lr` to `min_lr` over train.steps
-    (MAML++'s annealing); step: it is multiplied by `decay_factor` at each step of `decay_at`.
+    """constant; cosine: the outer learning rate falls from `lr` to `min_lr` over train.steps,
+    min_lr + (lr - min_lr)(1 + cos(pi step / train.steps)) / 2 (MAML++'s annealing: the form of
+    torch's CosineAnnealingLR, which its reference code steps once per epoch of 500 iterations,
+    from 1e-3 to 1e-5; here it moves every step); step: it is multiplied by `decay_factor` at
+    each step of `decay_at`.
     A function of the step alone, so a resumed run continues it exactly (and a constant-rate run
     resumed at step N with `schedule: step, decay_at: [N]` is that step schedule from the start)."""
     min_lr: float = 0.0
-    """The end of the cosine schedule."""
+    """The end of the cosine schedule (MAML++'s reference configs: 1e-5)."""
     decay_at: list[int] = field(default_factory=list)
     """The step schedule's steps, ascending: updates after this many finished steps use the lower
     rate."""
@@ -196,6 +214,7 @@ CHOICES = {
     "model.name": ("cnn", "resnet", "resnet12"),
     "algorithm.name": ("maml", "boil", "anil"),
     "algorithm.inner_loss": ("ce", "mse"),
+    "algorithm.learn_inner_lr": (False, True, "per_step"),
     "eval.part": ("val", "test"),
     "optim.schedule": ("constant", "cosine", "step"),
 }
@@ -206,7 +225,8 @@ POSITIVE = (
     "eval.batch_size", "data.image_size", "data.shuffle_buffer", "optim.lr",
     "model.dropblock_size",
 )
-NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr")
+NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr",
+                "algorithm.msl_steps", "algorithm.first_order_steps")
 _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 INNER_LR_GROUPS = ("features", "classifier")
 
@@ -432,6 +452,10 @@ def validate(cfg: Config, where: str = "config") -> None:
         if not value > 0:
             raise ConfigError(f"{where}: `{key}` = {value!r} must be positive (to keep a part "
                               "fixed in the inner loop choose algorithm.name boil or anil)")
+    if cfg.algorithm.first_order and cfg.algorithm.first_order_steps:
+        raise ConfigError(f"{where}: `algorithm.first_order_steps` switches to second order "
+                          "after that many steps, but `algorithm.first_order` is true (first order "
+                          "throughout): drop one of them")
     if not 0 <= cfg.model.drop_rate < 1:
         raise ConfigError(f"{where}: `model.drop_rate` = {cfg.model.drop_rate} must be in [0, 1)")
     if cfg.model.drop_rate and cfg.model.name != "resnet12":

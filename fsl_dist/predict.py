@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from fsl_dist.data.episodes import to_unit_float
 from fsl_dist.data.preprocess import image_pixels, preprocessing_of
-from fsl_dist.meta import AdaptedTask, InnerLoopSpec, LearnedInnerLR, adapt_task
+from fsl_dist.meta import AdaptedTask, InnerLoopSpec, adapt_task, learned_inner_lr
 from fsl_dist.models import build_model
 from fsl_dist.progress import progress
 
@@ -99,7 +99,8 @@ def _inner_loop(description: dict, model, tensors: dict, device, folder: Path) -
     evaluation = description.get("evaluation") or _evaluation_from_config(folder)
     inner_lr = algorithm["inner_lr"]
     if algorithm.get("learn_inner_lr"):
-        inner_lr = LearnedInnerLR(model, algorithm["name"], inner_lr)
+        inner_lr = learned_inner_lr(model, algorithm["name"], inner_lr,
+                                    algorithm["learn_inner_lr"], algorithm["inner_steps"])
         inner_lr.load_state_dict({k[len("inner_lr."):]: v for k, v in tensors.items()
                                   if k.startswith("inner_lr.")})
         inner_lr = inner_lr.to(device)

@@ -40,7 +40,7 @@ from fsl_dist.data.shards import (
 )
 from fsl_dist.evaluate import combine_seeds, evaluate
 from fsl_dist.io import DiskFullError, atomic_write, atomic_write_json, atomic_write_text
-from fsl_dist.meta import InnerLoopSpec, LearnedInnerLR
+from fsl_dist.meta import InnerLoopSpec, learned_inner_lr
 from fsl_dist.models import build_model
 
 PACKAGES = ("fsl_dist", "torch", "accelerate", "webdataset", "wandb", "numpy", "safetensors")
@@ -241,7 +241,9 @@ def load_trained(run_dir: Path, device: torch.device, checkpoint: Optional[str] 
     model.load_state_dict(model_state)
     inner_lr = cfg.algorithm.inner_lr
     if cfg.algorithm.learn_inner_lr:
-        inner_lr = LearnedInnerLR(model, cfg.algorithm.name, cfg.algorithm.inner_lr)
+        algo = cfg.algorithm
+        inner_lr = learned_inner_lr(model, algo.name, algo.inner_lr, algo.learn_inner_lr,
+                                    algo.inner_steps)
         inner_lr.load_state_dict(inner_lr_state)
         inner_lr = inner_lr.to(device)
     return cfg, model.to(device), inner_lr, weights

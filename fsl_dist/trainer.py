@@ -30,7 +30,13 @@ from fsl_dist.data.shards import verify_shards
 from fsl_dist.distributed import launcher_precision
 from fsl_dist.evaluate import evaluate
 from fsl_dist.io import DiskFullError
-from fsl_dist.meta import InnerLoopSpec, InnerLossScaler, LearnedInnerLR, meta_backward
+from fsl_dist.meta import (
+    InnerLoopSpec,
+    InnerLossScaler,
+    LearnedInnerLR,
+    learned_inner_lr,
+    meta_backward,
+)
 from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.numerics import flat_grads
 from fsl_dist.progress import progress
@@ -174,7 +180,9 @@ def build_state(cfg: Config, device: torch.device, inputs: dict) -> TrainState:
     inner_lr = cfg.algorithm.inner_lr
     params = list(model.parameters())
     if cfg.algorithm.learn_inner_lr:
-        inner_lr = LearnedInnerLR(model, cfg.algorithm.name, cfg.algorithm.inner_lr).to(device)
+        algo = cfg.algorithm
+        inner_lr = learned_inner_lr(model, algo.name, algo.inner_lr, algo.learn_inner_lr,
+                                    algo.inner_steps).to(device)
         params += list(inner_lr.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                  weight_decay=cfg.optim.weight_decay)
@@ -253,7 +261,9 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
     state.optimizer.zero_grad(set_to_none=True)
     fp16 = precision == "fp16"
     outer_scale = state.outer_scaler.scale if fp16 else 1.0
-    spec = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=state.inner_lr)
+    # The step enters here: what MAML++ schedules by step is a function of it alone.
+    spec = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=state.inner_lr,
+                                     step=state.step)
     stats = meta_backward(state.model, tasks, spec, acc_before=acc_before, loss_scale=outer_scale,
                           inner_loss_scale=state.inner_scaler.scale if fp16 else None)
     device = params[0].device
@@ -290,7 +300,9 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
             group["lr"] = lr
         state.optimizer.step()
     state.step += 1
-    out.update(grad_norm=grad_norm, skipped=float(inner_bad or outer_bad), allreduce_s=allreduce_s)
+    out.update(grad_norm=grad_norm, skipped=float(inner_bad or outer_bad), allreduce_s=allreduce_s,
+               second_order=float(not spec.first_order),
+               msl_last_weight=spec.step_weights[-1] if spec.step_weights else 1.0)
     return out
 
 
@@ -319,10 +331,17 @@ def checkpoint_state(state: TrainState, wandb_id: Optional[str]) -> dict:
 def restore_state(state: TrainState, saved: dict) -> None:
     state.model.load_state_dict(saved["model"])
     if saved.get("inner_lr") is not None:
+        # per tensor ("lrs.*") or per step ("per_step", [inner steps, tensors])
+        kind = "per_step" if "per_step" in saved["inner_lr"] else "true"
+        advice = f"the checkpoint has learned inner step sizes: set algorithm.learn_inner_lr={kind}"
+        if kind == "per_step":
+            advice += " and the algorithm.inner_steps it was trained with"
         if not isinstance(state.inner_lr, torch.nn.Module):
-            raise ConfigError("the checkpoint has learned inner step sizes; "
-                              "set algorithm.learn_inner_lr=true")
-        state.inner_lr.load_state_dict(saved["inner_lr"])
+            raise ConfigError(advice)
+        try:
+            state.inner_lr.load_state_dict(saved["inner_lr"])
+        except RuntimeError as error:
+            raise ConfigError(f"{advice} ({str(error).splitlines()[0]})") from error
     state.optimizer.load_state_dict(saved["optimizer"])
     state.outer_scaler.load_state_dict(saved["outer_scaler"])
     state.inner_scaler.load_state_dict(saved["inner_scaler"])
@@ -599,6 +618,9 @@ class Trainer:
             "train/loss": out["query_loss"], "train/acc_after": out["acc_after"],
             "train/acc_before": out["acc_before"], "train/inner_loss": out["inner_loss"],
             "train/grad_norm": out["grad_norm"], "train/skipped": out["skipped"],
+            # MAML++'s schedules at this step: derivative order and the last step's loss weight
+            "train/second_order": out["second_order"],
+            "train/msl_last_weight": out["msl_last_weight"],
             "lr": self.state.optimizer.param_groups[0]["lr"],
             "perf/tasks_per_s": tasks_per_s, "perf/step_time": step_time,  # since the last row
             "perf/allreduce_time": out["allreduce_s"],

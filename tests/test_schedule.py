@@ -24,6 +24,21 @@ def test_cosine_falls_from_lr_to_min_lr_and_stays_there():
     assert all(a > b for a, b in zip(falling, falling[1:]))
 
 
+def test_cosine_is_mamlpp_annealing_as_torch_computes_it():
+    """MAML++'s reference code anneals with torch's CosineAnnealingLR (eta_min = its
+    min_learning_rate 1e-5, from meta_learning_rate 1e-3), stepped once per epoch over
+    total_epochs; here the same curve is stepped once per training step over train.steps."""
+    optim, total = OptimConfig(lr=1e-3, schedule="cosine", min_lr=1e-5), 150
+    weight = torch.zeros(1, requires_grad=True)
+    adam = torch.optim.Adam([weight], lr=optim.lr)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(adam, T_max=total, eta_min=1e-5)
+    for step in range(total + 1):
+        assert outer_lr(optim, step, total) == pytest.approx(adam.param_groups[0]["lr"],
+                                                              rel=1e-9), step
+        adam.step()
+        reference.step()
+
+
 def test_constant_is_the_default():
     assert OptimConfig().schedule == "constant"
 

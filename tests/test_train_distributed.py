@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fsl_dist.checkpoint import latest_checkpoint, load_checkpoint
+from fsl_dist.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from fsl_dist.meta.precision import cpu_has_bf16_instructions
 
 from launching import ROOT, child_env, command, run
@@ -186,3 +186,40 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(shards, tmp_path
     steps = [json.loads(line)["step"] for line in (parts / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# MAML++ options of fsl_dist (all but the per-step batch norm ones), on for the whole run:
+# the multi-step loss annealed over steps 0-3 and off from step 4, first order on steps 0-2 and
+# second order from step 3, per-step learned inner step sizes, the cosine outer rate.
+MAMLPP = ("algorithm.inner_steps=2", "algorithm.msl_steps=4", "algorithm.first_order_steps=3",
+          "algorithm.learn_inner_lr=per_step", "optim.schedule=cosine", "optim.min_lr=1e-5")
+
+
+def test_mamlpp_two_ranks_equal_one_and_resume_is_bitwise_across_the_switches(shards, tmp_path):
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    train(one, shards, 0, *MAMLPP)
+    train(two, shards, 2, *MAMLPP)
+    assert_world(two, 2)
+    a, b = weights(one), weights(two)
+    assert a["inner_lr.per_step"].shape == (2, 14)  # [inner steps, adapted tensors of Conv-4]
+    difference = max_abs_difference(a, b)
+    assert difference < 1e-6, f"max |one - two| = {difference:.3g}"
+    # row s reports the spec of step s - 1 (s - 1 steps had finished when it ran)
+    rows = train_rows(one)
+    assert [r["train/second_order"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    assert [r["train/msl_last_weight"] for r in rows] == pytest.approx(
+        [0.5, 0.625, 0.75, 0.875, 1, 1], rel=1e-12)
+    # from the step-2 checkpoint of the one-process run, across both switches (steps 3 and 4)
+    train(resumed, shards, 0, *MAMLPP, "--resume", str(checkpoint_path(one, 2)))
+    assert train_rows(resumed) == [
+        {k: r[k] for k in ("step", "train/second_order", "train/msl_last_weight")}
+        for r in rows[2:]]
+    c = weights(resumed)
+    assert all(torch.equal(a[k], c[k]) for k in a), f"max diff {max_abs_difference(a, c):.3g}"
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    """The training rows of a run's metrics: step and the MAML++ schedules' values."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("step", "train/second_order", "train/msl_last_weight")}
+            for r in rows if "train/loss" in r]

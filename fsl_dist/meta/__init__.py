@@ -12,6 +12,7 @@ from .algorithms import (
     DEFAULT_INNER_LR,
     LearnedInnerLR,
     adapted_parameter_names,
+    learned_inner_lr,
     resolve_inner_lr,
 )
 from .inner import INNER_LOSSES, Adaptation, adapt
@@ -32,6 +33,6 @@ __all__ = [
     "AdaptedTask", "Adaptation", "InnerLoopSpec", "InnerLossScaler", "LearnedInnerLR", "adapt",
     "adapt_task",
     "adapted_parameter_names",
-    "default_task_workers", "default_vectorize", "evaluate_tasks", "meta_backward", "meta_loss",
-    "resolve_inner_lr",
+    "default_task_workers", "default_vectorize", "evaluate_tasks", "learned_inner_lr",
+    "meta_backward", "meta_loss", "resolve_inner_lr",
 ]

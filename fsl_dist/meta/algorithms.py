@@ -49,16 +49,22 @@ def adapted_parameter_names(algorithm: str, names: Iterable[str]) -> list[str]:
 
 
 class LearnedInnerLR(nn.Module):
-    """One learnable inner step size per adapted parameter tensor (Meta-SGD, per layer).
+    """Learnable inner step sizes: one per adapted parameter tensor (Meta-SGD, per layer), or
+    with ``steps`` one per inner step and adapted tensor (MAML++'s LSLR).
 
     Pass it as ``inner_lr=`` to ``meta_loss``; its parameters are meta-learned with the model
     (add them to the optimizer and the checkpoint). The step sizes are raw values, as in
-    Meta-SGD: the outer optimiser may shrink or even flip them.
+    Meta-SGD and the MAML++ reference code: the outer optimiser may shrink or even flip them.
 
     Args:
         model: the model whose adapted parameters get a step size each.
         algorithm: "maml", "boil" or "anil" (which parameters adapt).
-        init: initial step size, a float or ``{"features": a, "classifier": b}``.
+        init: initial step size, a float or ``{"features": a, "classifier": b}`` (every
+            inner step starts from the same one).
+        steps: None: one step size per tensor, ``lrs`` (a ParameterDict of scalars); an int:
+            ``per_step``, one parameter of shape [steps, adapted tensors], row k holding the
+            sizes of inner step k, columns in ``names`` order. An inner loop longer than
+            ``steps`` (evaluation with more steps) takes the last row for the extra steps.
 
     Example::
 
@@ -67,25 +73,48 @@ class LearnedInnerLR(nn.Module):
         loss, stats = meta_loss(model, tasks, algorithm="maml", inner_steps=1, inner_lr=lrs)
     """
 
-    def __init__(self, model: nn.Module, algorithm: str, init):
+    def __init__(self, model: nn.Module, algorithm: str, init, steps: int | None = None):
         super().__init__()
         self.algorithm = algorithm
-        names = adapted_parameter_names(algorithm, [n for n, _ in model.named_parameters()])
-        values = resolve_inner_lr(init, names)
-        # Module attribute names cannot hold dots.
-        self.lrs = nn.ParameterDict({
-            n.replace(".", "__"): nn.Parameter(torch.tensor(float(values[n]))) for n in names})
+        self.names = adapted_parameter_names(algorithm, [n for n, _ in model.named_parameters()])
+        values = resolve_inner_lr(init, self.names)
+        if steps is None:
+            # Module attribute names cannot hold dots.
+            self.lrs = nn.ParameterDict({n.replace(".", "__"): nn.Parameter(
+                torch.tensor(float(values[n]))) for n in self.names})
+        else:
+            if steps < 1:
+                raise ValueError(f"per-step inner step sizes need at least one step, got {steps}")
+            row = [float(values[n]) for n in self.names]
+            self.per_step = nn.Parameter(torch.tensor([row] * steps))
 
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        """``{parameter name: step size}``, differentiable."""
-        return {key.replace("__", "."): lr for key, lr in self.lrs.items()}
+    @property
+    def steps(self) -> int | None:
+        """Inner steps with their own sizes (None: the same sizes at every step)."""
+        return self.per_step.shape[0] if hasattr(self, "per_step") else None
+
+    def as_dict(self):
+        """``{parameter name: step size}``, differentiable; per step, a list of such dicts,
+        one per inner step."""
+        if self.steps is None:
+            return {key.replace("__", "."): lr for key, lr in self.lrs.items()}
+        return [dict(zip(self.names, row.unbind(0))) for row in self.per_step.unbind(0)]
 
     def extra_repr(self) -> str:
-        return f"algorithm={self.algorithm!r}"
+        return f"algorithm={self.algorithm!r}, steps={self.steps}"
 
 
-def resolve_inner_lr(inner_lr, names: Iterable[str]) -> dict:
-    """``{name: step size}`` for the adapted ``names``.
+def learned_inner_lr(model: nn.Module, algorithm: str, init, learn, inner_steps: int):
+    """The ``LearnedInnerLR`` a config's ``algorithm.learn_inner_lr`` asks for: true, one size
+    per adapted tensor; "per_step", one per training inner step and adapted tensor. The one
+    place mapping the setting to the module, for training and for loading a trained model."""
+    return LearnedInnerLR(model, algorithm, init,
+                          steps=inner_steps if learn == "per_step" else None)
+
+
+def resolve_inner_lr(inner_lr, names: Iterable[str]) -> dict | list[dict]:
+    """``{name: step size}`` for the adapted ``names``; for a per-step ``LearnedInnerLR`` a
+    list of them, one per inner step (what ``inner.adapt`` takes as ``lrs``).
 
     ``inner_lr`` is a float (every adapted parameter), a mapping from group ("features",
     "classifier") to float, or a ``LearnedInnerLR``. A group that adapts must be given.
@@ -93,11 +122,13 @@ def resolve_inner_lr(inner_lr, names: Iterable[str]) -> dict:
     names = list(names)
     if isinstance(inner_lr, LearnedInnerLR):
         lrs = inner_lr.as_dict()
-        missing = [n for n in names if n not in lrs]
+        per_step = lrs if isinstance(lrs, list) else [lrs]
+        missing = [n for n in names if n not in per_step[0]]
         if missing:
             raise ValueError(f"LearnedInnerLR ({inner_lr.algorithm}) has no step size for "
                              f"{missing[:3]}...; build it with the same algorithm and model")
-        return {n: lrs[n] for n in names}
+        per_step = [{n: step[n] for n in names} for step in per_step]
+        return per_step if isinstance(lrs, list) else per_step[0]
     if isinstance(inner_lr, Real):
         return {n: float(inner_lr) for n in names}
     if isinstance(inner_lr, Mapping):

@@ -1,6 +1,6 @@
 """The inner loop: adapted = params - lr * grad(support loss), for a number of steps."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -38,12 +38,14 @@ class Adaptation(NamedTuple):
     params: Params     # every parameter, the adapted ones replaced by their adapted values
     first_loss: Tensor  # support loss before the first update (detached, unscaled)
     nonfinite: Tensor   # bool: some inner gradient held an inf or NaN
+    # with keep_steps: every parameter after each inner step (the last is ``params``)
+    steps: tuple = ()
 
 
 def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *,
           adapted_names, lrs: Mapping, steps: int, first_order: bool = False,
           inner_loss: str = "ce", loss_scale: float | None = None,
-          functional: bool = False) -> Adaptation:
+          functional: bool = False, keep_steps: bool = False) -> Adaptation:
     """Adapt ``params`` to one task's support set ``(x, y)`` with ``steps`` gradient steps.
 
     Args:
@@ -51,7 +53,8 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
         params: every parameter ``forward`` needs, by name.
         adapted_names: the names that adapt; the others stay fixed (but stay in the graph, so
             they are still meta-learned through the adapted ones).
-        lrs: ``{name: step size}`` for every adapted name (floats or tensors).
+        lrs: ``{name: step size}`` for every adapted name (floats or tensors), or a sequence
+            of them, step k taking entry k (the last one for steps beyond it).
         steps: number of inner steps (at least one).
         first_order: if True the inner gradients are detached, so the meta-gradient treats
             adaptation as the identity (first-order MAML); otherwise it flows through them.
@@ -60,6 +63,8 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
             gradient in float32 afterwards (fp16 underflow protection).
         functional: take gradients with ``torch.func.grad`` (required under ``vmap``) instead
             of ``torch.autograd.grad``.
+        keep_steps: also return the parameters after every step (``Adaptation.steps``, for
+            MAML++'s multi-step loss).
 
     A non-finite gradient is not raised on (one rank raising would hang the others): it is
     reported in ``nonfinite`` and left in the result for the caller to skip the step.
@@ -77,15 +82,20 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
 
     gradient = _functional_gradient if functional else _autograd_gradient
     first_loss, nonfinite = None, torch.zeros((), dtype=torch.bool, device=x.device)
-    for _ in range(steps):
+    kept = []
+    per_step = lrs if isinstance(lrs, Sequence) else [lrs]
+    for k in range(steps):
+        step_lrs = per_step[min(k, len(per_step) - 1)]
         grads, loss = gradient(support_loss, adapted, create_graph=not first_order)
         if loss_scale is not None:
             grads = {n: g / loss_scale for n, g in grads.items()}
         if first_loss is None:
             first_loss = loss
         nonfinite = nonfinite | _any_nonfinite(grads)
-        adapted = {n: p - lrs[n] * grads[n] for n, p in adapted.items()}
-    return Adaptation({**params, **adapted}, first_loss, nonfinite)
+        adapted = {n: p - step_lrs[n] * grads[n] for n, p in adapted.items()}
+        if keep_steps:
+            kept.append({**params, **adapted})
+    return Adaptation({**params, **adapted}, first_loss, nonfinite, tuple(kept))
 
 
 def _autograd_gradient(loss_fn, params: Params, create_graph: bool):

@@ -76,6 +76,7 @@ class _Plan:
     reuse_features: bool
     autocast: Callable
     acc_before: bool = True  # False: skip the query forward before adaptation (reported as NaN)
+    step_weights: tuple[float, ...] | None = None  # MAML++'s multi-step loss (spec.step_weights)
 
 
 def _strip(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -128,12 +129,14 @@ def _adapt_task(task: _TaskForward, lrs, plan: _Plan, support_in, support_y):
     return adapt(task.forward, task.params, support_in, support_y,
                  adapted_names=plan.adapted_names, lrs=lrs, steps=plan.steps,
                  first_order=plan.first_order, inner_loss=plan.inner_loss,
-                 loss_scale=plan.loss_scale, functional=plan.functional)
+                 loss_scale=plan.loss_scale, functional=plan.functional,
+                 keep_steps=plan.step_weights is not None)
 
 
 def _one_task(model, params, lrs, plan: _Plan, support_x, support_y, query_x, query_y):
-    """Adapt to one task and score the query set: (query loss, acc before, acc after,
-    first support loss, non-finite flag)."""
+    """Adapt to one task and score the query set: (objective, query loss, acc before,
+    acc after, first support loss, non-finite flag). The objective is the query loss after
+    the last step, or with a multi-step loss the weighted sum over the steps."""
     task = _task_forward(model, params, plan)
     support_in, query_x = task.prepare(support_x), task.prepare(query_x)
     if plan.acc_before:
@@ -143,12 +146,21 @@ def _one_task(model, params, lrs, plan: _Plan, support_x, support_y, query_x, qu
         acc_before = torch.full((), math.nan, device=query_x.device)
     adaptation = _adapt_task(task, lrs, plan, support_in, support_y)
     logits = task.forward(adaptation.params, query_x)
-    return (cross_entropy(logits, query_y), acc_before, _accuracy(logits, query_y).detach(),
+    query_loss = cross_entropy(logits, query_y)
+    objective = query_loss
+    if plan.step_weights is not None:
+        # One more query forward per earlier step; the last step's loss is the one above.
+        *earlier, last = plan.step_weights
+        objective = last * query_loss
+        for weight, step_params in zip(earlier, adaptation.steps):
+            objective = objective + weight * cross_entropy(task.forward(step_params, query_x),
+                                                           query_y)
+    return (objective, query_loss, acc_before, _accuracy(logits, query_y).detach(),
             adaptation.first_loss, adaptation.nonfinite.float())
 
 
 def _run_tasks(model, tasks, params, lrs, plan: _Plan, vectorize: bool):
-    """Per-task results stacked over tasks: five tensors of shape [T]."""
+    """Per-task results stacked over tasks: six tensors of shape [T] (``_one_task``'s)."""
     batch = [tasks[k] for k in TASK_KEYS]
     if vectorize:
         # randomness: each task draws its own DropBlock masks (models without random ops
@@ -207,18 +219,26 @@ def _map_tasks(fn, n_tasks: int, model: nn.Module, workers: int) -> list:
 
 
 def _plan(model, spec: InnerLoopSpec, device_type: str, vectorize: bool, *,
-          inner_loss_scale=None, acc_before=True, first_order=None, reuse_features=None):
+          inner_loss_scale=None, acc_before=True, evaluation=False):
     """The batch-wide plan of ``spec`` on ``device_type``, and the step sizes per adapted name.
-    ``first_order`` and ``reuse_features`` override the spec's (evaluation keeps no outer graph)."""
+    ``evaluation`` keeps no outer graph: first order, features reused, no multi-step loss."""
     names = adapted_parameter_names(spec.algorithm, [n for n, _ in model.named_parameters()])
     lrs = resolve_inner_lr(spec.inner_lr, names)
     head_only = all(n.startswith("classifier.") for n in names)
-    reuse = spec.reuse_features if reuse_features is None else reuse_features
-    plan = _Plan(tuple(names), spec.inner_steps,
-                 spec.first_order if first_order is None else first_order, spec.inner_loss,
-                 inner_loss_scale, functional=vectorize, reuse_features=reuse and head_only,
-                 autocast=autocast_factory(spec.precision, device_type), acc_before=acc_before)
+    reuse = spec.reuse_features or evaluation
+    plan = _Plan(tuple(names), spec.inner_steps, spec.first_order or evaluation,
+                 spec.inner_loss, inner_loss_scale, functional=vectorize,
+                 reuse_features=reuse and head_only,
+                 autocast=autocast_factory(spec.precision, device_type), acc_before=acc_before,
+                 step_weights=None if evaluation else spec.step_weights)
     return plan, lrs
+
+
+def _detached(lrs):
+    """Step sizes (``resolve_inner_lr``'s) without their graph: evaluation learns nothing."""
+    if isinstance(lrs, list):
+        return [_detached(step) for step in lrs]
+    return {n: lr.detach() if isinstance(lr, Tensor) else lr for n, lr in lrs.items()}
 
 
 def _check_tasks(tasks):
@@ -227,7 +247,7 @@ def _check_tasks(tasks):
         raise KeyError(f"tasks lacks {missing}; expected keys {TASK_KEYS}")
 
 
-def _summary(query_loss, acc_before, acc_after, first_loss, nonfinite) -> dict:
+def _summary(objective, query_loss, acc_before, acc_after, first_loss, nonfinite) -> dict:
     """Per-task columns ([T] each) to the means reported by ``meta_loss``, detached, float32."""
     stats = {"acc_before": acc_before.mean(), "acc_after": acc_after.mean(),
              "query_loss": query_loss.mean(), "inner_loss": first_loss.mean(),
@@ -254,9 +274,11 @@ def meta_loss(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoopSpec
 
     Returns:
         ``(loss, stats)``: ``loss`` is the mean over tasks of the query cross-entropy after
-        adaptation, differentiable w.r.t. ``model.parameters()`` (and a ``LearnedInnerLR``);
+        adaptation (with ``spec.step_weights``, of its weighted sum over the inner steps),
+        differentiable w.r.t. ``model.parameters()`` (and a ``LearnedInnerLR``);
         ``stats`` holds detached 0-dim float32 tensors, means over tasks: ``acc_before`` and
-        ``acc_after`` (query accuracy before and after adaptation), ``query_loss``,
+        ``acc_after`` (query accuracy before and after adaptation), ``query_loss`` (after the
+        last step),
         ``inner_loss`` (support loss at the first inner step) and ``inner_nonfinite`` (1.0
         if any inner gradient had an inf or NaN; then ``loss`` is not to be stepped on).
 
@@ -355,9 +377,9 @@ def _evaluate_tasks(model, tasks, spec, inner_loss_scale, workers) -> dict:
     device = tasks["support_x"].device
     vectorize = _vectorize(spec, model, device)
     plan, lrs = _plan(model, spec, device.type, vectorize, inner_loss_scale=inner_loss_scale,
-                      first_order=True, reuse_features=True)
+                      evaluation=True)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    lrs = {n: lr.detach() if isinstance(lr, Tensor) else lr for n, lr in lrs.items()}
+    lrs = _detached(lrs)
     if vectorize:
         with torch.enable_grad():
             results = _run_tasks(model, tasks, params, lrs, plan, True)
@@ -374,7 +396,7 @@ def _evaluate_tasks(model, tasks, spec, inner_loss_scale, workers) -> dict:
                               if workers is None else workers)
         results = [torch.stack(column) for column in zip(*per_task)]
     results = [r.detach() for r in results]
-    return {**_summary(*results), "acc_after_per_task": results[2].float()}
+    return {**_summary(*results), "acc_after_per_task": results[3].float()}
 
 
 class AdaptedTask:
@@ -399,10 +421,10 @@ def adapt_task(model: nn.Module, support_x: Tensor, support_y: Tensor,
     ``evaluate_tasks`` does for each of its tasks: the spec's algorithm, steps and step sizes,
     evaluation mode, no graph kept. Raises ``FloatingPointError`` when an inner gradient is
     not finite (the adapted weights would be meaningless)."""
-    plan, lrs = _plan(model, spec, support_x.device.type, False, first_order=True,
-                      reuse_features=True, acc_before=False)
+    plan, lrs = _plan(model, spec, support_x.device.type, False, evaluation=True,
+                      acc_before=False)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    lrs = {n: lr.detach() if isinstance(lr, Tensor) else lr for n, lr in lrs.items()}
+    lrs = _detached(lrs)
     with _evaluation_mode(model), torch.enable_grad():
         task = _task_forward(model, params, plan)
         adaptation = _adapt_task(task, lrs, plan, task.prepare(support_x), support_y)

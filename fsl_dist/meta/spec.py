@@ -32,6 +32,9 @@ class InnerLoopSpec:
             ``default_vectorize`` for the tensors' device.
         reuse_features: ANIL fast path, computing body features once per task when only the
             head adapts (same result; False only to measure the difference).
+        step_weights: MAML++'s multi-step loss: one weight per inner step, the meta-objective
+            being the weighted sum of the query losses after each step (``msl_weights``);
+            None: the query loss after the last step alone. Evaluation ignores it.
 
     Example::
 
@@ -47,6 +50,7 @@ class InnerLoopSpec:
     precision: str = "no"
     vectorize: Optional[bool] = None
     reuse_features: bool = True
+    step_weights: Optional[tuple[float, ...]] = None
 
     def __post_init__(self):
         for field, value, allowed in (("algorithm", self.algorithm, ALGORITHMS),
@@ -54,25 +58,64 @@ class InnerLoopSpec:
                                       ("precision", self.precision, PRECISIONS)):
             if value not in allowed:
                 raise ValueError(f"InnerLoopSpec.{field} must be one of {allowed}, got {value!r}")
+        if self.step_weights is not None and len(self.step_weights) != self.inner_steps:
+            raise ValueError(f"InnerLoopSpec.step_weights needs one weight per inner step "
+                             f"({self.inner_steps}), got {len(self.step_weights)}")
 
     def replace(self, **changes) -> "InnerLoopSpec":
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_config(cls, cfg: "Config", *, precision: str, inner_lr=None,
-                    evaluation: bool = False, inner_steps: Optional[int] = None):
+                    evaluation: bool = False, inner_steps: Optional[int] = None,
+                    step: Optional[int] = None):
         """The spec of ``cfg``'s algorithm section.
 
         ``inner_lr`` overrides the configured step sizes (the trainer passes its
         ``LearnedInnerLR``); ``evaluation`` takes ``eval.inner_steps`` when it is set;
-        ``inner_steps`` overrides both.
+        ``inner_steps`` overrides both. ``step``, the number of finished training steps, sets
+        what is scheduled by step (the multi-step loss weights, first order before
+        ``algorithm.first_order_steps``): the spec is a pure function
+        of it, so a resumed run continues the schedules exactly. Without it (evaluation, other
+        callers) nothing scheduled is on.
         """
         algo = cfg.algorithm
         if inner_steps is None:
             inner_steps = algo.inner_steps
             if evaluation and cfg.eval.inner_steps is not None:
                 inner_steps = cfg.eval.inner_steps
+        training = step is not None and not evaluation
+        annealing = training and step < algo.first_order_steps  # derivative-order annealing
         return cls(algorithm=algo.name, inner_steps=inner_steps,
                    inner_lr=algo.inner_lr if inner_lr is None else inner_lr,
-                   first_order=algo.first_order, inner_loss=algo.inner_loss,
-                   precision=precision, vectorize=algo.vectorize)
+                   first_order=algo.first_order or annealing, inner_loss=algo.inner_loss,
+                   precision=precision, vectorize=algo.vectorize,
+                   step_weights=msl_weights(inner_steps, step, algo.msl_steps)
+                   if training else None)
+
+
+# The reference code's floor of a non-final weight, as a fraction of the uniform weight 1/S.
+MSL_FLOOR = 0.03
+
+
+def msl_weights(inner_steps: int, step: int, msl_steps: int) -> Optional[tuple[float, ...]]:
+    """MAML++'s multi-step loss weights at training ``step``, or None once ``step`` reaches
+    ``msl_steps`` (and always when ``msl_steps`` is 0): then the last step's loss alone.
+
+    The schedule of the reference code (AntreasAntoniou/HowToTrainYourMAMLPytorch,
+    ``get_per_step_loss_importance_vector``) with its epochs replaced by training steps: with
+    S inner steps the weights start at 1/S each; every training step the non-final ones fall
+    by 1/S/msl_steps, down to 0.03/S, and the last one rises by (S-1) times that, up to
+    1 - (S-1)*0.03/S, so that they always sum to 1 (both bounds are reached at 97% of
+    ``msl_steps``). The reference computes them once per epoch (piecewise constant over its
+    500 iterations); here they move every step. As there, the multi-step loss stops after
+    ``msl_steps`` (the reference's ``epoch < multi_step_loss_num_epochs``).
+    """
+    if step >= msl_steps:
+        return None
+    s = inner_steps
+    decay = step / s / msl_steps
+    floor = MSL_FLOOR / s
+    early = max(1.0 / s - decay, floor)
+    last = min(1.0 / s + (s - 1) * decay, 1.0 - (s - 1) * floor)
+    return (early,) * (s - 1) + (last,)
