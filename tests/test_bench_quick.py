@@ -134,3 +134,15 @@ def test_bench_predict_prints_a_row_per_case(tmp_path):
         assert row["inner_steps"] == 3 and row["query_batch"] == 25
         assert min(row["adapt_ms"], row["images_per_s"], row["images_per_s_one"],
                    row["images_per_s_png"]) > 0
+
+
+def test_bench_mamlpp_prints_a_row_per_option(tmp_path):
+    out = tmp_path / "mamlpp.json"
+    result = run("bench_mamlpp.py", ["--algorithms", "anil", "--inner-steps", "2", "--steps", "1",
+                                     "--rounds", "1", "--width", "8", "--json", str(out)],
+                 timeout=240)
+    assert result.stdout.startswith("machine: ")
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["option"] for r in rows] == ["second order", "MSL", "DA first-order phase", "LSLR",
+                                           "MSL + LSLR"]
+    assert rows[0]["x_second_order"] == 1.0 and all(r["ms_per_step"] > 0 for r in rows)
