@@ -13,7 +13,7 @@ Example::
 from torch import nn
 
 from .conv4 import Conv4
-from .layers import BatchStatNorm2d
+from .layers import BatchStatNorm2d, inner_step, per_step_parameter_names
 from .resnet import ResNet12
 from .resnet12 import StandardResNet12
 
@@ -23,8 +23,9 @@ MODELS = {"cnn": Conv4, "resnet": ResNet12, "resnet12": StandardResNet12}
 def build_model(name: str, n_way: int, **options) -> nn.Module:
     """Build the backbone ``name`` ("cnn", "resnet" or "resnet12") with an ``n_way`` head.
 
-    ``options`` go to the model's constructor: ``width``, ``in_channels``, ``image_size`` for
-    all; ``blocks`` for "cnn"; ``widths`` for "resnet"; ``drop_rate``, ``dropblock_size`` for
+    ``options`` go to the model's constructor: ``width``, ``in_channels``, ``image_size``,
+    ``bn_steps`` (per-step batch-norm weights, MAML++'s BNWB) for all;
+    ``blocks`` for "cnn"; ``widths`` for "resnet"; ``drop_rate``, ``dropblock_size`` for
     "resnet12". Unknown options raise ``TypeError``.
     """
     if name not in MODELS:
@@ -32,4 +33,5 @@ def build_model(name: str, n_way: int, **options) -> nn.Module:
     return MODELS[name](n_way, **options)
 
 
-__all__ = ["MODELS", "build_model", "Conv4", "ResNet12", "StandardResNet12", "BatchStatNorm2d"]
+__all__ = ["MODELS", "build_model", "Conv4", "ResNet12", "StandardResNet12", "BatchStatNorm2d",
+           "inner_step", "per_step_parameter_names"]

@@ -24,6 +24,32 @@ def batch_norm_for_vmap():
         _UNDER_VMAP.reset(token)
 
 
+# The inner step whose forward is running, for per-step batch-norm weights (MAML++'s BNWB).
+# Set by the inner loop around each forward (``inner_step``); 0 outside any inner loop.
+_INNER_STEP = contextvars.ContextVar("fsl_dist_inner_step", default=0)
+
+
+@contextlib.contextmanager
+def inner_step(k: int):
+    """Within this block, per-step batch norms (``BatchStatNorm2d(steps=S)``) use set
+    ``min(k, S - 1)``: forwards of inner step k use set k; the query forward after the last
+    step (k = S - 1) uses the last set, as the reference code does; an inner loop longer than
+    S (evaluation with more steps) keeps using the last set."""
+    token = _INNER_STEP.set(k)
+    try:
+        yield
+    finally:
+        _INNER_STEP.reset(token)
+
+
+def per_step_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that hold one set per inner step (per-step batch norms)."""
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules()
+            if isinstance(module, BatchStatNorm2d) and module.steps
+            for name, _ in module.named_parameters(recurse=False)}
+
+
 class BatchStatNorm2d(nn.Module):
     """Batch normalisation that always uses the statistics of the batch it sees.
 
@@ -42,21 +68,36 @@ class BatchStatNorm2d(nn.Module):
 
     The statistics are computed in float32 even under autocast: bf16 means and variances
     were the largest source of error in the mixed-precision meta-gradient.
+
+    With ``steps`` = S > 0 (MAML++'s per-step batch-norm weights and biases, BNWB), ``weight``
+    and ``bias`` have shape [S, C], one set per inner step, and a forward uses the set of the
+    inner step it runs in (``inner_step``; set 0 outside an inner loop).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5):
+    def __init__(self, num_features: int, eps: float = 1e-5, steps: int = 0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
+        if steps < 0:
+            raise ValueError(f"steps must be 0 (off) or the number of inner steps, got {steps}")
+        self.eps, self.steps = eps, steps
+        shape = (steps, num_features) if steps else (num_features,)
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
+
+    def _affine(self):
+        if not self.steps:
+            return self.weight, self.bias
+        k = min(_INNER_STEP.get(), self.steps - 1)
+        return self.weight[k], self.bias[k]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        weight, bias = self._affine()
         if not _UNDER_VMAP.get():
-            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+            return F.batch_norm(x, None, None, weight, bias, training=True, eps=self.eps)
         var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False, keepdim=True)
-        scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
-        return (x - mean) * scale + self.bias.view(1, -1, 1, 1)
+        scale = weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
+        return (x - mean) * scale + bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.numel()}, eps={self.eps}"
+        steps = f", steps={self.steps}" if self.steps else ""
+        return f"{self.weight.shape[-1]}, eps={self.eps}{steps}"
