@@ -440,6 +440,16 @@ def test_per_step_bn_weights_are_exported_and_predicted_with(packed, tmp_path):
     torch.testing.assert_close(sum(losses) / 2, want["query_loss"])
 
 
+@pytest.mark.parametrize("saved_steps, resumed_steps", [(3, 0), (0, 3), (3, 2)])
+def test_a_checkpoint_of_other_batch_norm_sets_is_refused_with_the_setting(saved_steps,
+                                                                           resumed_steps):
+    saved, model = tiny_bnwb_model(saved_steps), tiny_bnwb_model(resumed_steps)
+    state = TrainState(model, LR, torch.optim.Adam(model.parameters()), InnerLossScaler(),
+                       InnerLossScaler())
+    with pytest.raises(ConfigError, match=r"algorithm\.per_step_bn_weights.*size mismatch"):
+        restore_state(state, {"model": saved.state_dict()})
+
+
 # ---------------------------------------------------------------- all options on
 
 
@@ -514,3 +524,4 @@ def test_the_mamlpp_configs_load_with_their_options_on(name):
     algo = cfg.algorithm
     assert (algo.learn_inner_lr, algo.inner_steps, cfg.optim.schedule) == ("per_step", 5, "cosine")
     assert algo.msl_steps > 0 and not algo.first_order and algo.first_order_steps == 0
+    assert algo.per_step_bn_weights
