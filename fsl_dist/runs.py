@@ -114,7 +114,8 @@ def bn_steps(cfg: Config) -> int:
 
 def build_run_model(cfg: Config, inputs: dict) -> torch.nn.Module:
     """The configured backbone for images of ``inputs`` (``model_inputs``)."""
-    options = dict(width=cfg.model.width, bn_steps=bn_steps(cfg), **inputs)
+    options = dict(width=cfg.model.width, bn_steps=bn_steps(cfg),
+                   bn_stats=cfg.algorithm.per_step_bn_stats, **inputs)
     if cfg.model.name == "resnet12":
         options.update(drop_rate=cfg.model.drop_rate, dropblock_size=cfg.model.dropblock_size)
     return build_model(cfg.model.name, cfg.task.n_way, **options)
@@ -208,7 +209,8 @@ def save_final_model(state, cfg: Config, run_dir: Path, manifest: dict) -> None:
     atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     description = {
         "model": {"name": cfg.model.name, "n_way": cfg.task.n_way, "width": cfg.model.width,
-                  **model_inputs(manifest), "bn_steps": bn_steps(cfg)},
+                  **model_inputs(manifest), "bn_steps": bn_steps(cfg),
+                  "bn_stats": cfg.algorithm.per_step_bn_stats},
         "algorithm": dataclasses.asdict(cfg.algorithm),
         "task": dataclasses.asdict(cfg.task),
         "data": data_facts(manifest),

@@ -7,6 +7,7 @@ meta-gradient against finite differences in float64 and the trainer's task-by-ta
 and under bf16 autocast within the error of bf16 rounding. Per-step batch-norm weights (BNWB)
 against an inner loop that swaps in set k by hand, and through export and prediction."""
 
+import contextlib
 import copy
 from types import SimpleNamespace
 
@@ -32,7 +33,15 @@ from fsl_dist.meta import (
 from fsl_dist.meta.inner import cross_entropy
 from fsl_dist.meta.precision import InnerLossScaler
 from fsl_dist.meta.spec import msl_weights
-from fsl_dist.models import build_model, per_step_parameter_names
+from fsl_dist.models import (
+    BatchStatNorm2d,
+    build_model,
+    collect_batch_stats,
+    inner_step,
+    per_step_parameter_names,
+    running_stats_norms,
+    update_running_stats,
+)
 from fsl_dist.predict import load_model
 from fsl_dist.runs import build_run_model, load_trained, model_inputs, save_final_model
 from fsl_dist.trainer import TrainState, restore_state, train_step
@@ -44,10 +53,12 @@ from test_meta_gradients import check_against_finite_differences, tiny_model
 STEPS = 3
 
 
-def tiny_bnwb_model(steps=STEPS, dtype=torch.float64):
-    """``tiny_model`` with per-step batch-norm weights, every set distinct."""
+def tiny_bnwb_model(steps=STEPS, dtype=torch.float64, stats=False):
+    """``tiny_model`` with per-step batch-norm weights, every set distinct (``stats``: and
+    per-step running statistics)."""
     torch.manual_seed(0)
-    model = build_model("cnn", 3, width=4, blocks=2, image_size=8, bn_steps=steps).to(dtype)
+    model = build_model("cnn", 3, width=4, blocks=2, image_size=8, bn_steps=steps,
+                        bn_stats=stats).to(dtype)
     with torch.no_grad():
         for name in per_step_parameter_names(model):
             p = model.get_parameter(name)
@@ -340,6 +351,77 @@ def test_per_step_bn_weights_have_one_set_per_step_and_never_adapt():
     assert built.features[0][1].weight.shape == (3, 64)
     with pytest.raises(ConfigError, match=r"algorithm\.per_step_bn_weights"):
         config("algorithm.inner_steps=0", "algorithm.per_step_bn_weights=true")
+    with pytest.raises(ConfigError, match=r"set `algorithm\.per_step_bn_weights` too"):
+        config("algorithm.per_step_bn_stats=true")
+    with pytest.raises(ConfigError, match=r"algorithm\.vectorize"):
+        config("algorithm.per_step_bn_weights=true", "algorithm.per_step_bn_stats=true",
+               "algorithm.vectorize=true")
+
+
+# ---------------------------------------------------------------- per-step running statistics
+
+
+def test_running_stats_move_by_momentum_towards_the_mean_batch_statistics_of_each_step():
+    """Forward hooks see every norm input of a second-order step without the query forward
+    before adaptation: per task the support forwards of steps 0..S-1, then the query forward
+    after step S-1. Pair k must move 10% of the way to the mean over tasks of forwards k."""
+    model, tasks = tiny_bnwb_model(stats=True), make_tasks()
+    norms = running_stats_norms(model)
+    seen = {norm: [] for norm in norms}
+    hooks = [norm.register_forward_hook(
+        lambda module, args, out: seen[module].append(torch.var_mean(
+            args[0].detach(), dim=(0, 2, 3), unbiased=True))) for norm in norms]
+    before = {norm: (norm.running_mean.clone(), norm.running_var.clone()) for norm in norms}
+    spec = InnerLoopSpec("maml", inner_steps=STEPS, inner_lr=LR, vectorize=False)
+    with collect_batch_stats() as collector:
+        meta_backward(model, tasks, spec, acc_before=False)
+    update_running_stats(norms, collector.means(norms))
+    for hook in hooks:
+        hook.remove()
+    n_tasks = len(tasks["support_x"])
+    for norm in norms:
+        per_task = [seen[norm][t * (STEPS + 1):(t + 1) * (STEPS + 1)] for t in range(n_tasks)]
+        for k in range(STEPS):
+            forwards = [f for task in per_task for f in (task[k:] if k == STEPS - 1 else [task[k]])]
+            var = torch.stack([v for v, _ in forwards]).mean(0)
+            mean = torch.stack([m for _, m in forwards]).mean(0)
+            torch.testing.assert_close(norm.running_mean[k], 0.9 * before[norm][0][k] + 0.1 * mean)
+            torch.testing.assert_close(norm.running_var[k], 0.9 * before[norm][1][k] + 0.1 * var)
+
+
+def test_evaluation_normalises_step_k_with_running_pair_k_and_training_with_the_batch():
+    norm = BatchStatNorm2d(4, steps=STEPS, running_stats=True).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2)
+    x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    for k in range(STEPS + 1):
+        j = min(k, STEPS - 1)
+        with inner_step(k):
+            trained = norm.train()(x)
+            evaluated = norm.eval()(x)
+        torch.testing.assert_close(trained, torch.nn.functional.batch_norm(
+            x, None, None, norm.weight[j], norm.bias[j], training=True))
+        torch.testing.assert_close(evaluated, torch.nn.functional.batch_norm(
+            x, norm.running_mean[j], norm.running_var[j], norm.weight[j], norm.bias[j]))
+
+
+def test_evaluation_with_running_stats_is_the_same_under_vmap_and_the_loop():
+    model, tasks = tiny_bnwb_model(stats=True), make_tasks()
+    with torch.no_grad():
+        for norm in running_stats_norms(model):
+            norm.running_mean.normal_(0, 0.3)
+            norm.running_var.uniform_(0.5, 2)
+    loop, vmap = (evaluate_tasks(model, tasks, InnerLoopSpec("boil", inner_steps=STEPS,
+                                                             inner_lr=LR, vectorize=v))
+                  for v in (False, True))
+    for key in loop:
+        torch.testing.assert_close(loop[key], vmap[key], rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="loop path only"), collect_batch_stats():
+        meta_loss(model, tasks, InnerLoopSpec("boil", inner_steps=STEPS, inner_lr=LR,
+                                              vectorize=True))
 
 
 def hand_bnwb_losses(model, tasks, algorithm, steps, lrs):
@@ -406,15 +488,19 @@ def test_evaluation_beyond_the_per_step_sets_keeps_the_last_set():
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
 
 
-def test_per_step_bn_weights_are_exported_and_predicted_with(packed, tmp_path):
+def test_per_step_bn_weights_and_stats_are_exported_and_predicted_with(packed, tmp_path):
     shards = packed("futurama")
     cfg = config(f"data.shards={shards}", "model.width=8", "algorithm.inner_steps=2",
-                 "algorithm.per_step_bn_weights=true", "algorithm.learn_inner_lr=per_step")
+                 "algorithm.per_step_bn_weights=true", "algorithm.per_step_bn_stats=true",
+                 "algorithm.learn_inner_lr=per_step")
     manifest = load_manifest(shards)
     model = build_run_model(cfg, model_inputs(manifest))
     with torch.no_grad():
         for name in per_step_parameter_names(model):
             model.get_parameter(name).add_(torch.rand(model.get_parameter(name).shape))
+        for norm in running_stats_norms(model):
+            norm.running_mean.normal_(0, 0.1)
+            norm.running_var.uniform_(0.5, 2)
     lrs = learned_inner_lr(model, "maml", cfg.algorithm.inner_lr, "per_step", 2)
     save_final_model(SimpleNamespace(model=model, inner_lr=lrs, step=0), cfg, tmp_path, manifest)
     save_config(cfg, tmp_path / "config.yaml")
@@ -470,10 +556,13 @@ def all_options_spec(algorithm, vectorize, model):
 @pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_all_options_meta_gradient_matches_finite_differences(algorithm, vectorize):
-    model, tasks = tiny_bnwb_model(), make_tasks()
+    # With per-step running statistics, collected on the loop path as the trainer does: they
+    # are detached, and meta-training normalises with batch statistics.
+    model, tasks = tiny_bnwb_model(stats=not vectorize), make_tasks()
     spec, lrs = all_options_spec(algorithm, vectorize, model)
-    check_against_finite_differences(lambda: meta_loss(model, tasks, spec)[0],
-                                     [*model.parameters(), lrs.per_step])
+    with collect_batch_stats() if not vectorize else contextlib.nullcontext():
+        check_against_finite_differences(lambda: meta_loss(model, tasks, spec)[0],
+                                         [*model.parameters(), lrs.per_step])
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)

@@ -14,7 +14,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..models.layers import batch_norm_for_vmap, inner_step, per_step_parameter_names
+from ..models.layers import (
+    batch_norm_for_vmap,
+    inner_step,
+    per_step_parameter_names,
+    running_stats_norms,
+)
 from .algorithms import inner_parameter_names, resolve_inner_lr
 from .inner import adapt, cross_entropy, upcast
 from .precision import autocast_factory
@@ -30,6 +35,8 @@ def default_vectorize(device, model: nn.Module | None = None) -> bool:
     accepted so that a backbone-specific choice can be added where a measurement calls for it.
     """
     device_type = torch.device(device).type
+    if model is not None and running_stats_norms(model):
+        return False  # per-step running statistics are collected on the loop path only
     # CUDA: vmap is several times the loop's tasks/s for every model and algorithm measured.
     # CPU: the loop is faster in most cases at about half the memory. Other devices are
     # unmeasured: take the path that needs no batching rules. Numbers: BENCHMARKS.md.
