@@ -343,8 +343,9 @@ def restore_state(state: TrainState, saved: dict) -> None:
     except RuntimeError as error:
         detail = [line.strip() for line in str(error).splitlines()][1:2] or [str(error)]
         raise ConfigError(f"the checkpoint's model does not fit the configured one: the model "
-                          f"section, algorithm.per_step_bn_weights and (with it) "
-                          f"algorithm.inner_steps must be as trained ({detail[0]})") from error
+                          f"section, algorithm.per_step_bn_weights, per_step_bn_stats and (with "
+                          f"them) algorithm.inner_steps must be as trained ({detail[0]})"
+                          ) from error
     if saved.get("inner_lr") is not None:
         # per tensor ("lrs.*") or per step ("per_step", [inner steps, tensors])
         kind = "per_step" if "per_step" in saved["inner_lr"] else "true"

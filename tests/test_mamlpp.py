@@ -526,13 +526,15 @@ def test_per_step_bn_weights_and_stats_are_exported_and_predicted_with(packed, t
     torch.testing.assert_close(sum(losses) / 2, want["query_loss"])
 
 
-@pytest.mark.parametrize("saved_steps, resumed_steps", [(3, 0), (0, 3), (3, 2)])
-def test_a_checkpoint_of_other_batch_norm_sets_is_refused_with_the_setting(saved_steps,
-                                                                           resumed_steps):
-    saved, model = tiny_bnwb_model(saved_steps), tiny_bnwb_model(resumed_steps)
+@pytest.mark.parametrize("saved, resumed, error", [
+    ((3, False), (0, False), "size mismatch"), ((0, False), (3, False), "size mismatch"),
+    ((3, False), (2, False), "size mismatch"), ((3, False), (3, True), "Missing key"),
+    ((3, True), (3, False), "Unexpected key")])
+def test_a_checkpoint_of_other_batch_norm_sets_is_refused_with_the_setting(saved, resumed, error):
+    saved, model = (tiny_bnwb_model(steps, stats=stats) for steps, stats in (saved, resumed))
     state = TrainState(model, LR, torch.optim.Adam(model.parameters()), InnerLossScaler(),
                        InnerLossScaler())
-    with pytest.raises(ConfigError, match=r"algorithm\.per_step_bn_weights.*size mismatch"):
+    with pytest.raises(ConfigError, match=rf"algorithm\.per_step_bn_weights.*{error}"):
         restore_state(state, {"model": saved.state_dict()})
 
 
