@@ -416,7 +416,10 @@ class AdaptedTask:
     """One support set's adapted parameters; ``logits(x)`` scores images with them.
 
     Made by ``adapt_task``. Batch norm normalises with the statistics of the images scored
-    together, as in evaluation, where a task's whole query set is one batch."""
+    together, as in evaluation, where a task's whole query set is one batch; a model with
+    per-step running statistics (MAML++'s BNRS) uses those of the last inner step instead, so
+    each image's logits do not depend on the others. Per-step batch-norm weights: the last
+    step's set."""
 
     def __init__(self, model: nn.Module, task: _TaskForward, params: dict, last_step: int = 0):
         self._model, self._task, self._params = model, task, params
