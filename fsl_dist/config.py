@@ -113,6 +113,23 @@ class AlgorithmConfig:
     alone, as without it. 0 (default): off. The reference configs anneal over 10 (Omniglot) or
     15 (mini-ImageNet) epochs of 500 iterations: 5000 or 7500 steps. Evaluation is unchanged
     (the last step's accuracy)."""
+    per_step_bn_weights: bool = False
+    """MAML++'s per-step batch-norm weights and biases (BNWB): every batch norm holds
+    `inner_steps` sets of affine parameters ([inner_steps, channels]); the support forward of
+    inner step k and the query forward after it use set k (the reference code's `num_step`),
+    evaluation with more steps keeps the last set. These sets never adapt in the inner loop
+    (for maml and boil alike, as in the reference code) and are meta-learned in the outer step.
+    Batch norm still normalises with each batch's statistics. False (default): one set, adapted
+    as every parameter of the algorithm's groups."""
+    per_step_bn_stats: bool = False
+    """MAML++'s per-step batch-norm running statistics (BNRS; needs per_step_bn_weights): every
+    batch norm keeps a running mean and variance per inner step ([inner_steps, channels]
+    buffers), updated after every training step with momentum 0.1 from the mean over the
+    meta-batch (all processes) of the batch statistics of that step's forwards; meta-training
+    still normalises with each batch's statistics, evaluation and prediction normalise step k
+    with pair k (non-transductive: a query image's output does not depend on the others). The
+    reference code collects such statistics but never normalises with them. The loop path only
+    (the updates cannot cross vmap): null vectorize takes the loop, true is refused."""
 
 
 @dataclass
@@ -456,6 +473,16 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: `algorithm.first_order_steps` switches to second order "
                           "after that many steps, but `algorithm.first_order` is true (first order "
                           "throughout): drop one of them")
+    if cfg.algorithm.per_step_bn_weights and cfg.algorithm.inner_steps < 1:
+        raise ConfigError(f"{where}: `algorithm.per_step_bn_weights` needs one set per inner "
+                          "step: `algorithm.inner_steps` must be at least 1")
+    if cfg.algorithm.per_step_bn_stats and not cfg.algorithm.per_step_bn_weights:
+        raise ConfigError(f"{where}: `algorithm.per_step_bn_stats` keeps statistics per step of "
+                          "the per-step batch norms: set `algorithm.per_step_bn_weights` too")
+    if cfg.algorithm.per_step_bn_stats and cfg.algorithm.vectorize:
+        raise ConfigError(f"{where}: `algorithm.per_step_bn_stats` runs on the loop path (its "
+                          "statistics cannot be collected across vmap): set "
+                          "`algorithm.vectorize` to false or null")
     if not 0 <= cfg.model.drop_rate < 1:
         raise ConfigError(f"{where}: `model.drop_rate` = {cfg.model.drop_rate} must be in [0, 1)")
     if cfg.model.drop_rate and cfg.model.name != "resnet12":

@@ -82,7 +82,9 @@ def _model_files(path: Path) -> tuple[Path, Path]:
 def _build(description: dict, tensors: dict, where: Path) -> torch.nn.Module:
     facts = description["model"]
     model = build_model(facts["name"], facts["n_way"], width=facts["width"],
-                        in_channels=facts["in_channels"], image_size=facts["image_size"])
+                        in_channels=facts["in_channels"], image_size=facts["image_size"],
+                        bn_steps=facts.get("bn_steps", 0),  # absent: exported before BNWB
+                        bn_stats=facts.get("bn_stats", False))
     state = {k: v for k, v in tensors.items() if not k.startswith("inner_lr.")}
     try:
         model.load_state_dict(state)

@@ -106,9 +106,16 @@ def model_inputs(manifest: dict) -> dict:
     return {"in_channels": manifest["channels"], "image_size": manifest["image_size"]}
 
 
+def bn_steps(cfg: Config) -> int:
+    """Sets of batch-norm weights the model holds: one per training inner step with
+    ``algorithm.per_step_bn_weights`` (MAML++'s BNWB), 0 (one plain set) without."""
+    return cfg.algorithm.inner_steps if cfg.algorithm.per_step_bn_weights else 0
+
+
 def build_run_model(cfg: Config, inputs: dict) -> torch.nn.Module:
     """The configured backbone for images of ``inputs`` (``model_inputs``)."""
-    options = dict(width=cfg.model.width, **inputs)
+    options = dict(width=cfg.model.width, bn_steps=bn_steps(cfg),
+                   bn_stats=cfg.algorithm.per_step_bn_stats, **inputs)
     if cfg.model.name == "resnet12":
         options.update(drop_rate=cfg.model.drop_rate, dropblock_size=cfg.model.dropblock_size)
     return build_model(cfg.model.name, cfg.task.n_way, **options)
@@ -202,7 +209,8 @@ def save_final_model(state, cfg: Config, run_dir: Path, manifest: dict) -> None:
     atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     description = {
         "model": {"name": cfg.model.name, "n_way": cfg.task.n_way, "width": cfg.model.width,
-                  **model_inputs(manifest)},
+                  **model_inputs(manifest), "bn_steps": bn_steps(cfg),
+                  "bn_stats": cfg.algorithm.per_step_bn_stats},
         "algorithm": dataclasses.asdict(cfg.algorithm),
         "task": dataclasses.asdict(cfg.task),
         "data": data_facts(manifest),

@@ -38,6 +38,7 @@ from fsl_dist.meta import (
     meta_backward,
 )
 from fsl_dist.meta.precision import bf16_cpu_warning
+from fsl_dist.models import collect_batch_stats, running_stats_norms, update_running_stats
 from fsl_dist.numerics import flat_grads
 from fsl_dist.progress import progress
 from fsl_dist.runs import (
@@ -264,13 +265,19 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
     # The step enters here: what MAML++ schedules by step is a function of it alone.
     spec = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=state.inner_lr,
                                      step=state.step)
-    stats = meta_backward(state.model, tasks, spec, acc_before=acc_before, loss_scale=outer_scale,
-                          inner_loss_scale=state.inner_scaler.scale if fp16 else None)
+    norms = running_stats_norms(state.model)  # MAML++'s BNRS: per-step running statistics
+    with collect_batch_stats() as collector:
+        stats = meta_backward(state.model, tasks, spec, acc_before=acc_before,
+                              loss_scale=outer_scale,
+                              inner_loss_scale=state.inner_scaler.scale if fp16 else None)
     device = params[0].device
+    # This rank's mean batch statistics per norm and step; every rank ran as many tasks, so
+    # the mean over ranks is the mean over the meta-batch, whatever the number of processes.
+    bn_means = collector.means(norms).float().to(device)
 
-    # One collective for the gradient and the statistics together.
+    # One collective for the gradient, the batch statistics and the step's statistics together.
     stat_vector = torch.stack([stats[k].float().to(device) for k in STAT_KEYS])
-    flat = torch.cat([flat_grads(params).float(), stat_vector])
+    flat = torch.cat([flat_grads(params).float(), bn_means, stat_vector])
     if flat.is_cuda:  # time the collective alone, not the kernels still queued before it
         torch.cuda.synchronize(flat.device)
     started = time.perf_counter()
@@ -278,7 +285,8 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
     reduced = flat[-len(STAT_KEYS):].tolist()  # waits for the collective
     # Includes waiting for the slowest process to arrive: the cost of synchronising, too.
     allreduce_s = time.perf_counter() - started
-    grads = flat[: -len(STAT_KEYS)] / outer_scale
+    n_grads = flat.numel() - len(STAT_KEYS) - bn_means.numel()
+    grads = flat[:n_grads] / outer_scale
     out = dict(zip(STAT_KEYS, reduced))
 
     inner_bad = out["inner_nonfinite"] > 0
@@ -299,6 +307,7 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         state.optimizer.step()
+        update_running_stats(norms, flat[n_grads:n_grads + bn_means.numel()])
     state.step += 1
     out.update(grad_norm=grad_norm, skipped=float(inner_bad or outer_bad), allreduce_s=allreduce_s,
                second_order=float(not spec.first_order),
@@ -329,7 +338,14 @@ def checkpoint_state(state: TrainState, wandb_id: Optional[str]) -> dict:
 
 
 def restore_state(state: TrainState, saved: dict) -> None:
-    state.model.load_state_dict(saved["model"])
+    try:
+        state.model.load_state_dict(saved["model"])
+    except RuntimeError as error:
+        detail = [line.strip() for line in str(error).splitlines()][1:2] or [str(error)]
+        raise ConfigError(f"the checkpoint's model does not fit the configured one: the model "
+                          f"section, algorithm.per_step_bn_weights, per_step_bn_stats and (with "
+                          f"them) algorithm.inner_steps must be as trained ({detail[0]})"
+                          ) from error
     if saved.get("inner_lr") is not None:
         # per tensor ("lrs.*") or per step ("per_step", [inner steps, tensors])
         kind = "per_step" if "per_step" in saved["inner_lr"] else "true"

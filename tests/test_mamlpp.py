@@ -4,8 +4,10 @@ against the first-order formula before its step and finite differences from it o
 meta-objective and through the trainer's step); per-step learned step sizes against an inner
 loop written out by hand, and through export and loading; with all of them on, the
 meta-gradient against finite differences in float64 and the trainer's task-by-task path,
-and under bf16 autocast within the error of bf16 rounding."""
+and under bf16 autocast within the error of bf16 rounding. Per-step batch-norm weights (BNWB)
+against an inner loop that swaps in set k by hand, and through export and prediction."""
 
+import contextlib
 import copy
 from types import SimpleNamespace
 
@@ -21,6 +23,7 @@ from fsl_dist.meta import (
     InnerLoopSpec,
     LearnedInnerLR,
     adapt,
+    adapt_task,
     adapted_parameter_names,
     evaluate_tasks,
     learned_inner_lr,
@@ -30,7 +33,15 @@ from fsl_dist.meta import (
 from fsl_dist.meta.inner import cross_entropy
 from fsl_dist.meta.precision import InnerLossScaler
 from fsl_dist.meta.spec import msl_weights
-from fsl_dist.models import build_model
+from fsl_dist.models import (
+    BatchStatNorm2d,
+    build_model,
+    collect_batch_stats,
+    inner_step,
+    per_step_parameter_names,
+    running_stats_norms,
+    update_running_stats,
+)
 from fsl_dist.predict import load_model
 from fsl_dist.runs import build_run_model, load_trained, model_inputs, save_final_model
 from fsl_dist.trainer import TrainState, restore_state, train_step
@@ -38,6 +49,21 @@ from fsl_dist.trainer import TrainState, restore_state, train_step
 from launching import ROOT
 from meta_helpers import flat, make_tasks, rel_err
 from test_meta_gradients import check_against_finite_differences, tiny_model
+
+STEPS = 3
+
+
+def tiny_bnwb_model(steps=STEPS, dtype=torch.float64, stats=False):
+    """``tiny_model`` with per-step batch-norm weights, every set distinct (``stats``: and
+    per-step running statistics)."""
+    torch.manual_seed(0)
+    model = build_model("cnn", 3, width=4, blocks=2, image_size=8, bn_steps=steps,
+                        bn_stats=stats).to(dtype)
+    with torch.no_grad():
+        for name in per_step_parameter_names(model):
+            p = model.get_parameter(name)
+            p.add_(0.2 * torch.randn(p.shape, dtype=dtype))
+    return model
 
 LR = {"features": 0.3, "classifier": 0.5}
 
@@ -308,15 +334,221 @@ def test_a_checkpoint_of_other_learned_sizes_is_refused_with_the_setting(saved_s
         restore_state(state, {"model": model.state_dict(), "inner_lr": saved.state_dict()})
 
 
+# ---------------------------------------------------------------- per-step batch-norm weights
+
+
+def test_per_step_bn_weights_have_one_set_per_step_and_never_adapt():
+    model = tiny_bnwb_model()
+    per_step = per_step_parameter_names(model)
+    assert sorted(per_step) == ["features.0.1.bias", "features.0.1.weight",
+                                "features.1.1.bias", "features.1.1.weight"]
+    assert all(model.get_parameter(n).shape == (STEPS, 4) for n in per_step)
+    for algorithm in ALGORITHMS:
+        names = learned_inner_lr(model, algorithm, LR, "per_step", STEPS).names
+        assert names and not set(names) & per_step
+    cfg = config("algorithm.inner_steps=3", "algorithm.per_step_bn_weights=true")
+    built = build_run_model(cfg, {"in_channels": 1, "image_size": 28})
+    assert built.features[0][1].weight.shape == (3, 64)
+    with pytest.raises(ConfigError, match=r"algorithm\.per_step_bn_weights"):
+        config("algorithm.inner_steps=0", "algorithm.per_step_bn_weights=true")
+    with pytest.raises(ConfigError, match=r"set `algorithm\.per_step_bn_weights` too"):
+        config("algorithm.per_step_bn_stats=true")
+    with pytest.raises(ConfigError, match=r"algorithm\.vectorize"):
+        config("algorithm.per_step_bn_weights=true", "algorithm.per_step_bn_stats=true",
+               "algorithm.vectorize=true")
+
+
+# ---------------------------------------------------------------- per-step running statistics
+
+
+def test_running_stats_move_by_momentum_towards_the_mean_batch_statistics_of_each_step():
+    """Forward hooks see every norm input of a second-order step without the query forward
+    before adaptation: per task the support forwards of steps 0..S-1, then the query forward
+    after step S-1. Pair k must move 10% of the way to the mean over tasks of forwards k."""
+    model, tasks = tiny_bnwb_model(stats=True), make_tasks()
+    norms = running_stats_norms(model)
+    seen = {norm: [] for norm in norms}
+    hooks = [norm.register_forward_hook(
+        lambda module, args, out: seen[module].append(torch.var_mean(
+            args[0].detach(), dim=(0, 2, 3), unbiased=True))) for norm in norms]
+    before = {norm: (norm.running_mean.clone(), norm.running_var.clone()) for norm in norms}
+    spec = InnerLoopSpec("maml", inner_steps=STEPS, inner_lr=LR, vectorize=False)
+    with collect_batch_stats() as collector:
+        meta_backward(model, tasks, spec, acc_before=False)
+    update_running_stats(norms, collector.means(norms))
+    for hook in hooks:
+        hook.remove()
+    n_tasks = len(tasks["support_x"])
+    for norm in norms:
+        per_task = [seen[norm][t * (STEPS + 1):(t + 1) * (STEPS + 1)] for t in range(n_tasks)]
+        for k in range(STEPS):
+            forwards = [f for task in per_task for f in (task[k:] if k == STEPS - 1 else [task[k]])]
+            var = torch.stack([v for v, _ in forwards]).mean(0)
+            mean = torch.stack([m for _, m in forwards]).mean(0)
+            torch.testing.assert_close(norm.running_mean[k], 0.9 * before[norm][0][k] + 0.1 * mean)
+            torch.testing.assert_close(norm.running_var[k], 0.9 * before[norm][1][k] + 0.1 * var)
+
+
+def test_evaluation_normalises_step_k_with_running_pair_k_and_training_with_the_batch():
+    norm = BatchStatNorm2d(4, steps=STEPS, running_stats=True).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2)
+    x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    for k in range(STEPS + 1):
+        j = min(k, STEPS - 1)
+        with inner_step(k):
+            trained = norm.train()(x)
+            evaluated = norm.eval()(x)
+        torch.testing.assert_close(trained, torch.nn.functional.batch_norm(
+            x, None, None, norm.weight[j], norm.bias[j], training=True))
+        torch.testing.assert_close(evaluated, torch.nn.functional.batch_norm(
+            x, norm.running_mean[j], norm.running_var[j], norm.weight[j], norm.bias[j]))
+
+
+def test_evaluation_with_running_stats_is_the_same_under_vmap_and_the_loop():
+    model, tasks = tiny_bnwb_model(stats=True), make_tasks()
+    with torch.no_grad():
+        for norm in running_stats_norms(model):
+            norm.running_mean.normal_(0, 0.3)
+            norm.running_var.uniform_(0.5, 2)
+    loop, vmap = (evaluate_tasks(model, tasks, InnerLoopSpec("boil", inner_steps=STEPS,
+                                                             inner_lr=LR, vectorize=v))
+                  for v in (False, True))
+    for key in loop:
+        torch.testing.assert_close(loop[key], vmap[key], rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="loop path only"), collect_batch_stats():
+        meta_loss(model, tasks, InnerLoopSpec("boil", inner_steps=STEPS, inner_lr=LR,
+                                              vectorize=True))
+
+
+def hand_bnwb_losses(model, tasks, algorithm, steps, lrs):
+    """Per-step query losses (after each step) of a second-order inner loop on a plain model
+    (one batch-norm set) into which set k is swapped by hand for the forwards of step k."""
+    plain = build_model("cnn", 3, width=4, blocks=2, image_size=8).double()
+    sets = dict(model.named_parameters())
+    per_step = per_step_parameter_names(model)
+    adapted = [n for n in adapted_parameter_names(algorithm, sets) if n not in per_step]
+    totals = [0] * steps
+    for t in range(len(tasks["support_x"])):
+        current = {n: p for n, p in sets.items() if n not in per_step}
+
+        def forward(k, x, current=current):
+            params = {**current, **{n: sets[n][k] for n in per_step}}
+            return functional_call(plain, params, (x,))
+        for k in range(steps):
+            loss = cross_entropy(forward(k, tasks["support_x"][t]), tasks["support_y"][t])
+            grads = torch.autograd.grad(loss, [current[n] for n in adapted], create_graph=True)
+            current.update({n: current[n] - lrs[n] * g for n, g in zip(adapted, grads)})
+            totals[k] = totals[k] + cross_entropy(forward(k, tasks["query_x"][t]),
+                                                  tasks["query_y"][t])
+    return [total / len(tasks["support_x"]) for total in totals]
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_inner_step_k_uses_batch_norm_set_k(algorithm, vectorize):
+    model, tasks = tiny_bnwb_model(), make_tasks()
+    lrs = {n: LR[n.split(".")[0]] for n in adapted_parameter_names(algorithm,
+                                                                   dict(model.named_parameters()))}
+    weights = (0.2, 0.3, 0.5)
+    spec = InnerLoopSpec(algorithm, inner_steps=STEPS, inner_lr=LR, vectorize=vectorize,
+                         step_weights=weights)
+    loss = meta_loss(model, tasks, spec)[0]
+    expected = sum(w * q for w, q in zip(weights, hand_bnwb_losses(model, tasks, algorithm,
+                                                                   STEPS, lrs)))
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    leaves = list(model.parameters())
+    got, want = (torch.autograd.grad(value, leaves) for value in (loss, expected))
+    torch.testing.assert_close(flat(got), flat(want), rtol=1e-9, atol=1e-12)
+    for name, grad in zip(dict(model.named_parameters()), got):
+        if name in per_step_parameter_names(model):
+            assert (grad.abs().sum(1) > 0).all(), name  # every set is meta-learned
+    # Without the multi-step loss only the last step's query forward counts: still every set
+    # (sets 0..S-2 through the support forwards that make the adapted weights).
+    last = meta_loss(model, tasks, spec.replace(step_weights=None))[0]
+    grads = torch.autograd.grad(last, leaves)
+    for name, grad in zip(dict(model.named_parameters()), grads):
+        if name in per_step_parameter_names(model):
+            assert (grad.abs().sum(1) > 0).all(), name
+
+
+def test_evaluation_beyond_the_per_step_sets_keeps_the_last_set():
+    three, tasks = tiny_bnwb_model(3), make_tasks()
+    four = tiny_bnwb_model(4)
+    with torch.no_grad():
+        for name, p in four.named_parameters():
+            source = three.get_parameter(name)
+            p.copy_(torch.cat([source, source[-1:]]) if p.shape != source.shape else source)
+    got, want = (evaluate_tasks(net, tasks, InnerLoopSpec("maml", inner_steps=4, inner_lr=LR))
+                 for net in (three, four))
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+def test_per_step_bn_weights_and_stats_are_exported_and_predicted_with(packed, tmp_path):
+    shards = packed("futurama")
+    cfg = config(f"data.shards={shards}", "model.width=8", "algorithm.inner_steps=2",
+                 "algorithm.per_step_bn_weights=true", "algorithm.per_step_bn_stats=true",
+                 "algorithm.learn_inner_lr=per_step")
+    manifest = load_manifest(shards)
+    model = build_run_model(cfg, model_inputs(manifest))
+    with torch.no_grad():
+        for name in per_step_parameter_names(model):
+            model.get_parameter(name).add_(torch.rand(model.get_parameter(name).shape))
+        for norm in running_stats_norms(model):
+            norm.running_mean.normal_(0, 0.1)
+            norm.running_var.uniform_(0.5, 2)
+    lrs = learned_inner_lr(model, "maml", cfg.algorithm.inner_lr, "per_step", 2)
+    save_final_model(SimpleNamespace(model=model, inner_lr=lrs, step=0), cfg, tmp_path, manifest)
+    save_config(cfg, tmp_path / "config.yaml")
+    _, trained, _, _ = load_trained(tmp_path, torch.device("cpu"))
+    predictor = load_model(tmp_path, "cpu")
+    side, channels = manifest["image_size"], manifest["channels"]
+    tasks = make_tasks(tasks=2, n_way=cfg.task.n_way, k_shot=1, n_query=2, size=side,
+                       dtype=torch.float32, jitter=0.1)
+    tasks = {k: v.expand(*v.shape[:2], channels, side, side).contiguous() if k.endswith("_x")
+             else v for k, v in tasks.items()}
+    spec = InnerLoopSpec.from_config(cfg, precision="no", inner_lr=lrs, evaluation=True)
+    assert spec.inner_steps > 2  # evaluation beyond the trained steps: the last set
+    want = evaluate_tasks(model, tasks, spec)
+    for net, inner in ((trained, spec), (predictor.model, predictor.spec)):
+        got = evaluate_tasks(net, tasks, inner)
+        torch.testing.assert_close(got["acc_after_per_task"], want["acc_after_per_task"])
+        torch.testing.assert_close(got["query_loss"], want["query_loss"])
+    # Prediction's adapt-then-score path scores with the last set, as evaluation does.
+    losses = [cross_entropy(adapt_task(predictor.model, tasks["support_x"][t],
+                                       tasks["support_y"][t], predictor.spec)
+                            .logits(tasks["query_x"][t]), tasks["query_y"][t])
+              for t in range(2)]
+    torch.testing.assert_close(sum(losses) / 2, want["query_loss"])
+
+
+@pytest.mark.parametrize("saved, resumed, error", [
+    ((3, False), (0, False), "size mismatch"), ((0, False), (3, False), "size mismatch"),
+    ((3, False), (2, False), "size mismatch"), ((3, False), (3, True), "Missing key"),
+    ((3, True), (3, False), "Unexpected key")])
+def test_a_checkpoint_of_other_batch_norm_sets_is_refused_with_the_setting(saved, resumed, error):
+    saved, model = (tiny_bnwb_model(steps, stats=stats) for steps, stats in (saved, resumed))
+    state = TrainState(model, LR, torch.optim.Adam(model.parameters()), InnerLossScaler(),
+                       InnerLossScaler())
+    with pytest.raises(ConfigError, match=rf"algorithm\.per_step_bn_weights.*{error}"):
+        restore_state(state, {"model": saved.state_dict()})
+
+
 # ---------------------------------------------------------------- all options on
 
 
 def all_options_spec(algorithm, vectorize, model):
     """The trainer's spec at step 5 of a config with every option of this module on: mid-way
-    through the multi-step loss annealing, after the switch to second order, per-step sizes."""
+    through the multi-step loss annealing, after the switch to second order, per-step sizes
+    (the model brings its per-step batch-norm weights: ``tiny_bnwb_model``)."""
     cfg = config(f"algorithm.name={algorithm}", "algorithm.inner_steps=3",
                  "algorithm.msl_steps=10", "algorithm.first_order_steps=2",
-                 "algorithm.learn_inner_lr=per_step", f"algorithm.vectorize={vectorize}")
+                 "algorithm.learn_inner_lr=per_step", f"algorithm.vectorize={vectorize}",
+                 "algorithm.per_step_bn_weights=true")
     lrs = distinct_per_step(model, algorithm, 3)
     spec = InnerLoopSpec.from_config(cfg, precision="no", inner_lr=lrs, step=5)
     assert not spec.first_order and spec.step_weights == msl_weights(3, 5, 10)
@@ -326,15 +558,18 @@ def all_options_spec(algorithm, vectorize, model):
 @pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_all_options_meta_gradient_matches_finite_differences(algorithm, vectorize):
-    model, tasks = tiny_model(), make_tasks()
+    # With per-step running statistics, collected on the loop path as the trainer does: they
+    # are detached, and meta-training normalises with batch statistics.
+    model, tasks = tiny_bnwb_model(stats=not vectorize), make_tasks()
     spec, lrs = all_options_spec(algorithm, vectorize, model)
-    check_against_finite_differences(lambda: meta_loss(model, tasks, spec)[0],
-                                     [*model.parameters(), lrs.per_step])
+    with collect_batch_stats() if not vectorize else contextlib.nullcontext():
+        check_against_finite_differences(lambda: meta_loss(model, tasks, spec)[0],
+                                         [*model.parameters(), lrs.per_step])
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_all_options_trainer_path_gives_the_meta_loss_gradient(algorithm):
-    model, tasks = tiny_model(), make_tasks()
+    model, tasks = tiny_bnwb_model(), make_tasks()
     spec, lrs = all_options_spec(algorithm, False, model)
     leaves = [*model.parameters(), lrs.per_step]
     expected = flat(torch.autograd.grad(meta_loss(model, tasks, spec)[0], leaves))
@@ -353,7 +588,7 @@ def test_all_options_under_bf16_err_as_bf16_rounding_does(algorithm, vectorize):
     on CPU, as on main without any option: autocast does not reach its reused features
     under vmap there)."""
     torch.manual_seed(0)
-    model = build_model("cnn", 5, width=16, image_size=28)
+    model = build_model("cnn", 5, width=16, image_size=28, bn_steps=3)
     tasks = make_tasks(tasks=2, n_way=5, k_shot=1, n_query=3, size=28, dtype=torch.float32,
                        jitter=0.1)
     spec, lrs = all_options_spec(algorithm, vectorize, model)
@@ -380,3 +615,4 @@ def test_the_mamlpp_configs_load_with_their_options_on(name):
     algo = cfg.algorithm
     assert (algo.learn_inner_lr, algo.inner_steps, cfg.optim.schedule) == ("per_step", 5, "cosine")
     assert algo.msl_steps > 0 and not algo.first_order and algo.first_order_steps == 0
+    assert algo.per_step_bn_weights

@@ -188,11 +188,13 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(shards, tmp_path
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-# MAML++ options of fsl_dist (all but the per-step batch norm ones), on for the whole run:
-# the multi-step loss annealed over steps 0-3 and off from step 4, first order on steps 0-2 and
-# second order from step 3, per-step learned inner step sizes, the cosine outer rate.
+# MAML++ options of fsl_dist, on for the whole run: the multi-step loss annealed over steps 0-3
+# and off from step 4, first order on steps 0-2 and second order from step 3, per-step learned
+# inner step sizes, per-step batch-norm weights and running statistics (their all-reduced
+# updates are in the compared weights), the cosine outer rate.
 MAMLPP = ("algorithm.inner_steps=2", "algorithm.msl_steps=4", "algorithm.first_order_steps=3",
-          "algorithm.learn_inner_lr=per_step", "optim.schedule=cosine", "optim.min_lr=1e-5")
+          "algorithm.learn_inner_lr=per_step", "algorithm.per_step_bn_weights=true",
+          "algorithm.per_step_bn_stats=true", "optim.schedule=cosine", "optim.min_lr=1e-5")
 
 
 def test_mamlpp_two_ranks_equal_one_and_resume_is_bitwise_across_the_switches(shards, tmp_path):
@@ -201,7 +203,11 @@ def test_mamlpp_two_ranks_equal_one_and_resume_is_bitwise_across_the_switches(sh
     train(two, shards, 2, *MAMLPP)
     assert_world(two, 2)
     a, b = weights(one), weights(two)
-    assert a["inner_lr.per_step"].shape == (2, 14)  # [inner steps, adapted tensors of Conv-4]
+    # [inner steps, adapted tensors of Conv-4]: 4 conv weights and the head's two; the
+    # per-step batch-norm sets ([inner steps, channels]) do not adapt
+    assert a["inner_lr.per_step"].shape == (2, 6)
+    assert a["features.0.1.weight"].shape[0] == 2
+    assert a["features.0.1.running_mean"].shape[0] == 2 and a["features.0.1.running_mean"].any()
     difference = max_abs_difference(a, b)
     assert difference < 1e-6, f"max |one - two| = {difference:.3g}"
     # row s reports the spec of step s - 1 (s - 1 steps had finished when it ran)

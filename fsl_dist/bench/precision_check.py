@@ -31,7 +31,7 @@ from fsl_dist import numerics
 from fsl_dist.config import ConfigError, load_config
 from fsl_dist.data.episodes import make_tasks
 from fsl_dist.data.shards import load_manifest
-from fsl_dist.meta import InnerLoopSpec, adapt, adapted_parameter_names, meta_backward
+from fsl_dist.meta import InnerLoopSpec, adapt, inner_parameter_names, meta_backward
 from fsl_dist.meta.algorithms import resolve_inner_lr
 from fsl_dist.meta.inner import INNER_LOSSES
 from fsl_dist.runs import load_trained, model_inputs
@@ -124,7 +124,7 @@ def agreement(grad: torch.Tensor, truth: torch.Tensor) -> str:
 def support_losses(model, inner_lr, tasks, cfg, steps: int) -> list[float]:
     """Mean support loss over the tasks before the first inner step and after each of ``steps``
     (the inner loop as the trainer runs it, without the graph the meta-gradient needs)."""
-    names = adapted_parameter_names(cfg.algorithm.name, [n for n, _ in model.named_parameters()])
+    names = inner_parameter_names(cfg.algorithm.name, model)
     lrs = {n: lr.detach() if torch.is_tensor(lr) else lr
            for n, lr in resolve_inner_lr(inner_lr, names).items()}
     forward = lambda params, x: torch.func.functional_call(model, params, (x,))  # noqa: E731

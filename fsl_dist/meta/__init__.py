@@ -12,6 +12,7 @@ from .algorithms import (
     DEFAULT_INNER_LR,
     LearnedInnerLR,
     adapted_parameter_names,
+    inner_parameter_names,
     learned_inner_lr,
     resolve_inner_lr,
 )
@@ -32,7 +33,7 @@ __all__ = [
     "ADAPTED_GROUPS", "ALGORITHMS", "DEFAULT_INNER_LR", "INNER_LOSSES", "PRECISIONS",
     "AdaptedTask", "Adaptation", "InnerLoopSpec", "InnerLossScaler", "LearnedInnerLR", "adapt",
     "adapt_task",
-    "adapted_parameter_names",
+    "adapted_parameter_names", "inner_parameter_names",
     "default_task_workers", "default_vectorize", "evaluate_tasks", "learned_inner_lr",
     "meta_backward", "meta_loss", "resolve_inner_lr",
 ]

@@ -6,6 +6,11 @@
 - ``anil`` (Raghu et al., 2020) adapts the head (``classifier.*``) only.
 
 All three meta-learn every parameter in the outer step; only the inner loop differs.
+
+Per-step batch-norm weights and biases (MAML++'s BNWB, ``BatchStatNorm2d(steps=S)``) never
+adapt, whatever the algorithm: as in the MAML++ reference code (its default
+``enable_inner_loop_optimizable_bn_params: False``), having one set per inner step is what
+replaces adapting them; they are meta-learned in the outer step like every parameter.
 """
 
 from collections.abc import Iterable, Mapping
@@ -13,6 +18,8 @@ from numbers import Real
 
 import torch
 from torch import nn
+
+from ..models.layers import per_step_parameter_names
 
 GROUPS = ("features", "classifier")
 ADAPTED_GROUPS = {
@@ -48,6 +55,15 @@ def adapted_parameter_names(algorithm: str, names: Iterable[str]) -> list[str]:
     return [n for n in names if group_of(n) in groups]
 
 
+def inner_parameter_names(algorithm: str, model: nn.Module) -> list[str]:
+    """The names of ``model``'s parameters that ``algorithm`` adapts in the inner loop, in
+    order: ``adapted_parameter_names`` less the per-step batch-norm parameters, which never
+    adapt (see the module's docstring)."""
+    fixed = per_step_parameter_names(model)
+    return [n for n in adapted_parameter_names(algorithm, [n for n, _ in model.named_parameters()])
+            if n not in fixed]
+
+
 class LearnedInnerLR(nn.Module):
     """Learnable inner step sizes: one per adapted parameter tensor (Meta-SGD, per layer), or
     with ``steps`` one per inner step and adapted tensor (MAML++'s LSLR).
@@ -76,7 +92,7 @@ class LearnedInnerLR(nn.Module):
     def __init__(self, model: nn.Module, algorithm: str, init, steps: int | None = None):
         super().__init__()
         self.algorithm = algorithm
-        self.names = adapted_parameter_names(algorithm, [n for n, _ in model.named_parameters()])
+        self.names = inner_parameter_names(algorithm, model)
         values = resolve_inner_lr(init, self.names)
         if steps is None:
             # Module attribute names cannot hold dots.

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.layers import inner_step
+
 Params = dict[str, Tensor]
 Forward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
 
@@ -86,7 +88,8 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
     per_step = lrs if isinstance(lrs, Sequence) else [lrs]
     for k in range(steps):
         step_lrs = per_step[min(k, len(per_step) - 1)]
-        grads, loss = gradient(support_loss, adapted, create_graph=not first_order)
+        with inner_step(k):  # per-step batch norms use set k (MAML++'s BNWB)
+            grads, loss = gradient(support_loss, adapted, create_graph=not first_order)
         if loss_scale is not None:
             grads = {n: g / loss_scale for n, g in grads.items()}
         if first_loss is None:

@@ -14,8 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..models.layers import batch_norm_for_vmap
-from .algorithms import adapted_parameter_names, resolve_inner_lr
+from ..models.layers import (
+    batch_norm_for_vmap,
+    inner_step,
+    per_step_parameter_names,
+    running_stats_norms,
+)
+from .algorithms import inner_parameter_names, resolve_inner_lr
 from .inner import adapt, cross_entropy, upcast
 from .precision import autocast_factory
 from .spec import InnerLoopSpec
@@ -30,6 +35,8 @@ def default_vectorize(device, model: nn.Module | None = None) -> bool:
     accepted so that a backbone-specific choice can be added where a measurement calls for it.
     """
     device_type = torch.device(device).type
+    if model is not None and running_stats_norms(model):
+        return False  # per-step running statistics are collected on the loop path only
     # CUDA: vmap is several times the loop's tasks/s for every model and algorithm measured.
     # CPU: the loop is faster in most cases at about half the memory. Other devices are
     # unmeasured: take the path that needs no batching rules. Numbers: BENCHMARKS.md.
@@ -140,21 +147,25 @@ def _one_task(model, params, lrs, plan: _Plan, support_x, support_y, query_x, qu
     task = _task_forward(model, params, plan)
     support_in, query_x = task.prepare(support_x), task.prepare(query_x)
     if plan.acc_before:
-        with torch.no_grad():
+        with torch.no_grad(), inner_step(0):
             acc_before = _accuracy(task.forward(task.params, query_x), query_y)
     else:
         acc_before = torch.full((), math.nan, device=query_x.device)
     adaptation = _adapt_task(task, lrs, plan, support_in, support_y)
-    logits = task.forward(adaptation.params, query_x)
+    # The query forward after step k uses step k's per-step batch-norm set (the reference
+    # code's ``num_step``): the last set after the last step.
+    with inner_step(plan.steps - 1):
+        logits = task.forward(adaptation.params, query_x)
     query_loss = cross_entropy(logits, query_y)
     objective = query_loss
     if plan.step_weights is not None:
         # One more query forward per earlier step; the last step's loss is the one above.
         *earlier, last = plan.step_weights
         objective = last * query_loss
-        for weight, step_params in zip(earlier, adaptation.steps):
-            objective = objective + weight * cross_entropy(task.forward(step_params, query_x),
-                                                           query_y)
+        for k, (weight, step_params) in enumerate(zip(earlier, adaptation.steps)):
+            with inner_step(k):
+                step_logits = task.forward(step_params, query_x)
+            objective = objective + weight * cross_entropy(step_logits, query_y)
     return (objective, query_loss, acc_before, _accuracy(logits, query_y).detach(),
             adaptation.first_loss, adaptation.nonfinite.float())
 
@@ -222,10 +233,12 @@ def _plan(model, spec: InnerLoopSpec, device_type: str, vectorize: bool, *,
           inner_loss_scale=None, acc_before=True, evaluation=False):
     """The batch-wide plan of ``spec`` on ``device_type``, and the step sizes per adapted name.
     ``evaluation`` keeps no outer graph: first order, features reused, no multi-step loss."""
-    names = adapted_parameter_names(spec.algorithm, [n for n, _ in model.named_parameters()])
+    names = inner_parameter_names(spec.algorithm, model)
     lrs = resolve_inner_lr(spec.inner_lr, names)
     head_only = all(n.startswith("classifier.") for n in names)
-    reuse = spec.reuse_features or evaluation
+    # Per-step batch norms change the body's output from one inner step to the next: the
+    # ANIL fast path's features, computed once, would hold step 0's.
+    reuse = (spec.reuse_features or evaluation) and not per_step_parameter_names(model)
     plan = _Plan(tuple(names), spec.inner_steps, spec.first_order or evaluation,
                  spec.inner_loss, inner_loss_scale, functional=vectorize,
                  reuse_features=reuse and head_only,
@@ -403,15 +416,19 @@ class AdaptedTask:
     """One support set's adapted parameters; ``logits(x)`` scores images with them.
 
     Made by ``adapt_task``. Batch norm normalises with the statistics of the images scored
-    together, as in evaluation, where a task's whole query set is one batch."""
+    together, as in evaluation, where a task's whole query set is one batch; a model with
+    per-step running statistics (MAML++'s BNRS) uses those of the last inner step instead, so
+    each image's logits do not depend on the others. Per-step batch-norm weights: the last
+    step's set."""
 
-    def __init__(self, model: nn.Module, task: _TaskForward, params: dict):
+    def __init__(self, model: nn.Module, task: _TaskForward, params: dict, last_step: int = 0):
         self._model, self._task, self._params = model, task, params
+        self._last_step = last_step  # per-step batch norms: the set of the last inner step
 
     @torch.no_grad()
     def logits(self, x: Tensor) -> Tensor:
         """Logits ``[B, N]`` (float32) of images ``x [B, C, H, W]``."""
-        with _evaluation_mode(self._model):
+        with _evaluation_mode(self._model), inner_step(self._last_step):
             return upcast(self._task.forward(self._params, self._task.prepare(x))).float()
 
 
@@ -431,7 +448,7 @@ def adapt_task(model: nn.Module, support_x: Tensor, support_y: Tensor,
     if adaptation.nonfinite.item():
         raise FloatingPointError("adapting to the support set gave non-finite inner gradients")
     adapted = {n: p.detach() for n, p in adaptation.params.items()}
-    return AdaptedTask(model, task, adapted)
+    return AdaptedTask(model, task, adapted, plan.steps - 1)
 
 
 @contextlib.contextmanager

@@ -15,16 +15,18 @@ class ResidualBlock(nn.Module):
     """Three 3x3 conv + norm layers (ReLU between), a 1x1 conv + norm projection shortcut,
     then ReLU and a 2x2 max-pool (the ResNet-12 block)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, bn_steps: int = 0,
+                 bn_stats: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.norm1 = BatchStatNorm2d(out_channels)
+        self.norm1 = BatchStatNorm2d(out_channels, steps=bn_steps, running_stats=bn_stats)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2 = BatchStatNorm2d(out_channels)
+        self.norm2 = BatchStatNorm2d(out_channels, steps=bn_steps, running_stats=bn_stats)
         self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.norm3 = BatchStatNorm2d(out_channels)
+        self.norm3 = BatchStatNorm2d(out_channels, steps=bn_steps, running_stats=bn_stats)
         self.shortcut = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 1, bias=False), BatchStatNorm2d(out_channels))
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            BatchStatNorm2d(out_channels, steps=bn_steps, running_stats=bn_stats))
         self.relu = nn.ReLU()
         self.pool = nn.MaxPool2d(2)
 
@@ -45,10 +47,13 @@ class ResNet12(nn.Module):
         width: shorthand for ``widths = (w, 2w, 4w, 8w)`` (ignored when ``widths`` is given).
         in_channels: image channels (1 for Omniglot).
         image_size: side of the square input (28 gives 28 -> 14 -> 7 -> 3 -> 1 with 4 blocks).
+        bn_steps: 0, or S: per-step batch-norm weights and biases (MAML++'s BNWB).
+        bn_stats: with ``bn_steps``, per-step running statistics (MAML++'s BNRS).
     """
 
     def __init__(self, n_way: int, widths=None, width: int | None = None,
-                 in_channels: int = 1, image_size: int = 28):
+                 in_channels: int = 1, image_size: int = 28, bn_steps: int = 0,
+                 bn_stats: bool = False):
         super().__init__()
         if widths is None:
             widths = DEFAULT_WIDTHS if width is None else tuple(width * 2**i for i in range(4))
@@ -56,7 +61,7 @@ class ResNet12(nn.Module):
             raise ValueError(f"image_size {image_size} is too small for {len(widths)} blocks")
         blocks, channels = [], in_channels
         for w in widths:
-            blocks.append(ResidualBlock(channels, w))
+            blocks.append(ResidualBlock(channels, w, bn_steps, bn_stats))
             channels = w
         self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.classifier = nn.Linear(channels, n_way)

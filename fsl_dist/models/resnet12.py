@@ -53,10 +53,12 @@ class DropBlock(nn.Module):
         return f"drop_rate={self.drop_rate}, block_size={self.block_size}"
 
 
-def conv_norm(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
+def conv_norm(in_channels: int, out_channels: int, kernel: int,
+              bn_steps: int = 0, bn_stats: bool = False) -> nn.Sequential:
     """Conv without bias (the norm's mean subtraction cancels it) and batch-statistics norm."""
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2,
-                                   bias=False), BatchStatNorm2d(out_channels))
+                                   bias=False),
+                         BatchStatNorm2d(out_channels, steps=bn_steps, running_stats=bn_stats))
 
 
 class Block(nn.Module):
@@ -64,12 +66,13 @@ class Block(nn.Module):
     2x2 max-pool, then DropBlock (identity when ``drop_rate`` is 0)."""
 
     def __init__(self, in_channels: int, out_channels: int, drop_rate: float,
-                 dropblock_size: int):
+                 dropblock_size: int, bn_steps: int = 0,
+                 bn_stats: bool = False):
         super().__init__()
-        self.conv1 = conv_norm(in_channels, out_channels, 3)
-        self.conv2 = conv_norm(out_channels, out_channels, 3)
-        self.conv3 = conv_norm(out_channels, out_channels, 3)
-        self.shortcut = conv_norm(in_channels, out_channels, 1)
+        self.conv1 = conv_norm(in_channels, out_channels, 3, bn_steps, bn_stats)
+        self.conv2 = conv_norm(out_channels, out_channels, 3, bn_steps, bn_stats)
+        self.conv3 = conv_norm(out_channels, out_channels, 3, bn_steps, bn_stats)
+        self.shortcut = conv_norm(in_channels, out_channels, 1, bn_steps, bn_stats)
         self.relu = nn.LeakyReLU(NEGATIVE_SLOPE)
         self.pool = nn.MaxPool2d(2)
         self.drop = DropBlock(drop_rate, dropblock_size)
@@ -92,17 +95,21 @@ class StandardResNet12(nn.Module):
         image_size: side of the square input.
         drop_rate: DropBlock's fraction of dropped positions after each block (0: off).
         dropblock_size: DropBlock's block side (5 in MetaOptNet), capped by the feature map.
+        bn_steps: 0, or S: per-step batch-norm weights and biases (MAML++'s BNWB).
+        bn_stats: with ``bn_steps``, per-step running statistics (MAML++'s BNRS).
     """
 
     def __init__(self, n_way: int, width: int = 64, in_channels: int = 3,
-                 image_size: int = 84, drop_rate: float = 0.0, dropblock_size: int = 5):
+                 image_size: int = 84, drop_rate: float = 0.0, dropblock_size: int = 5,
+                 bn_steps: int = 0,
+                 bn_stats: bool = False):
         super().__init__()
         widths = block_widths(width)
         if image_size // 2 ** len(widths) < 1:
             raise ValueError(f"image_size {image_size} is too small for {len(widths)} blocks")
         blocks, channels = [], in_channels
         for w in widths:
-            blocks.append(Block(channels, w, drop_rate, dropblock_size))
+            blocks.append(Block(channels, w, drop_rate, dropblock_size, bn_steps, bn_stats))
             channels = w
         self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.classifier = nn.Linear(channels, n_way)
