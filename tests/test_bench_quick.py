@@ -144,5 +144,5 @@ def test_bench_mamlpp_prints_a_row_per_option(tmp_path):
     assert result.stdout.startswith("machine: ")
     rows = json.loads(out.read_text())["rows"]
     assert [r["option"] for r in rows] == ["second order", "MSL", "DA first-order phase", "LSLR",
-                                           "MSL + LSLR"]
+                                           "BNWB", "BNWB + BNRS", "MSL + LSLR + BNWB + BNRS"]
     assert rows[0]["x_second_order"] == 1.0 and all(r["ms_per_step"] > 0 for r in rows)

@@ -6,7 +6,9 @@
 Each row is ``meta_backward`` (what the trainer's step computes, without the all-reduce and Adam)
 on one meta-batch of random Omniglot-sized tasks, with the inner loop of ``InnerLoopSpec`` plus
 one option: MSL (uniform step weights: every step's query loss enters the objective), DA's
-first-order phase, LSLR (learned per-step step sizes), all three together. Options are timed in
+first-order phase, LSLR (learned per-step step sizes), BNWB (per-step batch-norm weights), BNRS
+(with BNWB, collecting the batch statistics for the per-step running statistics, as the
+trainer's step does), and MSL, LSLR, BNWB and BNRS together. Options are timed in
 interleaved rounds so that drift of the machine hits them alike; a cell is the median over
 rounds of the mean over the timed steps. Prints the machine line, then a Markdown table with each
 option's time relative to the plain second-order step.
@@ -15,6 +17,7 @@ option's time relative to the plain second-order step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -26,9 +29,12 @@ import torch
 
 from fsl_dist.bench.machine import cpu_description
 from fsl_dist.meta import InnerLoopSpec, LearnedInnerLR, meta_backward
-from fsl_dist.models import build_model
+from fsl_dist.models import build_model, collect_batch_stats, running_stats_norms
 
-OPTIONS = ("second order", "MSL", "DA first-order phase", "LSLR", "MSL + LSLR")
+OPTIONS = ("second order", "MSL", "DA first-order phase", "LSLR", "BNWB", "BNWB + BNRS",
+           "MSL + LSLR + BNWB + BNRS")
+PER_STEP_BN = ("BNWB", "BNWB + BNRS", "MSL + LSLR + BNWB + BNRS")
+COLLECTS = ("BNWB + BNRS", "MSL + LSLR + BNWB + BNRS")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,7 +59,16 @@ def spec_for(option: str, model, algorithm: str, steps: int) -> InnerLoopSpec:
             "MSL": base.replace(step_weights=uniform),
             "DA first-order phase": base.replace(first_order=True),
             "LSLR": base.replace(inner_lr=lslr),
-            "MSL + LSLR": base.replace(step_weights=uniform, inner_lr=lslr)}[option]
+            "BNWB": base, "BNWB + BNRS": base,
+            "MSL + LSLR + BNWB + BNRS": base.replace(step_weights=uniform, inner_lr=lslr)
+            }[option]
+
+
+def model_for(option: str, args, n_way: int):
+    torch.manual_seed(0)
+    steps = args.inner_steps if option in PER_STEP_BN else 0
+    return build_model(args.model, n_way, width=args.width, bn_steps=steps,
+                       bn_stats=option in COLLECTS)
 
 
 def random_tasks(n: int, k: int, q: int, tasks: int) -> dict:
@@ -65,12 +80,19 @@ def random_tasks(n: int, k: int, q: int, tasks: int) -> dict:
             "query_y": labels.repeat_interleave(q).expand(tasks, -1).clone()}
 
 
-def seconds_per_step(model, tasks: dict, spec: InnerLoopSpec, steps: int) -> float:
-    meta_backward(model, tasks, spec, acc_before=False)  # warm-up
+def seconds_per_step(model, tasks: dict, spec: InnerLoopSpec, steps: int,
+                     collect: bool) -> float:
+    def step():
+        model.zero_grad(set_to_none=True)
+        with collect_batch_stats() if collect else contextlib.nullcontext() as collector:
+            meta_backward(model, tasks, spec, acc_before=False)
+        if collect:
+            collector.means(running_stats_norms(model))
+
+    step()  # warm-up
     start = time.perf_counter()
     for _ in range(steps):
-        model.zero_grad(set_to_none=True)
-        meta_backward(model, tasks, spec, acc_before=False)
+        step()
     return (time.perf_counter() - start) / steps
 
 
@@ -80,12 +102,11 @@ def measure(args) -> list[dict]:
     times = {}
     for _ in range(args.rounds):
         for algorithm in args.algorithms:
-            torch.manual_seed(0)
-            model = build_model(args.model, n, width=args.width)
             for option in OPTIONS:
+                model = model_for(option, args, n)
                 spec = spec_for(option, model, algorithm, args.inner_steps)
                 times.setdefault((algorithm, option), []).append(
-                    seconds_per_step(model, tasks, spec, args.steps))
+                    seconds_per_step(model, tasks, spec, args.steps, option in COLLECTS))
     rows = []
     for (algorithm, option), seconds in times.items():
         median = statistics.median(seconds)
