@@ -302,25 +302,38 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
 # ---------------------------------------------------------------- held-out evaluation
 
 
+def episode_shape(n_way: int, k_shot: int, q_query: int) -> TaskSpec:
+    try:
+        return TaskSpec(n_way, k_shot, q_query, rotate=False)
+    except ValueError as err:
+        raise ConfigError(f"{err} (shots {k_shot}, queries {q_query})") from err
+
+
 def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, precision: str,
                       episodes: Optional[int] = None, shots: Optional[int] = None,
-                      part: Optional[str] = None, inner_steps: Optional[int] = None,
+                      queries: Optional[int] = None, part: Optional[str] = None, inner_steps: Optional[int] = None,
                       out_name: str = "eval.json", weights: Optional[Path] = None,
                       seeds: Optional[Sequence[int]] = None, quiet: bool = False) -> dict:
     """Evaluate on `part` (default eval.part) and write `out_name` in the run folder; `weights`,
-    the file the model came from, is recorded relative to the run folder. With two or more
+    the file the model came from, is recorded relative to the run folder; `shots` and `queries`
+    replace the trained K and Q per class (comparing runs trained with different Q needs one
+    test protocol). With two or more
     `seeds`, `episodes` are drawn for each episode seed and the result is `combine_seeds`'.
     `quiet`: no progress bar."""
     part = part or cfg.eval.part
     episodes = episodes or cfg.eval.episodes
-    k_shot = shots or cfg.task.k_shot
+    k_shot = cfg.task.k_shot if shots is None else shots
+    q_query = cfg.task.q_query if queries is None else queries
     inner_loop = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=inner_lr,
                                            evaluation=True, inner_steps=inner_steps)
-    tasks = TaskSpec(cfg.task.n_way, k_shot, cfg.task.q_query, rotate=False)
+    tasks = episode_shape(cfg.task.n_way, k_shot, q_query)
 
     def one_seed(seed: int) -> dict:
-        source = make_tasks(cfg.data.shards, part, tasks, seed=seed,
-                            memory_budget_gb=cfg.data.memory_budget_gb)
+        try:
+            source = make_tasks(cfg.data.shards, part, tasks, seed=seed,
+                                memory_budget_gb=cfg.data.memory_budget_gb)
+        except ValueError as err:  # episodes the shards cannot fill: input, not a bug
+            raise ConfigError(f"evaluating {k_shot}-shot {q_query}-query episodes: {err}") from err
         desc = f"{part} (seed {seed})" if len(seeds) > 1 else part
         result = evaluate(model, inner_loop, source, episodes=episodes, dist=dist,
                           batch_size=cfg.eval.batch_size, quiet=quiet, desc=desc)
@@ -332,7 +345,7 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
                           "twice; give distinct seeds")
     per_seed = [one_seed(seed) for seed in seeds]
     result = per_seed[0] if len(per_seed) == 1 else combine_seeds(per_seed)
-    result.update(part=part, n_way=cfg.task.n_way, k_shot=k_shot, q_query=cfg.task.q_query,
+    result.update(part=part, n_way=cfg.task.n_way, k_shot=k_shot, q_query=q_query,
                   inner_steps=inner_loop.inner_steps, config=cfg.name, seed=cfg.train.seed,
                   world_size=dist.world_size)
     if weights is not None:

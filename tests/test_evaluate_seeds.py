@@ -93,3 +93,24 @@ def test_a_repeated_seed_is_refused(tiny_run):
         evaluate_held_out(model, 0.4, cfg, dist, run_dir, precision="no", episodes=4,
                           seeds=[3, 3], out_name="never.json")
     assert not (run_dir / "never.json").exists()
+
+
+def test_queries_replace_the_trained_query_count(tiny_run):
+    """One test protocol for runs trained with different Q: every episode has `queries` per class."""
+    cfg, model, run_dir, dist = tiny_run
+    result = evaluate_held_out(model, 0.4, cfg, dist, run_dir, precision="no", episodes=4,
+                               queries=3, out_name="q3.json")
+    assert result["q_query"] == 3 and cfg.task.q_query != 3
+    assert json.loads((run_dir / "q3.json").read_text())["q_query"] == 3
+
+
+@pytest.mark.parametrize("queries, message", [
+    (0, "TaskSpec.q_query must be a positive integer"),
+    (20, r"k_shot \+ q_query = 5 \+ 20 = 25 exceeds the 20 images per class"),
+])
+def test_a_bad_query_count_is_refused_and_nothing_is_written(tiny_run, queries, message):
+    cfg, model, run_dir, dist = tiny_run
+    with pytest.raises(ConfigError, match=message):  # the CLI's one line and exit 2
+        evaluate_held_out(model, 0.4, cfg, dist, run_dir, precision="no", episodes=4,
+                          queries=queries, out_name="bad-q.json")
+    assert not (run_dir / "bad-q.json").exists()

@@ -5,6 +5,7 @@
     accelerate launch --multi_gpu --num_processes 2 launch/evaluate.py --run-dir runs/cnn_maml-0 --inner-steps 5
     python launch/evaluate.py --run-dir runs/cnn_maml-0 --part val --checkpoint 2500   # a kept checkpoint
     python launch/evaluate.py --run-dir runs/cnn_maml-0 --seeds 1234 1235 1236 1237 1238
+    python launch/evaluate.py --run-dir runs/mamlpp-0 --queries 15   # trained with 1 query per class
 
 With several --seeds, each seed draws its own --episodes and the result states the seeds' means,
 their spread and the larger of the two intervals (over episodes, over seeds): on a small test
@@ -36,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="episodes (default: the config's eval.episodes)")
     parser.add_argument("--ways", type=int, help="N-way; must equal the trained head's N")
     parser.add_argument("--shots", type=int, help="K-shot (default: the trained K)")
+    parser.add_argument("--queries", type=int,
+                        help="query images per class (default: the trained Q); one Q for runs "
+                             "trained with different ones")
     parser.add_argument("--part", choices=("val", "test"), help="split part (default: eval.part)")
     parser.add_argument("--inner-steps", type=int,
                         help="inner steps at test time (default: eval.inner_steps)")
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
         out_name = args.out or f"eval-{part}.json"
         result = evaluate_held_out(model, inner_lr, cfg, dist, Path(args.run_dir),
                                    precision=precision, episodes=args.episodes, shots=args.shots,
-                                   part=part,
+                                   queries=args.queries, part=part,
                                    inner_steps=args.inner_steps, out_name=out_name,
                                    weights=weights, seeds=args.seeds, quiet=args.quiet)
     except Exception as err:
