@@ -311,7 +311,8 @@ def episode_shape(n_way: int, k_shot: int, q_query: int) -> TaskSpec:
 
 def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, precision: str,
                       episodes: Optional[int] = None, shots: Optional[int] = None,
-                      queries: Optional[int] = None, part: Optional[str] = None, inner_steps: Optional[int] = None,
+                      queries: Optional[int] = None, part: Optional[str] = None,
+                      inner_steps: Optional[int] = None,
                       out_name: str = "eval.json", weights: Optional[Path] = None,
                       seeds: Optional[Sequence[int]] = None, quiet: bool = False) -> dict:
     """Evaluate on `part` (default eval.part) and write `out_name` in the run folder; `weights`,

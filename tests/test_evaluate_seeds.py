@@ -96,7 +96,7 @@ def test_a_repeated_seed_is_refused(tiny_run):
 
 
 def test_queries_replace_the_trained_query_count(tiny_run):
-    """One test protocol for runs trained with different Q: every episode has `queries` per class."""
+    """One protocol for runs trained with different Q: every episode has `queries` per class."""
     cfg, model, run_dir, dist = tiny_run
     result = evaluate_held_out(model, 0.4, cfg, dist, run_dir, precision="no", episodes=4,
                                queries=3, out_name="q3.json")
