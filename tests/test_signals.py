@@ -101,6 +101,12 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def _default_sigint() -> None:
+    """A shell gives its foreground job the default SIGINT; pytest started in the background of
+    a script inherits it ignored, and accelerate's launcher would then ignore the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """One training command started in its own session (as a shell starts a foreground job),
     its output in files (no pipe a stopped reader could fill)."""
@@ -113,7 +119,7 @@ class Run:
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(command("train.py", args, processes), cwd=ROOT,
                                          env=child_env(), stdout=out, stderr=err,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_default_sigint)
         self.processes = processes
 
     def output(self) -> str:
