@@ -13,10 +13,18 @@ import pytest
 # the cores: with a training run on one of two cores, the unit tier took 8 minutes instead of
 # under 1. Passive waiting for this process only: libgomp reads the variable once, as torch loads
 # it, so it is set for that import and taken back; the processes the tests start inherit none.
+# Under pytest-xdist (`-n 2`) the workers' processes share the cores with each other, so there
+# they inherit the passive policy too.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     import torch  # noqa: F401
-    del os.environ["OMP_WAIT_POLICY"]
+    if XDIST_WORKERS == 1:
+        del os.environ["OMP_WAIT_POLICY"]
+if XDIST_WORKERS > 1:  # a worker's in-process tests: its share of the cores, not all of them
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // XDIST_WORKERS))
 
 from fsl_dist.data import shards  # noqa: E402
 
@@ -74,11 +82,18 @@ INTEGRATION_MODULES = frozenset({
 })
 
 
+# Modules that share one SLURM cluster (and fixed folders under /tmp): with `-n 2` they all go to
+# one worker, one after another (`--dist loadgroup`, in setup.cfg).
+SLURM_MODULES = frozenset({"test_slurm.py", "test_slurm_netns.py"})
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.name in INTEGRATION_MODULES:
             item.add_marker(pytest.mark.integration)
+        if item.path.name in SLURM_MODULES:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 # Probes that libraries run once and cache, not the tests' own processes: matplotlib's font list
