@@ -2,9 +2,11 @@
 the two test tiers: `-m "not integration"` is the fast unit tier, `-m integration` the tests that
 start processes (`accelerate launch`, subprocesses, a SLURM cluster, benchmark scripts)."""
 
+import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -82,9 +84,20 @@ INTEGRATION_MODULES = frozenset({
 })
 
 
-# Modules that share one SLURM cluster (and fixed folders under /tmp): with `-n 2` they all go to
-# one worker, one after another (`--dist loadgroup`, in setup.cfg).
+# Modules that start SLURM clusters (and use fixed folders under /tmp): under `-n 2` one of them
+# runs at a time, whichever worker has it (`--dist loadscope` in setup.cfg keeps a module on one
+# worker; xdist 3.8's `loadgroup` ignores groups under pytest 9).
 SLURM_MODULES = frozenset({"test_slurm.py", "test_slurm_netns.py"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_slurm_module_at_a_time(request):
+    if request.path.name not in SLURM_MODULES:
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / "fsl_dist-slurm-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the module ends or its worker dies
+        yield
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
@@ -92,8 +105,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.name in INTEGRATION_MODULES:
             item.add_marker(pytest.mark.integration)
-        if item.path.name in SLURM_MODULES:
-            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 # Probes that libraries run once and cache, not the tests' own processes: matplotlib's font list
