@@ -2,9 +2,11 @@
 the two test tiers: `-m "not integration"` is the fast unit tier, `-m integration` the tests that
 start processes (`accelerate launch`, subprocesses, a SLURM cluster, benchmark scripts)."""
 
+import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,18 @@ import pytest
 # the cores: with a training run on one of two cores, the unit tier took 8 minutes instead of
 # under 1. Passive waiting for this process only: libgomp reads the variable once, as torch loads
 # it, so it is set for that import and taken back; the processes the tests start inherit none.
+# Under pytest-xdist (`-n 2`) the workers' processes share the cores with each other, so there
+# they inherit the passive policy too.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     import torch  # noqa: F401
-    del os.environ["OMP_WAIT_POLICY"]
+    if XDIST_WORKERS == 1:
+        del os.environ["OMP_WAIT_POLICY"]
+if XDIST_WORKERS > 1:  # a worker's in-process tests: its share of the cores, not all of them
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // XDIST_WORKERS))
 
 from fsl_dist.data import shards  # noqa: E402
 
@@ -72,6 +82,22 @@ INTEGRATION_MODULES = frozenset({
     "test_train_end_to_end.py",
     "test_train_folder.py",
 })
+
+
+# Modules that start SLURM clusters (and use fixed folders under /tmp): under `-n 2` one of them
+# runs at a time, whichever worker has it (`--dist loadscope` in setup.cfg keeps a module on one
+# worker; xdist 3.8's `loadgroup` ignores groups under pytest 9).
+SLURM_MODULES = frozenset({"test_slurm.py", "test_slurm_netns.py"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_slurm_module_at_a_time(request):
+    if request.path.name not in SLURM_MODULES:
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / "fsl_dist-slurm-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the module ends or its worker dies
+        yield
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
