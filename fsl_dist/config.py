@@ -32,6 +32,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    """Which shard set the tasks come from and how it is held in memory."""
+
     shards: str = "shards/omniglot-futurama"
     """Folder of the packed shard set (made by launch/pack.py)."""
     dataset: str = "omniglot"
@@ -64,13 +66,21 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
+    """The shape of one few-shot task (N-way K-shot, Q queries per class)."""
+
     n_way: int = 5
+    """Classes per task (N); evaluation uses the trained head's N."""
     k_shot: int = 1
+    """Support images per class (K), the images the inner loop adapts on."""
     q_query: int = 15
+    """Query images per class (Q), the images the adapted model is scored on. A task draws only
+    classes holding at least K+Q images."""
 
 
 @dataclass
 class ModelConfig:
+    """The network (a `features` body and a `classifier` head)."""
+
     name: str = "cnn"
     """cnn (Conv-4), resnet (small ResNet-12 style, Omniglot) or resnet12 (the ResNet-12 of the
     mini-ImageNet benchmarks, widths 64:160:320:640)."""
@@ -85,9 +95,13 @@ class ModelConfig:
 
 @dataclass
 class AlgorithmConfig:
+    """The inner loop: which parameters adapt, how many steps, what step size."""
+
     name: str = "maml"
     """maml adapts everything, boil the body (features.*), anil the head (classifier.*)."""
     inner_steps: int = 1
+    """Inner-loop gradient steps on the support set during meta-training (evaluation:
+    eval.inner_steps)."""
     inner_lr: Union[float, dict[str, float]] = 0.4
     """One step size, or one per group: {features: a, classifier: b}."""
     first_order: bool = False
@@ -134,11 +148,16 @@ class AlgorithmConfig:
 
 @dataclass
 class OptimConfig:
+    """The outer (meta) optimiser, Adam, and its learning-rate schedule."""
+
     lr: float = 1e-3
+    """Adam's learning rate for the meta-update (the start of a cosine or step schedule)."""
     weight_decay: float = 0.0
+    """Adam's weight decay (L2 added to the meta-gradient); 0 is off."""
     grad_clip: Optional[float] = None
     """Clip the (all-reduced) meta-gradient to this norm; null disables clipping."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam's two moment decay rates."""
     schedule: str = "constant"
     """constant; cosine: the outer learning rate falls from `lr` to `min_lr` over train.steps,
     min_lr + (lr - min_lr)(1 + cos(pi step / train.steps)) / 2 (MAML++'s annealing: the form of
@@ -153,18 +172,30 @@ class OptimConfig:
     """The step schedule's steps, ascending: updates after this many finished steps use the lower
     rate."""
     decay_factor: float = 0.1
+    """The step schedule's factor: the rate is multiplied by it at each step of `decay_at`."""
 
 
 @dataclass
 class TrainConfig:
+    """The length of the run, its seed, and how often it logs, validates and saves."""
+
     steps: int = 2000
+    """Meta-training steps (outer updates) of the whole run; a resumed run may raise it."""
     meta_batch_size: int = 16
     """Tasks per meta-step, over all processes together."""
     seed: int = 0
+    """Seed of the initial weights (the same on every process) and of the training tasks; names
+    the run folder (runs/<config name>-<seed>). The class split is fixed when the shards are
+    packed, not by this seed."""
     checkpoint_every: int = 500
+    """Steps between checkpoints in <run-dir>/checkpoints/."""
     keep_checkpoints: int = 3
+    """How many of the newest checkpoints are kept; older ones are removed."""
     eval_every: int = 500
+    """Steps between validations (eval.val_episodes episodes of the val part)."""
     log_every: int = 10
+    """Steps between logged rows (metrics.jsonl, W&B, TensorBoard); the last step is always
+    logged."""
     cpu_threads: Optional[int] = None
     """Threads per process on CPU; null: the machine's cores divided among local processes."""
     tune_cpu_malloc: bool = True
@@ -180,6 +211,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Validation during training and the held-out evaluation at its end."""
+
     episodes: int = 600
     """Held-out test episodes of the final evaluation."""
     val_episodes: int = 200
@@ -187,6 +220,7 @@ class EvalConfig:
     inner_steps: Optional[int] = None
     """Inner steps at evaluation (null: algorithm.inner_steps); more than in training is usual."""
     part: str = "test"
+    """The part the final evaluation scores (launch/evaluate.py's default too): test or val."""
     batch_size: int = 25
     """Episodes adapted together in one call."""
     seed: int = 1234
@@ -195,19 +229,28 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
+    """Where the metrics go besides <run-dir>/metrics.jsonl."""
+
     wandb: bool = True
+    """Log to Weights & Biases from the main process; offline (files in <run-dir>/wandb/) when no
+    API key is configured."""
     tensorboard: bool = False
     """Also log the same scalars as TensorBoard event files in <run-dir>/tensorboard/ (main
     process; needs the `tensorboard` package). W&B and TensorBoard are independent."""
     project: str = "fsl_dist"
+    """W&B project."""
     entity: Optional[str] = None
+    """W&B entity (user or team); null: the account's default."""
     group: Optional[str] = None
     """W&B group; null: the config's name, so the seeds of one config sit together."""
     tags: list[str] = field(default_factory=list)
+    """W&B tags added to the automatic ones (model, algorithm, split, N-way K-shot)."""
 
 
 @dataclass
 class Config:
+    """A whole run configuration: the top-level keys, then one section per dataclass above."""
+
     name: str = "run"
     """The config's name (its file name unless set); names the run folder and the W&B group."""
     precision: Optional[str] = None
