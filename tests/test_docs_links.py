@@ -10,6 +10,8 @@ from launching import ROOT
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 DOCUMENTS = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "docs/faults.md",
+             ROOT / "docs/benchmarks/README.md",
+             ROOT / "docs/benchmarks/2026-11-27-to-12-02-rounds-and-levers.md",
              *sorted((ROOT / "docs/guide").glob("*.md"))]
 TEST_COMMAND = "python -m pytest -q -n 2 tests"
 
