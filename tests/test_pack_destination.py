@@ -190,13 +190,18 @@ def test_anything_but_a_shard_set_is_refused_naming_what_is_there(earlier_set, b
     assert snapshot(out) == before
 
 
-def test_a_file_or_a_link_as_destination_is_refused(earlier_set, tmp_path):
+def test_a_file_a_link_or_the_current_folder_as_destination_is_refused(earlier_set, tmp_path,
+                                                                         monkeypatch):
     (tmp_path / "file").write_text("a user's file")
     (tmp_path / "link").symlink_to(earlier_set)
     with pytest.raises(shards.ShardError, match=r"file is a file, not a folder"):
         shards.check_destination(tmp_path / "file")
     with pytest.raises(shards.ShardError, match=rf"link is a symbolic link \(to {earlier_set}\)"):
         shards.check_destination(tmp_path / "link")
+    monkeypatch.chdir(earlier_set)  # a shard set, but renaming it would pull it from under you
+    with pytest.raises(shards.ShardError, match=r"output folder \. is the current folder; .*"
+                                                r"e\.g\. shards$"):
+        shards.check_destination(".")
 
 
 @pytest.mark.parametrize("out, where", [

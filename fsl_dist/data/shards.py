@@ -311,8 +311,9 @@ def is_os_junk(name: str) -> bool:
 def check_destination(out_dir: str | Path, source: str | Path | None = None) -> None:
     """Refuse (ShardError, one line) a destination that packing may not replace.
 
-    Refused: ``out_dir`` is, holds or lies inside ``source``; it is a file or a symbolic link;
-    it holds anything but a shard set (``foreign_entries``). Absent or empty is fine.
+    Refused: ``out_dir`` is, holds or lies inside ``source``; it is a file, a symbolic link or
+    the current folder; it holds anything but a shard set (``foreign_entries``). Absent or empty
+    is fine.
     """
     out_dir = Path(out_dir)
     if source is not None:
@@ -323,16 +324,13 @@ def check_destination(out_dir: str | Path, source: str | Path | None = None) -> 
     if out_dir.exists() and not out_dir.is_dir():
         raise ShardError(f"output folder {out_dir} is a file, not a folder; pass a new or empty "
                          "folder, or one that holds only a shard set")
+    if out_dir.resolve() == Path.cwd().resolve():  # it would be renamed under your shell
+        raise ShardError(f"output folder {out_dir} is the current folder; packing replaces the "
+                         f"folder it writes, so pass one below or beside it, e.g. "
+                         f"{out_dir / 'shards'}")
     foreign = foreign_entries(out_dir)
     if foreign:
-        folders = sum(1 for path in foreign if path.is_dir() and not path.is_symlink())
-        counts = " and ".join(f"{n} {word}{'' if n == 1 else 's'}" for n, word in
-                              ((folders, "folder"), (len(foreign) - folders, "file")) if n)
-        verb = "is" if len(foreign) == 1 else "are"
-        raise ShardError(f"output folder {out_dir} holds {counts} that {verb} not part of a shard "
-                         f"set ({_some_names(foreign)}); packing replaces the whole folder, so "
-                         "nothing was packed: pass a new or empty folder, or one that holds "
-                         "only a shard set")
+        raise _not_a_set(out_dir, foreign)
 
 
 def foreign_entries(folder: Path) -> list[Path]:
@@ -348,6 +346,16 @@ def foreign_entries(folder: Path) -> list[Path]:
     if not _holds_manifest(folder):
         return entries
     return [path for path in entries if not _set_file(path)]
+
+
+def _not_a_set(out_dir: Path, foreign: list[Path]) -> ShardError:
+    folders = sum(1 for path in foreign if path.is_dir() and not path.is_symlink())
+    counts = " and ".join(f"{n} {word}{'' if n == 1 else 's'}" for n, word in
+                          ((folders, "folder"), (len(foreign) - folders, "file")) if n)
+    verb = "is" if len(foreign) == 1 else "are"
+    return ShardError(f"output folder {out_dir} holds {counts} that {verb} not part of a shard set "
+                      f"({_some_names(foreign)}); packing replaces the whole folder, so nothing "
+                      "was packed: pass a new or empty folder, or one that holds only a shard set")
 
 
 def _check_apart(out_dir: Path, source: Path) -> None:
