@@ -172,6 +172,7 @@ def _foreign_manifest(earlier: Path) -> Path:
 
 @pytest.mark.parametrize("build, message", [
     (_set_plus("notes", Path.mkdir), r"holds 1 folder that is not part of a shard set \(notes/\)"),
+    (_set_plus("__MACOSX", Path.mkdir), r"holds 1 folder .*\(__MACOSX/\)"),  # only junk *files* go
     (_set_plus("train-000009.tar", lambda p: p.mkdir()), r"\(train-000009\.tar/\)"),
     (_set_plus("val-000009.tar", lambda p: p.symlink_to("manifest.json")),
      r"\(val-000009\.tar\)"),
@@ -179,8 +180,9 @@ def _foreign_manifest(earlier: Path) -> Path:
     (_foreign_manifest, r"holds 4 files that are not part .*\(manifest\.json, test-"),
     (_folder_of("a.txt", "b.txt", "c.txt", "d.txt", "e.txt", "f.txt"),
      r"holds 6 files that are not .*\(a\.txt, b\.txt, c\.txt, d\.txt, \.\.\. \(2 more\)\)"),
-], ids=["set+folder", "set+folder-named-as-a-shard", "set+link-named-as-a-shard",
-        "shards-without-manifest", "someone-elses-manifest", "documents"])
+], ids=["set+folder", "set+junk-named-folder", "set+folder-named-as-a-shard",
+        "set+link-named-as-a-shard", "shards-without-manifest", "someone-elses-manifest",
+        "documents"])
 def test_anything_but_a_shard_set_is_refused_naming_what_is_there(earlier_set, build, message):
     out = build(earlier_set)
     before = snapshot(out)
@@ -280,7 +282,8 @@ def _a_pid_not_running() -> int:
 
 @pytest.mark.parametrize("name, junk", [
     ("Thumbs.db", True), ("THUMBS.DB", True), ("desktop.ini", True), ("Desktop.ini", True),
-    (".DS_Store", True), ("._00.png", True), ("ehthumbs.db", True),
+    (".DS_Store", True), ("._00.png", True), ("ehthumbs.db", True), ("__MACOSX", True),
+    ("$RECYCLE.BIN", True), ("System Volume Information", True),
     ("thumbs.png", False), ("train-000000.tar", False), ("notes.txt", False),
 ])
 def test_os_junk_is_told_by_name(name, junk):
@@ -295,6 +298,8 @@ def test_os_junk_in_class_folders_is_skipped(images, tmp_path, capsys):
         (root / name / "._00.png").write_bytes(b"\0\5\26\7AppleDouble")  # not a PNG either
         (root / name / ".hidden.png").write_bytes(b"")
     (root / "Thumbs.db").write_bytes(b"")
+    (root / "__MACOSX" / "cat").mkdir(parents=True)  # unzipped on a Mac: not a class
+    (root / "__MACOSX" / "cat" / "._00.png").write_bytes(b"\0\5\26\7")
     code = pack_cli.main(["folder", str(root), "--out", str(tmp_path / "out"), *PACK])
     assert code == BY_KEY["pack_os_junk"].code
     assert BY_KEY["pack_os_junk"].seen in capsys.readouterr().out

@@ -1,9 +1,9 @@
 """Pack an image folder, the ImageFolder layout ``ROOT/<class>/<image>``, into a shard set.
 
 Every file in a class folder is an image (any format Pillow opens), but for hidden files and
-folders (names starting with a dot: ``.DS_Store``, AppleDouble ``._*``) and the files operating
-systems leave in folders (``Thumbs.db``, ``desktop.ini``: ``shards.OS_JUNK``), which are
-ignored (``ignored``), as are files directly in ROOT.
+folders (names starting with a dot: ``.DS_Store``, AppleDouble ``._*``) and what operating
+systems leave in folders (``Thumbs.db``, ``desktop.ini``, ``__MACOSX/``: ``shards.OS_JUNK``),
+which are ignored (``ignored``), as are files directly in ROOT.
 
 - **Size**: the shorter side is resized to ``size`` (bilinear, antialiased when shrinking), then
   the centre ``size`` x ``size`` square is cropped; images smaller than ``size`` are enlarged.

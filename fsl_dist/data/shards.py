@@ -60,9 +60,11 @@ PARTS = ("train", "val", "test")
 _TMP_MARK = ".tmp-"
 _OLD_MARK = ".old-"
 _SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar$")  # SHARD_NAME's names, every version
-# Files that Finder, Explorer and desktop file managers leave in folders on their own: never an
-# image, never a user's work. (AppleDouble companions, "._<name>", are matched by prefix.)
-OS_JUNK = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", ".directory"})
+# What Finder, Explorer, desktop file managers and macOS's zip tool leave in folders on their
+# own: never an image or a class, never a user's work. AppleDouble companions ("._<name>") are
+# matched by prefix. Only plain files among these are ever deleted (see _junk_file).
+OS_JUNK = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", ".directory",
+                     "icon\r", "__macosx", "$recycle.bin", "system volume information"})
 
 
 class ShardError(ValueError):
