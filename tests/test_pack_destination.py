@@ -128,6 +128,7 @@ def test_packing_into_an_empty_folder_works(images, tmp_path, junk):
         (out / name).write_bytes(b"left by the file manager")
     assert pack_cli.main(["folder", str(images), "--out", str(out), *PACK]) == 0
     assert shards.verify_shards(out)["splits"]["train"]["classes"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["shards"]  # the old folder is gone, whole
 
 
 # ----------------------------------------------------------------------------- the check itself
