@@ -48,11 +48,13 @@ echo "bench rc=$? at $(( $(date +%s) - T0 )) s"; grep '^| ' $OUT/bench_cuda.err 
 
 # (2) training, all runs at once on the one GPU, each stopped by SIGTERM after BUDGET s
 BUDGET=${BUDGET:-250}
-mkdir -p /tmp/runs
+# A folder of its own: step (3) walks every run in it and deletes their checkpoints, which must
+# never reach runs this script did not start.
+RUNS=$(mktemp -d /tmp/fsl_dist-gpu-runs.XXXXXX)
 run() {  # name config overrides...
   local name=$1 config=$2; shift 2
   OMP_NUM_THREADS=2 timeout -s TERM $BUDGET python3 launch/train.py --config $config \
-    --run-dir /tmp/runs/$name logging.wandb=false train.steps=100000 "$@" > /tmp/runs/$name.train.log 2>&1
+    --run-dir $RUNS/$name logging.wandb=false train.steps=100000 "$@" > $RUNS/$name.train.log 2>&1
   echo "$name train rc=$?"
 }
 run v_cnn_maml_5w1s configs/vinyals/cnn_maml_5w1s.yaml train.eval_every=250 &
@@ -65,14 +67,14 @@ done
 wait
 echo "training done at $(( $(date +%s) - T0 )) s"
 # (3) 600 test episodes each (ResNet_MAML also with 1 inner step at test)
-for d in /tmp/runs/*/; do
+for d in $RUNS/*/; do
   n=$(basename $d)
-  ( OMP_NUM_THREADS=2 python3 launch/evaluate.py --run-dir $d --episodes 600 --out eval.json > /tmp/runs/$n.eval.log 2>&1
+  ( OMP_NUM_THREADS=2 python3 launch/evaluate.py --run-dir $d --episodes 600 --out eval.json > $RUNS/$n.eval.log 2>&1
     echo "$n eval rc=$?" ) &
 done
-( OMP_NUM_THREADS=2 python3 launch/evaluate.py --run-dir /tmp/runs/f_resnet_maml --episodes 600 --inner-steps 1 --out eval_1step.json > /tmp/runs/f_resnet_maml.eval1.log 2>&1; echo "resnet_maml 1-step eval rc=$?" ) &
+( OMP_NUM_THREADS=2 python3 launch/evaluate.py --run-dir $RUNS/f_resnet_maml --episodes 600 --inner-steps 1 --out eval_1step.json > $RUNS/f_resnet_maml.eval1.log 2>&1; echo "resnet_maml 1-step eval rc=$?" ) &
 wait
-cd /tmp/runs
+cd "$RUNS"
 for d in */; do
   n=${d%/}
   python3 - "$n" <<'PY'
@@ -88,7 +90,7 @@ except Exception as e:
     test = f"no eval ({e})"
 print(f"{n}: steps {steps} elapsed {el:.0f}s test {test} val {val[-4:]}")
 PY
-  rm -rf $n/checkpoints
+  rm -rf "$n/checkpoints"  # written by the run above, in $RUNS
 done | tee $OUT/summary.txt
 tar czf $OUT/runs.tgz --exclude='*.safetensors' .
 echo "total $(( $(date +%s) - T0 )) s"

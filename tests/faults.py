@@ -53,6 +53,23 @@ FAULTS = (
     Fault("signal_stop", "SIGTERM to the trainer", 75,
           "stopped by a signal at step", "a checkpoint at that step; the exported model "
           "records it"),
+    Fault("pack_out_is_source", "`pack.py folder my-images --out my-images` (`--out` is the "
+          "source)", 2, "is the source folder", "every image, byte for byte: refused before "
+          "one is read"),
+    Fault("pack_out_holds_source", "`pack.py --out` names a parent of the source that holds "
+          "other files (a thesis draft)", 2, "holds the source folder", "every file there, "
+          "byte for byte"),
+    Fault("pack_out_in_source", "`pack.py --out` inside the source folder", 2,
+          "is inside the source folder", "the source as it was; nothing is written"),
+    Fault("pack_out_foreign", "`pack.py --out` names a folder holding anything but a shard set "
+          "(a set plus a user's file, a folder of documents)", 2,
+          "not part of a shard set", "every file there, byte for byte (a shard set alone, or "
+          "an empty folder, is replaced)"),
+    Fault("pack_os_junk", "`Thumbs.db`, `desktop.ini`, `.DS_Store` or `._*` files in class "
+          "folders", 0, "packed", "the images; those files are skipped, as hidden ones are"),
+    Fault("stream_shard_gone", "a shard deleted while a `data.mode=stream` run reads it", 2,
+          "disappeared while the run was reading its set", "what the run wrote so far: put the "
+          "shard back or re-pack, then `--resume auto`"),
 )
 BY_KEY = {fault.key: fault for fault in FAULTS}
 

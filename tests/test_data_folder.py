@@ -184,11 +184,9 @@ def bad_folder(image_folder, tmp_path):
     return shutil.copytree(image_folder, tmp_path / "root")
 
 
-def pack_into_existing(root, tmp_path, split):
-    """Pack `root` over an existing set; returns that set's files, to prove they survive."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("the earlier set")
+def pack_into_existing(root, earlier, tmp_path, split):
+    """Pack `root` over a copy of the set `earlier`; returns that copy, to prove it survives."""
+    out = shutil.copytree(earlier, tmp_path / "out")
     split_path = tmp_path / "split.json"
     split_path.write_text(json.dumps(split))
     return out, lambda: folder.pack_folder(root, out, size=SIZE, channels=3,
@@ -207,14 +205,15 @@ def pack_into_existing(root, tmp_path, split):
     (lambda r: None, {**SPLIT, "val": []},
      r"leaves part 'val' with no classes"),
 ], ids=["corrupt-image", "empty-class", "unknown-class", "duplicate-class", "empty-part"])
-def test_bad_input_is_named_and_the_earlier_set_survives(bad_folder, tmp_path, damage, split,
-                                                         message):
+def test_bad_input_is_named_and_the_earlier_set_survives(bad_folder, packed_folder, tmp_path,
+                                                         damage, split, message):
     damage(bad_folder)
-    out, pack = pack_into_existing(bad_folder, tmp_path, split)
+    out, pack = pack_into_existing(bad_folder, packed_folder, tmp_path, split)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(folder.FolderSourceError, match=message) as caught:
         pack()
     assert "\n" not in str(caught.value)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "root", "split.json"]
 
 

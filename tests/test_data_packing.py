@@ -147,13 +147,15 @@ def test_incomplete_source_names_what_is_missing(omniglot_source, tmp_path):
     dropped = ("images_background/Korean/", "images_background/Latin/character07/",
                "images_background/Braille/character01/0192_03.png",
                "images_background/Braille/character01/0192_19.png")
+    source = tmp_path / "source"  # the output folder may not lie inside it
+    source.mkdir()
     with zipfile.ZipFile(omniglot_source / "images_background.zip") as src, \
-            zipfile.ZipFile(tmp_path / "images_background.zip", "w") as dst:
+            zipfile.ZipFile(source / "images_background.zip", "w") as dst:
         for info in src.infolist():
             if not info.filename.startswith(dropped):
                 dst.writestr(info, src.read(info))
     with pytest.raises(omniglot.OmniglotSourceError) as caught:
-        shards.pack_omniglot(tmp_path, "futurama", tmp_path / "out", download=False)
+        shards.pack_omniglot(source, "futurama", tmp_path / "out", download=False)
     message = str(caught.value)
     assert "alphabet Korean (40 characters) is missing" in message
     assert "Latin/character07 is missing" in message

@@ -103,6 +103,7 @@ def pack_benchmark(name: str, root: str | Path, out_dir: str | Path, *, size: in
     root = Path(root)
     size = benchmark.size if size is None else size
     folder.check_image_options(size, channels, classes_per_shard, seed=0)
+    shards.check_destination(out_dir, root)
     if name == "miniimagenet":
         classes, parts, split_source = list_miniimagenet(root, benchmark)
     elif name == "cub":

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import tarfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,9 +326,13 @@ class StreamTasks(IterableDataset):
         shard_rng = random.Random(int(rng.integers(2**62)))
         urls = ({"url": str(paths[shard_rng.randrange(len(paths))])} for _ in itertools.count())
         samples = wds.tarfile_to_samples()(urls)
-        shuffled = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                               rng=random.Random(int(rng.integers(2**62))))(samples)
-        for sample in shuffled:
+        shuffled = iter(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                    rng=random.Random(int(rng.integers(2**62))))(samples))
+        while True:
+            try:
+                sample = next(shuffled)
+            except (OSError, tarfile.TarError) as error:
+                raise _shard_failed(error) from error
             images, meta = shardlib.decode_class_sample(sample, sample.get("__url__", "a shard"))
             if len(images) >= self.spec.images_per_class:
                 yield images, meta
@@ -347,6 +352,22 @@ class StreamTasks(IterableDataset):
         images = torch.from_numpy(images)
         k = spec.k_shot
         return assemble(images[:, :, :k].contiguous(), images[:, :, k:].contiguous(), labels)
+
+
+def _shard_failed(error: Exception) -> shardlib.ShardError:
+    """A shard that cannot be opened or read while streaming (the set was verified at the start,
+    so it changed during the run), as one line naming the file: webdataset appends the shard's
+    url to the error's args, and "@ <file object>" to a tar error's message."""
+    url = error.args[-1] if error.args and isinstance(error.args[-1], str) else "a shard"
+    fix = (f"put it back, or re-pack the set at {Path(url).parent}, then continue with "
+           "--resume auto")
+    if isinstance(error, FileNotFoundError):
+        return shardlib.ShardError(f"shard {url} disappeared while the run was reading its set "
+                                   f"(deleted or moved after the start); {fix}")
+    why = error.strerror if isinstance(error, OSError) and error.strerror else str(error.args[0])
+    return shardlib.ShardError(f"shard {url} cannot be read any more "
+                               f"({why.split(' @ ')[0].splitlines()[0]}); it changed after the run "
+                               f"started: {fix}")
 
 
 def _turn_each_class(images: np.ndarray, turns: np.ndarray) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Pack an image folder, the ImageFolder layout ``ROOT/<class>/<image>``, into a shard set.
 
-Every non-hidden file in a class folder is an image (any format Pillow opens). Hidden files and
-folders (names starting with a dot) and files directly in ROOT are ignored.
+Every file in a class folder is an image (any format Pillow opens), but for hidden files and
+folders (names starting with a dot: ``.DS_Store``, AppleDouble ``._*``) and what operating
+systems leave in folders (``Thumbs.db``, ``desktop.ini``, ``__MACOSX/``: ``shards.OS_JUNK``),
+which are ignored (``ignored``), as are files directly in ROOT.
 
 - **Size**: the shorter side is resized to ``size`` (bilinear, antialiased when shrinking), then
   the centre ``size`` x ``size`` square is cropped; images smaller than ``size`` are enlarged.
@@ -62,9 +64,8 @@ def list_classes(root: Path) -> list[FolderClass]:
         raise FolderSourceError(f"image folder {root} does not exist; pass the folder holding "
                                 "one folder per class (ROOT/<class>/<image>)")
     classes = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = tuple(sorted(p for p in folder.iterdir()
-                             if p.is_file() and not p.name.startswith(".")))
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not ignored(p)):
+        files = tuple(sorted(p for p in folder.iterdir() if p.is_file() and not ignored(p)))
         if not files:
             raise FolderSourceError(f"class folder {folder} holds no images; add images to it "
                                     "or remove it")
@@ -73,6 +74,11 @@ def list_classes(root: Path) -> list[FolderClass]:
         raise FolderSourceError(f"{root} holds no class folders; lay it out as "
                                 "ROOT/<class>/<image>")
     return classes
+
+
+def ignored(path: Path) -> bool:
+    """Hidden (a leading dot) or left by an operating system: never a class or an image."""
+    return path.name.startswith(".") or shards.is_os_junk(path.name)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -228,11 +234,13 @@ def pack_folder(root: str | Path, out_dir: str | Path, *, size: int = DEFAULT_SI
                 quiet: bool = False) -> Path:
     """Pack the image folder ``root`` into a shard set at ``out_dir`` and return that folder.
 
-    Every check that needs no decoding (layout, split, channels) runs before anything is
-    written; an existing set at ``out_dir`` is replaced only once the new one is complete.
+    Every check that needs no decoding (destination, layout, split, channels) runs before
+    anything is written; an existing set at ``out_dir`` is replaced only once the new one is
+    complete, and anything else there is refused (``shards.check_destination``).
     """
     root = Path(root)
     check_image_options(size, channels, classes_per_shard, seed)
+    shards.check_destination(out_dir, root)
     classes = list_classes(root)
     by_name = {c.name: c for c in classes}
     if split_file is not None:

@@ -61,7 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          help="1 (grayscale) or 3 (RGB, default)")
         subs.append(sub)
     for sub in subs:
-        sub.add_argument("--out", required=True, help="shard set folder to create or replace")
+        sub.add_argument("--out", required=True,
+                         help="folder for the shard set: new, empty, or holding a shard set "
+                         "(then replaced); any other folder is refused, never emptied")
         sub.add_argument("--classes-per-shard", type=int,
                          default=shards.DEFAULT_CLASSES_PER_SHARD)
         sub.add_argument("--quiet", action="store_true",
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     try:
         out = pack(args)
     except ValueError as error:  # source, split, shard errors and bad values: message says why
-        print(f"pack.py: error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     manifest = shards.load_manifest(out)
     counts = ", ".join(f"{part} {manifest['splits'][part]['classes']} classes / "

@@ -15,6 +15,12 @@ re-packs them.
 Packing is reproducible (fixed tar headers, sorted classes, seeded split) and atomic (written
 to a hidden temporary folder beside the destination, then renamed into place).
 
+Packing replaces its destination only when it is absent, empty, or holds a shard set and nothing
+else (``check_destination``): a ``manifest.json`` of an fsl_dist format and files named as the
+packers name shards (``train-000000.tar``, ...), plus the files operating systems leave in any
+folder (``OS_JUNK``). Anything else is refused before any image is read, and so is a destination
+that is, holds, or lies inside the source. Replacing removes only those names, never a tree.
+
 Example::
 
     out = pack_omniglot("../shared/data/omniglot", "futurama", "shards/omniglot-futurama")
@@ -53,6 +59,12 @@ SHARD_NAME = "{part}-{index:06d}.tar"
 PARTS = ("train", "val", "test")
 _TMP_MARK = ".tmp-"
 _OLD_MARK = ".old-"
+_SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar$")  # SHARD_NAME's names, every version
+# What Finder, Explorer, desktop file managers and macOS's zip tool leave in folders on their
+# own: never an image or a class, never a user's work. AppleDouble companions ("._<name>") are
+# matched by prefix. Only plain files among these are ever deleted (see _junk_file).
+OS_JUNK = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", ".directory",
+                     "icon\r", "__macosx", "$recycle.bin", "system volume information"})
 
 
 class ShardError(ValueError):
@@ -111,12 +123,14 @@ def pack_omniglot(
 
     ``source`` is a folder with the official zips or extracted folders (checked by content), or
     None for the download cache (checked by MD5). An existing set at ``out_dir`` is replaced
-    only once the new one is complete. A progress bar counts the images written (on a terminal,
+    only once the new one is complete; a destination that is not a set is refused first
+    (``check_destination``). A progress bar counts the images written (on a terminal,
     unless ``quiet``).
     """
     if split not in omniglot.SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(omniglot.SPLITS)}")
     check_pack_options(classes_per_shard, seed)
+    check_destination(out_dir, source if source is not None else omniglot.default_cache_dir())
     archives = omniglot.SPLIT_ARCHIVES[split]
     folder = omniglot.resolve_source(source, download=download, archives=archives)
     decoded = omniglot.decode_archives(folder, archives, size)
@@ -155,9 +169,12 @@ def write_shard_set(out_dir: str | Path, parts: dict[str, list[ClassEntry]], hea
 
     ``header`` holds the manifest's data-set fields: at least ``dataset``, ``channels``,
     ``image_size`` and ``split_source``. ``on_class(images)`` is called after each class (for
-    a progress bar). An existing set at ``out_dir`` is replaced only once the new one is complete.
+    a progress bar). An existing set at ``out_dir`` is replaced only once the new one is complete;
+    anything else there is refused (``check_destination``), before writing and again before the
+    swap.
     """
     out_dir = Path(out_dir)
+    check_destination(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out_dir)
     staging = out_dir.parent / f".{out_dir.name}{_TMP_MARK}{os.getpid()}"
@@ -249,27 +266,159 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename the finished set into place; an earlier set is moved aside first, then deleted.
+    """Rename the finished set into place; an earlier set is moved aside first, then its files
+    are deleted by name.
 
     Between the two renames the earlier set lives at ``.<name>.old-<pid>``: a crash exactly
     there leaves it recoverable, never a half-written set at ``out_dir``.
     """
+    check_destination(out_dir)  # again: packing took a while, and files may have appeared
+    left = []
     if out_dir.exists():
         retired = out_dir.parent / f".{out_dir.name}{_OLD_MARK}{os.getpid()}"
         out_dir.rename(retired)
         staging.rename(out_dir)
-        shutil.rmtree(retired)
+        left = _remove_owned(retired)
     else:
         staging.rename(out_dir)
     _fsync_dir(out_dir.parent)
+    if left:  # they appeared between the check and the rename: kept, and said where
+        raise ShardError(f"the new set is in place at {out_dir}, but files appeared in the "
+                         f"earlier folder while it was replaced ({_some_names(left)}); they are "
+                         f"kept in {retired}: move them where they belong")
 
 
 def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete staging folders of packs to ``out_dir`` whose process no longer runs."""
+    """Delete the files of staging folders of packs to ``out_dir`` whose process no longer
+    runs (only names a packer writes, then the folder if that emptied it)."""
     for path in out_dir.parent.glob(f".{out_dir.name}{_TMP_MARK}*"):
         pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+        if pid.isdigit() and path.is_dir() and not path.is_symlink() \
+                and not _process_alive(int(pid)):
+            try:
+                _remove_owned(path)
+            except OSError:  # a dead pack's leftovers: tidying them must not stop this pack
+                pass
+
+
+# ----------------------------------------------------------------------------- the destination
+
+
+def is_os_junk(name: str) -> bool:
+    """A file that an operating system leaves in folders by itself (``.DS_Store``,
+    ``Thumbs.db``, ``desktop.ini``, AppleDouble ``._<name>``, ...), in any letter case."""
+    return name.casefold() in OS_JUNK or name.startswith("._")
+
+
+def check_destination(out_dir: str | Path, source: str | Path | None = None) -> None:
+    """Refuse (ShardError, one line) a destination that packing may not replace.
+
+    Refused: ``out_dir`` is, holds or lies inside ``source``; it is a file, a symbolic link or
+    the current folder; it holds anything but a shard set (``foreign_entries``). Absent or empty
+    is fine.
+    """
+    out_dir = Path(out_dir)
+    if source is not None:
+        _check_apart(out_dir, Path(source))
+    if out_dir.is_symlink():
+        raise ShardError(f"output folder {out_dir} is a symbolic link (to "
+                         f"{os.readlink(out_dir)}); pass the folder it points to, or a new one")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ShardError(f"output folder {out_dir} is a file, not a folder; pass a new or empty "
+                         "folder, or one that holds only a shard set")
+    if out_dir.resolve() == Path.cwd().resolve():  # it would be renamed under your shell
+        raise ShardError(f"output folder {out_dir} is the current folder; packing replaces the "
+                         f"folder it writes, so pass one below or beside it, e.g. "
+                         f"{out_dir / 'shards'}")
+    foreign = foreign_entries(out_dir)
+    if foreign:
+        raise _not_a_set(out_dir, foreign)
+
+
+def foreign_entries(folder: Path) -> list[Path]:
+    """The entries of ``folder`` that are not a shard set's, sorted.
+
+    A shard set's: OS junk files (``is_os_junk``) and, only when the folder holds an fsl_dist
+    manifest, that ``manifest.json`` and plain files named as shards (``train-000000.tar``).
+    Every other entry (a folder, a link, any other file) is foreign. An absent folder has none.
+    """
+    if not folder.is_dir():
+        return []
+    entries = sorted(path for path in folder.iterdir() if not _junk_file(path))
+    if not _holds_manifest(folder):
+        return entries
+    return [path for path in entries if not _set_file(path)]
+
+
+def _not_a_set(out_dir: Path, foreign: list[Path]) -> ShardError:
+    folders = sum(1 for path in foreign if path.is_dir() and not path.is_symlink())
+    counts = " and ".join(f"{n} {word}{'' if n == 1 else 's'}" for n, word in
+                          ((folders, "folder"), (len(foreign) - folders, "file")) if n)
+    verb = "is" if len(foreign) == 1 else "are"
+    return ShardError(f"output folder {out_dir} holds {counts} that {verb} not part of a shard set "
+                      f"({_some_names(foreign)}); packing replaces the whole folder, so nothing "
+                      "was packed: pass a new or empty folder, or one that holds only a shard set")
+
+
+def _check_apart(out_dir: Path, source: Path) -> None:
+    out, src = out_dir.resolve(), source.resolve()
+    if out == src:
+        where = "is the source folder"
+    elif src in out.parents:
+        where = f"is inside the source folder {source}"
+    elif out in src.parents:
+        where = f"holds the source folder {source}"
+    else:
+        return
+    named = source if source.name else src  # "." has no name to build on
+    raise ShardError(f"output folder {out_dir} {where}; packing there would replace or mix with "
+                     f"what it reads, so nothing was packed: pass a folder outside it, e.g. "
+                     f"{named.with_name(named.name + '-shards')}")
+
+
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _junk_file(path: Path) -> bool:
+    return is_os_junk(path.name) and _plain_file(path)
+
+
+def _set_file(path: Path) -> bool:
+    """The manifest or a shard by its name, as a plain file."""
+    return (path.name == MANIFEST or bool(_SHARD_FILE.match(path.name))) and _plain_file(path)
+
+
+def _holds_manifest(folder: Path) -> bool:
+    path = folder / MANIFEST
+    if not _plain_file(path):
+        return False
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(manifest, dict) and (manifest.get("format") == FORMAT
+                                           or manifest.get("format") in OLD_FORMATS)
+
+
+def _remove_owned(folder: Path) -> list[Path]:
+    """Delete a shard set's files in ``folder`` by name (manifest, shards, OS junk), then the
+    folder if that emptied it; returns what was left: anything else is never removed."""
+    left = []
+    for path in sorted(folder.iterdir()):
+        if _set_file(path) or _junk_file(path):
+            path.unlink()
+        else:
+            left.append(path)
+    if not left:
+        folder.rmdir()
+    return left
+
+
+def _some_names(paths: list[Path], shown: int = 4) -> str:
+    names = [path.name + ("/" if path.is_dir() and not path.is_symlink() else "")
+             for path in paths[:shown]]
+    return ", ".join(names) + (f", ... ({len(paths) - shown} more)" if len(paths) > shown else "")
 
 
 def _process_alive(pid: int) -> bool:
