@@ -39,7 +39,7 @@ from fsl_dist.data.shards import (
     pack_omniglot,
 )
 from fsl_dist.evaluate import combine_seeds, evaluate
-from fsl_dist.io import DiskFullError, atomic_write, atomic_write_json, atomic_write_text
+from fsl_dist.io import WriteFailure, atomic_write, atomic_write_json, atomic_write_text
 from fsl_dist.meta import InnerLoopSpec, learned_inner_lr
 from fsl_dist.models import build_model
 
@@ -353,13 +353,5 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
         result["weights"] = Path(weights).relative_to(run_dir).as_posix() if Path(
             weights).is_relative_to(run_dir) else str(weights)
         result.update(training_progress(Path(run_dir), Path(weights), cfg))
-    failure = None
-    if dist.is_main:
-        try:
-            atomic_write_json(Path(run_dir) / out_name, result)
-        except DiskFullError as err:
-            failure = str(err)
-    failure = dist.broadcast_object(failure)  # every rank fails alike
-    if failure:
-        raise DiskFullError(failure)
+    dist.on_main(lambda: atomic_write_json(Path(run_dir) / out_name, result), (WriteFailure,))
     return result

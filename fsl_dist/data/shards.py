@@ -41,6 +41,7 @@ import webdataset as wds
 
 from fsl_dist import __version__
 from fsl_dist.data import omniglot
+from fsl_dist.io import write_failure, writing
 from fsl_dist.progress import progress
 
 MANIFEST = "manifest.json"
@@ -158,10 +159,11 @@ def write_shard_set(out_dir: str | Path, parts: dict[str, list[ClassEntry]], hea
     a progress bar). An existing set at ``out_dir`` is replaced only once the new one is complete.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out_dir)
-    staging = out_dir.parent / f".{out_dir.name}{_TMP_MARK}{os.getpid()}"
-    staging.mkdir()
+    with writing(out_dir):  # a failure to write names the set, not its hidden staging folder
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out_dir)
+        staging = out_dir.parent / f".{out_dir.name}{_TMP_MARK}{os.getpid()}"
+        staging.mkdir()
     try:
         splits = {part: _write_part(staging, part, parts[part], header, classes_per_shard,
                                     on_class) for part in PARTS}
@@ -173,8 +175,11 @@ def write_shard_set(out_dir: str | Path, parts: dict[str, list[ClassEntry]], hea
         _write_file_synced(staging / MANIFEST, _manifest_bytes(manifest))
         _fsync_dir(staging)
         _swap_into_place(staging, out_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        failure = write_failure(err, out_dir) if isinstance(err, OSError) else None
+        if failure is not None:  # the sources' read errors are ValueErrors by now
+            raise failure from None
         raise
     return out_dir
 
