@@ -41,7 +41,7 @@ import webdataset as wds
 
 from fsl_dist import __version__
 from fsl_dist.data import omniglot
-from fsl_dist.io import write_failure, writing
+from fsl_dist.io import writing
 from fsl_dist.progress import progress
 
 MANIFEST = "manifest.json"
@@ -149,6 +149,18 @@ def _omniglot_entry(decoded, index: int, split: str, part: str) -> ClassEntry:
                       lambda: decoded.images[index][:, None])  # one channel
 
 
+def _failures_name_the_set(write_set: Callable) -> Callable:
+    """A write failure of ``write_set(out_dir, ...)`` (no space, no permission, read-only, a
+    file in the path) is one WriteFailure naming ``out_dir``, not its hidden staging folder.
+    Other OSErrors pass: the sources' read errors are ValueErrors by then."""
+    @functools.wraps(write_set)
+    def wrapper(out_dir, *args, **kwargs):
+        with writing(Path(out_dir)):
+            return write_set(out_dir, *args, **kwargs)
+    return wrapper
+
+
+@_failures_name_the_set
 def write_shard_set(out_dir: str | Path, parts: dict[str, list[ClassEntry]], header: dict, *,
                     classes_per_shard: int, on_class: Callable[[int], None] | None = None
                     ) -> Path:
@@ -159,11 +171,10 @@ def write_shard_set(out_dir: str | Path, parts: dict[str, list[ClassEntry]], hea
     a progress bar). An existing set at ``out_dir`` is replaced only once the new one is complete.
     """
     out_dir = Path(out_dir)
-    with writing(out_dir):  # a failure to write names the set, not its hidden staging folder
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(out_dir)
-        staging = out_dir.parent / f".{out_dir.name}{_TMP_MARK}{os.getpid()}"
-        staging.mkdir()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out_dir)
+    staging = out_dir.parent / f".{out_dir.name}{_TMP_MARK}{os.getpid()}"
+    staging.mkdir()
     try:
         splits = {part: _write_part(staging, part, parts[part], header, classes_per_shard,
                                     on_class) for part in PARTS}
@@ -175,11 +186,8 @@ def write_shard_set(out_dir: str | Path, parts: dict[str, list[ClassEntry]], hea
         _write_file_synced(staging / MANIFEST, _manifest_bytes(manifest))
         _fsync_dir(staging)
         _swap_into_place(staging, out_dir)
-    except BaseException as err:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        failure = write_failure(err, out_dir) if isinstance(err, OSError) else None
-        if failure is not None:  # the sources' read errors are ValueErrors by now
-            raise failure from None
         raise
     return out_dir
 
