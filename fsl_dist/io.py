@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -78,9 +79,18 @@ def _file_in_the_way(path: Path, err: Optional[BaseException] = None) -> Optiona
     return None
 
 
+def _errno(err: BaseException) -> Optional[int]:
+    """The errno of ``err``: an OSError's, or the one Rust writers put in their message
+    (safetensors: "I/O error: No space left on device (os error 28)")."""
+    if isinstance(err, OSError):
+        return err.errno
+    found = re.search(r"\(os error (\d+)\)", str(err)) if isinstance(err, Exception) else None
+    return int(found.group(1)) if found else None
+
+
 def _kind(err: BaseException, path: Path) -> Optional[type]:
     """Which WriteFailure ``err`` (raised writing ``path``) is, or None."""
-    code = getattr(err, "errno", None) if isinstance(err, OSError) else None
+    code = _errno(err)
     if code in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError
     if code in (errno.EACCES, errno.EPERM):
@@ -118,17 +128,18 @@ def write_failure(err: BaseException, path: Path) -> Optional[WriteFailure]:
         return kind(f"cannot write {path}: {folder} is on a read-only file system; give a "
                     "folder on a writable one")
     return kind(f"cannot write {path}: {_file_in_the_way(path, err)} is a file, not a folder; "
-                "give a path whose folders are folders")
+                "move that file, or give another path")
 
 
 @contextmanager
-def writing(path: Path) -> Iterator[None]:
-    """Writes to ``path`` inside the block: an OSError of a known kind becomes its
-    WriteFailure, naming ``path``; other errors pass unchanged."""
+def writing(path: Optional[Path] = None) -> Iterator[None]:
+    """Writes to ``path`` inside the block (None: to whatever path the error names): an OSError
+    of a known kind becomes its WriteFailure, naming that path; other errors pass unchanged."""
     try:
         yield
     except OSError as err:
-        failure = write_failure(err, Path(path))
+        named = path if path is not None or err.filename is None else os.fsdecode(err.filename)
+        failure = write_failure(err, Path(named)) if named is not None else None
         if failure is None:
             raise
         raise failure from None

@@ -29,7 +29,7 @@ from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
 from fsl_dist.data.shards import verify_shards
 from fsl_dist.distributed import launcher_precision
 from fsl_dist.evaluate import evaluate
-from fsl_dist.io import WriteFailure
+from fsl_dist.io import WriteFailure, writing
 from fsl_dist.meta import (
     InnerLoopSpec,
     InnerLossScaler,
@@ -513,8 +513,14 @@ class Trainer:
         cfg = self.cfg
         if cfg.logging.wandb or cfg.logging.tensorboard:
             wandb = wandb_init_kwargs(cfg, self.run_dir, self.wandb_id) if cfg.logging.wandb else {}
-            self.dist.start_trackers(cfg.logging.project, to_dict(cfg), wandb,
-                                     resumed_at=self.state.step)
+            failure = None
+            try:
+                with writing():  # their folders in the run folder (main only)
+                    self.dist.start_trackers(cfg.logging.project, to_dict(cfg), wandb,
+                                             resumed_at=self.state.step)
+            except WriteFailure as err:
+                failure = err
+            self.raise_on_every_rank(failure)
             self.wandb_id = self.dist.wandb_run_id() or self.wandb_id
         self.on_main_write(lambda: write_run_info(self.cfg, self.run_dir, self.dist,
                                                   self.precision, self.wandb_id, self.manifest))
@@ -572,7 +578,7 @@ class Trainer:
                     break
         finally:
             bar.close()  # a message after it starts on a line of its own
-        self.raise_logging_failure()
+        self.raise_on_every_rank(self._failure)  # a metrics row the main could not write
         if state.step % cfg.train.checkpoint_every or state.step == 0:
             self.save_checkpoint()  # the end of the run (or a stop, even before step 1) resumes
         return {"step": state.step, "skipped_steps": state.skipped_steps,
@@ -667,14 +673,13 @@ class Trainer:
                                        self.run_dir, precision=self.precision, quiet=self.quiet)
             self.log({"step": self.state.step, f"{cfg.eval.part}/acc": result["mean"],
                       f"{cfg.eval.part}/ci95": result["ci95"]})
-        self.raise_logging_failure()
+        self.raise_on_every_rank(self._failure)
         self.close()
         return result
 
-    def raise_logging_failure(self) -> None:
-        """A metrics row the main process could not write stops every rank here."""
-        failure = self._failure
-
+    def raise_on_every_rank(self, failure: Optional[WriteFailure]) -> None:
+        """A write failure the main process met (``failure``; None elsewhere) stops every rank
+        here."""
         def failed():
             if failure is not None:
                 raise failure

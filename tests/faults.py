@@ -61,6 +61,8 @@ FAULTS = (
           "before, byte for byte; `--resume auto` continues once it is writable"),
     Fault("run_dir_in_a_file", "`--run-dir notes.txt/run` (a file in the path)", 2,
           "is a file, not a folder", "the file"),
+    Fault("tensorboard_is_a_file", "`logging.tensorboard=true` with a file named `tensorboard` "
+          "in the run folder", 2, "tensorboard is a file, not a folder", "the file"),
     Fault("evaluate_denied", "`evaluate.py` on a run folder this user may not write", 77,
           "permission denied writing", "the run folder as it was; checked before the "
           "evaluation runs"),

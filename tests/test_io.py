@@ -53,6 +53,9 @@ def test_a_known_errno_wins_and_an_unknown_one_stays_a_bug(tmp_path):
     assert write_failure(RuntimeError("file write failed"), tmp_path / "f") is None
     assert write_failure(OSError(errno.EIO, "I/O error"), tmp_path / "f") is None
     assert write_failure(KeyboardInterrupt(), tmp_path / "f") is None
+    # safetensors' writer gives the errno only in its message (measured on a full tmpfs)
+    hidden = Exception("Error while serializing: I/O error: Read-only file system (os error 30)")
+    assert isinstance(write_failure(hidden, tmp_path / "f"), ReadOnlyError)
 
 
 def test_a_file_where_a_folder_should_be_is_a_wrong_path(tmp_path):

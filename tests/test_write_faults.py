@@ -166,6 +166,15 @@ def test_a_run_dir_inside_a_file_is_a_wrong_path(shards, tmp_path):
     assert notes.read_text() == "mine\n" and list(tmp_path.iterdir()) == [notes]
 
 
+def test_a_file_where_the_tensorboard_folder_goes_is_one_line(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "tensorboard").write_text("mine\n")
+    result = launch("train.py", train_args(run_dir, shards, "logging.tensorboard=true", steps=2))
+    assert_fault(result, "tensorboard_is_a_file")
+    assert snapshot(run_dir) == {"tensorboard": b"mine\n"}
+
+
 # ---------------------------------------------------------------- pack
 
 
