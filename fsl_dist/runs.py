@@ -70,20 +70,20 @@ def ensure_shards(cfg: Config, dist, quiet: bool = False) -> dict:
         raise ShardError(f"no shard set at {cfg.data.shards} (missing {manifest}); make it with:"
                          f"\n    {pack_command(cfg)}")
     if not manifest.is_file():
-        failure = None
-        if dist.is_main:
+        def pack():
             dist.print(f"no shards at {cfg.data.shards}: packing the {cfg.data.split} split "
                        f"from {cfg.data.source or 'the official Omniglot download'}")
             try:
                 pack_omniglot(cfg.data.source, cfg.data.split, cfg.data.shards,
                               size=cfg.data.image_size, quiet=quiet)
-            except Exception as err:  # noqa: BLE001 - reported to every rank below, not swallowed
-                failure = f"{type(err).__name__}: {err}"
-        failure = dist.broadcast_object(failure)
-        if failure:
-            raise ShardError(f"no shard set at {cfg.data.shards} (missing {manifest}) and "
-                             f"packing it failed:\n    {failure}\nmake it with:\n    "
-                             f"{pack_command(cfg)}")
+            except WriteFailure:  # no space, no permission...: its own line and exit code
+                raise
+            except Exception as err:  # noqa: BLE001 - reported to every rank, not swallowed
+                raise ShardError(f"no shard set at {cfg.data.shards} (missing {manifest}) and "
+                                 f"packing it failed:\n    {type(err).__name__}: {err}\nmake "
+                                 f"it with:\n    {pack_command(cfg)}") from None
+
+        dist.on_main(pack, (WriteFailure, ShardError))
     packed = load_manifest(cfg.data.shards)
     if packed["dataset"] != cfg.data.dataset:
         raise ConfigError(f"`data.dataset` = {cfg.data.dataset!r} but {manifest} holds "

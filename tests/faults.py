@@ -61,6 +61,8 @@ FAULTS = (
           "before, byte for byte; `--resume auto` continues once it is writable"),
     Fault("run_dir_in_a_file", "`--run-dir notes.txt/run` (a file in the path)", 2,
           "is a file, not a folder", "the file"),
+    Fault("train_packs_read_only", "missing Omniglot shards that the trainer packs, onto a "
+          "read-only file system", 73, "is on a read-only file system", "nothing is written"),
     Fault("tensorboard_is_a_file", "`logging.tensorboard=true` with a file named `tensorboard` "
           "in the run folder", 2, "tensorboard is a file, not a folder", "the file"),
     Fault("evaluate_denied", "`evaluate.py` on a run folder this user may not write", 77,

@@ -178,6 +178,18 @@ def test_a_file_where_the_tensorboard_folder_goes_is_one_line(shards, tmp_path):
 # ---------------------------------------------------------------- pack
 
 
+def test_shards_the_trainer_packs_onto_a_read_only_disk_are_one_line(omniglot_source, tmp_path):
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, 1024, read_only=True)
+    try:
+        result = launch("train.py", train_args(tmp_path / "run", disk / "shards", steps=2)
+                        + [f"data.source={omniglot_source}"])
+    finally:
+        unmount(disk)
+    assert_fault(result, "train_packs_read_only")
+    assert f"cannot write {disk / 'shards'}" in result.stderr
+
+
 def image_folder(root: Path, classes: int = 10, images: int = 4) -> Path:
     rng = np.random.default_rng(0)
     for c in range(classes):
