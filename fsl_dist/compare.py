@@ -14,6 +14,7 @@ one config file) stay apart, and only the seeds of one setting are averaged.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
@@ -23,6 +24,7 @@ from typing import Iterable, Optional
 
 import yaml
 
+from fsl_dist.io import atomic_write, atomic_write_text
 from fsl_dist.tracking import read_metrics
 from fsl_dist.wandb_offline import find_run_files, read_run
 
@@ -305,11 +307,12 @@ def format_groups(groups: list[GroupSummary]) -> str:
 def write_csv(runs: list[RunSummary], path: str | Path) -> None:
     fields = ["name", "config", "seed", "steps", "target_steps", "val_acc", "val_ci95", "test_acc",
               "test_ci95", "tasks_per_s", "wall_time_s", "source"]
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(fields)
-        for run in runs:
-            writer.writerow([getattr(run, f) for f in fields])
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(fields)
+    for run in runs:
+        writer.writerow([getattr(run, f) for f in fields])
+    atomic_write_text(Path(path), text.getvalue())
 
 
 # ---------------------------------------------------------------- plotting
@@ -352,7 +355,8 @@ def plot_curves(groups: list[GroupSummary], path: str | Path, title: str = "") -
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path

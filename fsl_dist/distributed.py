@@ -179,6 +179,22 @@ class Distributed:
         torch_dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def on_main(self, fn, failures: tuple[type, ...]):
+        """``fn()`` on the main process only (writing a file, taking the run folder's lock); a
+        failure of a ``failures`` type there is raised on every rank alike, so all stop together
+        and only the main one says why. Returns ``fn()``'s value on the main process, else None."""
+        value, failure = None, None
+        if self.is_main:
+            try:
+                value = fn()
+            except failures as err:
+                err.raised_on_main = True  # the other ranks raise it too, but stay silent
+                failure = err
+        failure = self.broadcast_object(failure)  # also the barrier after the main's work
+        if failure is not None:
+            raise failure
+        return value
+
     def parameters_in_sync(self, tensors) -> tuple[bool, list[str]]:
         """Compare a checksum of `tensors` across ranks (debug mode): (all equal, digests)."""
         digest = hashlib.sha256()

@@ -1,9 +1,9 @@
 """Exit codes of the entry points, and which failures a user can cause.
 
 A failure a user can cause (bad config or data, a busy or occupied run folder, an unreadable
-checkpoint, a full disk, a diverging run) ends in one line on stderr and its exit code; any other
-exception is a bug and keeps its traceback. ``--traceback`` shows the traceback of expected
-failures too.
+checkpoint, a folder that is full, read-only or not writable by this user, a diverging run) ends
+in one line on stderr and its exit code; any other exception is a bug and keeps its traceback.
+``--traceback`` shows the traceback of expected failures too.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from fsl_dist.checkpoint import CheckpointError
 from fsl_dist.config import ConfigError
 from fsl_dist.data.shards import ShardError
-from fsl_dist.io import DiskFullError
+from fsl_dist.io import DiskFullError, NotAFolderError, ReadOnlyError, WriteDeniedError
 from fsl_dist.runfolder import RunFolderError
 from fsl_dist.slurm import EXIT_RESUMABLE
 
@@ -21,7 +21,9 @@ EXIT_OK = 0
 EXIT_BUG = 1  # Python's own code for an uncaught exception
 EXIT_BAD_INPUT = 2  # config, data, run folder, checkpoint: fix the input and run again
 EXIT_DIVERGED = 3  # non-finite steps kept coming: lower a rate
+EXIT_READ_ONLY = 73  # sysexits' EX_CANTCREAT: a read-only file system; write elsewhere
 EXIT_NO_SPACE = 74  # sysexits' EX_IOERR: free space, then --resume auto
+EXIT_DENIED = 77  # sysexits' EX_NOPERM: this user may not write there
 EXIT_STOPPED = EXIT_RESUMABLE  # 75: stopped by a signal at a checkpoint; --resume auto continues
 
 EXPECTED = {
@@ -30,7 +32,11 @@ EXPECTED = {
     RunFolderError: EXIT_BAD_INPUT,
     CheckpointError: EXIT_BAD_INPUT,
     FileNotFoundError: EXIT_BAD_INPUT,
+    # Write failures, by errno (fsl_dist/io.py); a file where a folder should be is a wrong path.
     DiskFullError: EXIT_NO_SPACE,
+    WriteDeniedError: EXIT_DENIED,
+    ReadOnlyError: EXIT_READ_ONLY,
+    NotAFolderError: EXIT_BAD_INPUT,
 }
 
 
@@ -42,5 +48,9 @@ def exit_code(err: BaseException) -> int | None:
     return None
 
 
-def report(err: BaseException) -> None:
+def report(err: BaseException, dist=None) -> None:
+    """The one line of an expected failure; a failure of the main rank that every rank raised
+    (``Distributed.on_main``) is said by the main rank only."""
+    if dist is not None and getattr(err, "raised_on_main", False) and not dist.is_main:
+        return
     print(f"error: {err}", file=sys.stderr, flush=True)

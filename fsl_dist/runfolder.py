@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from fsl_dist.io import make_folder, writing
+
 LOCK_NAME = ".lock"
 # What makes a folder "hold a run": anything a trainer writes once it has started.
 RUN_FILES = ("metrics.jsonl", "checkpoints", "model.safetensors", "eval.json", "run.json")
@@ -40,7 +42,8 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         ensure_folder(self.run_dir)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        with writing(self.path):  # the first write into the run folder: why it cannot be
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -59,7 +62,10 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # an empty record: released, not left by a dead holder
+            try:  # an empty record: released, not left by a dead holder
+                os.ftruncate(self._fd, 0)
+            except OSError:  # a disk gone read-only: the record stays, and reads as stale
+                pass
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
@@ -84,7 +90,7 @@ def ensure_folder(run_dir: Path) -> None:
         raise RunFolderError(f"run folder {run_dir} is a file, not a folder; give --run-dir a "
                              "folder path (it is made if missing)")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(run_dir)
     except OSError as err:
         raise RunFolderError(f"cannot make run folder {run_dir}: {err.strerror}") from None
 
@@ -103,7 +109,8 @@ def move_aside(run_dir: Path) -> Path:
     while aside.exists():
         n += 1
         aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
-    aside.mkdir()
+    with writing(aside):  # the folder beside the run's may not be writable
+        aside.mkdir()
     for entry in run_dir.iterdir():
         if entry.name != LOCK_NAME:
             entry.rename(aside / entry.name)

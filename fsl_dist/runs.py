@@ -39,7 +39,7 @@ from fsl_dist.data.shards import (
     pack_omniglot,
 )
 from fsl_dist.evaluate import combine_seeds, evaluate
-from fsl_dist.io import DiskFullError, atomic_write, atomic_write_json, atomic_write_text
+from fsl_dist.io import WriteFailure, atomic_write, atomic_write_json, atomic_write_text
 from fsl_dist.meta import InnerLoopSpec, learned_inner_lr
 from fsl_dist.models import build_model
 
@@ -70,20 +70,20 @@ def ensure_shards(cfg: Config, dist, quiet: bool = False) -> dict:
         raise ShardError(f"no shard set at {cfg.data.shards} (missing {manifest}); make it with:"
                          f"\n    {pack_command(cfg)}")
     if not manifest.is_file():
-        failure = None
-        if dist.is_main:
+        def pack():
             dist.print(f"no shards at {cfg.data.shards}: packing the {cfg.data.split} split "
                        f"from {cfg.data.source or 'the official Omniglot download'}")
             try:
                 pack_omniglot(cfg.data.source, cfg.data.split, cfg.data.shards,
                               size=cfg.data.image_size, quiet=quiet)
-            except Exception as err:  # noqa: BLE001 - reported to every rank below, not swallowed
-                failure = f"{type(err).__name__}: {err}"
-        failure = dist.broadcast_object(failure)
-        if failure:
-            raise ShardError(f"no shard set at {cfg.data.shards} (missing {manifest}) and "
-                             f"packing it failed:\n    {failure}\nmake it with:\n    "
-                             f"{pack_command(cfg)}")
+            except WriteFailure:  # no space, no permission...: its own line and exit code
+                raise
+            except Exception as err:  # noqa: BLE001 - reported to every rank, not swallowed
+                raise ShardError(f"no shard set at {cfg.data.shards} (missing {manifest}) and "
+                                 f"packing it failed:\n    {type(err).__name__}: {err}\nmake "
+                                 f"it with:\n    {pack_command(cfg)}") from None
+
+        dist.on_main(pack, (WriteFailure, ShardError))
     packed = load_manifest(cfg.data.shards)
     if packed["dataset"] != cfg.data.dataset:
         raise ConfigError(f"`data.dataset` = {cfg.data.dataset!r} but {manifest} holds "
@@ -353,13 +353,5 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
         result["weights"] = Path(weights).relative_to(run_dir).as_posix() if Path(
             weights).is_relative_to(run_dir) else str(weights)
         result.update(training_progress(Path(run_dir), Path(weights), cfg))
-    failure = None
-    if dist.is_main:
-        try:
-            atomic_write_json(Path(run_dir) / out_name, result)
-        except DiskFullError as err:
-            failure = str(err)
-    failure = dist.broadcast_object(failure)  # every rank fails alike
-    if failure:
-        raise DiskFullError(failure)
+    dist.on_main(lambda: atomic_write_json(Path(run_dir) / out_name, result), (WriteFailure,))
     return result

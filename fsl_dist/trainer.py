@@ -29,7 +29,7 @@ from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
 from fsl_dist.data.shards import verify_shards
 from fsl_dist.distributed import launcher_precision
 from fsl_dist.evaluate import evaluate
-from fsl_dist.io import DiskFullError
+from fsl_dist.io import WriteFailure, writing
 from fsl_dist.meta import (
     InnerLoopSpec,
     InnerLossScaler,
@@ -387,6 +387,14 @@ def load_resume_point(run_dir: Path, resume: Optional[str]):
 # ---------------------------------------------------------------- the loop
 
 
+def resumable(write):
+    """``write()``; a write failure's line also says that the run continues once it is mended."""
+    try:
+        return write()
+    except WriteFailure as err:
+        raise type(err)(f"{err} (training continues with --resume auto)") from None
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -447,17 +455,12 @@ class Trainer:
     def _claim_run_folder(self, resume: Optional[str], overwrite: bool):
         """The main process locks the run folder and checks it may start there (the others
         learn the verdict, so every rank fails alike); returns the lock (None elsewhere)."""
-        lock, failure = None, None
-        if self.dist.is_main:
-            try:
-                lock, note = runfolder.claim(self.run_dir, resume=resume, overwrite=overwrite)
-                self.dist.print(note)
-            except runfolder.RunFolderError as err:
-                failure = str(err)
-        failure = self.dist.broadcast_object(failure)
-        if failure:
-            raise runfolder.RunFolderError(failure)
-        return lock
+        def claim():
+            lock, note = runfolder.claim(self.run_dir, resume=resume, overwrite=overwrite)
+            self.dist.print(note)
+            return lock
+
+        return self.dist.on_main(claim, (runfolder.RunFolderError, WriteFailure))
 
     # -------------------------------------------------------- preemption
     def stop_on_signals(self, signals=STOP_SIGNALS) -> None:
@@ -506,38 +509,37 @@ class Trainer:
 
     # -------------------------------------------------------- bookkeeping
     def start(self) -> None:
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.metrics.truncate_after(self.state.step)
-        self.dist.barrier()
+        self.on_main_write(lambda: self.metrics.truncate_after(self.state.step))
         cfg = self.cfg
         if cfg.logging.wandb or cfg.logging.tensorboard:
             wandb = wandb_init_kwargs(cfg, self.run_dir, self.wandb_id) if cfg.logging.wandb else {}
-            self.dist.start_trackers(cfg.logging.project, to_dict(cfg), wandb,
-                                     resumed_at=self.state.step)
+            failure = None
+            try:
+                with writing():  # their folders in the run folder (main only)
+                    self.dist.start_trackers(cfg.logging.project, to_dict(cfg), wandb,
+                                             resumed_at=self.state.step)
+            except WriteFailure as err:
+                failure = err
+            self.raise_on_every_rank(failure)
             self.wandb_id = self.dist.wandb_run_id() or self.wandb_id
-        if self.dist.is_main:
-            write_run_info(self.cfg, self.run_dir, self.dist, self.precision, self.wandb_id,
-                           self.manifest)
+        self.on_main_write(lambda: write_run_info(self.cfg, self.run_dir, self.dist,
+                                                  self.precision, self.wandb_id, self.manifest))
+
+    def on_main_write(self, write) -> None:
+        """``write()`` on the main process; a write failure there is raised on every rank, with
+        the way to continue once it is mended."""
+        self.dist.on_main(lambda: resumable(write), (WriteFailure,))
 
     def save_checkpoint(self) -> None:
         """Checkpoint now (main process); a failure to write is raised on every rank."""
-        failure = None
-        if self.dist.is_main:
-            try:
-                ckpt.save_checkpoint(self.run_dir, self.state.step,
-                                     checkpoint_state(self.state, self.wandb_id),
-                                     keep=self.cfg.train.keep_checkpoints)
-            except DiskFullError as err:
-                failure = str(err)
-        failure = self.dist.broadcast_object(failure)  # also the barrier after the write
-        if failure:
-            raise DiskFullError(failure)
+        self.on_main_write(lambda: ckpt.save_checkpoint(
+            self.run_dir, self.state.step, checkpoint_state(self.state, self.wandb_id),
+            keep=self.cfg.train.keep_checkpoints))
 
     def log(self, row: dict) -> None:
         try:
-            self.metrics.write(row)
-        except DiskFullError as err:  # main only: the loop stops all ranks after this step
+            resumable(lambda: self.metrics.write(row))
+        except WriteFailure as err:  # main only: the loop stops all ranks after this step
             self._failure = self._failure or err
         try:
             self.dist.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
@@ -576,9 +578,7 @@ class Trainer:
                     break
         finally:
             bar.close()  # a message after it starts on a line of its own
-        failure = dist.broadcast_object(str(self._failure) if self._failure else None)
-        if failure:
-            raise DiskFullError(failure)
+        self.raise_on_every_rank(self._failure)  # a metrics row the main could not write
         if state.step % cfg.train.checkpoint_every or state.step == 0:
             self.save_checkpoint()  # the end of the run (or a stop, even before step 1) resumes
         return {"step": state.step, "skipped_steps": state.skipped_steps,
@@ -664,26 +664,27 @@ class Trainer:
         """Final weights (unless ``export`` is False: a diverged run) and, for a run that
         reached train.steps, the held-out evaluation; returns its results on every rank."""
         cfg = self.cfg
-        failure = None
-        if self.dist.is_main and export:
-            try:
-                save_final_model(self.state, cfg, self.run_dir, self.manifest)
-            except DiskFullError as err:
-                failure = str(err)
-        failure = self.dist.broadcast_object(failure)
-        if failure:
-            raise DiskFullError(failure)
+        if export:
+            self.on_main_write(lambda: save_final_model(self.state, cfg, self.run_dir,
+                                                        self.manifest))
         result = None
         if self.state.step >= cfg.train.steps:
             result = evaluate_held_out(self.state.model, self.state.inner_lr, cfg, self.dist,
                                        self.run_dir, precision=self.precision, quiet=self.quiet)
             self.log({"step": self.state.step, f"{cfg.eval.part}/acc": result["mean"],
                       f"{cfg.eval.part}/ci95": result["ci95"]})
-        failure = self.dist.broadcast_object(str(self._failure) if self._failure else None)
-        if failure:
-            raise DiskFullError(failure)
+        self.raise_on_every_rank(self._failure)
         self.close()
         return result
+
+    def raise_on_every_rank(self, failure: Optional[WriteFailure]) -> None:
+        """A write failure the main process met (``failure``; None elsewhere) stops every rank
+        here."""
+        def failed():
+            if failure is not None:
+                raise failure
+
+        self.dist.on_main(failed, (WriteFailure,))
 
     def close(self) -> None:
         """End the trackers and give up the run folder (also after a failure every rank saw);

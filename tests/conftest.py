@@ -81,6 +81,7 @@ INTEGRATION_MODULES = frozenset({
     "test_train_distributed.py",
     "test_train_end_to_end.py",
     "test_train_folder.py",
+    "test_write_faults.py",  # unprivileged processes, read-only and full mounts
 })
 
 

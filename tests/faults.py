@@ -50,6 +50,37 @@ FAULTS = (
     Fault("evaluate_stopped", "`evaluate.py` on a run stopped early", 0,
           "training stopped early", "`eval-test.json` records `trained_steps` of "
           "`planned_steps`"),
+    # Write failures, told apart by errno (tests/test_write_faults.py).
+    Fault("train_denied", "`train.py` on a run folder this user may not write", 77,
+          "permission denied writing", "the folder as it was"),
+    Fault("train_read_only", "`train.py` on a small read-only file system", 73,
+          "is on a read-only file system", "the file system as it was; not taken for a full "
+          "disk; on several processes, one line from the main one"),
+    Fault("train_denied_midway", "the run folder's write permission is taken away while "
+          "training", 77, "permission denied writing", "the checkpoints and metrics written "
+          "before, byte for byte; `--resume auto` continues once it is writable"),
+    Fault("run_dir_in_a_file", "`--run-dir notes.txt/run` (a file in the path)", 2,
+          "is a file, not a folder", "the file"),
+    Fault("train_packs_read_only", "missing Omniglot shards that the trainer packs, onto a "
+          "read-only file system", 73, "is on a read-only file system", "nothing is written"),
+    Fault("tensorboard_is_a_file", "`logging.tensorboard=true` with a file named `tensorboard` "
+          "in the run folder", 2, "tensorboard is a file, not a folder", "the file"),
+    Fault("evaluate_denied", "`evaluate.py` on a run folder this user may not write", 77,
+          "permission denied writing", "the run folder as it was; checked before the "
+          "evaluation runs"),
+    Fault("evaluate_read_only", "`evaluate.py` on a run folder on a read-only mount", 73,
+          "is on a read-only file system", "the run folder as it was; checked before the "
+          "evaluation runs"),
+    Fault("pack_full", "packing onto a full disk", 74, "no space left on the device writing",
+          "what was on the disk, byte for byte; no half-written set or staging folder"),
+    Fault("pack_in_a_file", "`pack.py --out notes.txt/shards` (a file in the path)", 2,
+          "is a file, not a folder", "the file"),
+    Fault("predict_out_in_a_file", "`fsl-predict --out notes.txt/labels.csv`", 2,
+          "is a file, not a folder", "the file; checked before the predictions"),
+    Fault("predict_out_denied", "`fsl-predict --out` in a folder this user may not write", 77,
+          "permission denied writing", "the folder as it was; checked before the predictions"),
+    Fault("compare_read_only", "`compare.py --plot` on a read-only mount", 73,
+          "is on a read-only file system", "the folder as it was; checked before the tables"),
     Fault("signal_stop", "SIGTERM to the trainer", 75,
           "stopped by a signal at step", "a checkpoint at that step; the exported model "
           "records it"),

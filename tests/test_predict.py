@@ -130,6 +130,26 @@ def test_command_writes_csv_and_json_with_true_classes(shards, tasks, tmp_path, 
     assert capsys.readouterr().out == ""
 
 
+def test_the_table_shows_paths_under_the_query_folder_true_classes_and_an_early_stop(
+        shards, tasks, tmp_path, capsys):
+    folder = export(tmp_path / "model", shards, "model.width=8", "train.steps=500")
+    support, query = write_episode(tmp_path / "episode", tasks, 1, inverted=True)
+    assert cli.main(folders_args(tmp_path, folder, support, query)) == 0
+    out, err = capsys.readouterr()
+    header, first = out.splitlines()[:2]
+    assert header.split() == ["file", "predicted", "true", "probability"]
+    name, _, true, _ = first.split()
+    first_file = sorted(p for p in query.rglob("*.png"))[0]
+    assert name == first_file.relative_to(query).as_posix()  # not only its base name
+    assert true == first_file.parent.name
+    assert "note: the model is of step 0 of 500 (its training stopped early)" in err
+
+    description = yaml.safe_load((folder / "model.yaml").read_text())
+    (folder / "model.yaml").write_text(yaml.safe_dump({**description, "step": 500}))
+    assert cli.main(folders_args(tmp_path, folder, support, query, "--quiet")) == 0
+    assert "note:" not in capsys.readouterr().err  # a finished model: no note
+
+
 def bad_input(tmp_path, capsys, args, out):
     """The command fails with exit 2 and one error line, leaving ``out`` as it was."""
     out.write_text("earlier\n")

@@ -14,13 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from faults import BY_KEY
+from faulting import assert_fault, mount_tmpfs, snapshot, train, train_args
 
 from launching import ROOT, child_env, command, run
-
-TINY = ["task.k_shot=1", "task.q_query=2", "train.meta_batch_size=2", "model.width=8",
-        "train.log_every=1", "eval.episodes=10", "eval.val_episodes=4", "eval.batch_size=10",
-        "eval.inner_steps=1", "logging.wandb=false"]
 
 
 @pytest.fixture(scope="module")
@@ -28,37 +24,9 @@ def shards(packed):
     return packed("futurama")
 
 
-def train_args(run_dir: Path, shards: Path, *extra: str, steps: int = 4) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "cnn_maml.yaml"), "--run-dir", str(run_dir),
-            f"data.shards={shards}", *TINY, f"train.steps={steps}", "train.checkpoint_every=2",
-            f"train.eval_every={steps}", *extra]
-
-
-def train(run_dir: Path, shards: Path, *extra: str, steps: int = 4) -> subprocess.CompletedProcess:
-    return run("train.py", train_args(run_dir, shards, *extra, steps=steps), check=False)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` (but the lock) by relative path, with its bytes."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
-
-
 def metric_steps(run_dir: Path) -> list[int]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["step"] for r in rows if "train/loss" in r]
-
-
-def assert_fault(result: subprocess.CompletedProcess, key: str) -> None:
-    """The exit code and line of fault ``key``, and no traceback."""
-    fault = BY_KEY[key]
-    output = result.stdout + result.stderr
-    assert result.returncode == fault.code, output[-3000:]
-    assert fault.seen in output, output[-3000:]
-    assert "Traceback" not in output, output[-3000:]
-    if fault.code not in (0, 75):
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and fault.seen in errors[0], result.stderr[-3000:]
 
 
 def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
@@ -231,16 +199,6 @@ def test_a_stopped_run_says_how_far_it_got_in_its_model_and_its_evaluation(shard
 # ---------------------------------------------------------------- a full disk
 
 
-def _mount_tmpfs(folder: Path, size_kib: int) -> None:
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs",
-                           str(folder)], capture_output=True, text=True)
-    if done.returncode:
-        if os.environ.get("FSL_REQUIRE_SLURM") == "1":  # CI runs as root: it must run here
-            pytest.fail(f"cannot mount a tmpfs: {done.stderr.strip()}")
-        pytest.skip(f"a small tmpfs is needed to fill a disk (root): {done.stderr.strip()}")
-
-
 def test_a_full_disk_while_checkpointing_is_one_line_and_loses_nothing(shards, tmp_path):
     disk = tmp_path / "disk"
     probe = tmp_path / "probe"
@@ -249,7 +207,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_loses_nothing(shards, t
     small = sum((probe / name).stat().st_size for name in ("config.yaml", "run.json",
                                                            "metrics.jsonl"))
     # Room for the run's small files and one checkpoint, not for a second one beside it.
-    _mount_tmpfs(disk, (small + int(checkpoint * 1.5)) // 1024 + 8)
+    mount_tmpfs(disk, (small + int(checkpoint * 1.5)) // 1024 + 8)
     try:
         run_dir = disk / "run"
         result = train(run_dir, shards, "train.keep_checkpoints=2", steps=4)

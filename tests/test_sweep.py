@@ -249,3 +249,15 @@ def _env(**extra):
     from launching import child_env
 
     return child_env(**extra)
+
+
+def test_submit_into_a_runs_dir_under_a_file_is_one_line_before_sbatch(tmp_path, capsys):
+    from fsl_dist.cli import sweep as cli
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    sweep = write(tmp_path, sweep_text())
+    assert cli.main(["submit", "--runs-dir", str(notes / "runs"), str(sweep)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{notes} is a file, not a folder" in errors[0]
+    assert notes.read_text() == "mine\n"  # and no sbatch started: the fast tier forbids it

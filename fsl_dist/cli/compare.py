@@ -26,6 +26,8 @@ from fsl_dist.compare import (
     plot_curves,
     write_csv,
 )
+from fsl_dist.exits import exit_code
+from fsl_dist.io import WriteFailure, check_writable
 from fsl_dist.sweep import SweepError, load_sweep
 
 
@@ -69,9 +71,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         runs, default_plot, title = collect(args)
+        plot = args.plot or default_plot
+        for path in (plot, args.csv):  # before the tables, not after them
+            if path is not None:
+                check_writable(path)
     except (SweepError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except WriteFailure as err:
+        print(f"error: {err}", file=sys.stderr)
+        return exit_code(err)
     if not runs:
         print("error: no runs to compare", file=sys.stderr)
         return 1
@@ -79,11 +88,15 @@ def main(argv=None) -> int:
     print(format_runs(runs))
     print()
     print(format_groups(groups))
-    plot = plot_curves(groups, args.plot or default_plot, title=title)
-    print(f"\nlearning curves -> {plot}")
-    if args.csv:
-        write_csv(runs, args.csv)
-        print(f"runs -> {args.csv}")
+    try:
+        plot_curves(groups, plot, title=title)
+        print(f"\nlearning curves -> {plot}")
+        if args.csv:
+            write_csv(runs, args.csv)
+            print(f"runs -> {args.csv}")
+    except WriteFailure as err:  # checked above, but the disk may fill meanwhile
+        print(f"error: {err}", file=sys.stderr)
+        return exit_code(err)
     return 0
 
 

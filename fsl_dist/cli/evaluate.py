@@ -25,6 +25,7 @@ from fsl_dist.config import ConfigError
 from fsl_dist.cpu_malloc import tune_cpu_malloc
 from fsl_dist.distributed import Distributed, launcher_precision
 from fsl_dist.exits import exit_code, report
+from fsl_dist.io import WriteFailure, check_writable
 from fsl_dist.runs import evaluate_held_out, load_trained
 from fsl_dist.trainer import resolve_precision
 
@@ -87,6 +88,11 @@ def main(argv=None) -> int:
     try:
         cfg, model, inner_lr, weights = load_trained(Path(args.run_dir), dist.device,
                                                      args.checkpoint)
+        part = args.part or cfg.eval.part
+        out_name = args.out or f"eval-{part}.json"
+        # Before the evaluation, not after it: a run folder this user (or a read-only mount)
+        # cannot write would cost the whole evaluation.
+        dist.on_main(lambda: check_writable(Path(args.run_dir) / out_name), (WriteFailure,))
         if dist.device.type == "cpu" and cfg.train.tune_cpu_malloc:
             dist.print(f"cpu malloc: {tune_cpu_malloc()}", file=sys.stderr)
         if args.ways is not None and args.ways != cfg.task.n_way:
@@ -94,8 +100,6 @@ def main(argv=None) -> int:
                               f"{cfg.task.n_way}-way head; evaluate with its N-way or train a "
                               "model for this N")
         precision = resolve_precision(cfg.precision, launcher_precision(), dist.device)
-        part = args.part or cfg.eval.part
-        out_name = args.out or f"eval-{part}.json"
         result = evaluate_held_out(model, inner_lr, cfg, dist, Path(args.run_dir),
                                    precision=precision, episodes=args.episodes, shots=args.shots,
                                    queries=args.queries, part=part,
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
         code = exit_code(err)
         if code is None or args.traceback:
             raise
-        report(err)
+        report(err, dist)
         return dist.exit(code)
     dist.print(json.dumps(result, indent=2))
     dist.print(summary_line(result), file=sys.stderr)

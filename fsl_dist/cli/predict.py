@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fsl_dist.data.folder import FolderSourceError, list_classes
 from fsl_dist.exits import EXIT_BAD_INPUT, exit_code, report
-from fsl_dist.io import atomic_write_text
+from fsl_dist.io import atomic_write_text, check_writable
 from fsl_dist.predict import PredictError, Prediction, load_model
 
 FORMATS = (".csv", ".json")
@@ -109,11 +109,23 @@ def as_json(rows: list[dict], classes: tuple, summary: dict) -> str:
     return json.dumps({**summary, "classes": list(classes), "predictions": rows}, indent=1) + "\n"
 
 
-def table(rows: list[dict]) -> str:
-    width = max(len(Path(r["file"]).name) for r in rows[:SHOWN_ROWS])
-    lines = [f"{'file':<{width}}  {'predicted':<12} probability"]
-    lines += [f"{Path(r['file']).name:<{width}}  {str(r['predicted']):<12} {r['probability']:.3f}"
-              for r in rows[:SHOWN_ROWS]]
+def shown_name(file: str, roots: list[Path]) -> str:
+    """A query image as the table shows it: relative to the one query folder given (so that
+    a/q2.png and b/q2.png differ), else as given."""
+    if len(roots) == 1 and roots[0].is_dir() and Path(file).is_relative_to(roots[0]):
+        return Path(file).relative_to(roots[0]).as_posix()
+    return file
+
+
+def table(rows: list[dict], roots: list[Path]) -> str:
+    names = [shown_name(r["file"], roots) for r in rows[:SHOWN_ROWS]]
+    width = max(len(name) for name in names)
+    truth = "true" in rows[0]
+    lines = [f"{'file':<{width}}  {'predicted':<12} " + (f"{'true':<12} " if truth else "")
+             + "probability"]
+    lines += [f"{name:<{width}}  {str(r['predicted']):<12} "
+              + (f"{str(r['true']):<12} " if truth else "") + f"{r['probability']:.3f}"
+              for name, r in zip(names, rows)]
     if len(rows) > SHOWN_ROWS:
         lines.append(f"... {len(rows) - SHOWN_ROWS} more")
     return "\n".join(lines)
@@ -125,11 +137,25 @@ def accuracy(rows: list[dict]) -> float | None:
     return 100.0 * sum(r["predicted"] == r["true"] for r in rows) / len(rows)
 
 
+def stopped_note(description: dict) -> str | None:
+    """A line for a model whose training stopped before its planned steps (model.yaml records
+    both), else None."""
+    done, planned = description.get("step"), description.get("planned_steps")
+    if done is None or planned is None or done >= planned:
+        return None
+    return f"note: the model is of step {done} of {planned} (its training stopped early)"
+
+
 def predict_folders(args: argparse.Namespace) -> tuple[list[dict], tuple, dict]:
     """(rows, classes, summary) of the command's inputs; nothing is written."""
     if args.out is not None and args.out.suffix.lower() not in FORMATS:
         raise PredictError(f"--out {args.out}: name a .csv or .json file")
+    if args.out is not None:
+        check_writable(args.out)  # before the work, not after the predictions are printed
     model = load_model(args.model, args.device)
+    note = stopped_note(model.description)
+    if note:
+        print(note, file=sys.stderr)
     support = list_classes(args.support)
     images = [path for cls in support for path in cls.files]
     labels = [cls.name for cls in support for _ in cls.files]
@@ -164,7 +190,7 @@ def main(argv=None) -> int:
         report(err)
         return code
     if not args.quiet:
-        print(table(rows))
+        print(table(rows, args.query))
     line = f"{len(rows)} images, {len(classes)} classes ({', '.join(map(str, classes))})"
     if summary["accuracy"] is not None:
         line += f", accuracy {summary['accuracy']:.2f}% against their folders"

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 from fsl_dist.cli import CHECKOUT, train_script
+from fsl_dist.exits import exit_code
+from fsl_dist.io import WriteFailure, make_folder
 from fsl_dist.slurm import accelerate_command, processes_per_machine, supervise
 from fsl_dist.sweep import SweepError, describe, load_sweep
 
@@ -79,7 +81,7 @@ def cmd_submit(args) -> int:
     print(shlex.join(argv))
     if args.dry_run:
         return 0
-    logs.mkdir(parents=True, exist_ok=True)  # sbatch does not create the folder of --output
+    make_folder(logs)  # sbatch does not create the folder of --output
     # The job finds this checkout and this interpreter (a venv) through these two variables.
     env = dict(os.environ, FSL_ROOT=str(CHECKOUT), FSL_PYTHON=sys.executable)
     return subprocess.run(argv, env=env).returncode
@@ -117,6 +119,9 @@ def main(argv=None) -> int:
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except WriteFailure as err:  # the log folder of `submit`
+        print(f"error: {err}", file=sys.stderr)
+        return exit_code(err)
 
 
 if __name__ == "__main__":

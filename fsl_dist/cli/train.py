@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from fsl_dist.config import default_run_dir, load_config  # noqa: E402
 from fsl_dist.distributed import Distributed  # noqa: E402
 from fsl_dist.exits import EXIT_DIVERGED, EXIT_STOPPED, exit_code, report  # noqa: E402
-from fsl_dist.io import DiskFullError  # noqa: E402
+from fsl_dist.io import WriteFailure  # noqa: E402
 from fsl_dist.trainer import Trainer  # noqa: E402
 
 
@@ -96,8 +96,8 @@ def main(argv=None) -> int:
         code = exit_code(err)
         if code is None or args.traceback:
             raise
-        report(err)
-        if isinstance(err, DiskFullError) and trainer is not None:
+        report(err, dist)
+        if isinstance(err, WriteFailure) and trainer is not None:
             trainer.close()  # raised on every rank alike: the trackers can end in step
         return dist.exit(code) if dist is not None else code
     if stopped:

@@ -17,6 +17,8 @@ import argparse
 import sys
 
 from fsl_dist.data import benchmarks, folder, omniglot, shards
+from fsl_dist.exits import exit_code
+from fsl_dist.io import WriteFailure
 
 
 def fractions(text: str) -> tuple[float, ...]:
@@ -94,6 +96,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         out = pack(args)
+    except WriteFailure as error:  # no space, no permission, read-only, a file in the path
+        print(f"error: {error}", file=sys.stderr)
+        return exit_code(error)
     except ValueError as error:  # source, split, shard errors and bad values: message says why
         print(f"error: {error}", file=sys.stderr)
         return 2

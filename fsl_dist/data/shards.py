@@ -47,6 +47,7 @@ import webdataset as wds
 
 from fsl_dist import __version__
 from fsl_dist.data import omniglot
+from fsl_dist.io import writing
 from fsl_dist.progress import progress
 
 MANIFEST = "manifest.json"
@@ -162,6 +163,18 @@ def _omniglot_entry(decoded, index: int, split: str, part: str) -> ClassEntry:
                       lambda: decoded.images[index][:, None])  # one channel
 
 
+def _failures_name_the_set(write_set: Callable) -> Callable:
+    """A write failure of ``write_set(out_dir, ...)`` (no space, no permission, read-only, a
+    file in the path) is one WriteFailure naming ``out_dir``, not its hidden staging folder.
+    Other OSErrors pass: the sources' read errors are ValueErrors by then."""
+    @functools.wraps(write_set)
+    def wrapper(out_dir, *args, **kwargs):
+        with writing(Path(out_dir)):
+            return write_set(out_dir, *args, **kwargs)
+    return wrapper
+
+
+@_failures_name_the_set
 def write_shard_set(out_dir: str | Path, parts: dict[str, list[ClassEntry]], header: dict, *,
                     classes_per_shard: int, on_class: Callable[[int], None] | None = None
                     ) -> Path:
