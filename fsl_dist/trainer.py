@@ -606,7 +606,7 @@ class Trainer:
         self._window = StepWindow()
         try:
             if self.validation_pending:  # cut short by the stop this run resumes from
-                self.validate()
+                self.validate_and_log()
                 self.save_checkpoint()  # the same step's checkpoint, no longer pending
             while state.step < cfg.train.steps:
                 if self._should_stop():
@@ -668,7 +668,7 @@ class Trainer:
         if self.debug:
             self.debug_report(out)
         if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
-            self.validate()
+            self.validate_and_log()
         if state.step % cfg.train.checkpoint_every == 0:
             self.save_checkpoint()
 
@@ -679,7 +679,7 @@ class Trainer:
             self._saved_rng = ckpt.rng_state()
         self.phase = phase
 
-    def validate(self) -> None:
+    def validate_and_log(self) -> None:
         """Validate the weights of the finished step and log the row."""
         cfg, state = self.cfg, self.state
         self._enter("validation")
