@@ -23,6 +23,8 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
+import yaml
+
 from fsl_dist.config import Config, ConfigError, OptimConfig, to_dict
 
 TRAINED, SCHEDULE, BOOKKEEPING = "trained", "schedule", "bookkeeping"
@@ -79,17 +81,20 @@ def config_fields(cls=Config, prefix: str = "") -> list[str]:
 
 
 def flatten(raw: dict) -> dict:
-    """A config's dict (config.yaml, to_dict) by dotted key, restricted to the known keys."""
+    """A config's dict (config.yaml, to_dict) by dotted key, restricted to the known keys; a key
+    it lacks (written by an older fsl_dist) has its default, the behaviour it had then."""
+    defaults = to_dict(Config())
     out = {}
     for key in KINDS:
-        node = raw
+        node, default = raw, defaults
         for part in key.split("."):
             node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
-        out[key] = node
+            default = default[part]
+        out[key] = default if node is _ABSENT else node
     return out
 
 
-_ABSENT = "(absent)"  # a key the old config did not have (written by an older fsl_dist)
+_ABSENT = object()
 
 
 def changes(old: dict, new: Config, step: int) -> list[dict]:
@@ -138,7 +143,7 @@ def check(old: dict, new: Config, step: int, *, allow: bool,
 
 
 def _shown(value) -> str:
-    return value if value == _ABSENT else json.dumps(value)
+    return json.dumps(value)
 
 
 def saved_config(saved: dict, checkpoint: Optional[Path], run_dir: Path) -> Optional[dict]:
@@ -146,8 +151,6 @@ def saved_config(saved: dict, checkpoint: Optional[Path], run_dir: Path) -> Opti
     config.yaml of its run folder; None when neither is there."""
     if isinstance(saved.get("config"), dict):
         return saved["config"]
-    import yaml
-
     folders = [Path(checkpoint).parent.parent] if checkpoint is not None else []
     for folder in folders + [Path(run_dir)]:
         path = folder / "config.yaml"

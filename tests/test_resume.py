@@ -75,3 +75,11 @@ def test_the_record_drops_what_belongs_to_steps_a_resume_from_an_older_checkpoin
     # a fresh start (step 0) begins a new record
     assert resume.history(tmp_path, 0, [], world_size=1) == {
         "segments": [{"step": 0, "world_size": 1}], "config_changes": []}
+
+
+def test_a_key_an_older_config_lacks_counts_as_its_default():
+    old = to_dict(config())
+    del old["algorithm"]["msl_steps"]  # as written before the key existed
+    assert resume.changes(old, config(), 4) == []
+    assert [c["key"] for c in resume.changes(old, config("algorithm.msl_steps=3"), 4)] == [
+        "algorithm.msl_steps"]
