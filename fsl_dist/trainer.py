@@ -470,7 +470,7 @@ class Trainer:
         self.stop = StopRequest()  # set by a stop signal, acted on between steps
         # What fit() is doing now, for a stop signal's handler (_stop_now_if_safe): starting,
         # tasks (drawing them, the meta-gradient), update, after (logging, checkpoint),
-        # validation.
+        # validation; finish() sets evaluation.
         self.phase = "starting"
         self._saved_rng = None  # random state of the last finished step (tasks, validation)
         self._failure: Optional[Exception] = None  # an I/O failure on the main rank
@@ -522,17 +522,27 @@ class Trainer:
         untouched), or during validation (which only reads the weights), saves the last
         finished step at once, with the random state it ended with, prints the stop line and
         exits 75; a validation cut short is marked pending and done first on resume. During
-        the update, and between steps, the step finishes and fit() stops."""
-        if self.stop.signum == signal.SIGUSR1 or self.phase not in ("tasks", "validation"):
+        the held-out evaluation at the end (the last step checkpointed, the model exported) it
+        says so and exits 75 (--resume auto evaluates again). During the update, and between
+        steps, the step finishes and fit() stops."""
+        if self.stop.signum == signal.SIGUSR1 or self.phase not in ("tasks", "validation",
+                                                                    "evaluation"):
             return  # SLURM's warning (no launcher kills then), starting, the update, or after
-        saved = checkpoint_state(self.state, self.wandb_id, to_dict(self.cfg))
-        saved["rng"] = self._saved_rng
-        if self.phase == "validation":
-            saved["pending"] = "validation"
-        path = ckpt.save_checkpoint(self.run_dir, self.state.step, saved,
-                                    keep=self.cfg.train.keep_checkpoints)
+        if self.phase == "evaluation":
+            line = (f"stopped by a signal during the held-out evaluation of step "
+                    f"{self.state.step} of {self.cfg.train.steps}; the model is exported and "
+                    f"{ckpt.latest_checkpoint(self.run_dir)} kept, continue with --resume auto "
+                    "(it evaluates again)")
+        else:
+            saved = checkpoint_state(self.state, self.wandb_id, to_dict(self.cfg))
+            saved["rng"] = self._saved_rng
+            if self.phase == "validation":
+                saved["pending"] = "validation"
+            path = ckpt.save_checkpoint(self.run_dir, self.state.step, saved,
+                                        keep=self.cfg.train.keep_checkpoints)
+            line = stop_line(self.state.step, self.cfg.train.steps, path)
         below_progress_bar()
-        print(stop_line(self.state.step, self.cfg.train.steps, path), flush=True)
+        print(line, flush=True)
         try:
             self.dist.end()  # W&B's files whole (its service may be stopped already)
         except Exception:  # noqa: BLE001 (the checkpoint is written; nothing else to save)
@@ -739,6 +749,7 @@ class Trainer:
             raise DiskFullError(failure)
         result = None
         if self.state.step >= cfg.train.steps:
+            self.phase = "evaluation"  # a stop now keeps the checkpoint and the model as they are
             result = evaluate_held_out(self.state.model, self.state.inner_lr, cfg, self.dist,
                                        self.run_dir, precision=self.precision, quiet=self.quiet)
             self.log({"step": self.state.step, f"{cfg.eval.part}/acc": result["mean"],

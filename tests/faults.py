@@ -75,6 +75,10 @@ FAULTS = (
     Fault("stop_in_validation", "Ctrl-C to `accelerate launch` (one process) during a "
           "validation longer than the launcher's 5 s", 130, "stopped by a signal at step",
           "a checkpoint of the last finished step; the resume validates it first, each row once"),
+    Fault("stop_in_final_evaluation", "Ctrl-C to `accelerate launch` (one process) during the "
+          "held-out evaluation at the end", 130,
+          "stopped by a signal during the held-out evaluation", "the last step's checkpoint and "
+          "the exported model; `--resume auto` evaluates again"),
     Fault("evaluate_in_progress", "`evaluate.py --checkpoint latest` on a run still training", 0,
           "the run is still training", "the run goes on; `eval-test.json` records "
           "`training_in_progress`"),

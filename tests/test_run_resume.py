@@ -9,6 +9,7 @@ import json
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,33 @@ def test_a_stop_during_validation_keeps_the_finished_step(shards, tmp_path):
     assert metric_steps(run_dir) == [1, 2, 3, 4]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val/acc" in r] == [2, 4]
+
+
+def test_a_stop_during_the_final_evaluation_says_so_and_the_resume_evaluates_again(
+        shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, shards, "eval.episodes=500", steps=2)
+    launcher = subprocess.Popen(command("train.py", args, 1), cwd=ROOT, env=child_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (run_dir / "model.yaml").is_file(), what="the exported model")
+        time.sleep(0.3)  # into the evaluation, which takes longer than the launcher's 5 s
+        launcher.send_signal(signal.SIGINT)
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    fault = BY_KEY["stop_in_final_evaluation"]
+    assert launcher.returncode == fault.code, stdout + stderr[-3000:]
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    assert f"{fault.seen} of step 2 of 2" in stdout, stdout + stderr[-3000:]
+    assert not (run_dir / "eval.json").exists()
+    assert (run_dir / "checkpoints" / "step-00000002.pt").is_file()
+
+    resumed = train(run_dir, shards, "--resume", "auto", steps=2)  # eval.episodes=10
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "eval.json").read_text())["episodes"] == 10
+    assert metric_steps(run_dir) == [1, 2]
 
 
 def test_evaluating_a_run_still_training_says_so(shards, tmp_path):
