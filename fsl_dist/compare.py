@@ -25,6 +25,7 @@ from typing import Iterable, Optional
 import yaml
 
 from fsl_dist.io import atomic_write, atomic_write_text
+from fsl_dist.resume import describe, recorded_changes
 from fsl_dist.tracking import read_metrics
 from fsl_dist.wandb_offline import find_run_files, read_run
 
@@ -63,6 +64,8 @@ class RunSummary:
     setting: tuple = ()
     """The flattened config without the seed: runs with equal settings are seeds of one config."""
     source: str = ""
+    config_changes: list[dict] = field(default_factory=list)
+    """The config changes of the run's resumes (run.json): key, old, new, step, kind."""
 
     @property
     def finished(self) -> bool:
@@ -138,8 +141,10 @@ def from_run_dir(run_dir: str | Path) -> RunSummary:
     if (run_dir / "eval.json").is_file():
         evaluation = json.loads((run_dir / "eval.json").read_text())
     wall = sum(_runtime(s) for s in segments) if segments else None
-    return from_rows(run_dir.name, config, rows, evaluation=evaluation, wall_time_s=wall,
-                     source=str(run_dir))
+    run = from_rows(run_dir.name, config, rows, evaluation=evaluation, wall_time_s=wall,
+                    source=str(run_dir))
+    run.config_changes = recorded_changes(run_dir)
+    return run
 
 
 def from_wandb(path: str, group: str, api=None) -> list[RunSummary]:
@@ -298,6 +303,12 @@ def group_cells(group: GroupSummary) -> list[str]:
 
 def format_runs(runs: list[RunSummary]) -> str:
     return _table(RUN_HEADER, [run_cells(r) for r in runs])
+
+
+def format_changes(runs: list[RunSummary]) -> str:
+    """A line per run whose config changed when it was resumed (run.json), or ""."""
+    return "\n".join(f"{r.name}: config changed on resume: {describe(r.config_changes)}"
+                     for r in runs if r.config_changes)
 
 
 def format_groups(groups: list[GroupSummary]) -> str:

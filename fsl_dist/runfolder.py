@@ -24,6 +24,8 @@ from fsl_dist.io import make_folder, writing
 LOCK_NAME = ".lock"
 # What makes a folder "hold a run": anything a trainer writes once it has started.
 RUN_FILES = ("metrics.jsonl", "checkpoints", "model.safetensors", "eval.json", "run.json")
+# What makes a run "finished" (or at least exported): it is never started over by --resume.
+RESULT_FILES = ("model.safetensors", "eval.json")
 
 
 class RunFolderError(Exception):
@@ -68,6 +70,25 @@ class RunLock:
                 pass
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+def holder(run_dir: Path) -> Optional[dict]:
+    """The record of the trainer that holds ``run_dir`` now ({} if it left none), or None when
+    no trainer does. Probes with a shared lock, dropped at once: a trainer starting within those
+    microseconds would be refused as if the folder were in use."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_record(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _read_record(fd: int) -> dict:
@@ -130,6 +151,8 @@ def claim(run_dir: Path, *, resume: Optional[str], overwrite: bool) -> tuple[Run
         existing = held_run(run_dir)
         if existing and overwrite:
             note += f"; the old run was moved to {move_aside(run_dir)}"
+        elif existing and resume == "auto" and not _has_checkpoint(run_dir):
+            note += "\n" + _start_over(run_dir)
         elif existing and resume is None:
             raise RunFolderError(
                 f"run folder {run_dir} already holds a run ({', '.join(existing)}); continue it "
@@ -139,3 +162,25 @@ def claim(run_dir: Path, *, resume: Optional[str], overwrite: bool) -> tuple[Run
         lock.release()
         raise
     return lock, note
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    # Damaged checkpoints count: --resume auto then refuses, naming them (trainer).
+    # (checkpoint.CHECKPOINT_DIR: not imported, so that exits.py stays free of torch)
+    return any(Path(run_dir, "checkpoints").glob("step-*.pt"))
+
+
+def _start_over(run_dir: Path) -> str:
+    """``--resume auto`` on a run without checkpoints: a finished run is refused (only
+    --overwrite replaces it); an attempt that stopped before its first checkpoint is moved
+    aside whole and the run starts over (a requeued job continues by itself, and the old rows
+    do not mix with the new). Returns the line that says so."""
+    results = [name for name in RESULT_FILES if (run_dir / name).exists()]
+    if results:
+        raise RunFolderError(
+            f"--resume auto: run folder {run_dir} holds a finished run ({', '.join(results)}) "
+            "but no checkpoint to continue from; start it afresh with --overwrite (the old run "
+            "is moved aside) or give another --run-dir")
+    aside = move_aside(run_dir)
+    return (f"resume: {run_dir} holds no checkpoint (the earlier attempt stopped before its "
+            f"first one): starting over; its files were moved to {aside}")

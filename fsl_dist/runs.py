@@ -28,6 +28,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from fsl_dist import checkpoint as ckpt
+from fsl_dist import runfolder
 from fsl_dist.config import Config, ConfigError, load_config, save_config
 from fsl_dist.data.episodes import TaskSpec, make_tasks
 from fsl_dist.data.preprocess import preprocessing_of
@@ -42,6 +43,7 @@ from fsl_dist.evaluate import combine_seeds, evaluate
 from fsl_dist.io import WriteFailure, atomic_write, atomic_write_json, atomic_write_text
 from fsl_dist.meta import InnerLoopSpec, learned_inner_lr
 from fsl_dist.models import build_model
+from fsl_dist.resume import recorded_changes
 
 PACKAGES = ("fsl_dist", "torch", "accelerate", "webdataset", "wandb", "numpy", "safetensors")
 
@@ -181,7 +183,10 @@ def data_facts(manifest: dict) -> dict:
 
 
 def write_run_info(cfg: Config, run_dir: Path, dist, precision: str,
-                   wandb_id: Optional[str], manifest: dict) -> None:
+                   wandb_id: Optional[str], manifest: dict, history: Optional[dict] = None
+                   ) -> None:
+    """config.yaml and run.json; ``history`` (resume.history: the segments, from which step on
+    each ran, and the config changes of resumes) goes into run.json."""
     save_config(cfg, run_dir / "config.yaml")
     device = dist.device
     info = {
@@ -197,6 +202,7 @@ def write_run_info(cfg: Config, run_dir: Path, dist, precision: str,
         "host": platform.node(),
         "wandb_id": wandb_id,
         "data": data_facts(manifest),
+        **(history or {}),
     }
     atomic_write_json(run_dir / "run.json", info)
 
@@ -259,14 +265,18 @@ def load_trained(run_dir: Path, device: torch.device, checkpoint: Optional[str] 
 
 def training_progress(run_dir: Path, weights: Path, cfg: Config) -> dict:
     """How far the training of ``weights`` got: ``trained_steps`` (None if unknown) of
-    ``planned_steps``. A checkpoint's step is in its name; the exported model's in model.yaml."""
+    ``planned_steps``, whether a trainer holds the run folder now (``training_in_progress``),
+    and the config changes run.json records (``config_changes``, only if any). A checkpoint's
+    step is in its name; the exported model's in model.yaml."""
     step = None
     name = ckpt.step_of(weights)
     if name is not None:
         step = name
     elif (run_dir / "model.yaml").is_file():
         step = yaml.safe_load((run_dir / "model.yaml").read_text()).get("step")
-    return {"trained_steps": step, "planned_steps": cfg.train.steps}
+    return {"trained_steps": step, "planned_steps": cfg.train.steps,
+            "training_in_progress": runfolder.holder(run_dir) is not None,
+            **({"config_changes": changes} if (changes := recorded_changes(run_dir)) else {})}
 
 
 def trained_inputs(run_dir: Path, cfg: Config) -> dict:

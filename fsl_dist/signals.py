@@ -11,10 +11,11 @@ is in, all ranks agree, it writes a checkpoint, prints one line and exits 75 (EX
   trainer (and to W&B's service process) as SIGTERM, waits 5 s, kills what is left with SIGKILL
   and exits 143 (SIGTERM) or 130 (SIGINT). A step can take longer (4-8 s for the README's
   ResNet-BOIL on a 2-core CPU), so one process under a launcher saves the last finished step at
-  once when the signal comes during a step's tasks or meta-gradient (StopRequest.on_first,
-  Trainer._stop_now_if_safe). accelerate 1.15 and older die of SIGTERM at once without passing
-  it on, and a Ctrl-C prints the launcher's KeyboardInterrupt traceback; the trainer then
-  notices through `die_with_launcher` below.
+  once when the signal comes during a step's tasks or meta-gradient, or during validation
+  (StopRequest.on_first, Trainer._stop_now_if_safe, which reads the phase fit() sets).
+  accelerate 1.15 and older die of SIGTERM at once without passing it on, and a Ctrl-C prints
+  the launcher's KeyboardInterrupt traceback; the trainer then notices through
+  `die_with_launcher` below.
 - `accelerate launch --multi_gpu` (torch's elastic agent): the agent catches SIGTERM, SIGINT,
   SIGHUP and SIGQUIT, sends the same signal to every worker's process group (workers run in
   their own sessions, so a terminal's Ctrl-C reaches only the agent), waits up to 30 s
@@ -33,7 +34,7 @@ import os
 import signal
 import stat
 import sys
-from types import CodeType, FrameType
+from types import FrameType
 from typing import Callable, Optional, Sequence
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -144,15 +145,6 @@ class StopRequest:
             self.signum = signum
             if self.on_first is not None:
                 self.on_first(frame)
-
-
-def running(frame: Optional[FrameType], code: CodeType) -> bool:
-    """Whether the function of `code` is on the stack of `frame` (a signal handler's frame)."""
-    while frame is not None:
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
 
 
 def stop_line(step: int, planned: int, checkpoint) -> str:

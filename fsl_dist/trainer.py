@@ -17,11 +17,12 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 from fsl_dist import checkpoint as ckpt
+from fsl_dist import resume as resume_record
 from fsl_dist import runfolder
 from fsl_dist.config import Config, ConfigError, OptimConfig, to_dict
 from fsl_dist.cpu_malloc import tune_cpu_malloc
@@ -54,7 +55,6 @@ from fsl_dist.signals import (
     StopRequest,
     below_progress_bar,
     quit_now,
-    running,
     stop_line,
 )
 from fsl_dist.slurm import EXIT_RESUMABLE
@@ -252,12 +252,14 @@ def _set_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
 
 
 def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str,
-               acc_before: bool = True) -> dict:
+               acc_before: bool = True, on_update: Optional[Callable[[], None]] = None) -> dict:
     """Meta-gradient of this rank's tasks, all-reduced to the mean over the meta-batch, then one
     identical Adam step on every rank (skipped on all ranks if anything is non-finite).
 
     ``acc_before=False`` skips the query forward before adaptation (a fifth of a Conv-4 MAML
-    step); its statistic is then NaN. The trainer asks for it on the steps it logs."""
+    step); its statistic is then NaN. The trainer asks for it on the steps it logs.
+    ``on_update`` is called once the meta-gradient is computed, before anything of ``state``
+    changes (the trainer's phase flag: a stop before it may save the last finished step)."""
     params = state.trainable()
     state.optimizer.zero_grad(set_to_none=True)
     fp16 = precision == "fp16"
@@ -270,6 +272,8 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
         stats = meta_backward(state.model, tasks, spec, acc_before=acc_before,
                               loss_scale=outer_scale,
                               inner_loss_scale=state.inner_scaler.scale if fp16 else None)
+    if on_update is not None:
+        on_update()
     device = params[0].device
     # This rank's mean batch statistics per norm and step; every rank ran as many tasks, so
     # the mean over ranks is the mean over the meta-batch, whatever the number of processes.
@@ -318,7 +322,9 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
 # ---------------------------------------------------------------- checkpoints
 
 
-def checkpoint_state(state: TrainState, wandb_id: Optional[str]) -> dict:
+def checkpoint_state(state: TrainState, wandb_id: Optional[str],
+                     config: Optional[dict] = None) -> dict:
+    """What a checkpoint holds; ``config`` (to_dict) is what a resume compares its own with."""
     return {
         "step": state.step,
         "skipped_steps": state.skipped_steps,
@@ -334,6 +340,7 @@ def checkpoint_state(state: TrainState, wandb_id: Optional[str]) -> dict:
         # Memory-mode tasks are a pure function of (seed, step, index): the step is the position.
         "data": {"next_step": state.step},
         "wandb_id": wandb_id,
+        "config": config,
     }
 
 
@@ -417,10 +424,21 @@ class Trainer:
     rank's terminal unless `quiet`; debug mode prints a line per step instead."""
 
     def __init__(self, cfg: Config, dist, run_dir: Path, *, resume: Optional[str] = None,
-                 overwrite: bool = False, debug: bool = False, quiet: bool = False):
+                 overwrite: bool = False, debug: bool = False, quiet: bool = False,
+                 allow_config_change: bool = False):
         self.cfg, self.dist, self.run_dir, self.debug = cfg, dist, Path(run_dir), debug
         self.quiet = quiet or debug or not dist.is_main
         self.lock = self._claim_run_folder(resume, overwrite)
+        try:
+            self._set_up(resume, allow_config_change)
+        except BaseException:
+            if self.lock is not None:  # refused before training: the folder is free again
+                self.lock.release()
+            raise
+
+    def _set_up(self, resume: Optional[str], allow_config_change: bool) -> None:
+        """Data, model, optimizer and the resume point (the run folder is locked)."""
+        cfg, dist = self.cfg, self.dist
         self.precision = resolve_precision(cfg.precision, launcher_precision(), dist.device)
         warning = bf16_cpu_warning(dist.device.type, self.precision)
         if warning:
@@ -442,14 +460,27 @@ class Trainer:
         resume_from, saved, notes = load_resume_point(self.run_dir, resume)
         for note in notes:
             dist.print(f"resume: {note}")
+        changes = []
         if saved is not None:
+            changes = self._check_resume(saved, resume_from, allow_config_change)
             restore_state(self.state, saved)
             self.wandb_id = saved.get("wandb_id")
             dist.print(f"resumed from {resume_from} at step {self.state.step}")
+            for change in changes:
+                dist.print(f"resume: from step {self.state.step} on, "
+                           f"{resume_record.describe([change], steps=False)} ({change['kind']})")
+        # A validation that a stop cut short is done again first (see _stop_now_if_safe).
+        self.validation_pending = saved is not None and saved.get("pending") == "validation"
+        self.history = resume_record.history(self.run_dir, self.state.step, changes,
+                                             dist.world_size)
         self.metrics = MetricsFile(self.run_dir, enabled=dist.is_main)
         self.loss_watch = LossWatch(cfg.train.loss_warn_factor, math.log(cfg.task.n_way))
         self.stop = StopRequest()  # set by a stop signal, acted on between steps
-        self._step_rng = None  # random state at the start of the step in progress
+        # What fit() is doing now, for a stop signal's handler (_stop_now_if_safe): starting,
+        # tasks (drawing them, the meta-gradient), update, after (logging, checkpoint),
+        # validation; finish() sets evaluation.
+        self.phase = "starting"
+        self._saved_rng = None  # random state of the last finished step (tasks, validation)
         self._failure: Optional[Exception] = None  # an I/O failure on the main rank
 
     def _claim_run_folder(self, resume: Optional[str], overwrite: bool):
@@ -462,6 +493,20 @@ class Trainer:
 
         return self.dist.on_main(claim, (runfolder.RunFolderError, WriteFailure))
 
+    def _check_resume(self, saved: dict, resume_from: Path, allow: bool) -> list[dict]:
+        """The data and the config a checkpoint resumes with, against those it was trained
+        with: another image size is refused naming the shards; a config that changes what is
+        trained is refused unless ``allow`` (fsl_dist/resume.py). Returns the changes."""
+        folders = [self.run_dir, Path(resume_from).parent.parent]
+        resume_record.check_data(folders, self.manifest, self.cfg.data.shards)
+        old = resume_record.saved_config(saved, resume_from, self.run_dir)
+        if old is None:
+            self.dist.print("resume: no saved config to compare with (neither in the checkpoint "
+                            "nor in config.yaml); nothing is checked or recorded")
+            return []
+        return resume_record.check(old, self.cfg, int(saved["step"]), allow=allow,
+                                   rate=outer_lr)
+
     # -------------------------------------------------------- preemption
     def stop_on_signals(self, signals=STOP_SIGNALS) -> None:
         """On any of `signals` (SLURM's warning before the time limit, `kill`, Ctrl-C, a launcher
@@ -472,23 +517,35 @@ class Trainer:
         if self.stop.launcher is not None and self.dist.world_size == 1:
             self.stop.on_first = self._stop_now_if_safe
 
-    def _stop_now_if_safe(self, frame) -> None:
+    def _stop_now_if_safe(self, _frame) -> None:
         """One process under a launcher: accelerate's (>= 1.16) passes a signal on and kills
         5 s later, less than a step of the README's ResNet-BOIL on a 2-core CPU (4-8 s
-        measured). A signal that comes while a step draws its tasks or computes its
-        meta-gradient (most of a step; parameters and optimizer still untouched) saves the last
+        measured) or a validation of 200 episodes. A signal that comes while a step draws its
+        tasks or computes its meta-gradient (most of a step; parameters and optimizer still
+        untouched), or during validation (which only reads the weights), saves the last
         finished step at once, with the random state it ended with, prints the stop line and
-        exits 75. During the update, and between steps, the step finishes and fit() stops."""
-        if self.stop.signum == signal.SIGUSR1 or self._step_rng is None or (
-                running(frame, train_step.__code__)
-                and not running(frame, meta_backward.__code__)):
-            return  # SLURM's warning (no launcher kills then), between steps, or the update
-        saved = checkpoint_state(self.state, self.wandb_id)
-        saved["rng"] = self._step_rng
-        path = ckpt.save_checkpoint(self.run_dir, self.state.step, saved,
-                                    keep=self.cfg.train.keep_checkpoints)
+        exits 75; a validation cut short is marked pending and done first on resume. During
+        the held-out evaluation at the end (the last step checkpointed, the model exported) it
+        says so and exits 75 (--resume auto evaluates again). During the update, and between
+        steps, the step finishes and fit() stops."""
+        if self.stop.signum == signal.SIGUSR1 or self.phase not in ("tasks", "validation",
+                                                                    "evaluation"):
+            return  # SLURM's warning (no launcher kills then), starting, the update, or after
+        if self.phase == "evaluation":
+            line = (f"stopped by a signal during the held-out evaluation of step "
+                    f"{self.state.step} of {self.cfg.train.steps}; the model is exported and "
+                    f"{ckpt.latest_checkpoint(self.run_dir)} kept, continue with --resume auto "
+                    "(it evaluates again)")
+        else:
+            saved = checkpoint_state(self.state, self.wandb_id, to_dict(self.cfg))
+            saved["rng"] = self._saved_rng
+            if self.phase == "validation":
+                saved["pending"] = "validation"
+            path = ckpt.save_checkpoint(self.run_dir, self.state.step, saved,
+                                        keep=self.cfg.train.keep_checkpoints)
+            line = stop_line(self.state.step, self.cfg.train.steps, path)
         below_progress_bar()
-        print(stop_line(self.state.step, self.cfg.train.steps, path), flush=True)
+        print(line, flush=True)
         try:
             self.dist.end()  # W&B's files whole (its service may be stopped already)
         except Exception:  # noqa: BLE001 (the checkpoint is written; nothing else to save)
@@ -523,7 +580,8 @@ class Trainer:
             self.raise_on_every_rank(failure)
             self.wandb_id = self.dist.wandb_run_id() or self.wandb_id
         self.on_main_write(lambda: write_run_info(self.cfg, self.run_dir, self.dist,
-                                                  self.precision, self.wandb_id, self.manifest))
+                                                  self.precision, self.wandb_id, self.manifest,
+                                                  history=self.history))
 
     def on_main_write(self, write) -> None:
         """``write()`` on the main process; a write failure there is raised on every rank, with
@@ -532,9 +590,9 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Checkpoint now (main process); a failure to write is raised on every rank."""
+        state = checkpoint_state(self.state, self.wandb_id, to_dict(self.cfg))
         self.on_main_write(lambda: ckpt.save_checkpoint(
-            self.run_dir, self.state.step, checkpoint_state(self.state, self.wandb_id),
-            keep=self.cfg.train.keep_checkpoints))
+            self.run_dir, self.state.step, state, keep=self.cfg.train.keep_checkpoints))
 
     def log(self, row: dict) -> None:
         try:
@@ -559,18 +617,20 @@ class Trainer:
         self._clock = time.perf_counter()
         self._window = StepWindow()
         try:
+            if self.validation_pending:  # cut short by the stop this run resumes from
+                self.validate_and_log()
+                self.save_checkpoint()  # the same step's checkpoint, no longer pending
             while state.step < cfg.train.steps:
                 if self._should_stop():
                     self.stopped_early = True
                     break
-                if self.stop.on_first is not None:
-                    self._step_rng = ckpt.rng_state()  # until train_step returns: see
-                    # _stop_now_if_safe
+                self._enter("tasks")
                 tasks = self.batches.at(state.step)
                 started = time.perf_counter()
                 out = train_step(state, tasks, cfg, dist, self.precision,
-                                 acc_before=self.debug or self.logs_step(state.step + 1))
-                self._step_rng = None
+                                 acc_before=self.debug or self.logs_step(state.step + 1),
+                                 on_update=lambda: self._enter("update"))
+                self.phase = "after"
                 out["step_time"] = time.perf_counter() - started
                 self.after_step(out, bar)
                 diverged = self.divergence()
@@ -618,12 +678,26 @@ class Trainer:
         if self.debug:
             self.debug_report(out)
         if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
-            val = validate(state, cfg, self.dist, self.sources["val"], self.precision,
-                           cfg.eval.val_episodes, quiet=self.quiet)
-            self.log({"step": state.step, "val/acc": val["mean"], "val/ci95": val["ci95"],
-                      "val/acc_before": val["before_adaptation"], "val/episodes": val["episodes"]})
+            self.validate_and_log()
         if state.step % cfg.train.checkpoint_every == 0:
             self.save_checkpoint()
+
+    def _enter(self, phase: str) -> None:
+        """Set the phase a stop signal's handler reads; the random state is saved first where a
+        stop in that phase checkpoints the last finished step (see _stop_now_if_safe)."""
+        if phase in ("tasks", "validation") and self.stop.on_first is not None:
+            self._saved_rng = ckpt.rng_state()
+        self.phase = phase
+
+    def validate_and_log(self) -> None:
+        """Validate the weights of the finished step and log the row."""
+        cfg, state = self.cfg, self.state
+        self._enter("validation")
+        val = validate(state, cfg, self.dist, self.sources["val"], self.precision,
+                       cfg.eval.val_episodes, quiet=self.quiet)
+        self.phase = "after"
+        self.log({"step": state.step, "val/acc": val["mean"], "val/ci95": val["ci95"],
+                  "val/acc_before": val["before_adaptation"], "val/episodes": val["episodes"]})
 
     def logs_step(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
@@ -669,6 +743,7 @@ class Trainer:
                                                         self.manifest))
         result = None
         if self.state.step >= cfg.train.steps:
+            self.phase = "evaluation"  # a stop now keeps the checkpoint and the model as they are
             result = evaluate_held_out(self.state.model, self.state.inner_lr, cfg, self.dist,
                                        self.run_dir, precision=self.precision, quiet=self.quiet)
             self.log({"step": self.state.step, f"{cfg.eval.part}/acc": result["mean"],

@@ -76,6 +76,7 @@ INTEGRATION_MODULES = frozenset({
     "test_meta_learns_omniglot.py",
     "test_predict_trained.py",  # training runs, fsl-predict as a process
     "test_run_faults.py",  # trainer processes, a tmpfs filled up
+    "test_run_resume.py",  # trainer processes resumed, stopped, refused
     "test_slurm.py",  # a real SLURM cluster
     "test_slurm_netns.py",  # a two-node SLURM cluster in network namespaces
     "test_train_distributed.py",

@@ -4,9 +4,11 @@ processes that make disks full, read-only or not writable."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,16 @@ def unprivileged() -> list[str]:
     probe = subprocess.run([*UNPRIVILEGED, "true"], capture_output=True, text=True)
     _privileged("drop CAP_DAC_OVERRIDE with setpriv", probe)
     return UNPRIVILEGED
+
+
+def metric_steps(run_dir: Path) -> list[int]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "train/loss" in r]
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

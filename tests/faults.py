@@ -101,6 +101,35 @@ FAULTS = (
     Fault("stream_shard_gone", "a shard deleted while a `data.mode=stream` run reads it", 2,
           "disappeared while the run was reading its set", "what the run wrote so far: put the "
           "shard back or re-pack, then `--resume auto`"),
+    # A run is one run (issue 38): tests/test_run_resume.py
+    Fault("resume_finished_no_checkpoint", "`--resume auto` on a finished run whose "
+          "`checkpoints/` was removed", 2, "holds a finished run",
+          "the run's files, byte for byte (only `--overwrite` starts it afresh)"),
+    Fault("resume_started_over", "`--resume auto` on a run that stopped before its first "
+          "checkpoint", 0, "starting over; its files were moved to",
+          "the earlier attempt, whole, in `<run-dir>.old-<time>`; no rows mix"),
+    Fault("resume_config_changed", "`--resume auto` with a config that changes what is trained "
+          "(`algorithm.name=boil`, `train.meta_batch_size`, `train.seed`, `optim.lr`, a "
+          "`optim.decay_at` before the resume step, ...)", 2, "pass --allow-config-change",
+          "the run's files, byte for byte"),
+    Fault("resume_config_allowed", "the same with `--allow-config-change`", 0,
+          "resume: from step", "the run, continued; run.json's `config_changes` records each "
+          "change and its step; `evaluate` and `compare` show them"),
+    Fault("resume_steps_extended", "`--resume auto` with more `train.steps`, or "
+          "`optim.decay_at=[N]` at the resume step N (the README's resumes)", 0,
+          "resume: from step", "the run, continued; the changes recorded in run.json"),
+    Fault("resume_other_image_size", "`--resume auto` on shards of another image size", 2,
+          "do not hold the images this run was trained on", "the run's files, byte for byte"),
+    Fault("stop_in_validation", "Ctrl-C to `accelerate launch` (one process) during a "
+          "validation longer than the launcher's 5 s", 130, "stopped by a signal at step",
+          "a checkpoint of the last finished step; the resume validates it first, each row once"),
+    Fault("stop_in_final_evaluation", "Ctrl-C to `accelerate launch` (one process) during the "
+          "held-out evaluation at the end", 130,
+          "stopped by a signal during the held-out evaluation", "the last step's checkpoint and "
+          "the exported model; `--resume auto` evaluates again"),
+    Fault("evaluate_in_progress", "`evaluate.py --checkpoint latest` on a run still training", 0,
+          "the run is still training", "the run goes on; `eval-test.json` records "
+          "`training_in_progress`"),
 )
 BY_KEY = {fault.key: fault for fault in FAULTS}
 

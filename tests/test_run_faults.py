@@ -9,12 +9,18 @@ import os
 import shutil
 import signal
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 import yaml
-from faulting import assert_fault, mount_tmpfs, snapshot, train, train_args
+from faulting import (
+    assert_fault,
+    metric_steps,
+    mount_tmpfs,
+    snapshot,
+    train,
+    train_args,
+    wait_for,
+)
 
 from launching import ROOT, child_env, command, run
 
@@ -22,19 +28,6 @@ from launching import ROOT, child_env, command, run
 @pytest.fixture(scope="module")
 def shards(packed):
     return packed("futurama")
-
-
-def metric_steps(run_dir: Path) -> list[int]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in rows if "train/loss" in r]
-
-
-def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------- the run folder

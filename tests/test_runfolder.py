@@ -49,9 +49,11 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "metrics.jsonl").write_text('{"step": 1}\n')
-    assert held_run(folder) == ["metrics.jsonl"]
-    with pytest.raises(RunFolderError, match="already holds a run .metrics.jsonl.; continue it "
-                       "with --resume auto"):
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "step-00000001.pt").write_bytes(b"")
+    assert held_run(folder) == ["metrics.jsonl", "checkpoints"]
+    with pytest.raises(RunFolderError, match="already holds a run .metrics.jsonl, checkpoints.; "
+                       "continue it with --resume auto"):
         claim(folder, resume=None, overwrite=False)
     lock, _ = claim(folder, resume="auto", overwrite=False)
     lock.release()
@@ -60,6 +62,25 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path):
     assert f"moved to {aside}" in note
     assert (aside / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert held_run(folder) == [] and (folder / ".lock").exists()
+    lock.release()
+
+
+def test_resume_auto_without_a_checkpoint_refuses_a_finished_run_and_moves_an_attempt_aside(
+        tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text('{"step": 1}\n')
+    (folder / "eval.json").write_text("{}")
+    with pytest.raises(RunFolderError, match="holds a finished run .eval.json. but no checkpoint"):
+        claim(folder, resume="auto", overwrite=False)
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "eval.json", "metrics.jsonl"]
+
+    (folder / "eval.json").unlink()  # an attempt that died before its first checkpoint
+    lock, note = claim(folder, resume="auto", overwrite=False)
+    (aside,) = tmp_path.glob("run.old-*")
+    assert note.splitlines()[1].endswith(f"starting over; its files were moved to {aside}")
+    assert (aside / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert held_run(folder) == []
     lock.release()
 
 

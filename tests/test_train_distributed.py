@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -93,6 +94,21 @@ def test_two_ranks_give_the_parameters_of_one_process(shards, tmp_path, two_rank
                   for line in (d / "metrics.jsonl").read_text().splitlines()
                   if "train/loss" in line) for d in (one, two)]
     assert first[0] == pytest.approx(first[1], rel=1e-6)
+
+
+def test_a_two_rank_run_continues_on_one_process(shards, tmp_path, two_rank_maml):
+    """After losing a node: the 2-rank run, resumed in its own folder from its step-2
+    checkpoint on one process, ends with the 2-rank run's parameters (the same tasks per step,
+    only the sum over them in another order); run.json records both segments."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_rank_maml, run_dir)
+    resumed = train(run_dir, shards, 0, "--resume", str(checkpoint_path(run_dir, 2)))
+    assert "at step 2" in resumed.stdout
+    difference = max_abs_difference(weights(two_rank_maml), weights(run_dir))
+    assert difference < 1e-6, f"max |2 ranks - 2 then 1| = {difference:.3g}"
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["segments"] == [{"step": 0, "world_size": 2}, {"step": 2, "world_size": 1}]
+    assert info["config_changes"] == [] and info["world_size"] == 1
 
 
 def test_uneven_meta_batch_is_refused_before_training(shards, tmp_path):

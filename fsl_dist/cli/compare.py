@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fsl_dist.compare import (
     aggregate,
+    format_changes,
     format_groups,
     format_runs,
     from_run_dir,
@@ -86,6 +87,8 @@ def main(argv=None) -> int:
         return 1
     groups = aggregate(runs)
     print(format_runs(runs))
+    if format_changes(runs):
+        print(format_changes(runs))
     print()
     print(format_groups(groups))
     try:

@@ -26,6 +26,7 @@ from fsl_dist.cpu_malloc import tune_cpu_malloc
 from fsl_dist.distributed import Distributed, launcher_precision
 from fsl_dist.exits import exit_code, report
 from fsl_dist.io import WriteFailure, check_writable
+from fsl_dist.resume import describe
 from fsl_dist.runs import evaluate_held_out, load_trained
 from fsl_dist.trainer import resolve_precision
 
@@ -70,11 +71,24 @@ def summary_line(result: dict) -> str:
 
 
 def progress_note(result: dict) -> str:
-    """ "model of step 187 of 2000 (training stopped early): " when it did, else ""."""
+    """ "model of step 187 of 2000 (training stopped early): " when it did, "(the run is still
+    training)" while a trainer holds the run folder, else ""."""
     done, planned = result.get("trained_steps"), result.get("planned_steps")
-    if done is None or planned is None or done >= planned:
+    if done is None or planned is None:
+        return ""
+    if result.get("training_in_progress"):
+        return f"model of step {done} of {planned} (the run is still training): "
+    if done >= planned:
         return ""
     return f"model of step {done} of {planned} (training stopped early): "
+
+
+def changes_note(result: dict) -> str:
+    """A line naming the config changes of the run's resumes (run.json), or ""."""
+    if not result.get("config_changes"):
+        return ""
+    return ("note: the config changed while this model trained: "
+            f"{describe(result['config_changes'])} (run.json)")
 
 
 def main(argv=None) -> int:
@@ -113,6 +127,8 @@ def main(argv=None) -> int:
         return dist.exit(code)
     dist.print(json.dumps(result, indent=2))
     dist.print(summary_line(result), file=sys.stderr)
+    if changes_note(result):
+        dist.print(changes_note(result), file=sys.stderr)
     dist.print(f"wrote {Path(args.run_dir) / out_name}", file=sys.stderr)
     dist.end()
     return dist.exit(0)

@@ -52,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run-dir", help="run folder (default runs/<config name>-<seed>)")
     parser.add_argument("--resume", help="'auto' (newest checkpoint in the run folder that loads, "
                         "if any) or a checkpoint path")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="with --resume: continue although the config changes what is "
+                        "trained (algorithm, task, model, data, seed, optimiser); run.json "
+                        "records each change and the step it took effect")
     parser.add_argument("--overwrite", action="store_true",
                         help="the run folder holds an old run: move it aside (to "
                         "<run-dir>.old-<time>) and start afresh")
@@ -79,7 +83,8 @@ def main(argv=None) -> int:
         dist = Distributed(log_with_wandb=cfg.logging.wandb,
                            log_with_tensorboard=cfg.logging.tensorboard, project_dir=str(run_dir))
         trainer = Trainer(cfg, dist, run_dir, resume=args.resume, overwrite=args.overwrite,
-                          debug=args.debug, quiet=args.quiet)
+                          debug=args.debug, quiet=args.quiet,
+                          allow_config_change=args.allow_config_change)
         trainer.stop_on_signals()
         outcome = trainer.fit()
         # Python restores default handlers while it shuts down; a late USR1 (sent to every rank
