@@ -88,7 +88,9 @@ def main(argv=None) -> int:
         cfg, model, inner_lr, weights = load_trained(Path(args.run_dir), dist.device,
                                                      args.checkpoint)
         if dist.device.type == "cpu" and cfg.train.tune_cpu_malloc:
-            dist.print(f"cpu malloc: {tune_cpu_malloc()}", file=sys.stderr)
+            outcome = tune_cpu_malloc()
+            if outcome != "tuned":  # the usual outcome goes unsaid (as in the trainer)
+                dist.print(f"cpu malloc: {outcome}", file=sys.stderr)
         if args.ways is not None and args.ways != cfg.task.n_way:
             raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a "
                               f"{cfg.task.n_way}-way head; evaluate with its N-way or train a "
