@@ -23,6 +23,14 @@ is in, all ranks agree, it writes a checkpoint, prints one line and exits 75 (EX
 A second Ctrl-C (SIGINT) quits at once, without a checkpoint of the current step. Repeated
 SIGTERM and SIGUSR1 do not: SLURM signals every process of a job step, and launchers pass the
 same signal on again, so one request often arrives twice.
+
+Ctrl-C typed in a terminal reaches the whole foreground process group at once (tests/
+test_terminal.py types it into a real pty). Before training (catch_ctrl_c_while_starting) it
+quits with one line; under accelerate's launcher the SIGTERM that follows at once is taken the
+same way, not left to kill silently. A process started with SIGINT ignored (a script's
+background job, `accelerate launch ... &`: its launcher ignores Ctrl-C too) keeps ignoring it
+(ignores_ctrl_c); SIGTERM still stops it. Every clean quit (quit_now) releases what at_quit
+registered, such as the run folder's lock.
 """
 
 from __future__ import annotations
