@@ -66,12 +66,12 @@ class TerminalJob:
     session whose controlling terminal is a fresh pty, with the default SIGINT (a shell's
     background job would inherit it ignored)."""
 
-    def __init__(self, argv: list[str], env: dict):
+    def __init__(self, argv: list[str], env: dict, sigint=signal.SIG_DFL):
         leader, follower = os.openpty()
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
 
         def foreground_job():  # after setsid (start_new_session): take the pty as terminal
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, sigint)
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=follower, stdout=follower,
@@ -169,6 +169,41 @@ def test_two_processes_show_the_bar_and_stop_on_ctrl_c(shards, tmp_path):
     assert job.wait() == 130, job.text()[-3000:]
     assert_clean_stop(job, run_dir)
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
+
+
+def test_ctrl_c_while_the_trainer_starts_is_one_line(shards, tmp_path):
+    """Ctrl-C a second after accelerate started the trainer (it is importing torch): the
+    launcher's SIGTERM follows the terminal's SIGINT at once, and must not kill the trainer
+    before it has said so. One line, 130, nothing written."""
+    run_dir = tmp_path / "run"
+    job = TerminalJob(readme_command(accelerate_launch(), run_dir, shards), user_env())
+    job.wait_for(re.compile(r"run `accelerate config`"))  # the launcher's last words before
+    time.sleep(1.0)
+    job.ctrl_c()
+    assert job.wait() == 130, job.text()[-3000:]
+    assert "Traceback" not in job.text(), job.text()[-3000:]
+    assert job.lines_after_ctrl_c() == ["fsl_dist: interrupted while starting; nothing to save"]
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_job_started_with_sigint_ignored_ignores_ctrl_c(shards, tmp_path):
+    """A script's background job (`accelerate launch ... &`) inherits SIGINT ignored: its
+    launcher ignores the Ctrl-C. The trainer used to stop on it anyway and exit 75 under a
+    launcher still running, which printed a CalledProcessError traceback and exited 1. Now both
+    ignore it, and SIGTERM to the launcher (`kill`) stops the run with one line."""
+    run_dir = tmp_path / "run"
+    job = TerminalJob(readme_command(accelerate_launch(), run_dir, shards, "logging.wandb=false"),
+                      user_env(), sigint=signal.SIG_IGN)
+    job.wait_for(BAR)
+    job.ctrl_c()
+    steps = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # training goes on
+        assert job.read(0.1) and job.proc.poll() is None, job.text()[-3000:]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) > steps
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait() == 143, job.text()[-3000:]
+    assert_clean_stop(job, run_dir)
 
 
 def test_python_directly_shows_the_bar_and_stops_on_ctrl_c(shards, tmp_path):
