@@ -83,7 +83,7 @@ def evaluate(model, spec: InnerLoopSpec, episode_source, *, episodes: int, dist,
     """Mean query accuracy after adaptation (and before it) over `episodes` held-out episodes.
 
     The main rank shows a progress bar over its share of the episodes, with the running mean
-    accuracy of that share (unless `quiet`, or stderr is not a terminal)."""
+    accuracy of that share, unless `quiet` (in a log: lines, fsl_dist/progress.py)."""
     mine = split_episodes(episodes, dist.rank, dist.world_size)
     after, before = [], []
     correct = 0.0  # this rank's per-episode accuracies summed so far: the bar's running mean
@@ -97,9 +97,10 @@ def evaluate(model, spec: InnerLoopSpec, episode_source, *, episodes: int, dist,
             # the mean before adaptation is all that is reported of it: one value per episode
             before.append(stats["acc_before"].detach().cpu().expand(len(chunk)))
             correct += float(after[-1].double().sum())
+            # shown with the chunk's count, after every chunk (far longer than a redraw)
+            bar.set_postfix(acc=f"{100 * correct / (chunk.stop - mine.start):.2f}%",
+                            refresh=False)
             bar.update(len(chunk))
-            # redrawn after every chunk (a chunk takes far longer than a redraw)
-            bar.set_postfix(acc=f"{100 * correct / (chunk.stop - mine.start):.2f}%")
     empty = torch.zeros(0)
     acc_after = dist.gather_ragged(torch.cat(after) if after else empty)
     acc_before = dist.gather_ragged(torch.cat(before) if before else empty)

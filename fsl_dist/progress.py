@@ -14,9 +14,10 @@ The rule, decided as each bar is made, from where stderr goes:
   as wide as that terminal. Read from /proc (fsl_dist/launchers.py); only accelerate's
   launcher and torchrun count, so `python launch/train.py 2>&1 | tee log` gets lines.
 - anything else (a file: `2> log`, `nohup`, SLURM's output file, CI; a pipe to another
-  program): plain lines, never a carriage return: one when the first unit is done (for the
-  training bar: step 1, with its ETA), then one every LINE_EVERY_S seconds, and one at the end,
-  each with the count, elapsed time, ETA, rate and the postfix (loss, accuracy, tasks/s):
+  program): plain lines, never a carriage return: one every LINE_EVERY_S seconds and one at
+  the end, so that what ends sooner (packing, a short evaluation) writes nothing; the training
+  bar (`first_line=True`) also writes one at step 1, with its ETA. Each line has the count,
+  elapsed time, ETA, rate and the postfix (loss, accuracy, tasks/s):
 
       resnet_boil: 12/2000 (1%) [01:02<2:45:10, 5.02s/step, loss=1.234, acc=0.400, tasks_s=6.4]
 
@@ -87,31 +88,35 @@ def wait_until_read(fd: int, timeout: float = 0.5) -> None:
 
 
 def progress(iterable: Optional[Iterable] = None, *, desc: Optional[str] = None,
-             total: Optional[int] = None, quiet: bool = False, **options):
+             total: Optional[int] = None, quiet: bool = False, first_line: bool = False,
+             **options):
     """A progress bar over `iterable` (or counting to `total`) on stderr, by the module's rule:
-    a tqdm bar, `ProgressLines`, or a disabled tqdm (still yields every item) when `quiet`.
-    `options` go to tqdm (`unit`, `leave`, `initial`, ...)."""
+    a tqdm bar, `ProgressLines` (with a line at the first unit done if `first_line`), or a
+    disabled tqdm (still yields every item) when `quiet`. `options` go to tqdm (`unit`,
+    `leave`, `initial`, ...)."""
     from tqdm import tqdm
 
     if quiet:
         return tqdm(iterable, desc=desc, total=total, disable=True, **options)
     columns = bar_columns()
     if columns is None:
-        return ProgressLines(iterable, desc=desc, total=total, **options)
+        return ProgressLines(iterable, desc=desc, total=total, first_line=first_line, **options)
     sizing = {"dynamic_ncols": True} if columns == 0 else {"ncols": columns}
     return tqdm(iterable, desc=desc, total=total, disable=False, **sizing, **options)
 
 
 class ProgressLines:
     """tqdm's counting, rate and ETA, printed to stderr as whole lines: when the first unit is
-    done (if `leave`, as the training bar), every `every` seconds after the last line, and at
-    the end (if `leave`, or if a line was printed before: a long evaluation). The part of
-    tqdm's interface fsl_dist uses: iteration, `update`, `set_postfix`, `close`, `with`."""
+    done (if `first_line`), every `every` seconds after the last line, and at the end if a line
+    was printed before. The part of tqdm's interface fsl_dist uses: iteration, `update`,
+    `set_postfix`, `close`, `with`."""
 
     def __init__(self, iterable: Optional[Iterable] = None, *, desc: Optional[str] = None,
-                 total: Optional[int] = None, unit: str = "it", leave: bool = True,
-                 initial: int = 0, every: float = LINE_EVERY_S, file=None, **_tqdm_only):
-        self.iterable, self.desc, self.unit, self.leave = iterable, desc or "", unit, leave
+                 total: Optional[int] = None, unit: str = "it", initial: int = 0,
+                 first_line: bool = False, every: float = LINE_EVERY_S, file=None,
+                 **_tqdm_only):
+        self.iterable, self.desc, self.unit = iterable, desc or "", unit
+        self.first_line = first_line
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.total, self.n, self.initial, self.every = total, initial, initial, every
@@ -137,7 +142,7 @@ class ProgressLines:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        first = self.last_line is None and self.leave
+        first = self.last_line is None and self.first_line
         if first or (now - (self.last_line or self.started)) >= self.every:
             self.print_line(now)
 
@@ -148,7 +153,7 @@ class ProgressLines:
     def close(self) -> None:
         if self.disable:
             return
-        if self.n != self.shown_n and (self.leave or self.last_line is not None):
+        if self.last_line is not None and self.n != self.shown_n:
             self.print_line(time.monotonic())
         self.disable = True
 

@@ -416,8 +416,9 @@ def validate(state: TrainState, cfg: Config, dist, source, precision: str, episo
 class Trainer:
     """Owns one run: its folder, state, data, trackers; `fit()` trains to `train.steps`.
 
-    Progress bars (packing, training, validation, the held-out evaluation) show on the main
-    rank's terminal unless `quiet`; debug mode prints a line per step instead."""
+    Progress (packing, training, validation, the held-out evaluation) shows on the main rank
+    unless `quiet`: bars on a terminal, lines in a log (fsl_dist/progress.py); debug mode
+    prints a line per step instead."""
 
     def __init__(self, cfg: Config, dist, run_dir: Path, *, resume: Optional[str] = None,
                  overwrite: bool = False, debug: bool = False, quiet: bool = False):
@@ -570,7 +571,7 @@ class Trainer:
         cfg, dist, state = self.cfg, self.dist, self.state
         self.start()
         bar = progress(total=cfg.train.steps, initial=state.step, desc=cfg.name, unit="step",
-                       quiet=self.quiet)
+                       quiet=self.quiet, first_line=True)  # in a log: step 1 and its ETA
         self.stopped_early, diverged = False, None
         self._clock = time.perf_counter()
         self._window = StepWindow()

@@ -87,17 +87,13 @@ def test_quiet_silences_the_bar_on_a_terminal(terminal, monkeypatch):
     assert terminal.written() == ""
 
 
-def test_a_file_gets_plain_lines_not_a_bar(tmp_path, monkeypatch):
+def test_a_file_gets_no_bar(tmp_path, monkeypatch):
+    """Nor a line, for what ends within the lines' interval (30 s)."""
     with open(tmp_path / "log", "w") as log:
         monkeypatch.setattr(sys, "stderr", log)
         assert not log.isatty()
         assert run_bar(quiet=False)
-    written = (tmp_path / "log").read_text()
-    assert "\r" not in written
-    # the first unit, then the end (the count jumped 0 -> 3 in one update: one line)
-    assert written.splitlines() == [line for line in written.splitlines()
-                                    if re.fullmatch(r"counting: 3/3 \(100%\) \[.*, acc=50.00%\]",
-                                                    line)] and written
+    assert (tmp_path / "log").read_text() == ""
 
 
 def test_plain_lines_come_at_the_first_step_then_at_their_interval_and_at_the_end(
@@ -107,7 +103,8 @@ def test_plain_lines_come_at_the_first_step_then_at_their_interval_and_at_the_en
     now = [1000.0]
     monkeypatch.setattr(fsl_progress.time, "monotonic", lambda: now[0])
     with open(tmp_path / "log", "w") as log:
-        with ProgressLines(total=40, desc="cnn_maml", unit="step", every=1.0, file=log) as bar:
+        with ProgressLines(total=40, desc="cnn_maml", unit="step", first_line=True, every=1.0,
+                           file=log) as bar:
             for _ in range(40):
                 now[0] += 0.1
                 bar.set_postfix({"loss": "1.234", "acc": "0.400"})
@@ -119,16 +116,20 @@ def test_plain_lines_come_at_the_first_step_then_at_their_interval_and_at_the_en
     assert lines[0].startswith("cnn_maml: 1/40 (2%) [00:00<00:03,")  # the ETA from step 1
 
 
-def test_plain_lines_of_a_short_transient_bar_stay_out_of_the_log(tmp_path):
-    """A validation bar (leave=False) that ends within the interval writes nothing."""
+def test_plain_lines_of_a_long_evaluation_come_at_their_interval_and_the_end(tmp_path,
+                                                                              monkeypatch):
+    """No line at its first chunk; one per interval, and the end (chunks of 4 every 0.3 s)."""
+    now = [1000.0]
+    monkeypatch.setattr(fsl_progress.time, "monotonic", lambda: now[0])
     with open(tmp_path / "log", "w") as log:
-        with ProgressLines(total=10, desc="validating", leave=False, file=log) as bar:
-            bar.update(10)
-    assert (tmp_path / "log").read_text() == ""
-
-
-def test_a_disabled_bar_still_yields_every_item():
-    assert list(progress(range(4), desc="items", quiet=True)) == [0, 1, 2, 3]
+        with ProgressLines(total=40, desc="validating", unit="ep", every=1.0, file=log) as bar:
+            for _ in range(10):
+                now[0] += 0.3
+                bar.set_postfix(acc="50.00%")
+                bar.update(4)
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert [re.match(r"validating: (\d+)/40 .*, acc=50.00%\]$", line).group(1)
+            for line in lines] == ["16", "32", "40"]
 
 
 @pytest.fixture(scope="module")

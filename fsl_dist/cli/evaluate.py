@@ -53,8 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--traceback", action="store_true",
                         help="show the traceback of expected failures too")
     parser.add_argument("--quiet", action="store_true",
-                        help="no progress bar (there is none either when stderr is not a "
-                        "terminal)")
+                        help="no progress (a bar on a terminal, plain lines in a log)")
     return parser.parse_args(argv)
 
 

@@ -61,8 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--debug", action="store_true",
                         help="few steps, anomaly detection, deterministic, W&B off")
     parser.add_argument("--quiet", action="store_true",
-                        help="no progress bars (there are none either when stderr is not a "
-                        "terminal)")
+                        help="no progress (a bar on a terminal, also through accelerate "
+                        "launch; plain lines every 30 s in a log)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
