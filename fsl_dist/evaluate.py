@@ -97,10 +97,9 @@ def evaluate(model, spec: InnerLoopSpec, episode_source, *, episodes: int, dist,
             # the mean before adaptation is all that is reported of it: one value per episode
             before.append(stats["acc_before"].detach().cpu().expand(len(chunk)))
             correct += float(after[-1].double().sum())
-            # shown with the chunk's count, after every chunk (far longer than a redraw)
-            bar.set_postfix(acc=f"{100 * correct / (chunk.stop - mine.start):.2f}%",
-                            refresh=False)
             bar.update(len(chunk))
+            # redrawn after every chunk (a chunk takes far longer than a redraw)
+            bar.set_postfix(acc=f"{100 * correct / (chunk.stop - mine.start):.2f}%")
     empty = torch.zeros(0)
     acc_after = dist.gather_ragged(torch.cat(after) if after else empty)
     acc_before = dist.gather_ragged(torch.cat(before) if before else empty)
