@@ -172,7 +172,7 @@ def configure_cpu(cfg: Config, dist) -> None:
         torch.set_num_threads(threads)
         if cfg.train.tune_cpu_malloc:
             outcome = tune_cpu_malloc()
-            if outcome != "tuned":  # the usual outcome goes unsaid; a setting left alone not
+            if outcome != "tuned":  # "tuned" is the usual outcome: a line only when it is not
                 dist.print(f"cpu malloc: {outcome}")
 
 
