@@ -83,7 +83,7 @@ def evaluate(model, spec: InnerLoopSpec, episode_source, *, episodes: int, dist,
     """Mean query accuracy after adaptation (and before it) over `episodes` held-out episodes.
 
     The main rank shows a progress bar over its share of the episodes, with the running mean
-    accuracy of that share (unless `quiet`, or stderr is not a terminal)."""
+    accuracy of that share, unless `quiet` (in a log: lines, fsl_dist/progress.py)."""
     mine = split_episodes(episodes, dist.rank, dist.world_size)
     after, before = [], []
     correct = 0.0  # this rank's per-episode accuracies summed so far: the bar's running mean

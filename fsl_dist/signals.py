@@ -24,6 +24,14 @@ is in, all ranks agree, it writes a checkpoint, prints one line and exits 75 (EX
 A second Ctrl-C (SIGINT) quits at once, without a checkpoint of the current step. Repeated
 SIGTERM and SIGUSR1 do not: SLURM signals every process of a job step, and launchers pass the
 same signal on again, so one request often arrives twice.
+
+Ctrl-C typed in a terminal reaches the whole foreground process group at once (tests/
+test_terminal.py types it into a real pty). Before training (catch_ctrl_c_while_starting) it
+quits with one line; under accelerate's launcher the SIGTERM that follows at once is taken the
+same way, not left to kill silently. A process started with SIGINT ignored (a script's
+background job, `accelerate launch ... &`: its launcher ignores Ctrl-C too) keeps ignoring it
+(ignores_ctrl_c); SIGTERM still stops it. Every clean quit (quit_now) releases what at_quit
+registered, such as the run folder's lock.
 """
 
 from __future__ import annotations
@@ -37,32 +45,12 @@ import sys
 from types import FrameType
 from typing import Callable, Optional, Sequence
 
+from fsl_dist.launchers import cmdline, is_launcher
+from fsl_dist.progress import below_progress_bar
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: quit without a checkpoint, as a shell reports Ctrl-C
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-# Programs whose children are training processes: accelerate's launcher (console script or
-# `python -m accelerate.commands.launch`) and torchrun (`torchrun` or `-m torch.distributed.run`).
-LAUNCHER_NAMES = frozenset({"accelerate", "accelerate-launch", "torchrun"})
-LAUNCHER_MODULES = frozenset({"accelerate.commands.launch", "accelerate.commands.accelerate_cli",
-                              "torch.distributed.run", "torch.distributed.launch"})
-
-
-def is_launcher(argv: Sequence[str]) -> bool:
-    """Whether a command line (of the parent process) is accelerate's launcher or torchrun."""
-    head = list(argv[:3])
-    if any(os.path.basename(a) in LAUNCHER_NAMES for a in head):
-        return True
-    return any(head[i] == "-m" and head[i + 1] in LAUNCHER_MODULES for i in range(len(head) - 1))
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
 
 def die_with_launcher(sig: int = signal.SIGTERM) -> Optional[int]:
     """Ask the kernel to send `sig` to this process when its launcher dies (Linux
@@ -74,7 +62,7 @@ def die_with_launcher(sig: int = signal.SIGTERM) -> Optional[int]:
     if not sys.platform.startswith("linux"):
         return None
     parent = os.getppid()
-    if not is_launcher(_cmdline(parent)):
+    if not is_launcher(cmdline(parent)):
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -127,8 +115,11 @@ class StopRequest:
         return self.signum is not None
 
     def install(self, signals: Sequence[int] = STOP_SIGNALS) -> "StopRequest":
-        """Handle `signals`, then stop also when the launcher dies (die_with_launcher)."""
+        """Handle `signals` (but a SIGINT this process was started ignoring: see
+        ignores_ctrl_c), then stop also when the launcher dies (die_with_launcher)."""
         for sig in signals:
+            if sig == signal.SIGINT and ignores_ctrl_c():
+                continue
             signal.signal(sig, self.handle)
         if signal.SIGTERM in signals:
             self.launcher = die_with_launcher(signal.SIGTERM)
@@ -153,17 +144,25 @@ def stop_line(step: int, planned: int, checkpoint) -> str:
             "continue with --resume auto")
 
 
-def below_progress_bar() -> None:
-    """On a terminal, end the progress bar's line, so that a line printed now starts a new one."""
-    if sys.stderr.isatty():
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+_AT_QUIT: list[Callable[[], None]] = []
+
+
+def at_quit(release: Callable[[], None]) -> None:
+    """Have quit_now call `release` (quick, such as giving up a lock) before the process ends:
+    a clean quit leaves nothing that reads as a crash to the next run."""
+    _AT_QUIT.append(release)
 
 
 def quit_now(line: str, status: int = EXIT_INTERRUPTED, *, stdout: bool = False) -> None:
     """Print one line (to stderr, or stdout) and end the process without unwinding: no
-    KeyboardInterrupt traceback, no teardown (checkpoints and metrics rows are written whole)."""
+    KeyboardInterrupt traceback, no teardown (checkpoints and metrics rows are written whole)
+    but what at_quit asked for."""
     try:
+        for release in _AT_QUIT:
+            try:
+                release()
+            except Exception:  # noqa: BLE001 (quitting anyway; the kernel drops what is left)
+                pass
         if line:
             below_progress_bar()
             print(line, file=sys.stdout if stdout else sys.stderr)
@@ -181,9 +180,30 @@ def signal_name(signum: Optional[int]) -> str:
         return f"signal {signum}"
 
 
-def interrupted_while_starting(_signum=None, _frame=None) -> None:
-    """SIGINT handler for the seconds before training (imports, data, the process group), when
-    there is nothing to save: one line (from rank 0 only) instead of a KeyboardInterrupt
-    traceback, exit 130. Trainer.stop_on_signals replaces it."""
+def ignores_ctrl_c() -> bool:
+    """Whether SIGINT is ignored, as it is for a process started so: a shell script's
+    background job (`accelerate launch ... &`), whose launcher then ignores the terminal's
+    Ctrl-C too. Such a process keeps ignoring it, as Python and Unix programs do: a trainer
+    that stopped on it would exit 75 under a launcher still running, which reports that as a
+    crash (a CalledProcessError traceback, exit 1). SIGTERM still stops it."""
+    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def catch_ctrl_c_while_starting() -> None:
+    """Until Trainer.stop_on_signals: a Ctrl-C (unless SIGINT is ignored: ignores_ctrl_c), or
+    the SIGTERM that accelerate's launcher sends right after the terminal's Ctrl-C reached it,
+    quits with one line (interrupted_while_starting)."""
+    if not ignores_ctrl_c():
+        signal.signal(signal.SIGINT, interrupted_while_starting)
+    signal.signal(signal.SIGTERM, interrupted_while_starting)
+
+
+def interrupted_while_starting(signum: int = signal.SIGINT, _frame=None) -> None:
+    """Handler for the seconds before training (imports, data, the process group), when there
+    is nothing to save: one line (from rank 0 only) instead of a KeyboardInterrupt traceback
+    or a silent death, exit 128 + signal. Trainer.stop_on_signals replaces it."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # one line, whichever of them comes next
+        signal.signal(sig, signal.SIG_IGN)
     quiet = os.environ.get("RANK", "0") != "0"
-    quit_now("" if quiet else "fsl_dist: interrupted while starting; nothing to save")
+    what = "interrupted" if signum == signal.SIGINT else "stopped by a signal"
+    quit_now("" if quiet else f"fsl_dist: {what} while starting; nothing to save", 128 + signum)

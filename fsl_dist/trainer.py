@@ -10,6 +10,7 @@ then clips and steps the same reduced gradient, so all stay identical without br
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import resource
@@ -41,7 +42,7 @@ from fsl_dist.meta import (
 from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.models import collect_batch_stats, running_stats_norms, update_running_stats
 from fsl_dist.numerics import flat_grads
-from fsl_dist.progress import progress
+from fsl_dist.progress import below_progress_bar, progress
 from fsl_dist.runs import (
     build_run_model,
     ensure_shards,
@@ -53,7 +54,7 @@ from fsl_dist.runs import (
 from fsl_dist.signals import (
     STOP_SIGNALS,
     StopRequest,
-    below_progress_bar,
+    at_quit,
     quit_now,
     stop_line,
 )
@@ -170,7 +171,9 @@ def configure_cpu(cfg: Config, dist) -> None:
         threads = cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // dist.local_world_size)
         torch.set_num_threads(threads)
         if cfg.train.tune_cpu_malloc:
-            dist.print(f"cpu malloc: {tune_cpu_malloc()}")
+            outcome = tune_cpu_malloc()
+            if outcome != "tuned":  # "tuned" is the usual outcome: a line only when it is not
+                dist.print(f"cpu malloc: {outcome}")
 
 
 def build_state(cfg: Config, device: torch.device, inputs: dict) -> TrainState:
@@ -402,6 +405,14 @@ def resumable(write):
         raise type(err)(f"{err} (training continues with --resume auto)") from None
 
 
+def quiet_wandb_client() -> None:
+    """On a Ctrl-C, accelerate's launcher (>= 1.16) stops W&B's service process while the
+    trainer stops, and W&B's client thread, writing to the closed socket, logs asyncio's
+    warning `socket.send() raised exception.` under the stop line (seen in a terminal). Only
+    W&B's client runs asyncio here; its rows are in metrics.jsonl as well."""
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -420,8 +431,9 @@ def validate(state: TrainState, cfg: Config, dist, source, precision: str, episo
 class Trainer:
     """Owns one run: its folder, state, data, trackers; `fit()` trains to `train.steps`.
 
-    Progress bars (packing, training, validation, the held-out evaluation) show on the main
-    rank's terminal unless `quiet`; debug mode prints a line per step instead."""
+    Progress (packing, training, validation, the held-out evaluation) shows on the main rank
+    unless `quiet`: bars on a terminal, lines in a log (fsl_dist/progress.py); debug mode
+    prints a line per step instead."""
 
     def __init__(self, cfg: Config, dist, run_dir: Path, *, resume: Optional[str] = None,
                  overwrite: bool = False, debug: bool = False, quiet: bool = False,
@@ -429,11 +441,11 @@ class Trainer:
         self.cfg, self.dist, self.run_dir, self.debug = cfg, dist, Path(run_dir), debug
         self.quiet = quiet or debug or not dist.is_main
         self.lock = self._claim_run_folder(resume, overwrite)
+        at_quit(self.release_run_folder)  # a Ctrl-C from now on quits with the folder free
         try:
             self._set_up(resume, allow_config_change)
         except BaseException:
-            if self.lock is not None:  # refused before training: the folder is free again
-                self.lock.release()
+            self.release_run_folder()  # refused before training: the folder is free again
             raise
 
     def _set_up(self, resume: Optional[str], allow_config_change: bool) -> None:
@@ -513,6 +525,7 @@ class Trainer:
         passing one of them on or dying), finish the current step, checkpoint and return from
         fit() with `stopped_early` set; a second Ctrl-C quits at once (fsl_dist/signals.py)."""
         self.stop.quit_line = self._quit_line
+        quiet_wandb_client()  # from now: the signal may come in the middle of W&B's writes
         self.stop.install(signals)  # and SIGTERM when a launcher dies (PR_SET_PDEATHSIG)
         if self.stop.launcher is not None and self.dist.world_size == 1:
             self.stop.on_first = self._stop_now_if_safe
@@ -551,6 +564,11 @@ class Trainer:
         except Exception:  # noqa: BLE001 (the checkpoint is written; nothing else to save)
             pass
         quit_now("", EXIT_RESUMABLE)
+
+    def release_run_folder(self) -> None:
+        """Give up the run folder's lock: a clean end, so the next start finds it free."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _quit_line(self) -> str:
         newest = ckpt.latest_checkpoint(self.run_dir)
@@ -611,8 +629,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg, dist, state = self.cfg, self.dist, self.state
         self.start()
-        bar = progress(total=cfg.train.steps, initial=state.step, desc=cfg.name,
-                       quiet=self.quiet)
+        bar = progress(total=cfg.train.steps, initial=state.step, desc=cfg.name, unit="step",
+                       quiet=self.quiet, first_line=True)  # in a log: step 1 and its ETA
         self.stopped_early, diverged = False, None
         self._clock = time.perf_counter()
         self._window = StepWindow()
@@ -663,12 +681,12 @@ class Trainer:
         now = time.perf_counter()
         state.elapsed_s += now - self._clock  # steps, logging, validation, checkpoints
         self._clock = now
-        bar.update(1)
         postfix = {"loss": f"{out['query_loss']:.3f}", "acc": f"{out['acc_after']:.3f}",
                    "tasks_s": f"{out['tasks_per_s']:.1f}"}
         if state.skipped_steps:
             postfix["skipped"] = state.skipped_steps
-        bar.set_postfix(postfix)
+        bar.set_postfix(postfix, refresh=False)  # shown with the step's count: one draw, or line
+        bar.update(1)
         warning = self.loss_watch.update(out["query_loss"], state.step)
         if warning:
             self.dist.print(warning)
@@ -773,5 +791,4 @@ class Trainer:
         except ConnectionError:
             if not self.stop.requested:  # W&B's service stopped with us (see log)
                 raise
-        if self.lock is not None:
-            self.lock.release()
+        self.release_run_folder()

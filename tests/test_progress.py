@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from fsl_dist import progress as fsl_progress
 from fsl_dist.config import load_config
 from fsl_dist.data import pack_cli, shards
 from fsl_dist.distributed import Distributed
 from fsl_dist.models import build_model
-from fsl_dist.progress import progress
+from fsl_dist.progress import ProgressLines, progress
 from fsl_dist.runs import evaluate_held_out
 
 from launching import child_env, command, run
@@ -87,15 +88,48 @@ def test_quiet_silences_the_bar_on_a_terminal(terminal, monkeypatch):
 
 
 def test_a_file_gets_no_bar(tmp_path, monkeypatch):
+    """Nor a line, for what ends within the lines' interval (30 s)."""
     with open(tmp_path / "log", "w") as log:
         monkeypatch.setattr(sys, "stderr", log)
         assert not log.isatty()
-        assert not run_bar(quiet=False)
+        assert run_bar(quiet=False)
     assert (tmp_path / "log").read_text() == ""
 
 
-def test_a_disabled_bar_still_yields_every_item():
-    assert list(progress(range(4), desc="items", quiet=True)) == [0, 1, 2, 3]
+def test_plain_lines_come_at_the_first_step_then_at_their_interval_and_at_the_end(
+        tmp_path, monkeypatch):
+    """The training bar's lines in a log: step 1 (with an ETA), then one per `every` seconds,
+    then the last step. Steps of 0.1 s on a clock the test turns (no waiting, no flakiness)."""
+    now = [1000.0]
+    monkeypatch.setattr(fsl_progress.time, "monotonic", lambda: now[0])
+    with open(tmp_path / "log", "w") as log:
+        with ProgressLines(total=40, desc="cnn_maml", unit="step", first_line=True, every=1.0,
+                           file=log) as bar:
+            for _ in range(40):
+                now[0] += 0.1
+                bar.set_postfix({"loss": "1.234", "acc": "0.400"})
+                bar.update(1)
+    lines = (tmp_path / "log").read_text().splitlines()
+    counts = [int(re.match(r"cnn_maml: (\d+)/40 \(\d+%\) \[\d\d:\d\d<\d\d:\d\d, +10.00step/s, "
+                           r"loss=1.234, acc=0.400\]$", line).group(1)) for line in lines]
+    assert counts == [1, 11, 21, 31, 40]
+    assert lines[0].startswith("cnn_maml: 1/40 (2%) [00:00<00:03,")  # the ETA from step 1
+
+
+def test_plain_lines_of_a_long_evaluation_come_at_their_interval_and_the_end(tmp_path,
+                                                                              monkeypatch):
+    """No line at its first chunk; one per interval, and the end (chunks of 4 every 0.3 s)."""
+    now = [1000.0]
+    monkeypatch.setattr(fsl_progress.time, "monotonic", lambda: now[0])
+    with open(tmp_path / "log", "w") as log:
+        with ProgressLines(total=40, desc="validating", unit="ep", every=1.0, file=log) as bar:
+            for _ in range(10):
+                now[0] += 0.3
+                bar.set_postfix(acc="50.00%")
+                bar.update(4)
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert [re.match(r"validating: (\d+)/40 .*, acc=50.00%\]$", line).group(1)
+            for line in lines] == ["16", "32", "40"]
 
 
 @pytest.fixture(scope="module")

@@ -55,8 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--traceback", action="store_true",
                         help="show the traceback of expected failures too")
     parser.add_argument("--quiet", action="store_true",
-                        help="no progress bar (there is none either when stderr is not a "
-                        "terminal)")
+                        help="no progress (a bar on a terminal, plain lines in a log)")
     return parser.parse_args(argv)
 
 
@@ -108,7 +107,9 @@ def main(argv=None) -> int:
         # cannot write would cost the whole evaluation.
         dist.on_main(lambda: check_writable(Path(args.run_dir) / out_name), (WriteFailure,))
         if dist.device.type == "cpu" and cfg.train.tune_cpu_malloc:
-            dist.print(f"cpu malloc: {tune_cpu_malloc()}", file=sys.stderr)
+            outcome = tune_cpu_malloc()
+            if outcome != "tuned":  # the usual outcome goes unsaid (as in the trainer)
+                dist.print(f"cpu malloc: {outcome}", file=sys.stderr)
         if args.ways is not None and args.ways != cfg.task.n_way:
             raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a "
                               f"{cfg.task.n_way}-way head; evaluate with its N-way or train a "

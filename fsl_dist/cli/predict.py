@@ -46,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "batch's statistics, as evaluation does with a query set)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     parser.add_argument("--quiet", action="store_true",
-                        help="no table on stdout and no progress bars (there are none either "
-                             "when stderr is not a terminal)")
+                        help="no table on stdout and no progress (a bar on a terminal, plain "
+                             "lines in a log)")
     parser.add_argument("--traceback", action="store_true",
                         help="show the traceback of expected failures too")
     return parser.parse_args(argv)

@@ -20,14 +20,15 @@ import signal
 import sys
 from pathlib import Path
 
-from fsl_dist.signals import interrupted_while_starting, quit_now, stop_line
+from fsl_dist.signals import catch_ctrl_c_while_starting, quit_now, stop_line
 
 # Before the slow imports (torch, accelerate: seconds): a Ctrl-C while the run starts prints one
 # line instead of a KeyboardInterrupt traceback. Trainer.stop_on_signals takes over for training.
-signal.signal(signal.SIGINT, interrupted_while_starting)
+catch_ctrl_c_while_starting()
 
 import torch  # noqa: E402
 
+from fsl_dist.checkpoint import latest_checkpoint  # noqa: E402
 from fsl_dist.config import default_run_dir, load_config  # noqa: E402
 from fsl_dist.distributed import Distributed  # noqa: E402
 from fsl_dist.exits import EXIT_DIVERGED, EXIT_STOPPED, exit_code, report  # noqa: E402
@@ -64,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--debug", action="store_true",
                         help="few steps, anomaly detection, deterministic, W&B off")
     parser.add_argument("--quiet", action="store_true",
-                        help="no progress bars (there are none either when stderr is not a "
-                        "terminal)")
+                        help="no progress (a bar on a terminal, also through accelerate "
+                        "launch; plain lines every 30 s in a log)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
@@ -99,6 +100,8 @@ def main(argv=None) -> int:
         result = trainer.finish(export=outcome["diverged"] is None)
     except Exception as err:
         code = exit_code(err)
+        if code is None and not args.traceback and trainer is not None and trainer.stop.requested:
+            quit_after_peer(trainer)
         if code is None or args.traceback:
             raise
         report(err, dist)
@@ -110,6 +113,19 @@ def main(argv=None) -> int:
         # launcher stopped W&B's service with us, W&B's exit hook printed a traceback.
         quit_now("", EXIT_STOPPED)
     return dist.exit(summarise(outcome, result, cfg, run_dir, dist))
+
+
+def quit_after_peer(trainer) -> None:
+    """A stop signal came, and then a collective failed: another rank was still starting when
+    the signal reached it and quit at once (interrupted_while_starting), as this one had just
+    set its stop handler. The failure follows from the stop: one line (main rank), no
+    traceback, exit 128 + signal."""
+    signum = trainer.stop.signum
+    what = "interrupted" if signum == signal.SIGINT else "stopped by a signal"
+    newest = latest_checkpoint(trainer.run_dir)
+    where = f"--resume auto continues from {newest.name}" if newest else "nothing was saved"
+    line = f"fsl_dist: {what} as the run started; {where}"
+    quit_now(line if trainer.dist.is_main else "", 128 + signum)
 
 
 def summarise(outcome: dict, result, cfg, run_dir: Path, dist) -> int:

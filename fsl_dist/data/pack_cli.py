@@ -69,8 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         sub.add_argument("--classes-per-shard", type=int,
                          default=shards.DEFAULT_CLASSES_PER_SHARD)
         sub.add_argument("--quiet", action="store_true",
-                         help="no progress bar (there is none either when stderr is not a "
-                         "terminal)")
+                         help="no progress (a bar on a terminal, plain lines in a log)")
     for sub in (omni, images):  # the benchmarks' splits are fixed
         sub.add_argument("--seed", type=int, default=0, help="seed of the class split (default 0)")
     return parser.parse_args(argv)

@@ -125,8 +125,8 @@ def pack_omniglot(
     ``source`` is a folder with the official zips or extracted folders (checked by content), or
     None for the download cache (checked by MD5). An existing set at ``out_dir`` is replaced
     only once the new one is complete; a destination that is not a set is refused first
-    (``check_destination``). A progress bar counts the images written (on a terminal,
-    unless ``quiet``).
+    (``check_destination``). A progress bar counts the images written (plain lines in a log;
+    none if ``quiet``).
     """
     if split not in omniglot.SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(omniglot.SPLITS)}")
