@@ -183,7 +183,7 @@ def build_state(cfg: Config, device: torch.device, inputs: dict) -> TrainState:
     if cfg.algorithm.learn_inner_lr:
         algo = cfg.algorithm
         inner_lr = learned_inner_lr(model, algo.name, algo.inner_lr, algo.learn_inner_lr,
-                                    algo.inner_steps).to(device)
+                                    algo.inner_steps, adapt=algo.adapt).to(device)
         params += list(inner_lr.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                  weight_decay=cfg.optim.weight_decay)
