@@ -198,7 +198,13 @@ class EvalConfig:
     episodes: int = 600
     """Held-out test episodes of the final evaluation."""
     val_episodes: int = 200
-    """Validation episodes of each periodic evaluation."""
+    """Validation episodes of each periodic evaluation (every `train.eval_every` steps)."""
+    final_val: bool = False
+    """Also validate after the last training step when `train.steps` is not a multiple of
+    `train.eval_every`. False (default): validation runs at multiples of `train.eval_every` only,
+    so a short smoke run (`train.steps=10`) does not wait for `val_episodes` episodes before
+    the held-out evaluation, which follows the last step anyway (shorten that with
+    `eval.episodes`)."""
     inner_steps: Optional[int] = None
     """Inner steps at evaluation (null: algorithm.inner_steps); more than in training is usual."""
     part: str = "test"

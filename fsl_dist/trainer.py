@@ -402,6 +402,13 @@ def validate(state: TrainState, cfg: Config, dist, source, precision: str, episo
                     batch_size=cfg.eval.batch_size, quiet=quiet, desc="validating")
 
 
+def validates_at(step: int, cfg: Config) -> bool:
+    """Whether training validates after ``step``: every ``train.eval_every`` steps, and after the
+    last step too with ``eval.final_val`` (off by default: a short run goes straight to the
+    held-out evaluation)."""
+    return step % cfg.train.eval_every == 0 or (step == cfg.train.steps and cfg.eval.final_val)
+
+
 class Trainer:
     """Owns one run: its folder, state, data, trackers; `fit()` trains to `train.steps`.
 
@@ -617,7 +624,7 @@ class Trainer:
             self.log(self.train_row(out, *self._window.take(cfg.train.meta_batch_size)))
         if self.debug:
             self.debug_report(out)
-        if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
+        if validates_at(state.step, cfg):
             val = validate(state, cfg, self.dist, self.sources["val"], self.precision,
                            cfg.eval.val_episodes, quiet=self.quiet)
             self.log({"step": state.step, "val/acc": val["mean"], "val/ci95": val["ci95"],
