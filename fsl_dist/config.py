@@ -1,6 +1,7 @@
 """Typed run configuration: dataclasses filled from YAML, then from dotted command-line overrides.
 
-A config file may name a parent with ``inherit: base.yaml`` (a path relative to the file); the
+A config file may name a parent with ``inherit: base.yaml`` (a path relative to the file, or a
+shipped config's name such as ``folder_example``); the
 child's keys replace the parent's, section by section. Unknown keys, values of the wrong type and
 impossible values are errors that name the file, the key and what would be accepted.
 
@@ -230,7 +231,8 @@ class LoggingConfig:
 @dataclass
 class Config:
     name: str = "run"
-    """The config's name (its file name unless set); names the run folder and the W&B group."""
+    """The config's name (its file name unless set in that file, not inherited); names the run
+    folder and the W&B group."""
     precision: Optional[str] = None
     """no, bf16 or fp16; null: accelerate's --mixed_precision (default no)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -366,7 +368,11 @@ def _read_with_parents(path: Path, seen: tuple) -> dict:
     parent = raw.pop("inherit", None)
     if parent is None:
         return raw
-    base = _read_with_parents(path.parent / parent, seen + (path.resolve(),))
+    parent_file = path.parent / parent
+    if not parent_file.is_file():  # a shipped config by name (`inherit: folder_example`)
+        parent_file = _shipped_file(Path(parent)) or parent_file
+    base = _read_with_parents(parent_file, seen + (path.resolve(),))
+    base.pop("name", None)  # the parent's name names the parent's runs, not this file's
     return _merge(base, raw)
 
 
