@@ -291,9 +291,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-# Sweep files are not training configs, and sweeps run from a checkout (launch/slurm/): setup.py
-# leaves this folder out of the wheel, and names never resolve into it.
-NOT_SHIPPED = ("sweeps",)
+# Sweep files ship with the configs (fsl_dist.sweep finds them by name) but are not training
+# configs: config names never resolve into them.
+NOT_CONFIGS = ("sweeps",)
 
 
 def shipped_configs() -> Optional[Path]:
@@ -314,7 +314,7 @@ def shipped_config_names() -> list[str]:
     if tree is None:
         return []
     names = (p.relative_to(tree).with_suffix("") for p in tree.rglob("*.yaml"))
-    return sorted(n.as_posix() for n in names if n.parts[0] not in NOT_SHIPPED)
+    return sorted(n.as_posix() for n in names if n.parts[0] not in NOT_CONFIGS)
 
 
 def _listed(names: list[str]) -> str:
@@ -346,7 +346,7 @@ def _shipped_file(name: Path) -> Optional[Path]:
     """The shipped config file `name` stands for, or None."""
     tree = shipped_configs()
     parts = name.parts[1:] if name.parts[:1] == ("configs",) else name.parts
-    if tree is None or not parts or name.is_absolute() or ".." in parts or parts[0] in NOT_SHIPPED:
+    if tree is None or not parts or name.is_absolute() or ".." in parts or parts[0] in NOT_CONFIGS:
         return None
     shipped = tree.joinpath(*parts)
     if shipped.suffix not in (".yaml", ".yml"):
