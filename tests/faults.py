@@ -50,6 +50,9 @@ FAULTS = (
     Fault("evaluate_stopped", "`evaluate.py` on a run stopped early", 0,
           "training stopped early", "`eval-test.json` records `trained_steps` of "
           "`planned_steps`"),
+    Fault("evaluate_model_import", "`evaluate.py` on a run of a model of your own "
+          "(`model.name: module:function`) where its module cannot be imported", 2,
+          "cannot import", "the run folder as it was"),
     Fault("signal_stop", "SIGTERM to the trainer", 75,
           "stopped by a signal at step", "a checkpoint at that step; the exported model "
           "records it"),

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from faults import BY_KEY
 from torch.func import functional_call
 
 from fsl_dist.meta import InnerLoopSpec, inner_parameter_names, meta_backward, meta_loss
@@ -175,9 +176,12 @@ def test_trainer_builds_evaluates_and_exports_an_own_model(own_model_run, monkey
 
 @pytest.mark.integration
 def test_evaluating_an_own_model_where_it_cannot_be_imported_is_one_line(own_model_run):
+    fault = BY_KEY["evaluate_model_import"]
+    before = sorted(p.name for p in (own_model_run / "run").iterdir())
     result = run("evaluate.py", ["--run-dir", str(own_model_run / "run"), "--episodes", "4"],
                  check=False)  # from the repository: own_model.py is not there
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == fault.code, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "error: model own_model:build: cannot import own_model"), result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model own_model:build: ") and fault.seen in last, last
+    assert sorted(p.name for p in (own_model_run / "run").iterdir()) == before
