@@ -12,10 +12,17 @@ import torch
 import torch.nn.functional as F
 import yaml
 from faults import BY_KEY
+from torch import nn
 from torch.func import functional_call
 
-from fsl_dist.meta import InnerLoopSpec, inner_parameter_names, meta_backward, meta_loss
-from fsl_dist.models import ModelImportError, build_model
+from fsl_dist.meta import (
+    InnerLoopSpec,
+    default_vectorize,
+    inner_parameter_names,
+    meta_backward,
+    meta_loss,
+)
+from fsl_dist.models import BatchStatNorm2d, ModelImportError, build_model
 from fsl_dist.predict import load_model
 
 from launching import ROOT, run
@@ -185,3 +192,34 @@ def test_evaluating_an_own_model_where_it_cannot_be_imported_is_one_line(own_mod
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model own_model:build: ") and fault.seen in last, last
     assert sorted(p.name for p in (own_model_run / "run").iterdir()) == before
+
+
+class NormNet(nn.Module):
+    """A model of one's own with batch norm: torch's, or fsl_dist's BatchStatNorm2d."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), norm(4), nn.ReLU(),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.encoder(x))
+
+
+def test_batch_stat_norm_gives_the_same_meta_gradient_through_vmap_as_the_loop():
+    torch.manual_seed(0)
+    model = NormNet(BatchStatNorm2d).double()
+    tasks = make_tasks(tasks=2, n_way=3, k_shot=2, n_query=2, jitter=0.1)
+    spec = InnerLoopSpec("boil", inner_steps=2, inner_lr=0.5, adapt="encoder")
+    loop = api_meta_gradient(model, tasks, spec.replace(vectorize=False))
+    for got, want in zip(api_meta_gradient(model, tasks, spec.replace(vectorize=True)), loop):
+        torch.testing.assert_close(got, want)
+
+
+def test_torch_batch_norm_keeps_to_the_loop_where_vmap_would_be_wrong():
+    model = NormNet(lambda c: nn.BatchNorm2d(c, track_running_stats=False)).double()
+    tasks = make_tasks(tasks=2, n_way=3, k_shot=2, n_query=2, jitter=0.1)
+    assert default_vectorize("cuda", model) is False
+    with pytest.raises(ValueError, match="wrong second-order gradients.*BatchStatNorm2d"):
+        meta_loss(model, tasks, InnerLoopSpec("maml", 1, 0.3, vectorize=True))

@@ -37,6 +37,8 @@ def default_vectorize(device, model: nn.Module | None = None) -> bool:
     device_type = torch.device(device).type
     if model is not None and running_stats_norms(model):
         return False  # per-step running statistics are collected on the loop path only
+    if model is not None and native_batch_norms(model):
+        return False  # vmap differentiates torch's batch-norm kernel wrongly (second order)
     # CUDA: vmap is several times the loop's tasks/s for every model and algorithm measured.
     # CPU: the loop is faster in most cases at about half the memory. Other devices are
     # unmeasured: take the path that needs no batching rules. Numbers: BENCHMARKS.md.
@@ -285,7 +287,19 @@ def _summary(objective, query_loss, acc_before, acc_after, first_loss, nonfinite
     return {k: v.detach().float() for k, v in stats.items()}
 
 
+def native_batch_norms(model: nn.Module) -> list[str]:
+    """Names of ``model``'s torch batch norms (``nn.BatchNorm2d`` ...): under ``vmap`` with
+    ``torch.func.grad`` their second-order gradients are wrong (measured in float64 against the
+    loop), so such a model takes the loop; ``fsl_dist.models.BatchStatNorm2d`` is exact on
+    both paths."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def _vectorize(spec: InnerLoopSpec, model: nn.Module, device: torch.device) -> bool:
+    if spec.vectorize and native_batch_norms(model):
+        raise ValueError(f"vectorize=True: vmap gives wrong second-order gradients through "
+                         f"torch's batch norm ({native_batch_norms(model)[0]}); use "
+                         "fsl_dist.models.BatchStatNorm2d in the model, or vectorize=False")
     return default_vectorize(device, model) if spec.vectorize is None else spec.vectorize
 
 
