@@ -1,6 +1,6 @@
 """Packaging hook; everything else is declared in setup.cfg.
 
-The wheel carries the repo's configs/ tree as fsl_dist/configs/ (found by
+The wheel carries the repo's configs/ tree (sweeps/ included) as fsl_dist/configs/ (found by
 fsl_dist.config.shipped_configs), so an installed `fsl-train --config cnn_maml` works from any
 folder while the repo keeps one copy of each config. `inherit:` paths are relative to the file,
 so the tree keeps its folders.
@@ -12,7 +12,6 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-NOT_SHIPPED = ("sweeps",)  # as fsl_dist.config.NOT_SHIPPED: sweep files run from a checkout
 
 
 class BuildPyWithConfigs(build_py):
@@ -24,8 +23,6 @@ class BuildPyWithConfigs(build_py):
             return
         for source in sorted(CONFIGS.rglob("*.yaml")):
             relative = source.relative_to(CONFIGS)
-            if relative.parts[0] in NOT_SHIPPED:
-                continue
             target = Path(self.build_lib, "fsl_dist", "configs", relative)
             self.mkpath(str(target.parent))
             self.copy_file(str(source), str(target))

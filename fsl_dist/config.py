@@ -1,6 +1,7 @@
 """Typed run configuration: dataclasses filled from YAML, then from dotted command-line overrides.
 
-A config file may name a parent with ``inherit: base.yaml`` (a path relative to the file); the
+A config file may name a parent with ``inherit: base.yaml`` (a path relative to the file, or a
+shipped config's name such as ``folder_example``); the
 child's keys replace the parent's, section by section. Unknown keys, values of the wrong type and
 impossible values are errors that name the file, the key and what would be accepted.
 
@@ -28,6 +29,11 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used as given."""
+
+
+def is_import_path(name: str) -> bool:
+    """Whether `model.name` names a model of your own (`package.module:function`)."""
+    return bool(IMPORT_PATH.match(name))
 
 
 @dataclass
@@ -83,7 +89,11 @@ class ModelConfig:
 
     name: str = "cnn"
     """cnn (Conv-4), resnet (small ResNet-12 style, Omniglot) or resnet12 (the ResNet-12 of the
-    mini-ImageNet benchmarks, widths 64:160:320:640)."""
+    mini-ImageNet benchmarks, widths 64:160:320:640); or a model of your own by the import path
+    of its builder, `package.module:function`, called as `function(n_way=, in_channels=,
+    image_size=)` (the module installed or in the current folder); say which of its parameters
+    adapt with `algorithm.adapt` unless algorithm.name is maml (all adapt). model.yaml records
+    the path: evaluation and prediction import it again."""
     width: int = 64
     """Channels of the cnn, base width of the resnet, first-block width of the resnet12."""
     drop_rate: float = 0.0
@@ -99,11 +109,17 @@ class AlgorithmConfig:
 
     name: str = "maml"
     """maml adapts everything, boil the body (features.*), anil the head (classifier.*)."""
+    adapt: Optional[list[str]] = None
+    """Which parameters adapt in the inner loop, replacing `name`'s rule: parameter-name
+    prefixes (e.g. [encoder] adapts encoder.*), for a model of your own whose parameters are
+    not named features.* and classifier.*. null (default): `name`'s rule."""
     inner_steps: int = 1
     """Inner-loop gradient steps on the support set during meta-training (evaluation:
     eval.inner_steps)."""
     inner_lr: Union[float, dict[str, float]] = 0.4
-    """One step size, or one per group: {features: a, classifier: b}."""
+    """One step size, or one per group: {features: a, classifier: b} (a model of your own: per
+    parameter-name prefix). 0.4 is MAML's Omniglot value; on natural images MAML took 0.01
+    with 5 steps (configs/folder_example.yaml)."""
     first_order: bool = False
     """Second order by default; true drops the second-order term (explicitly)."""
     first_order_steps: int = 0
@@ -216,7 +232,13 @@ class EvalConfig:
     episodes: int = 600
     """Held-out test episodes of the final evaluation."""
     val_episodes: int = 200
-    """Validation episodes of each periodic evaluation."""
+    """Validation episodes of each periodic evaluation (every `train.eval_every` steps)."""
+    final_val: bool = False
+    """Also validate after the last training step when `train.steps` is not a multiple of
+    `train.eval_every`. False (default): validation runs at multiples of `train.eval_every` only,
+    so a short smoke run (`train.steps=10`) does not wait for `val_episodes` episodes before
+    the held-out evaluation, which follows the last step anyway (shorten that with
+    `eval.episodes`)."""
     inner_steps: Optional[int] = None
     """Inner steps at evaluation (null: algorithm.inner_steps); more than in training is usual."""
     part: str = "test"
@@ -252,7 +274,8 @@ class Config:
     """A whole run configuration: the top-level keys, then one section per dataclass above."""
 
     name: str = "run"
-    """The config's name (its file name unless set); names the run folder and the W&B group."""
+    """The config's name (its file name unless set in that file, not inherited); names the run
+    folder and the W&B group."""
     precision: Optional[str] = None
     """no, bf16 or fp16; null: accelerate's --mixed_precision (default no)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -287,6 +310,8 @@ POSITIVE = (
 )
 NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr",
                 "algorithm.msl_steps", "algorithm.first_order_steps")
+# model.name of a model of your own: the import path of the function that builds it.
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 INNER_LR_GROUPS = ("features", "classifier")
 
@@ -309,9 +334,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-# Sweep files are not training configs, and sweeps run from a checkout (launch/slurm/): setup.py
-# leaves this folder out of the wheel, and names never resolve into it.
-NOT_SHIPPED = ("sweeps",)
+# Sweep files ship with the configs (fsl_dist.sweep finds them by name) but are not training
+# configs: config names never resolve into them.
+NOT_CONFIGS = ("sweeps",)
 
 
 def shipped_configs() -> Optional[Path]:
@@ -332,7 +357,7 @@ def shipped_config_names() -> list[str]:
     if tree is None:
         return []
     names = (p.relative_to(tree).with_suffix("") for p in tree.rglob("*.yaml"))
-    return sorted(n.as_posix() for n in names if n.parts[0] not in NOT_SHIPPED)
+    return sorted(n.as_posix() for n in names if n.parts[0] not in NOT_CONFIGS)
 
 
 def _listed(names: list[str]) -> str:
@@ -364,7 +389,7 @@ def _shipped_file(name: Path) -> Optional[Path]:
     """The shipped config file `name` stands for, or None."""
     tree = shipped_configs()
     parts = name.parts[1:] if name.parts[:1] == ("configs",) else name.parts
-    if tree is None or not parts or name.is_absolute() or ".." in parts or parts[0] in NOT_SHIPPED:
+    if tree is None or not parts or name.is_absolute() or ".." in parts or parts[0] in NOT_CONFIGS:
         return None
     shipped = tree.joinpath(*parts)
     if shipped.suffix not in (".yaml", ".yml"):
@@ -386,7 +411,11 @@ def _read_with_parents(path: Path, seen: tuple) -> dict:
     parent = raw.pop("inherit", None)
     if parent is None:
         return raw
-    base = _read_with_parents(path.parent / parent, seen + (path.resolve(),))
+    parent_file = path.parent / parent
+    if not parent_file.is_file():  # a shipped config by name (`inherit: folder_example`)
+        parent_file = _shipped_file(Path(parent)) or parent_file
+    base = _read_with_parents(parent_file, seen + (path.resolve(),))
+    base.pop("name", None)  # the parent's name names the parent's runs, not this file's
     return _merge(base, raw)
 
 
@@ -493,6 +522,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     (N-way vs. the split's classes, meta-batch vs. processes) run in the trainer's setup."""
     _validate_finite(cfg, where)
     for key, allowed in CHOICES.items():
+        if key == "model.name" and is_import_path(cfg.model.name):
+            continue  # a model of your own, imported when the run builds it
         if get(cfg, key) not in allowed:
             shown = ", ".join(str(a) for a in allowed if a is not None)
             raise ConfigError(f"{where}: `{key}` = {get(cfg, key)!r}; choose one of {shown}")
@@ -503,7 +534,7 @@ def validate(cfg: Config, where: str = "config") -> None:
         if get(cfg, key) < 0:
             raise ConfigError(f"{where}: `{key}` = {get(cfg, key)!r} must not be negative")
     lr = cfg.algorithm.inner_lr
-    if isinstance(lr, dict):
+    if isinstance(lr, dict) and not is_import_path(cfg.model.name):
         bad = sorted(set(lr) - set(INNER_LR_GROUPS))
         if bad:
             raise ConfigError(f"{where}: `algorithm.inner_lr.{bad[0]}` is no group; use features "
@@ -526,6 +557,9 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: `algorithm.per_step_bn_stats` runs on the loop path (its "
                           "statistics cannot be collected across vmap): set "
                           "`algorithm.vectorize` to false or null")
+    if cfg.algorithm.adapt is not None and not cfg.algorithm.adapt:
+        raise ConfigError(f"{where}: `algorithm.adapt` = [] adapts nothing; give parameter-name "
+                          "prefixes or null (the algorithm's rule)")
     if not 0 <= cfg.model.drop_rate < 1:
         raise ConfigError(f"{where}: `model.drop_rate` = {cfg.model.drop_rate} must be in [0, 1)")
     if cfg.model.drop_rate and cfg.model.name != "resnet12":

@@ -102,7 +102,8 @@ def _inner_loop(description: dict, model, tensors: dict, device, folder: Path) -
     inner_lr = algorithm["inner_lr"]
     if algorithm.get("learn_inner_lr"):
         inner_lr = learned_inner_lr(model, algorithm["name"], inner_lr,
-                                    algorithm["learn_inner_lr"], algorithm["inner_steps"])
+                                    algorithm["learn_inner_lr"], algorithm["inner_steps"],
+                                    adapt=algorithm.get("adapt"))
         inner_lr.load_state_dict({k[len("inner_lr."):]: v for k, v in tensors.items()
                                   if k.startswith("inner_lr.")})
         inner_lr = inner_lr.to(device)
@@ -112,7 +113,7 @@ def _inner_loop(description: dict, model, tensors: dict, device, folder: Path) -
     return InnerLoopSpec(algorithm["name"], inner_steps=evaluation["inner_steps"],
                          inner_lr=inner_lr, first_order=algorithm.get("first_order", False),
                          inner_loss=algorithm.get("inner_loss", "ce"), precision=precision,
-                         vectorize=False)
+                         vectorize=False, adapt=tuple(algorithm.get("adapt") or ()) or None)
 
 
 def _evaluation_from_config(folder: Path) -> dict:

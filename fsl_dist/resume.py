@@ -44,7 +44,7 @@ KINDS = {
     "algorithm.first_order": TRAINED, "algorithm.first_order_steps": TRAINED,
     "algorithm.learn_inner_lr": TRAINED, "algorithm.inner_loss": TRAINED,
     "algorithm.msl_steps": TRAINED, "algorithm.per_step_bn_weights": TRAINED,
-    "algorithm.per_step_bn_stats": TRAINED,
+    "algorithm.per_step_bn_stats": TRAINED, "algorithm.adapt": TRAINED,
     "algorithm.vectorize": BOOKKEEPING,  # the same tasks and sums, by vmap or by a loop
     "optim.lr": TRAINED, "optim.weight_decay": TRAINED, "optim.grad_clip": TRAINED,
     "optim.betas": TRAINED,
@@ -59,7 +59,7 @@ KINDS = {
     # evaluation reads the weights, never changes them
     "eval.episodes": BOOKKEEPING, "eval.val_episodes": BOOKKEEPING,
     "eval.inner_steps": BOOKKEEPING, "eval.part": BOOKKEEPING, "eval.batch_size": BOOKKEEPING,
-    "eval.seed": BOOKKEEPING,
+    "eval.seed": BOOKKEEPING, "eval.final_val": BOOKKEEPING,
     "logging.wandb": BOOKKEEPING, "logging.tensorboard": BOOKKEEPING,
     "logging.project": BOOKKEEPING, "logging.entity": BOOKKEEPING, "logging.group": BOOKKEEPING,
     "logging.tags": BOOKKEEPING,

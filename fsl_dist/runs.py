@@ -257,7 +257,7 @@ def load_trained(run_dir: Path, device: torch.device, checkpoint: Optional[str] 
     if cfg.algorithm.learn_inner_lr:
         algo = cfg.algorithm
         inner_lr = learned_inner_lr(model, algo.name, algo.inner_lr, algo.learn_inner_lr,
-                                    algo.inner_steps)
+                                    algo.inner_steps, adapt=algo.adapt)
         inner_lr.load_state_dict(inner_lr_state)
         inner_lr = inner_lr.to(device)
     return cfg, model.to(device), inner_lr, weights

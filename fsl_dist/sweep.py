@@ -1,6 +1,7 @@
 """Sweeps: a grid of configs x seeds (x override values) that runs as one SLURM array job.
 
-A sweep file (`configs/sweeps/*.yaml`):
+A sweep file (`configs/sweeps/*.yaml` shipped, or one of your own; the shipped ones are found
+by name too: `fsl-sweep list cnn_shots`):
 
     name: cnn_compare                 # optional, default the file's stem: W&B group and folder name
     configs: [../cnn_maml.yaml, ../cnn_boil.yaml]   # relative to this file, like `inherit:`
@@ -35,7 +36,7 @@ from typing import Any, Optional
 
 import yaml
 
-from fsl_dist.config import ConfigError, load_config
+from fsl_dist.config import ConfigError, load_config, shipped_configs
 
 KEYS = ("name", "configs", "seeds", "overrides", "grid", "runs_dir", "cpu_processes")
 # Keys each run receives from the sweep; setting them in `overrides`/`grid` would be silently lost.
@@ -143,12 +144,33 @@ class Sweep:
 # ---------------------------------------------------------------- reading a sweep file
 
 
+def shipped_sweeps() -> list[str]:
+    """Names of the sweeps shipped with fsl_dist (configs/sweeps/ of the wheel or checkout)."""
+    tree = shipped_configs()
+    folder = tree / "sweeps" if tree is not None else None
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder and folder.is_dir() else []
+
+
+def find_sweep(given: str | Path) -> Path:
+    """A sweep file that exists, or else a shipped sweep by name (`cnn_shots`, with or without
+    `.yaml`, `sweeps/` or `configs/sweeps/`), so the README's sweep commands work from a wheel."""
+    path = Path(given)
+    if path.is_file():
+        return path
+    tree = shipped_configs()
+    if tree is not None and not path.is_absolute() and path.parent.as_posix() in (
+            ".", "sweeps", "configs/sweeps"):
+        shipped = tree / "sweeps" / (path.stem + ".yaml")
+        if shipped.is_file():
+            return shipped
+    names = ", ".join(shipped_sweeps()) or "none"
+    raise SweepError(f"sweep file {given} does not exist, and no sweep of that name ships with "
+                     f"fsl_dist (shipped: {names}; their files show the format)")
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; every error names the file and the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {path} does not exist (the sweeps are in "
-                         "configs/sweeps/*.yaml)")
+    path = find_sweep(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

@@ -139,7 +139,8 @@ class LossWatch:
         what = "its lowest so far" if self.lowest < self.chance else "that of guessing"
         return (f"warning: step {step}: the training loss (moving average {self.average:.4g}) is "
                 f"over {self.factor:g}x {what} ({reference:.4g}); the run may be diverging: "
-                "consider a lower optim.lr or algorithm.inner_lr")
+                "consider a lower algorithm.inner_lr (photos: about 0.01 with 5 inner steps, "
+                "MAML's mini-ImageNet value) or optim.lr")
 
 
 # ---------------------------------------------------------------- setup
@@ -186,7 +187,7 @@ def build_state(cfg: Config, device: torch.device, inputs: dict) -> TrainState:
     if cfg.algorithm.learn_inner_lr:
         algo = cfg.algorithm
         inner_lr = learned_inner_lr(model, algo.name, algo.inner_lr, algo.learn_inner_lr,
-                                    algo.inner_steps).to(device)
+                                    algo.inner_steps, adapt=algo.adapt).to(device)
         params += list(inner_lr.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                  weight_decay=cfg.optim.weight_decay)
@@ -426,6 +427,13 @@ def validate(state: TrainState, cfg: Config, dist, source, precision: str, episo
     # below the training bar, cleared when done (leave=False in evaluate)
     return evaluate(state.model, spec, source, episodes=episodes, dist=dist,
                     batch_size=cfg.eval.batch_size, quiet=quiet, desc="validating")
+
+
+def validates_at(step: int, cfg: Config) -> bool:
+    """Whether training validates after ``step``: every ``train.eval_every`` steps, and after the
+    last step too with ``eval.final_val`` (off by default: a short run goes straight to the
+    held-out evaluation)."""
+    return step % cfg.train.eval_every == 0 or (step == cfg.train.steps and cfg.eval.final_val)
 
 
 class Trainer:
@@ -695,7 +703,7 @@ class Trainer:
             self.log(self.train_row(out, *self._window.take(cfg.train.meta_batch_size)))
         if self.debug:
             self.debug_report(out)
-        if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
+        if validates_at(state.step, cfg):
             self.validate_and_log()
         if state.step % cfg.train.checkpoint_every == 0:
             self.save_checkpoint()

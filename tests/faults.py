@@ -81,6 +81,9 @@ FAULTS = (
           "permission denied writing", "the folder as it was; checked before the predictions"),
     Fault("compare_read_only", "`compare.py --plot` on a read-only mount", 73,
           "is on a read-only file system", "the folder as it was; checked before the tables"),
+    Fault("evaluate_model_import", "`evaluate.py` on a run of a model of your own "
+          "(`model.name: module:function`) where its module cannot be imported", 2,
+          "cannot import", "the run folder as it was"),
     Fault("signal_stop", "SIGTERM to the trainer", 75,
           "stopped by a signal at step", "a checkpoint at that step; the exported model "
           "records it"),

@@ -117,6 +117,19 @@ def test_the_shipped_sweeps_pass_their_check(name):
     load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml").check()
 
 
+@pytest.mark.parametrize("given", ["cnn_shots", "cnn_shots.yaml", "configs/sweeps/cnn_shots.yaml"])
+def test_a_shipped_sweep_is_found_by_name_from_any_folder(given, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here, as for a wheel user
+    assert load_sweep(given).path == ROOT / "configs" / "sweeps" / "cnn_shots.yaml"
+
+
+def test_an_unknown_sweep_names_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SweepError, match="no sweep of that name ships .*shipped: cnn_shots, "
+                                         "four_systems"):
+        load_sweep("cnn_shot")
+
+
 @pytest.mark.parametrize("text, message", [
     ("configs: [x.yaml]\nseeds: [0]\n", "`configs` entry 'x.yaml' does not exist"),
     ("seeds: [0]\n", "`configs` must be a non-empty list"),

@@ -167,6 +167,11 @@ def test_an_unknown_config_name_exits_2_naming_it_and_the_shipped_names(installe
     assert "cnn_maml, " in result.stderr and len(result.stderr.splitlines()) == 1
 
 
+def test_fsl_sweep_lists_a_shipped_sweep_by_name(installed):
+    listing = installed.run("fsl-sweep", "list", "cnn_shots").stdout
+    assert "cnn_maml-k_shot=1-s0" in listing and "resnet" not in listing
+
+
 def write_futurama_drawings(zips: Path, folder: Path, per_class: int) -> None:
     """The first `per_class` drawings of five Futurama characters (the futurama split's test
     alphabet) from the source zip, one folder per character, as a user's images would come."""

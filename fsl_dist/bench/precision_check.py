@@ -124,7 +124,7 @@ def agreement(grad: torch.Tensor, truth: torch.Tensor) -> str:
 def support_losses(model, inner_lr, tasks, cfg, steps: int) -> list[float]:
     """Mean support loss over the tasks before the first inner step and after each of ``steps``
     (the inner loop as the trainer runs it, without the graph the meta-gradient needs)."""
-    names = inner_parameter_names(cfg.algorithm.name, model)
+    names = inner_parameter_names(cfg.algorithm.name, model, cfg.algorithm.adapt)
     lrs = {n: lr.detach() if torch.is_tensor(lr) else lr
            for n, lr in resolve_inner_lr(inner_lr, names).items()}
     forward = lambda params, x: torch.func.functional_call(model, params, (x,))  # noqa: E731

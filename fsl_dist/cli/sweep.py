@@ -1,10 +1,14 @@
 """Run a sweep (configs x seeds x overrides) as a SLURM array job, one run per array task.
 
-    python launch/sweep.py list   configs/sweeps/cnn_compare.yaml            # index -> config, seed, overrides
-    python launch/sweep.py submit configs/sweeps/cnn_compare.yaml --time=2:00:00 --gpus-per-node=1
-    sbatch --array=0-11 launch/slurm/array.sbatch configs/sweeps/cnn_compare.yaml   # the same, by hand
-    python launch/sweep.py run    configs/sweeps/cnn_compare.yaml --index 3 # what array task 3 runs
+    python launch/sweep.py list   configs/sweeps/cnn_shots.yaml              # index -> config, seed, overrides
+    python launch/sweep.py submit configs/sweeps/cnn_shots.yaml --time=2:00:00 --gpus-per-node=1
+    sbatch --array=0-7 launch/slurm/array.sbatch configs/sweeps/cnn_shots.yaml   # the same, by hand
+    python launch/sweep.py run    configs/sweeps/cnn_shots.yaml --index 3    # what array task 3 runs
+    fsl-sweep list cnn_shots                                  # installed: a shipped sweep by its name
 
+The shipped sweeps (cnn_shots, four_systems) are found by name from any folder; a sweep file of
+your own is given by its path. `submit` needs a checkout of the project (its
+launch/slurm/array.sbatch); `list` and `run` work from an installed wheel too.
 `submit` checks every run's config, then calls sbatch with the array size; whatever follows the
 sweep file is passed to sbatch. `run` (what each array task calls) trains one run through
 `accelerate launch`, one process per GPU of the allocation or `cpu_processes` on CPU, and turns

@@ -1,11 +1,14 @@
 """MAML, BOIL and ANIL: one inner loop, differing only in which parameters adapt.
 
-- ``maml`` (Finn et al., 2017) adapts every parameter;
+- ``maml`` (Finn et al., 2017) adapts every parameter (of any ``nn.Module``);
 - ``boil`` (Oh et al., 2021) adapts the body (``features.*``); the head is frozen in the inner
   loop but still meta-learned in the outer step;
 - ``anil`` (Raghu et al., 2020) adapts the head (``classifier.*``) only.
 
-All three meta-learn every parameter in the outer step; only the inner loop differs.
+All three meta-learn every parameter in the outer step; only the inner loop differs. A model
+whose parameters are named otherwise (your own) says which adapt with an ``adapt`` rule: a
+parameter-name prefix, a sequence of them, or a predicate ``name -> bool``; it replaces the
+algorithm's own rule (``InnerLoopSpec(adapt=...)``, ``algorithm.adapt`` in a config).
 
 Per-step batch-norm weights and biases (MAML++'s BNWB, ``BatchStatNorm2d(steps=S)``) never
 adapt, whatever the algorithm: as in the MAML++ reference code (its default
@@ -13,8 +16,9 @@ adapt, whatever the algorithm: as in the MAML++ reference code (its default
 replaces adapting them; they are meta-learned in the outer step like every parameter.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Real
+from typing import Union
 
 import torch
 from torch import nn
@@ -39,29 +43,60 @@ DEFAULT_INNER_LR = {
 }
 
 
-def group_of(name: str) -> str:
-    """The group ("features" or "classifier") of a parameter name."""
-    group = name.split(".", 1)[0]
-    if group not in GROUPS:
-        raise ValueError(f"parameter {name!r} is neither in 'features' nor in 'classifier'")
-    return group
+# Which parameters adapt, when not the algorithm's own rule: a name prefix ("encoder" takes
+# encoder.* and a parameter named encoder), a sequence of prefixes, or a predicate on the name.
+AdaptRule = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 
-def adapted_parameter_names(algorithm: str, names: Iterable[str]) -> list[str]:
-    """The names among ``names`` that ``algorithm`` adapts in the inner loop, in order."""
+def under(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` lies under ``prefix`` ("features" or "features."), at a dot."""
+    prefix = prefix.rstrip(".")
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def check_adapt_rule(adapt: AdaptRule) -> None:
+    """Raise ``ValueError`` unless ``adapt`` is None, a prefix, prefixes or a predicate."""
+    if adapt is None or callable(adapt) or isinstance(adapt, str):
+        return
+    if not (isinstance(adapt, Sequence) and adapt and all(isinstance(p, str) for p in adapt)):
+        raise ValueError(f"adapt must be a parameter-name prefix, a list of them or a predicate "
+                         f"name -> bool, not {adapt!r}")
+
+
+def adapted_parameter_names(algorithm: str, names: Iterable[str],
+                            adapt: AdaptRule = None) -> list[str]:
+    """The names among ``names`` that adapt in the inner loop, in order: those ``adapt``
+    selects, or without it ``algorithm``'s (maml: all; boil: ``features.*``; anil:
+    ``classifier.*``). Raises ``ValueError`` when that selects nothing."""
     if algorithm not in ADAPTED_GROUPS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
-    groups = ADAPTED_GROUPS[algorithm]
-    return [n for n in names if group_of(n) in groups]
+    check_adapt_rule(adapt)
+    names = list(names)
+    if adapt is None:
+        rule = ((lambda n: True) if algorithm == "maml"
+                else (lambda n: any(under(n, g) for g in ADAPTED_GROUPS[algorithm])))
+        chosen = [n for n in names if rule(n)]
+        if names and not chosen:
+            raise ValueError(f"{algorithm} adapts the parameters under "
+                             f"{' and '.join(ADAPTED_GROUPS[algorithm])}, and this model has "
+                             f"none (it has {names[0]}, ...): say which adapt with adapt=")
+        return chosen
+    prefixes = (adapt,) if isinstance(adapt, str) else adapt
+    rule = adapt if callable(adapt) else (lambda n: any(under(n, p) for p in prefixes))
+    chosen = [n for n in names if rule(n)]
+    if names and not chosen:
+        raise ValueError(f"adapt={adapt!r} selects none of the model's parameters "
+                         f"({names[0]}, ...)")
+    return chosen
 
 
-def inner_parameter_names(algorithm: str, model: nn.Module) -> list[str]:
-    """The names of ``model``'s parameters that ``algorithm`` adapts in the inner loop, in
-    order: ``adapted_parameter_names`` less the per-step batch-norm parameters, which never
-    adapt (see the module's docstring)."""
+def inner_parameter_names(algorithm: str, model: nn.Module, adapt: AdaptRule = None) -> list[str]:
+    """The names of ``model``'s parameters that adapt in the inner loop, in order:
+    ``adapted_parameter_names`` less the per-step batch-norm parameters, which never adapt (see
+    the module's docstring)."""
     fixed = per_step_parameter_names(model)
-    return [n for n in adapted_parameter_names(algorithm, [n for n, _ in model.named_parameters()])
-            if n not in fixed]
+    names = [n for n, _ in model.named_parameters()]
+    return [n for n in adapted_parameter_names(algorithm, names, adapt) if n not in fixed]
 
 
 class LearnedInnerLR(nn.Module):
@@ -77,6 +112,7 @@ class LearnedInnerLR(nn.Module):
         algorithm: "maml", "boil" or "anil" (which parameters adapt).
         init: initial step size, a float or ``{"features": a, "classifier": b}`` (every
             inner step starts from the same one).
+        adapt: the rule of ``InnerLoopSpec.adapt``, if the spec has one.
         steps: None: one step size per tensor, ``lrs`` (a ParameterDict of scalars); an int:
             ``per_step``, one parameter of shape [steps, adapted tensors], row k holding the
             sizes of inner step k, columns in ``names`` order. An inner loop longer than
@@ -86,13 +122,14 @@ class LearnedInnerLR(nn.Module):
 
         lrs = LearnedInnerLR(model, "maml", 0.4)
         optimizer = torch.optim.Adam([*model.parameters(), *lrs.parameters()], 1e-3)
-        loss, stats = meta_loss(model, tasks, algorithm="maml", inner_steps=1, inner_lr=lrs)
+        loss, stats = meta_loss(model, tasks, InnerLoopSpec("maml", 1, inner_lr=lrs))
     """
 
-    def __init__(self, model: nn.Module, algorithm: str, init, steps: int | None = None):
+    def __init__(self, model: nn.Module, algorithm: str, init, steps: int | None = None,
+                 adapt: AdaptRule = None):
         super().__init__()
         self.algorithm = algorithm
-        self.names = inner_parameter_names(algorithm, model)
+        self.names = inner_parameter_names(algorithm, model, adapt)
         values = resolve_inner_lr(init, self.names)
         if steps is None:
             # Module attribute names cannot hold dots.
@@ -120,20 +157,23 @@ class LearnedInnerLR(nn.Module):
         return f"algorithm={self.algorithm!r}, steps={self.steps}"
 
 
-def learned_inner_lr(model: nn.Module, algorithm: str, init, learn, inner_steps: int):
+def learned_inner_lr(model: nn.Module, algorithm: str, init, learn, inner_steps: int,
+                     adapt: AdaptRule = None):
     """The ``LearnedInnerLR`` a config's ``algorithm.learn_inner_lr`` asks for: true, one size
     per adapted tensor; "per_step", one per training inner step and adapted tensor. The one
     place mapping the setting to the module, for training and for loading a trained model."""
     return LearnedInnerLR(model, algorithm, init,
-                          steps=inner_steps if learn == "per_step" else None)
+                          steps=inner_steps if learn == "per_step" else None, adapt=adapt)
 
 
 def resolve_inner_lr(inner_lr, names: Iterable[str]) -> dict | list[dict]:
     """``{name: step size}`` for the adapted ``names``; for a per-step ``LearnedInnerLR`` a
     list of them, one per inner step (what ``inner.adapt`` takes as ``lrs``).
 
-    ``inner_lr`` is a float (every adapted parameter), a mapping from group ("features",
-    "classifier") to float, or a ``LearnedInnerLR``. A group that adapts must be given.
+    ``inner_lr`` is a float (every adapted parameter), a mapping from parameter-name prefix
+    (the groups "features", "classifier", or any prefix of your model's names) to float, each
+    name taking its longest matching prefix, or a ``LearnedInnerLR``. Every adapted name must
+    be covered.
     """
     names = list(names)
     if isinstance(inner_lr, LearnedInnerLR):
@@ -148,12 +188,13 @@ def resolve_inner_lr(inner_lr, names: Iterable[str]) -> dict | list[dict]:
     if isinstance(inner_lr, Real):
         return {n: float(inner_lr) for n in names}
     if isinstance(inner_lr, Mapping):
-        unknown = set(inner_lr) - set(GROUPS)
-        if unknown:
-            raise ValueError(f"inner_lr groups must be among {GROUPS}, got {sorted(unknown)}")
-        missing = {group_of(n) for n in names} - set(inner_lr)
+        def prefix_of(name):
+            matching = [p for p in inner_lr if under(name, p)]
+            return max(matching, key=len) if matching else None
+        missing = [n for n in names if prefix_of(n) is None]
         if missing:
-            raise ValueError(f"inner_lr has no step size for adapted group(s) {sorted(missing)}")
-        return {n: float(inner_lr[group_of(n)]) for n in names}
+            raise ValueError(f"inner_lr {sorted(inner_lr)} has no step size for the adapted "
+                             f"parameter(s) {missing[:3]}")
+        return {n: float(inner_lr[prefix_of(n)]) for n in names}
     raise TypeError(f"inner_lr must be a float, a group mapping or LearnedInnerLR, "
                     f"not {type(inner_lr).__name__}")

@@ -37,6 +37,8 @@ def default_vectorize(device, model: nn.Module | None = None) -> bool:
     device_type = torch.device(device).type
     if model is not None and running_stats_norms(model):
         return False  # per-step running statistics are collected on the loop path only
+    if model is not None and native_batch_norms(model):
+        return False  # vmap differentiates torch's batch-norm kernel wrongly (second order)
     # CUDA: vmap is several times the loop's tasks/s for every model and algorithm measured.
     # CPU: the loop is faster in most cases at about half the memory. Other devices are
     # unmeasured: take the path that needs no batching rules. Numbers: BENCHMARKS.md.
@@ -119,7 +121,24 @@ class _TaskForward(NamedTuple):
     prepare: Callable  # raw images -> what ``forward`` takes
 
 
+def splits_body_and_head(model: nn.Module) -> bool:
+    """Whether ``model(x)`` is ``model.classifier(model.features(x))`` with every parameter in
+    those two (the built-in models declare it): then the head runs outside autocast and ANIL
+    computes the body's features once. Any other model runs whole."""
+    return getattr(model, "features_then_classifier", False)
+
+
+def _whole_fn(model: nn.Module, autocast):
+    """``forward(params, x)`` of a model that does not split: all of it under autocast."""
+    def forward(params, x):
+        with autocast():
+            return upcast(functional_call(model, params, (x,)))
+    return forward
+
+
 def _task_forward(model, params, plan: _Plan) -> _TaskForward:
+    if not splits_body_and_head(model):
+        return _TaskForward(_whole_fn(model, plan.autocast), params, lambda x: x)
     if plan.reuse_features:
         # ANIL fast path: the body does not adapt, so its features are computed once per
         # image set (support and query separately, as in the full forward, since batch norm
@@ -233,9 +252,9 @@ def _plan(model, spec: InnerLoopSpec, device_type: str, vectorize: bool, *,
           inner_loss_scale=None, acc_before=True, evaluation=False):
     """The batch-wide plan of ``spec`` on ``device_type``, and the step sizes per adapted name.
     ``evaluation`` keeps no outer graph: first order, features reused, no multi-step loss."""
-    names = inner_parameter_names(spec.algorithm, model)
+    names = inner_parameter_names(spec.algorithm, model, spec.adapt)
     lrs = resolve_inner_lr(spec.inner_lr, names)
-    head_only = all(n.startswith("classifier.") for n in names)
+    head_only = splits_body_and_head(model) and all(n.startswith("classifier.") for n in names)
     # Per-step batch norms change the body's output from one inner step to the next: the
     # ANIL fast path's features, computed once, would hold step 0's.
     reuse = (spec.reuse_features or evaluation) and not per_step_parameter_names(model)
@@ -268,7 +287,19 @@ def _summary(objective, query_loss, acc_before, acc_after, first_loss, nonfinite
     return {k: v.detach().float() for k, v in stats.items()}
 
 
+def native_batch_norms(model: nn.Module) -> list[str]:
+    """Names of ``model``'s torch batch norms (``nn.BatchNorm2d`` ...): under ``vmap`` with
+    ``torch.func.grad`` their second-order gradients are wrong (measured in float64 against the
+    loop), so such a model takes the loop; ``fsl_dist.models.BatchStatNorm2d`` is exact on
+    both paths."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def _vectorize(spec: InnerLoopSpec, model: nn.Module, device: torch.device) -> bool:
+    if spec.vectorize and native_batch_norms(model):
+        raise ValueError(f"vectorize=True: vmap gives wrong second-order gradients through "
+                         f"torch's batch norm ({native_batch_norms(model)[0]}); use "
+                         "fsl_dist.models.BatchStatNorm2d in the model, or vectorize=False")
     return default_vectorize(device, model) if spec.vectorize is None else spec.vectorize
 
 
@@ -277,7 +308,9 @@ def meta_loss(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoopSpec
     """Mean query loss after inner-loop adaptation over a batch of tasks (the meta-objective).
 
     Args:
-        model: a model with ``features`` and ``classifier`` (see ``fsl_dist.models``).
+        model: any ``nn.Module`` mapping images to logits; which parameters adapt is
+            ``spec.algorithm``'s rule on the built-in models' ``features`` and
+            ``classifier`` names, or ``spec.adapt``.
         tasks: ``support_x [T, N*K, C, H, W]``, ``support_y [T, N*K]`` (int64),
             ``query_x [T, Q, C, H, W]``, ``query_y [T, Q]``.
         spec: the inner loop (``InnerLoopSpec``: algorithm, steps, step sizes, order, ...).

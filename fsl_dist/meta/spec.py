@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from .algorithms import ALGORITHMS
+from .algorithms import ALGORITHMS, check_adapt_rule
 from .inner import INNER_LOSSES
 from .precision import PRECISIONS
 
@@ -20,7 +20,8 @@ class InnerLoopSpec:
     """What the inner loop does for every task of a batch.
 
     Attributes:
-        algorithm: "maml", "boil" or "anil" (which parameters adapt).
+        algorithm: "maml", "boil" or "anil" (which parameters adapt: every one, those under
+            ``features``, those under ``classifier``).
         inner_steps: inner gradient steps per task (at least one).
         inner_lr: a float, ``{"features": a, "classifier": b}`` or a ``LearnedInnerLR``.
         first_order: drop the second-order term (the meta-gradient treats adaptation as the
@@ -35,11 +36,17 @@ class InnerLoopSpec:
         step_weights: MAML++'s multi-step loss: one weight per inner step, the meta-objective
             being the weighted sum of the query losses after each step (``msl_weights``);
             None: the query loss after the last step alone. Evaluation ignores it.
+        adapt: which parameters adapt, replacing the algorithm's rule (for models of your own,
+            whose parameters are not named ``features.*`` and ``classifier.*``): a name prefix
+            ("encoder" takes ``encoder.*``), a tuple of them, or a predicate ``name -> bool``.
+            None (default): the algorithm's rule. ``algorithm`` still names the method in logs.
 
     Example::
 
         spec = InnerLoopSpec("maml", inner_steps=1, inner_lr=0.4)
         loss, stats = meta_loss(model, tasks, spec)
+        # any nn.Module: BOIL's rule on a model whose head is `fc` (the body adapts)
+        spec = InnerLoopSpec("boil", 1, 0.5, adapt=lambda name: not name.startswith("fc."))
     """
 
     algorithm: str
@@ -51,6 +58,7 @@ class InnerLoopSpec:
     vectorize: Optional[bool] = None
     reuse_features: bool = True
     step_weights: Optional[tuple[float, ...]] = None
+    adapt: Any = None
 
     def __post_init__(self):
         for field, value, allowed in (("algorithm", self.algorithm, ALGORITHMS),
@@ -58,6 +66,7 @@ class InnerLoopSpec:
                                       ("precision", self.precision, PRECISIONS)):
             if value not in allowed:
                 raise ValueError(f"InnerLoopSpec.{field} must be one of {allowed}, got {value!r}")
+        check_adapt_rule(self.adapt)
         if self.step_weights is not None and len(self.step_weights) != self.inner_steps:
             raise ValueError(f"InnerLoopSpec.step_weights needs one weight per inner step "
                              f"({self.inner_steps}), got {len(self.step_weights)}")
@@ -91,7 +100,8 @@ class InnerLoopSpec:
                    first_order=algo.first_order or annealing, inner_loss=algo.inner_loss,
                    precision=precision, vectorize=algo.vectorize,
                    step_weights=msl_weights(inner_steps, step, algo.msl_steps)
-                   if training else None)
+                   if training else None,
+                   adapt=tuple(algo.adapt) if algo.adapt else None)
 
 
 # The reference code's floor of a non-final weight, as a fraction of the uniform weight 1/S.

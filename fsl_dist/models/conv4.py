@@ -38,6 +38,8 @@ class Conv4(nn.Module):
     the meta-learning algorithms select parameters by these two names.
     """
 
+    features_then_classifier = True  # forward = classifier(features(x)): see meta.objective
+
     def __init__(self, n_way: int, width: int = 64, in_channels: int = 1,
                  image_size: int = 28, blocks: int = 4, bn_steps: int = 0,
                  bn_stats: bool = False):

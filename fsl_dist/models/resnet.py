@@ -51,6 +51,8 @@ class ResNet12(nn.Module):
         bn_stats: with ``bn_steps``, per-step running statistics (MAML++'s BNRS).
     """
 
+    features_then_classifier = True  # forward = classifier(features(x)): see meta.objective
+
     def __init__(self, n_way: int, widths=None, width: int | None = None,
                  in_channels: int = 1, image_size: int = 28, bn_steps: int = 0,
                  bn_stats: bool = False):

@@ -99,6 +99,8 @@ class StandardResNet12(nn.Module):
         bn_stats: with ``bn_steps``, per-step running statistics (MAML++'s BNRS).
     """
 
+    features_then_classifier = True  # forward = classifier(features(x)): see meta.objective
+
     def __init__(self, n_way: int, width: int = 64, in_channels: int = 3,
                  image_size: int = 84, drop_rate: float = 0.0, dropblock_size: int = 5,
                  bn_steps: int = 0,
