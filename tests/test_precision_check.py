@@ -67,7 +67,7 @@ def test_support_loss_trace_matches_one_inner_step_by_hand():
     model = build_model("cnn", n_way=3, width=4).double()
     tasks = {"support_x": torch.rand(2, 6, 1, 28, 28, dtype=torch.float64),
              "support_y": torch.arange(3).repeat(2).expand(2, -1)}
-    cfg = SimpleNamespace(algorithm=SimpleNamespace(name="boil", inner_loss="ce"))
+    cfg = SimpleNamespace(algorithm=SimpleNamespace(name="boil", inner_loss="ce", adapt=None))
     before, after = precision_check.support_losses(model, 0.3, tasks, cfg, steps=1)
 
     expected_before, expected_after = [], []
