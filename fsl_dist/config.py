@@ -144,6 +144,15 @@ class AlgorithmConfig:
     with pair k (non-transductive: a query image's output does not depend on the others). The
     reference code collects such statistics but never normalises with them. The loop path only
     (the updates cannot cross vmap): null vectorize takes the loop, true is refused."""
+    checkpoint: str = "none"
+    """Trade compute for memory in second-order meta-training, the meta-gradient unchanged:
+    none (default); steps keeps only the parameters at each inner step's start and recomputes
+    the step (its forward and inner gradient) during the outer backward, so memory no longer
+    grows by a whole step's graph per inner step; blocks does that and also checkpoints the
+    backbone's blocks in the query forwards (and ANIL's body forwards), recomputing them in
+    the backward. The loop path only (checkpointing cannot cross vmap): null vectorize takes
+    the loop, true is refused. First order is unaffected by steps (it keeps no step graph).
+    Measured memory and time: docs/2026-12-05-checkpointed-inner-loop.md."""
 
 
 @dataclass
@@ -275,6 +284,7 @@ CHOICES = {
     "algorithm.name": ("maml", "boil", "anil"),
     "algorithm.inner_loss": ("ce", "mse"),
     "algorithm.learn_inner_lr": (False, True, "per_step"),
+    "algorithm.checkpoint": ("none", "steps", "blocks"),
     "eval.part": ("val", "test"),
     "optim.schedule": ("constant", "cosine", "step"),
 }
@@ -526,6 +536,9 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: `algorithm.per_step_bn_stats` runs on the loop path (its "
                           "statistics cannot be collected across vmap): set "
                           "`algorithm.vectorize` to false or null")
+    if cfg.algorithm.checkpoint != "none" and cfg.algorithm.vectorize:
+        raise ConfigError(f"{where}: `algorithm.checkpoint` runs on the loop path (checkpointing "
+                          "cannot cross vmap): set `algorithm.vectorize` to false or null")
     if not 0 <= cfg.model.drop_rate < 1:
         raise ConfigError(f"{where}: `model.drop_rate` = {cfg.model.drop_rate} must be in [0, 1)")
     if cfg.model.drop_rate and cfg.model.name != "resnet12":

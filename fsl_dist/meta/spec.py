@@ -11,6 +11,9 @@ from .algorithms import ALGORITHMS
 from .inner import INNER_LOSSES
 from .precision import PRECISIONS
 
+# InnerLoopSpec.checkpoint's levels, the lightest first.
+CHECKPOINT_LEVELS = ("none", "steps", "blocks")
+
 if TYPE_CHECKING:
     from fsl_dist.config import Config
 
@@ -35,6 +38,12 @@ class InnerLoopSpec:
         step_weights: MAML++'s multi-step loss: one weight per inner step, the meta-objective
             being the weighted sum of the query losses after each step (``msl_weights``);
             None: the query loss after the last step alone. Evaluation ignores it.
+        checkpoint: trade compute for memory in the outer backward, the meta-gradient
+            unchanged: "none"; "steps" keeps only the parameters at each inner step's start
+            and recomputes the step (forward and inner gradient) in the outer backward;
+            "blocks" also checkpoints the backbone's blocks in the passes outside the inner
+            steps (query sets; ANIL's body features). Second order only (a first-order step
+            keeps no graph); the loop path only (``vectorize`` True is refused).
 
     Example::
 
@@ -51,13 +60,18 @@ class InnerLoopSpec:
     vectorize: Optional[bool] = None
     reuse_features: bool = True
     step_weights: Optional[tuple[float, ...]] = None
+    checkpoint: str = "none"
 
     def __post_init__(self):
         for field, value, allowed in (("algorithm", self.algorithm, ALGORITHMS),
                                       ("inner_loss", self.inner_loss, tuple(INNER_LOSSES)),
-                                      ("precision", self.precision, PRECISIONS)):
+                                      ("precision", self.precision, PRECISIONS),
+                                      ("checkpoint", self.checkpoint, CHECKPOINT_LEVELS)):
             if value not in allowed:
                 raise ValueError(f"InnerLoopSpec.{field} must be one of {allowed}, got {value!r}")
+        if self.checkpoint != "none" and self.vectorize:
+            raise ValueError("InnerLoopSpec.checkpoint runs on the loop path (checkpointing "
+                             "cannot cross torch.func.vmap): vectorize must be False or None")
         if self.step_weights is not None and len(self.step_weights) != self.inner_steps:
             raise ValueError(f"InnerLoopSpec.step_weights needs one weight per inner step "
                              f"({self.inner_steps}), got {len(self.step_weights)}")
@@ -91,7 +105,7 @@ class InnerLoopSpec:
                    first_order=algo.first_order or annealing, inner_loss=algo.inner_loss,
                    precision=precision, vectorize=algo.vectorize,
                    step_weights=msl_weights(inner_steps, step, algo.msl_steps)
-                   if training else None)
+                   if training else None, checkpoint=algo.checkpoint)
 
 
 # The reference code's floor of a non-final weight, as a fraction of the uniform weight 1/S.
