@@ -148,10 +148,13 @@ class AlgorithmConfig:
     """Trade compute for memory in second-order meta-training, the meta-gradient unchanged:
     none (default); steps keeps only the parameters at each inner step's start and recomputes
     the step (its forward and inner gradient) during the outer backward, so memory no longer
-    grows by a whole step's graph per inner step; blocks does that and also checkpoints the
-    backbone's blocks in the query forwards (and ANIL's body forwards), recomputing them in
-    the backward. The loop path only (checkpointing cannot cross vmap): null vectorize takes
-    the loop, true is refused. First order is unaffected by steps (it keeps no step graph).
+    grows by a whole step's graph per inner step; blocks instead takes each inner gradient block
+    by block of the backbone (each residual stage or conv block recomputed, to second order, in
+    the outer backward: only the blocks' inputs and gradients are kept) and checkpoints the
+    blocks of the query forwards (and of ANIL's body forwards): the least memory, the most
+    compute. The loop path only (checkpointing cannot cross vmap): null vectorize takes the
+    loop, true is refused. First order keeps no step graph: only blocks' query checkpointing
+    changes it.
     Measured memory and time: docs/2026-12-05-checkpointed-inner-loop.md."""
 
 

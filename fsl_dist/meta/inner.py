@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.layers import inner_step, no_batch_stats
+from ..models.layers import inner_step
+from .blockwise import Blocks, blockwise_gradient
+from .recompute import Recomputed
 
 Params = dict[str, Tensor]
 Forward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
@@ -49,7 +51,7 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
           adapted_names, lrs: Mapping, steps: int, first_order: bool = False,
           inner_loss: str = "ce", loss_scale: float | None = None,
           functional: bool = False, keep_steps: bool = False,
-          checkpoint: bool = False) -> Adaptation:
+          checkpoint: bool = False, blocks: Blocks | None = None) -> Adaptation:
     """Adapt ``params`` to one task's support set ``(x, y)`` with ``steps`` gradient steps.
 
     Args:
@@ -71,8 +73,11 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
             MAML++'s multi-step loss).
         checkpoint: second order only (first order keeps no graph of a step anyway): keep
             just each step's inputs (the parameters at its start) and recompute the step's
-            forward and inner gradient during the outer backward (``_RecomputedStep``); the
+            forward and inner gradient during the outer backward (``Recomputed``); the
             same meta-gradient in the memory of one step's graph. Not under ``functional``.
+        blocks: ``forward`` split into its blocks (``blockwise.Blocks``): second-order inner
+            gradients are then taken block by block, keeping only the blocks' boundaries
+            (``blockwise_gradient``). Not under ``functional``.
 
     A non-finite gradient is not raised on (one rank raising would hang the others): it is
     reported in ``nonfinite`` and left in the result for the caller to skip the step.
@@ -83,7 +88,7 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
     adapted = {n: params[n] for n in adapted_names}
     fixed = {n: p for n, p in params.items() if n not in adapted}
 
-    if checkpoint and functional:
+    if (checkpoint or blocks is not None) and functional:
         raise ValueError("a checkpointed inner loop cannot run under torch.func transforms "
                          "(vmap): use the loop path")
     gradient = _functional_gradient if functional else _autograd_gradient
@@ -92,7 +97,7 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
     per_step = lrs if isinstance(lrs, Sequence) else [lrs]
     for k in range(steps):
         step_lrs = per_step[min(k, len(per_step) - 1)]
-        step = functools.partial(_step, k, forward, y, loss_fn, loss_scale, gradient)
+        step = functools.partial(_step, k, forward, y, loss_fn, loss_scale, gradient, blocks)
         if checkpoint and not first_order:
             adapted, loss, step_nonfinite = _recomputed(step, adapted, fixed, step_lrs, x)
         else:
@@ -105,7 +110,8 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
     return Adaptation({**params, **adapted}, first_loss, nonfinite, tuple(kept))
 
 
-def _step(k, forward, y, loss_fn, loss_scale, gradient, adapted, fixed, lrs, x, create_graph):
+def _step(k, forward, y, loss_fn, loss_scale, gradient, blocks, adapted, fixed, lrs, x,
+          create_graph):
     """Inner step ``k``: ``(adapted - lrs * grad, support loss, non-finite flag)``."""
     def support_loss(current):
         loss = loss_fn(forward({**fixed, **current}, x), y)
@@ -113,7 +119,11 @@ def _step(k, forward, y, loss_fn, loss_scale, gradient, adapted, fixed, lrs, x, 
         return scaled, loss.detach()
 
     with inner_step(k):  # per-step batch norms use set k (MAML++'s BNWB)
-        grads, loss = gradient(support_loss, adapted, create_graph=create_graph)
+        if blocks is not None and create_graph:
+            grads, loss = blockwise_gradient(blocks, {**fixed, **adapted}, list(adapted), x, y,
+                                             loss_fn, loss_scale)
+        else:
+            grads, loss = gradient(support_loss, adapted, create_graph=create_graph)
     if loss_scale is not None:
         grads = {n: g / loss_scale for n, g in grads.items()}
     updated = {n: p - lrs[n] * grads[n] for n, p in adapted.items()}
@@ -138,7 +148,7 @@ def _functional_gradient(loss_fn, params: Params, create_graph: bool):
 
 def _recomputed(step, adapted: Params, fixed: Params, lrs: Mapping, x: Tensor):
     """``step(adapted, fixed, lrs, x, create_graph=True)`` without keeping its graph: the
-    values now, the step recomputed in the outer backward (``_RecomputedStep``)."""
+    values now, the step recomputed in the outer backward (``Recomputed``)."""
     groups = [dict(adapted), dict(fixed), {n: v for n, v in lrs.items()
                                            if isinstance(v, Tensor)}]
     floats = {n: v for n, v in lrs.items() if not isinstance(v, Tensor)}
@@ -150,62 +160,12 @@ def _recomputed(step, adapted: Params, fixed: Params, lrs: Mapping, x: Tensor):
         for group in names:
             parts.append(dict(zip(group, tensors[start:start + len(group)])))
             start += len(group)
-        return step(parts[0], parts[1], {**floats, **parts[2]}, tensors[-1], create_graph)
+        updated, loss, nonfinite = step(parts[0], parts[1], {**floats, **parts[2]},
+                                        tensors[-1], create_graph)
+        return list(updated.values()), [loss, nonfinite]
 
-    out = _RecomputedStep.apply(run, len(adapted), *flat_in)
+    out = Recomputed.apply(run, *flat_in)
     return dict(zip(names[0], out[:len(adapted)])), out[-2], out[-1]
-
-
-class _RecomputedStep(torch.autograd.Function):
-    """One inner step, ``run(inputs, create_graph) -> (updated, loss, nonfinite)``, whose
-    forward keeps only its inputs; its backward recomputes the step with a graph (the inner
-    gradient taken with ``create_graph``, so second order) and differentiates that.
-
-    Written as a Function rather than with ``torch.utils.checkpoint``: the non-reentrant
-    checkpoint runs a step that calls ``autograd.grad`` three times instead of two (pytorch
-    issue 102223), and neither works under torch.func transforms (docs/2026-12-05-...).
-    The random state is restored for the recomputation (DropBlock draws the same masks),
-    and batch statistics are not collected twice (MAML++'s BNRS)."""
-
-    @staticmethod
-    def forward(ctx, run, n_updated, *inputs):
-        ctx.run, ctx.n_updated = run, n_updated
-        ctx.rng = _rng_state(inputs[-1].device)
-        ctx.save_for_backward(*inputs)
-        with torch.enable_grad():
-            updated, loss, nonfinite = run([t.detach() for t in inputs], False)
-        out = [t.detach() for t in updated.values()] + [loss.detach(), nonfinite]
-        ctx.mark_non_differentiable(*out[-2:])
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grad_out):
-        inputs = ctx.saved_tensors
-        needed = ctx.needs_input_grad[2:]
-        leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needed)]
-        with torch.random.fork_rng(_rng_devices(inputs[-1].device)), torch.enable_grad(), \
-                no_batch_stats():
-            _set_rng_state(ctx.rng, inputs[-1].device)
-            updated, _, _ = ctx.run(leaves, True)
-            wanted = [t for t, need in zip(leaves, needed) if need]
-            grads = iter(torch.autograd.grad(list(updated.values()), wanted,
-                                             grad_out[:ctx.n_updated], allow_unused=True))
-        return (None, None, *(next(grads) if need else None for need in needed))
-
-
-def _rng_devices(device: torch.device) -> list:
-    return [device] if device.type == "cuda" else []
-
-
-def _rng_state(device: torch.device):
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def _any_nonfinite(grads: Mapping[str, Tensor]) -> Tensor:

@@ -24,6 +24,7 @@ from ..models.layers import (
     running_stats_norms,
 )
 from .algorithms import inner_parameter_names, resolve_inner_lr
+from .blockwise import Blocks
 from .inner import adapt, cross_entropy, upcast
 from .precision import autocast_factory
 from .spec import InnerLoopSpec
@@ -154,11 +155,10 @@ class _TaskForward(NamedTuple):
     params: dict       # the parameters ``forward`` takes (only the head's on the ANIL path)
     prepare: Callable  # raw images -> what ``forward`` takes
     query: Callable    # as ``forward``, for query sets
+    blocks: Blocks | None = None  # ``forward`` split into blocks (checkpoint: blocks)
 
 
 def _task_forward(model, params, plan: _Plan) -> _TaskForward:
-    # The support forward of a second-order step is not block-checkpointed: its inner
-    # gradient's graph holds every activation of it anyway (docs/2026-12-05-checkpointed-...).
     blocks = plan.checkpoint == "blocks"
     if plan.reuse_features:
         # ANIL fast path: the body does not adapt, so its features are computed once per
@@ -173,7 +173,25 @@ def _task_forward(model, params, plan: _Plan) -> _TaskForward:
     def full(body):
         return lambda params, x: head(params, body(params, x))
     return _TaskForward(full(_body_fn(model, plan.autocast)), params, lambda x: x,
-                        full(_body_fn(model, plan.autocast, blocks)))
+                        full(_body_fn(model, plan.autocast, blocks)),
+                        _split(model, plan.autocast) if blocks else None)
+
+
+def _split(model: nn.Module, autocast) -> Blocks:
+    """The full forward as blocks: each child of ``model.features``, then the head."""
+    children = list(model.features.named_children())
+    last = children[-1][0]
+
+    def block(name, module):
+        prefix = f"features.{name}."
+
+        def forward(params, x):
+            with autocast():
+                out = functional_call(module, _strip(params, prefix), (x,))
+            return upcast(out) if name == last else out
+        return forward, tuple(prefix + n for n, _ in module.named_parameters())
+    head_names = tuple("classifier." + n for n, _ in model.classifier.named_parameters())
+    return Blocks(tuple(block(n, m) for n, m in children), _head_fn(model), head_names)
 
 
 def _adapt_task(task: _TaskForward, lrs, plan: _Plan, support_in, support_y):
@@ -183,7 +201,7 @@ def _adapt_task(task: _TaskForward, lrs, plan: _Plan, support_in, support_y):
                  first_order=plan.first_order, inner_loss=plan.inner_loss,
                  loss_scale=plan.loss_scale, functional=plan.functional,
                  keep_steps=plan.step_weights is not None,
-                 checkpoint=plan.checkpoint != "none")
+                 checkpoint=plan.checkpoint == "steps", blocks=task.blocks)
 
 
 def _one_task(model, params, lrs, plan: _Plan, support_x, support_y, query_x, query_y):

@@ -41,9 +41,11 @@ class InnerLoopSpec:
         checkpoint: trade compute for memory in the outer backward, the meta-gradient
             unchanged: "none"; "steps" keeps only the parameters at each inner step's start
             and recomputes the step (forward and inner gradient) in the outer backward;
-            "blocks" also checkpoints the backbone's blocks in the passes outside the inner
-            steps (query sets; ANIL's body features). Second order only (a first-order step
-            keeps no graph); the loop path only (``vectorize`` True is refused).
+            "blocks" takes each second-order inner gradient block by block of the backbone,
+            keeping only the blocks' boundaries (``blockwise``), and checkpoints the blocks
+            of the passes outside the inner loop (query sets; ANIL's body features). A
+            first-order step keeps no graph to checkpoint. The loop path only (``vectorize``
+            True is refused).
 
     Example::
 
