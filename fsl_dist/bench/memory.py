@@ -38,9 +38,11 @@ def case(k_shot: int, n_query: int) -> dict:
             "n_query": n_query, "meta_batch": 1, "image_size": 84, "channels": 3}
 
 
-def run_row(level: str, steps: int, k_shot: int, n_query: int, grad_out: str) -> dict:
+def run_row(level: str, steps: int, k_shot: int, n_query: int, grad_out: str,
+            tune_malloc: bool = True) -> dict:
     """One task's meta-gradient in this process: peak RSS (MiB) and seconds."""
-    tune_cpu_malloc()
+    if tune_malloc:
+        tune_cpu_malloc()
     torch.manual_seed(0)
     spec_case = case(k_shot, n_query)
     model = build_model("resnet12", 5, width=64, in_channels=3, image_size=84)
@@ -53,14 +55,16 @@ def run_row(level: str, steps: int, k_shot: int, n_query: int, grad_out: str) ->
     cpu_seconds = time.process_time() - cpu_started
     peak = peak_rss()
     torch.save(torch.cat([p.grad.reshape(-1) for p in model.parameters()]), grad_out)
-    return {"level": level, "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
+    return {"level": level, "steps": steps, "tuned_malloc": tune_malloc, "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
             "peak_mib": peak / 2**20,
             "above_start_mib": (peak - base) / 2**20}
 
 
-def _child(level, steps, k_shot, n_query, grad_out) -> dict:
+def _child(level, steps, k_shot, n_query, grad_out, tune_malloc) -> dict:
     command = [sys.executable, "-m", "fsl_dist.bench.memory", "--row", level, str(steps),
                "--shot", str(k_shot), "--query", str(n_query), "--grad-out", grad_out]
+    command += [] if tune_malloc else ["--glibc-malloc-defaults"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         return {"level": level, "steps": steps, "failed": done.stderr.strip()[-300:]}
@@ -79,12 +83,14 @@ def main(argv=None) -> None:
     parser.add_argument("--shot", type=int, default=5)
     parser.add_argument("--query", type=int, default=15)
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--glibc-malloc-defaults", action="store_true",
+                        help="leave glibc's allocator as it is (the trainer tunes it on CPU)")
     parser.add_argument("--row", nargs=2, metavar=("LEVEL", "STEPS"), help=argparse.SUPPRESS)
     parser.add_argument("--grad-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.row:
         print(json.dumps(run_row(args.row[0], int(args.row[1]), args.shot, args.query,
-                                 args.grad_out)))
+                                 args.grad_out, not args.glibc_malloc_defaults)))
         return
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -92,7 +98,8 @@ def main(argv=None) -> None:
             return os.path.join(scratch, f"{level}-{steps}.pt")
         for steps in args.steps:
             for level in args.levels:
-                rows.append(_child(level, steps, args.shot, args.query, grad_file(level, steps)))
+                rows.append(_child(level, steps, args.shot, args.query, grad_file(level, steps),
+                                   not args.glibc_malloc_defaults))
                 print(_line(rows[-1]), flush=True)
         # After all rows, so that the heaviest (none) may run last.
         for row in rows:

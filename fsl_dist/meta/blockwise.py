@@ -15,15 +15,14 @@ forward and first backward, differentiated once more (second order). The result 
 gradient as autograd's, whose backward computes the same products in the same order.
 """
 
-import contextlib
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..models.layers import current_inner_step, inner_step, no_batch_stats
-from .recompute import Recomputed, rng_devices, rng_state, set_rng_state
+from ..models.layers import current_inner_step, inner_step
+from .recompute import Recomputed, rng_state
 
 
 class Blocks(NamedTuple):
@@ -39,47 +38,83 @@ def blockwise_gradient(blocks: Blocks, params: Mapping[str, Tensor], adapted_nam
     """Second-order ``(grads of the (scaled) support loss w.r.t. adapted_names, loss)``, as
     ``torch.autograd.grad(..., create_graph=True)`` would give them."""
     adapted = set(adapted_names)
-    xs, replays = [x], []
-    for fn, names in blocks.blocks:
-        out, replay = _apply(fn, names, params, xs[-1])
-        xs.append(out)
-        replays.append(replay)
-    head_adapted = [n for n in blocks.head_names if n in adapted]
-    features = xs[-1]
-    head_params = {n: params[n] for n in blocks.head_names}
-    loss = loss_fn(blocks.head(head_params, features), y)
-    scaled = loss * loss_scale if loss_scale is not None else loss
-    wanted = [features] + [head_params[n] for n in head_adapted]
-    g, *head_grads = torch.autograd.grad(scaled, wanted, create_graph=True)
-    grads = dict(zip(head_adapted, head_grads))
     # The vjp chain goes back only as far as the first block with adapted parameters.
     firsts = [b for b, (_, names) in enumerate(blocks.blocks) if adapted & set(names)]
-    for b in reversed(range(firsts[0] if firsts else len(blocks.blocks), len(blocks.blocks))):
+    first = firsts[0] if firsts else len(blocks.blocks)
+    values = _values(blocks, params, adapted_names, x, y, loss_fn, loss_scale, first)
+    k = current_inner_step()
+    xs = [x]
+    for b, (fn, names) in enumerate(blocks.blocks):
+        given = ([values.xs[b + 1]], values.rngs[b])
+        xs.append(Recomputed.apply(_apply(fn, names, k), given, *_block(params, names),
+                                   xs[-1])[0])
+    head_adapted = [n for n in blocks.head_names if n in adapted]
+    head_params = {n: params[n] for n in blocks.head_names}
+    loss = loss_fn(blocks.head(head_params, xs[-1]), y)
+    scaled = loss * loss_scale if loss_scale is not None else loss
+    wanted = [xs[-1]] + [head_params[n] for n in head_adapted]
+    g, *head_grads = torch.autograd.grad(scaled, wanted, create_graph=True)
+    grads = dict(zip(head_adapted, head_grads))
+    for b in reversed(range(first, len(blocks.blocks))):
         fn, names = blocks.blocks[b]
         own = [n for n in names if n in adapted]
-        g, block_grads = _vjp(fn, names, own, params, xs[b], g, replays[b],
-                              with_input=b > firsts[0])
-        grads.update(zip(own, block_grads))
+        with_input = b > first
+        given = (([values.gs[b]] if with_input else []) + [values.grads[n] for n in own],
+                 values.rngs[b])
+        out = Recomputed.apply(_vjp(fn, names, own, k, with_input), given,
+                               *_block(params, names), xs[b], g)
+        g = out[0] if with_input else None
+        grads.update(zip(own, out[int(with_input):]))
     return {n: grads[n] for n in adapted_names}, loss.detach()
 
 
-def _apply(fn, names, params, x):
-    """``fn(params_b, x)``, recomputed in the backward, and how to replay it (``_replay``)."""
-    replay = (current_inner_step(), rng_state(x.device), x.device)
+class _Values(NamedTuple):
+    xs: list      # block boundaries x[0..B]
+    gs: dict      # b -> d loss / d x[b], for the boundaries the vjp chain passes
+    grads: dict   # adapted name -> d loss / d param
+    rngs: list    # the random state before each block's forward
 
+
+def _values(blocks, params, adapted_names, x, y, loss_fn, loss_scale, first) -> _Values:
+    """Every value of the chain from one ordinary forward and backward (no graph kept): what
+    the ``Recomputed`` functions return, without running each block's forward twice."""
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    xs, rngs = [x.detach()], []
+    with torch.enable_grad():
+        for fn, names in blocks.blocks:
+            rngs.append(rng_state(x.device))
+            xs.append(fn({n: leaves[n] for n in names}, xs[-1]))
+        head = {n: leaves[n] for n in blocks.head_names}
+        loss = loss_fn(blocks.head(head, xs[-1]), y)
+        scaled = loss * loss_scale if loss_scale is not None else loss
+        boundaries = list(range(first + 1, len(blocks.blocks)))
+        names = [n for fn_names in (b[1] for b in blocks.blocks[first:]) for n in fn_names
+                 if n in set(adapted_names)]
+        wanted = [xs[b] for b in boundaries] + [leaves[n] for n in names]
+        out = torch.autograd.grad(scaled, wanted) if wanted else ()  # ANIL: head alone
+    return _Values([t.detach() for t in xs], dict(zip(boundaries, out)),
+                   dict(zip(names, out[len(boundaries):])), rngs)
+
+
+def _block(params, names):
+    return [params[n] for n in names]
+
+
+def _apply(fn, names, k):
+    """``run`` of ``Recomputed`` for ``fn(params_b, x)`` in inner step ``k``."""
     def run(tensors, create_graph):
-        with inner_step(replay[0]):  # Recomputed restores the random state itself
+        with inner_step(k):
             return [fn(dict(zip(names, tensors[:-1])), tensors[-1])], []
-    return Recomputed.apply(run, *(params[n] for n in names), x)[0], replay
+    return run
 
 
-def _vjp(fn, names, own, params, x, g, replay, with_input: bool):
-    """``(g_x, grads of own)``: the vjp of ``fn`` at ``(params_b, x)`` with cotangent ``g``
-    (``g_x`` None unless ``with_input``), recomputed, and differentiated, in the backward."""
+def _vjp(fn, names, own, k, with_input: bool):
+    """``run`` of ``Recomputed`` for the vjp of ``fn`` at ``(params_b, x)`` with cotangent
+    ``g``: ``(g_x if with_input, grads of own)``."""
     def run(tensors, create_graph):
         *values, x, g = tensors
         block = dict(zip(names, values))
-        with torch.enable_grad(), _replay(*replay):
+        with torch.enable_grad(), inner_step(k):
             if with_input and not x.requires_grad:
                 x = x.detach().requires_grad_()
             for n in own:
@@ -88,16 +123,4 @@ def _vjp(fn, names, own, params, x, g, replay, with_input: bool):
             out = fn(block, x)
             wanted = ([x] if with_input else []) + [block[n] for n in own]
             return list(torch.autograd.grad(out, wanted, g, create_graph=create_graph)), []
-
-    out = Recomputed.apply(run, *(params[n] for n in names), x, g)
-    return (out[0] if with_input else None), out[int(with_input):]
-
-
-@contextlib.contextmanager
-def _replay(k: int, rng, device):
-    """The conditions of block b's forward in inner step ``k``: its per-step batch-norm set and
-    the random state it started from (DropBlock's masks; the global stream is left as it
-    was); batch statistics are not collected again."""
-    with inner_step(k), torch.random.fork_rng(rng_devices(device)), no_batch_stats():
-        set_rng_state(rng, device)
-        yield
+    return run

@@ -164,7 +164,7 @@ def _recomputed(step, adapted: Params, fixed: Params, lrs: Mapping, x: Tensor):
                                         tensors[-1], create_graph)
         return list(updated.values()), [loss, nonfinite]
 
-    out = Recomputed.apply(run, *flat_in)
+    out = Recomputed.apply(run, None, *flat_in)
     return dict(zip(names[0], out[:len(adapted)])), out[-2], out[-1]
 
 

@@ -11,7 +11,10 @@ class Recomputed(torch.autograd.Function):
     ``outputs`` (differentiable) and ``aux`` (not) are computed without a graph, and the
     backward recomputes them with one (``create_graph=True``: a function that takes gradients
     inside, such as an inner step, is then differentiated to second order) and differentiates
-    that. ``Recomputed.apply(run, *inputs)`` returns ``(*outputs, *aux)``.
+    that. ``Recomputed.apply(run, given, *inputs)`` returns ``(*outputs, *aux)``; ``given``:
+    None, or ``(outputs, random state)`` already computed (by a caller that computes several
+    such functions in one pass): the forward then returns them and the backward recomputes
+    from that random state.
 
     Written as a Function rather than with ``torch.utils.checkpoint``: the non-reentrant
     checkpoint runs a function that calls ``autograd.grad`` three times instead of two
@@ -21,12 +24,15 @@ class Recomputed(torch.autograd.Function):
     twice (MAML++'s BNRS)."""
 
     @staticmethod
-    def forward(ctx, run, *inputs):
+    def forward(ctx, run, given, *inputs):
         ctx.run = run
-        ctx.rng = rng_state(inputs[-1].device)
         ctx.save_for_backward(*inputs)
-        with torch.enable_grad():  # batch statistics are collected from forwards with grad
-            outputs, aux = run([t.detach() for t in inputs], False)
+        if given is not None:
+            (outputs, ctx.rng), aux = given, []
+        else:
+            ctx.rng = rng_state(inputs[-1].device)
+            with torch.enable_grad():  # batch statistics are collected from forwards with grad
+                outputs, aux = run([t.detach() for t in inputs], False)
         ctx.n_outputs = len(outputs)
         out = [t.detach() for t in outputs] + [t.detach() for t in aux]
         ctx.mark_non_differentiable(*out[ctx.n_outputs:])
@@ -35,7 +41,7 @@ class Recomputed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_out):
         inputs = ctx.saved_tensors
-        needed = ctx.needs_input_grad[1:]
+        needed = ctx.needs_input_grad[2:]
         leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needed)]
         with torch.random.fork_rng(rng_devices(inputs[-1].device)), torch.enable_grad(), \
                 no_batch_stats():
@@ -45,7 +51,7 @@ class Recomputed(torch.autograd.Function):
             wanted = [t for t, need in zip(leaves, needed) if need]
             grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted,
                                              [g for _, g in pairs], allow_unused=True))
-        return (None, *(next(grads) if need else None for need in needed))
+        return (None, None, *(next(grads) if need else None for need in needed))
 
 
 def rng_devices(device: torch.device) -> list:
