@@ -9,10 +9,12 @@ written out as the chain of block vector-Jacobian products
 
     g[B] = d loss / d x[B];   (g[b], grad params_b) = vjp of f_b at (params_b, x[b]) with g[b+1]
 
-with each ``f_b`` and each block's vjp a ``Recomputed`` function. Only the block boundaries
+with each ``f_b`` and each block's vjp a ``Recomputed`` function whose values come from one
+ordinary forward and backward of the support set (no graph kept). Only the block boundaries
 ``x[b]`` and ``g[b]`` are kept. The outer backward recomputes one block at a time: its
-forward and first backward, differentiated once more (second order). The result is the same
-gradient as autograd's, whose backward computes the same products in the same order.
+forward and first backward, differentiated once more (second order). The inner gradient is
+autograd's, bitwise; the second-order terms are added up block by block, so the
+meta-gradient equals the default's to rounding (tests/test_meta_checkpoint.py).
 """
 
 from collections.abc import Callable, Mapping
