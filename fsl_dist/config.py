@@ -160,6 +160,18 @@ class AlgorithmConfig:
     with pair k (non-transductive: a query image's output does not depend on the others). The
     reference code collects such statistics but never normalises with them. The loop path only
     (the updates cannot cross vmap): null vectorize takes the loop, true is refused."""
+    checkpoint: str = "none"
+    """Trade compute for memory in second-order meta-training, the meta-gradient unchanged:
+    none (default); steps keeps only the parameters at each inner step's start and recomputes
+    the step (its forward and inner gradient) during the outer backward, so memory no longer
+    grows by a whole step's graph per inner step; blocks instead takes each inner gradient block
+    by block of the backbone (each residual stage or conv block recomputed, to second order, in
+    the outer backward: only the blocks' inputs and gradients are kept) and checkpoints the
+    blocks of the query forwards (and of ANIL's body forwards): the least memory, the most
+    compute. The loop path only (checkpointing cannot cross vmap): null vectorize takes the
+    loop, true is refused. First order keeps no step graph: only blocks' query checkpointing
+    changes it.
+    Measured memory and time: docs/2026-12-05-checkpointed-inner-loop.md."""
 
 
 @dataclass
@@ -298,6 +310,7 @@ CHOICES = {
     "algorithm.name": ("maml", "boil", "anil"),
     "algorithm.inner_loss": ("ce", "mse"),
     "algorithm.learn_inner_lr": (False, True, "per_step"),
+    "algorithm.checkpoint": ("none", "steps", "blocks"),
     "eval.part": ("val", "test"),
     "optim.schedule": ("constant", "cosine", "step"),
 }
@@ -560,6 +573,13 @@ def validate(cfg: Config, where: str = "config") -> None:
     if cfg.algorithm.adapt is not None and not cfg.algorithm.adapt:
         raise ConfigError(f"{where}: `algorithm.adapt` = [] adapts nothing; give parameter-name "
                           "prefixes or null (the algorithm's rule)")
+    if cfg.algorithm.checkpoint != "none" and cfg.algorithm.vectorize:
+        raise ConfigError(f"{where}: `algorithm.checkpoint` runs on the loop path (checkpointing "
+                          "cannot cross vmap): set `algorithm.vectorize` to false or null")
+    if cfg.algorithm.checkpoint == "blocks" and ":" in cfg.model.name:
+        raise ConfigError(f"{where}: `algorithm.checkpoint` = 'blocks' splits the built-in models "
+                          "into their blocks; a model of your own (`model.name` "
+                          f"{cfg.model.name!r}) takes 'steps'")
     if not 0 <= cfg.model.drop_rate < 1:
         raise ConfigError(f"{where}: `model.drop_rate` = {cfg.model.drop_rate} must be in [0, 1)")
     if cfg.model.drop_rate and cfg.model.name != "resnet12":

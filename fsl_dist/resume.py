@@ -46,6 +46,7 @@ KINDS = {
     "algorithm.msl_steps": TRAINED, "algorithm.per_step_bn_weights": TRAINED,
     "algorithm.per_step_bn_stats": TRAINED, "algorithm.adapt": TRAINED,
     "algorithm.vectorize": BOOKKEEPING,  # the same tasks and sums, by vmap or by a loop
+    "algorithm.checkpoint": BOOKKEEPING,  # the same meta-gradient, less memory (float order)
     "optim.lr": TRAINED, "optim.weight_decay": TRAINED, "optim.grad_clip": TRAINED,
     "optim.betas": TRAINED,
     "optim.schedule": SCHEDULE, "optim.min_lr": SCHEDULE, "optim.decay_at": SCHEDULE,

@@ -15,6 +15,7 @@ from faults import BY_KEY
 from torch import nn
 from torch.func import functional_call
 
+from fsl_dist.config import ConfigError, load_config
 from fsl_dist.meta import (
     InnerLoopSpec,
     default_vectorize,
@@ -137,6 +138,22 @@ def test_boil_without_a_rule_says_how_to_name_the_adapted_parameters(model_and_t
         meta_loss(model, tasks, InnerLoopSpec("boil", inner_steps=1, inner_lr=0.3))
     with pytest.raises(ValueError, match="selects none"):
         meta_loss(model, tasks, InnerLoopSpec("maml", 1, 0.3, adapt="decoder"))
+
+
+def test_an_own_model_checkpoints_its_inner_steps_and_refuses_blocks(model_and_tasks):
+    """checkpoint='steps' wraps any forward, so an own model keeps its meta-gradient with it;
+    'blocks' needs the built-in models' body of blocks, and says so."""
+    model, tasks = model_and_tasks
+    plain = InnerLoopSpec("maml", inner_steps=2, inner_lr=0.3, adapt="encoder", vectorize=False)
+    expected = api_meta_gradient(model, tasks, plain)
+    for got, want in zip(api_meta_gradient(model, tasks, plain.replace(checkpoint="steps")),
+                         expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="takes checkpoint='steps'"):
+        api_meta_gradient(model, tasks, plain.replace(checkpoint="blocks"))
+    with pytest.raises(ConfigError, match="a model of your own"):
+        load_config(ROOT / "configs" / "cnn_maml.yaml",
+                    ["model.name=own_model:build", "algorithm.checkpoint=blocks"])
 
 
 def test_an_import_path_that_does_not_import_is_one_config_error():

@@ -1,5 +1,6 @@
 """The inner loop: adapted = params - lr * grad(support loss), for a number of steps."""
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -8,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.layers import inner_step
+from .blockwise import Blocks, blockwise_gradient
+from .recompute import Recomputed
 
 Params = dict[str, Tensor]
 Forward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
@@ -47,7 +50,8 @@ class Adaptation(NamedTuple):
 def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *,
           adapted_names, lrs: Mapping, steps: int, first_order: bool = False,
           inner_loss: str = "ce", loss_scale: float | None = None,
-          functional: bool = False, keep_steps: bool = False) -> Adaptation:
+          functional: bool = False, keep_steps: bool = False,
+          checkpoint: bool = False, blocks: Blocks | None = None) -> Adaptation:
     """Adapt ``params`` to one task's support set ``(x, y)`` with ``steps`` gradient steps.
 
     Args:
@@ -67,6 +71,13 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
             of ``torch.autograd.grad``.
         keep_steps: also return the parameters after every step (``Adaptation.steps``, for
             MAML++'s multi-step loss).
+        checkpoint: second order only (first order keeps no graph of a step anyway): keep
+            just each step's inputs (the parameters at its start) and recompute the step's
+            forward and inner gradient during the outer backward (``Recomputed``); the
+            same meta-gradient in the memory of one step's graph. Not under ``functional``.
+        blocks: ``forward`` split into its blocks (``blockwise.Blocks``): second-order inner
+            gradients are then taken block by block, keeping only the blocks' boundaries
+            (``blockwise_gradient``). Not under ``functional``.
 
     A non-finite gradient is not raised on (one rank raising would hang the others): it is
     reported in ``nonfinite`` and left in the result for the caller to skip the step.
@@ -77,28 +88,46 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
     adapted = {n: params[n] for n in adapted_names}
     fixed = {n: p for n, p in params.items() if n not in adapted}
 
-    def support_loss(current):
-        loss = loss_fn(forward({**fixed, **current}, x), y)
-        scaled = loss * loss_scale if loss_scale is not None else loss
-        return scaled, loss.detach()
-
+    if (checkpoint or blocks is not None) and functional:
+        raise ValueError("a checkpointed inner loop cannot run under torch.func transforms "
+                         "(vmap): use the loop path")
     gradient = _functional_gradient if functional else _autograd_gradient
     first_loss, nonfinite = None, torch.zeros((), dtype=torch.bool, device=x.device)
     kept = []
     per_step = lrs if isinstance(lrs, Sequence) else [lrs]
     for k in range(steps):
         step_lrs = per_step[min(k, len(per_step) - 1)]
-        with inner_step(k):  # per-step batch norms use set k (MAML++'s BNWB)
-            grads, loss = gradient(support_loss, adapted, create_graph=not first_order)
-        if loss_scale is not None:
-            grads = {n: g / loss_scale for n, g in grads.items()}
+        step = functools.partial(_step, k, forward, y, loss_fn, loss_scale, gradient, blocks)
+        if checkpoint and not first_order:
+            adapted, loss, step_nonfinite = _recomputed(step, adapted, fixed, step_lrs, x)
+        else:
+            adapted, loss, step_nonfinite = step(adapted, fixed, step_lrs, x, not first_order)
         if first_loss is None:
             first_loss = loss
-        nonfinite = nonfinite | _any_nonfinite(grads)
-        adapted = {n: p - step_lrs[n] * grads[n] for n, p in adapted.items()}
+        nonfinite = nonfinite | step_nonfinite
         if keep_steps:
             kept.append({**params, **adapted})
     return Adaptation({**params, **adapted}, first_loss, nonfinite, tuple(kept))
+
+
+def _step(k, forward, y, loss_fn, loss_scale, gradient, blocks, adapted, fixed, lrs, x,
+          create_graph):
+    """Inner step ``k``: ``(adapted - lrs * grad, support loss, non-finite flag)``."""
+    def support_loss(current):
+        loss = loss_fn(forward({**fixed, **current}, x), y)
+        scaled = loss * loss_scale if loss_scale is not None else loss
+        return scaled, loss.detach()
+
+    with inner_step(k):  # per-step batch norms use set k (MAML++'s BNWB)
+        if blocks is not None and create_graph:
+            grads, loss = blockwise_gradient(blocks, {**fixed, **adapted}, list(adapted), x, y,
+                                             loss_fn, loss_scale)
+        else:
+            grads, loss = gradient(support_loss, adapted, create_graph=create_graph)
+    if loss_scale is not None:
+        grads = {n: g / loss_scale for n, g in grads.items()}
+    updated = {n: p - lrs[n] * grads[n] for n, p in adapted.items()}
+    return updated, loss, _any_nonfinite(grads)
 
 
 def _autograd_gradient(loss_fn, params: Params, create_graph: bool):
@@ -115,6 +144,28 @@ def _functional_gradient(loss_fn, params: Params, create_graph: bool):
     if not create_graph:
         grads = {n: g.detach() for n, g in grads.items()}
     return grads, loss
+
+
+def _recomputed(step, adapted: Params, fixed: Params, lrs: Mapping, x: Tensor):
+    """``step(adapted, fixed, lrs, x, create_graph=True)`` without keeping its graph: the
+    values now, the step recomputed in the outer backward (``Recomputed``)."""
+    groups = [dict(adapted), dict(fixed), {n: v for n, v in lrs.items()
+                                           if isinstance(v, Tensor)}]
+    floats = {n: v for n, v in lrs.items() if not isinstance(v, Tensor)}
+    names = [list(g) for g in groups]
+    flat_in = [t for g in groups for t in g.values()] + [x]
+
+    def run(tensors, create_graph):
+        parts, start = [], 0
+        for group in names:
+            parts.append(dict(zip(group, tensors[start:start + len(group)])))
+            start += len(group)
+        updated, loss, nonfinite = step(parts[0], parts[1], {**floats, **parts[2]},
+                                        tensors[-1], create_graph)
+        return list(updated.values()), [loss, nonfinite]
+
+    out = Recomputed.apply(run, None, *flat_in)
+    return dict(zip(names[0], out[:len(adapted)])), out[-2], out[-1]
 
 
 def _any_nonfinite(grads: Mapping[str, Tensor]) -> Tensor:

@@ -11,16 +11,20 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..models.layers import (
     batch_norm_for_vmap,
+    current_inner_step,
     inner_step,
+    no_batch_stats,
     per_step_parameter_names,
     running_stats_norms,
 )
 from .algorithms import inner_parameter_names, resolve_inner_lr
+from .blockwise import Blocks
 from .inner import adapt, cross_entropy, upcast
 from .precision import autocast_factory
 from .spec import InnerLoopSpec
@@ -86,18 +90,49 @@ class _Plan:
     autocast: Callable
     acc_before: bool = True  # False: skip the query forward before adaptation (reported as NaN)
     step_weights: tuple[float, ...] | None = None  # MAML++'s multi-step loss (spec.step_weights)
+    checkpoint: str = "none"  # spec.checkpoint: none, steps or blocks
 
 
 def _strip(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
 
 
-def _body_fn(model: nn.Module, autocast):
-    """``body(params, x)``: features under autocast, returned in float32 (or float64)."""
+def _body_fn(model: nn.Module, autocast, blocks: bool = False):
+    """``body(params, x)``: features under autocast, returned in float32 (or float64).
+    ``blocks``: each child of ``model.features`` checkpointed while a graph is built (only
+    its input kept, its forward recomputed in the backward)."""
     def body(params, x):
+        params = _strip(params, "features.")
         with autocast():
-            return upcast(functional_call(model.features, _strip(params, "features."), (x,)))
+            if blocks and torch.is_grad_enabled():
+                return upcast(_checkpointed_blocks(model.features, params, x))
+            return upcast(functional_call(model.features, params, (x,)))
     return body
+
+
+def _checkpointed_blocks(features: nn.Module, params: dict, x: Tensor) -> Tensor:
+    """``features`` (a sequence of blocks) on ``x``, each block that has parameters under the
+    non-reentrant ``torch.utils.checkpoint``, which restores the random state (DropBlock) and
+    autocast for the recomputation; ``context_fn`` restores the inner step (per-step batch
+    norms) and keeps batch statistics from being collected twice."""
+    k = current_inner_step()
+
+    def contexts():
+        return contextlib.nullcontext(), _recomputation(k)
+    for name, block in features.named_children():
+        own = _strip(params, name + ".")
+        if own:
+            x = torch.utils.checkpoint.checkpoint(functional_call, block, own, (x,),
+                                                  use_reentrant=False, context_fn=contexts)
+        else:
+            x = block(x)
+    return x
+
+
+@contextlib.contextmanager
+def _recomputation(k: int):
+    with inner_step(k), no_batch_stats():
+        yield
 
 
 def _head_fn(model: nn.Module):
@@ -114,11 +149,15 @@ def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
 
 
 class _TaskForward(NamedTuple):
-    """How one task's images reach logits: ``forward(params, prepare(x))``."""
+    """How one task's images reach logits: ``forward(params, prepare(x))`` in the inner loop,
+    ``query(params, prepare(x))`` for the query set (the same function, but with
+    ``checkpoint: blocks`` its body's blocks are checkpointed)."""
 
     forward: Callable  # (params, prepared x) -> logits
     params: dict       # the parameters ``forward`` takes (only the head's on the ANIL path)
     prepare: Callable  # raw images -> what ``forward`` takes
+    query: Callable    # as ``forward``, for query sets
+    blocks: Blocks | None = None  # ``forward`` split into blocks (checkpoint: blocks)
 
 
 def splits_body_and_head(model: nn.Module) -> bool:
@@ -137,17 +176,46 @@ def _whole_fn(model: nn.Module, autocast):
 
 
 def _task_forward(model, params, plan: _Plan) -> _TaskForward:
+    blocks = plan.checkpoint == "blocks"
     if not splits_body_and_head(model):
-        return _TaskForward(_whole_fn(model, plan.autocast), params, lambda x: x)
+        if blocks:
+            raise ValueError("checkpoint='blocks' splits a model into its `features` blocks and "
+                             "its `classifier` (the built-in models); a model of your own "
+                             "takes checkpoint='steps'")
+        whole = _whole_fn(model, plan.autocast)
+        return _TaskForward(whole, params, lambda x: x, whole)
     if plan.reuse_features:
         # ANIL fast path: the body does not adapt, so its features are computed once per
         # image set (support and query separately, as in the full forward, since batch norm
         # uses each batch's statistics) and the inner loop runs on the head alone.
-        body = _body_fn(model, plan.autocast)
+        body = _body_fn(model, plan.autocast, blocks)
         head_params = {n: p for n, p in params.items() if n.startswith("classifier.")}
-        return _TaskForward(_head_fn(model), head_params, lambda x: body(params, x))
-    body, head = _body_fn(model, plan.autocast), _head_fn(model)
-    return _TaskForward(lambda params, x: head(params, body(params, x)), params, lambda x: x)
+        return _TaskForward(_head_fn(model), head_params, lambda x: body(params, x),
+                            _head_fn(model))
+    head = _head_fn(model)
+
+    def full(body):
+        return lambda params, x: head(params, body(params, x))
+    return _TaskForward(full(_body_fn(model, plan.autocast)), params, lambda x: x,
+                        full(_body_fn(model, plan.autocast, blocks)),
+                        _split(model, plan.autocast) if blocks else None)
+
+
+def _split(model: nn.Module, autocast) -> Blocks:
+    """The full forward as blocks: each child of ``model.features``, then the head."""
+    children = list(model.features.named_children())
+    last = children[-1][0]
+
+    def block(name, module):
+        prefix = f"features.{name}."
+
+        def forward(params, x):
+            with autocast():
+                out = functional_call(module, _strip(params, prefix), (x,))
+            return upcast(out) if name == last else out
+        return forward, tuple(prefix + n for n, _ in module.named_parameters())
+    head_names = tuple("classifier." + n for n, _ in model.classifier.named_parameters())
+    return Blocks(tuple(block(n, m) for n, m in children), _head_fn(model), head_names)
 
 
 def _adapt_task(task: _TaskForward, lrs, plan: _Plan, support_in, support_y):
@@ -156,7 +224,8 @@ def _adapt_task(task: _TaskForward, lrs, plan: _Plan, support_in, support_y):
                  adapted_names=plan.adapted_names, lrs=lrs, steps=plan.steps,
                  first_order=plan.first_order, inner_loss=plan.inner_loss,
                  loss_scale=plan.loss_scale, functional=plan.functional,
-                 keep_steps=plan.step_weights is not None)
+                 keep_steps=plan.step_weights is not None,
+                 checkpoint=plan.checkpoint == "steps", blocks=task.blocks)
 
 
 def _one_task(model, params, lrs, plan: _Plan, support_x, support_y, query_x, query_y):
@@ -174,7 +243,7 @@ def _one_task(model, params, lrs, plan: _Plan, support_x, support_y, query_x, qu
     # The query forward after step k uses step k's per-step batch-norm set (the reference
     # code's ``num_step``): the last set after the last step.
     with inner_step(plan.steps - 1):
-        logits = task.forward(adaptation.params, query_x)
+        logits = task.query(adaptation.params, query_x)
     query_loss = cross_entropy(logits, query_y)
     objective = query_loss
     if plan.step_weights is not None:
@@ -183,7 +252,7 @@ def _one_task(model, params, lrs, plan: _Plan, support_x, support_y, query_x, qu
         objective = last * query_loss
         for k, (weight, step_params) in enumerate(zip(earlier, adaptation.steps)):
             with inner_step(k):
-                step_logits = task.forward(step_params, query_x)
+                step_logits = task.query(step_params, query_x)
             objective = objective + weight * cross_entropy(step_logits, query_y)
     return (objective, query_loss, acc_before, _accuracy(logits, query_y).detach(),
             adaptation.first_loss, adaptation.nonfinite.float())
@@ -262,7 +331,8 @@ def _plan(model, spec: InnerLoopSpec, device_type: str, vectorize: bool, *,
                  spec.inner_loss, inner_loss_scale, functional=vectorize,
                  reuse_features=reuse and head_only,
                  autocast=autocast_factory(spec.precision, device_type), acc_before=acc_before,
-                 step_weights=None if evaluation else spec.step_weights)
+                 step_weights=None if evaluation else spec.step_weights,
+                 checkpoint="none" if evaluation else spec.checkpoint)
     return plan, lrs
 
 
@@ -296,6 +366,8 @@ def native_batch_norms(model: nn.Module) -> list[str]:
 
 
 def _vectorize(spec: InnerLoopSpec, model: nn.Module, device: torch.device) -> bool:
+    if spec.checkpoint != "none":
+        return False  # checkpointing cannot cross torch.func transforms (the spec refuses True)
     if spec.vectorize and native_batch_norms(model):
         raise ValueError(f"vectorize=True: vmap gives wrong second-order gradients through "
                          f"torch's batch norm ({native_batch_norms(model)[0]}); use "

@@ -11,6 +11,9 @@ from .algorithms import ALGORITHMS, check_adapt_rule
 from .inner import INNER_LOSSES
 from .precision import PRECISIONS
 
+# InnerLoopSpec.checkpoint's levels, the lightest first.
+CHECKPOINT_LEVELS = ("none", "steps", "blocks")
+
 if TYPE_CHECKING:
     from fsl_dist.config import Config
 
@@ -40,6 +43,14 @@ class InnerLoopSpec:
             whose parameters are not named ``features.*`` and ``classifier.*``): a name prefix
             ("encoder" takes ``encoder.*``), a tuple of them, or a predicate ``name -> bool``.
             None (default): the algorithm's rule. ``algorithm`` still names the method in logs.
+        checkpoint: trade compute for memory in the outer backward, the meta-gradient
+            unchanged: "none"; "steps" keeps only the parameters at each inner step's start
+            and recomputes the step (forward and inner gradient) in the outer backward;
+            "blocks" takes each second-order inner gradient block by block of the backbone,
+            keeping only the blocks' boundaries (``blockwise``), and checkpoints the blocks
+            of the passes outside the inner loop (query sets; ANIL's body features). A
+            first-order step keeps no graph to checkpoint. The loop path only (``vectorize``
+            True is refused).
 
     Example::
 
@@ -59,14 +70,19 @@ class InnerLoopSpec:
     reuse_features: bool = True
     step_weights: Optional[tuple[float, ...]] = None
     adapt: Any = None
+    checkpoint: str = "none"
 
     def __post_init__(self):
         for field, value, allowed in (("algorithm", self.algorithm, ALGORITHMS),
                                       ("inner_loss", self.inner_loss, tuple(INNER_LOSSES)),
-                                      ("precision", self.precision, PRECISIONS)):
+                                      ("precision", self.precision, PRECISIONS),
+                                      ("checkpoint", self.checkpoint, CHECKPOINT_LEVELS)):
             if value not in allowed:
                 raise ValueError(f"InnerLoopSpec.{field} must be one of {allowed}, got {value!r}")
         check_adapt_rule(self.adapt)
+        if self.checkpoint != "none" and self.vectorize:
+            raise ValueError("InnerLoopSpec.checkpoint runs on the loop path (checkpointing "
+                             "cannot cross torch.func.vmap): vectorize must be False or None")
         if self.step_weights is not None and len(self.step_weights) != self.inner_steps:
             raise ValueError(f"InnerLoopSpec.step_weights needs one weight per inner step "
                              f"({self.inner_steps}), got {len(self.step_weights)}")
@@ -101,7 +117,7 @@ class InnerLoopSpec:
                    precision=precision, vectorize=algo.vectorize,
                    step_weights=msl_weights(inner_steps, step, algo.msl_steps)
                    if training else None,
-                   adapt=tuple(algo.adapt) if algo.adapt else None)
+                   adapt=tuple(algo.adapt) if algo.adapt else None, checkpoint=algo.checkpoint)
 
 
 # The reference code's floor of a non-final weight, as a fraction of the uniform weight 1/S.

@@ -42,6 +42,11 @@ def inner_step(k: int):
         _INNER_STEP.reset(token)
 
 
+def current_inner_step() -> int:
+    """The inner step set by ``inner_step`` (0 outside any inner loop)."""
+    return _INNER_STEP.get()
+
+
 def per_step_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters that hold one set per inner step (per-step batch norms)."""
     return {f"{prefix}.{name}" if prefix else name
@@ -99,6 +104,17 @@ def collect_batch_stats():
     token = _COLLECTOR.set(collector)
     try:
         yield collector
+    finally:
+        _COLLECTOR.reset(token)
+
+
+@contextlib.contextmanager
+def no_batch_stats():
+    """Within this block nothing is collected: a forward recomputed for the backward
+    (checkpointing) must not count its statistics a second time."""
+    token = _COLLECTOR.set(None)
+    try:
+        yield
     finally:
         _COLLECTOR.reset(token)
 

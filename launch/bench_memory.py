@@ -1,0 +1,12 @@
+"""Memory per task: peak RSS and time of one second-order ResNet-12 84x84 meta-gradient per
+inner-loop checkpoint level (algorithm.checkpoint), each row in a fresh process.
+
+    OMP_NUM_THREADS=1 python launch/bench_memory.py --steps 1 5 --levels none steps blocks
+
+The code and what each column means: fsl_dist/bench/memory.py.
+"""
+
+from fsl_dist.bench.memory import main
+
+if __name__ == "__main__":
+    main()
