@@ -6,9 +6,17 @@ import pytest
 import torch
 from torch import nn
 
+from fsl_dist.config import ConfigError, load_config
 from fsl_dist.meta import InnerLoopSpec, evaluate_tasks, meta_backward
 from fsl_dist.meta.implicit import conjugate_gradient
 from fsl_dist.meta.inner import INNER_LOSSES, adapt, cross_entropy
+from fsl_dist.meta.objective import _adapt_task, _plan, _task_forward
+from fsl_dist.meta.precision import InnerLossScaler
+from fsl_dist.models import build_model
+from fsl_dist.trainer import TrainState, train_step
+
+from launching import ROOT
+from meta_helpers import make_tasks
 
 LAM = 2.0
 
@@ -129,13 +137,11 @@ def test_the_proximal_inner_loop_keeps_no_graph_through_its_steps():
     """The adapted parameters of the implicit path come from a graph-free solve: their only
     history is the implicit node, whatever the number of inner steps."""
     model, tasks = _model(False), _tasks(1)
-    from fsl_dist.meta.objective import _plan, _task_forward
     spec = InnerLoopSpec("maml", 20, 0.3, inner_loss="mse", meta_gradient="implicit",
                          proximal_lambda=LAM)
     plan, lrs = _plan(model, spec, "cpu", False)
     params = dict(model.named_parameters())
     task = _task_forward(model, params, plan)
-    from fsl_dist.meta.objective import _adapt_task
     adaptation = _adapt_task(task, lrs, plan, tasks["support_x"][0], tasks["support_y"][0])
     weight = adaptation.params["classifier.weight"]
     assert type(weight.grad_fn).__name__ == "ImplicitSolutionBackward"
@@ -168,3 +174,57 @@ def test_evaluation_adapts_with_the_proximal_term():
 def test_the_spec_refuses_what_implicit_cannot_do(changes, words):
     with pytest.raises(ValueError, match=words):
         InnerLoopSpec("maml", 1, 0.4, meta_gradient="implicit", **changes)
+
+
+def _config(*overrides):
+    return load_config(ROOT / "configs" / "cnn_maml.yaml", list(overrides))
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (("algorithm.meta_gradient=implicit", "algorithm.proximal_lambda=0"),
+     r"`algorithm.proximal_lambda` = 0.* must be positive"),
+    (("algorithm.meta_gradient=implicit", "algorithm.cg_steps=0"),
+     r"`algorithm.cg_steps` = 0 must be positive"),
+    (("algorithm.meta_gradient=implicit", "algorithm.cg_damping=-1"),
+     r"`algorithm.cg_damping` = -1.* must not be negative"),
+    (("algorithm.meta_gradient=implicit", "algorithm.vectorize=true"),
+     r"implicit .* does not take `algorithm.vectorize`"),
+    (("algorithm.meta_gradient=implicit", "algorithm.learn_inner_lr=per_step"),
+     r"does not take `algorithm.learn_inner_lr`"),
+    (("algorithm.meta_gradient=hessian",), r"`algorithm.meta_gradient`.*unrolled, implicit"),
+])
+def test_the_config_refuses_what_implicit_cannot_do_in_one_line(overrides, line):
+    with pytest.raises(ConfigError, match=line) as error:
+        _config(*overrides)
+    assert "\n" not in str(error.value)
+
+
+class _OneProcess:
+    def all_reduce_mean_(self, tensor):
+        return tensor
+
+
+def test_the_trainer_step_takes_the_implicit_meta_gradient_of_its_config():
+
+    cfg = _config("algorithm.meta_gradient=implicit", "algorithm.proximal_lambda=2.0",
+                  "algorithm.cg_steps=3", "algorithm.inner_steps=4", "algorithm.inner_lr=0.1")
+    tasks = make_tasks(dtype=torch.float32, jitter=0.1)
+    grads = []
+    for spec in (None, InnerLoopSpec.from_config(cfg, precision="no", step=0),
+                 InnerLoopSpec.from_config(cfg, precision="no", step=0).replace(
+                     meta_gradient="unrolled")):
+        torch.manual_seed(0)
+        model = build_model("cnn", 3, width=4, blocks=2, image_size=8)
+        if spec is None:
+            state = TrainState(model, cfg.algorithm.inner_lr,
+                               torch.optim.SGD(model.parameters(), lr=0.0), InnerLossScaler(),
+                               InnerLossScaler(), step=0)
+            train_step(state, tasks, cfg, _OneProcess(), "no", acc_before=False)
+        else:
+            meta_backward(model, tasks, spec, workers=1)
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    trainer, implicit, unrolled = grads
+    assert torch.allclose(trainer, implicit, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(trainer, unrolled, rtol=1e-2)
+    evaluation = InnerLoopSpec.from_config(cfg, precision="no", evaluation=True)
+    assert (evaluation.meta_gradient, evaluation.proximal_lambda) == ("implicit", 2.0)
