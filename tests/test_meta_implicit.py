@@ -228,3 +228,11 @@ def test_the_trainer_step_takes_the_implicit_meta_gradient_of_its_config():
     assert not torch.allclose(trainer, unrolled, rtol=1e-2)
     evaluation = InnerLoopSpec.from_config(cfg, precision="no", evaluation=True)
     assert (evaluation.meta_gradient, evaluation.proximal_lambda) == ("implicit", 2.0)
+
+
+def test_the_imaml_omniglot_config_loads_with_the_reference_values():
+    cfg = load_config(ROOT / "configs" / "imaml" / "cnn_5w1s.yaml")
+    algo = cfg.algorithm
+    assert (algo.meta_gradient, algo.proximal_lambda, algo.cg_steps, algo.cg_damping,
+            algo.inner_steps, algo.inner_lr) == ("implicit", 2.0, 5, 1.0, 16, 0.1)
+    assert (cfg.task.n_way, cfg.task.k_shot, cfg.data.split) == (5, 1, "vinyals")
