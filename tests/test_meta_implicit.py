@@ -2,6 +2,9 @@
 closed form in float64, conjugate gradients against a direct solve, and no graph kept through
 the inner steps."""
 
+import json
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -15,7 +18,7 @@ from fsl_dist.meta.precision import InnerLossScaler
 from fsl_dist.models import build_model
 from fsl_dist.trainer import TrainState, train_step
 
-from launching import ROOT
+from launching import ROOT, run
 from meta_helpers import make_tasks
 
 LAM = 2.0
@@ -236,3 +239,21 @@ def test_the_imaml_omniglot_config_loads_with_the_reference_values():
     assert (algo.meta_gradient, algo.proximal_lambda, algo.cg_steps, algo.cg_damping,
             algo.inner_steps, algo.inner_lr) == ("implicit", 2.0, 5, 1.0, 16, 0.1)
     assert (cfg.task.n_way, cfg.task.k_shot, cfg.data.split) == (5, 1, "vinyals")
+
+
+@pytest.mark.integration
+def test_a_tiny_implicit_run_trains_validates_and_tests(packed, tmp_path):
+    run_dir = tmp_path / "run"
+    run("train.py", ["--config", str(ROOT / "configs" / "cnn_maml.yaml"), "--run-dir",
+                     str(run_dir), f"data.shards={packed('futurama')}", "task.k_shot=1",
+                     "task.q_query=2", "train.meta_batch_size=2", "model.width=8",
+                     "train.steps=3", "train.eval_every=2", "train.checkpoint_every=3",
+                     "train.log_every=1", "eval.episodes=4", "eval.val_episodes=4",
+                     "eval.batch_size=4", "eval.inner_steps=2", "logging.wandb=false",
+                     "algorithm.meta_gradient=implicit", "algorithm.inner_steps=3",
+                     "algorithm.inner_lr=0.1", "algorithm.cg_steps=2"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert [r["step"] for r in rows if "val/acc" in r] == [2]
+    assert [r["step"] for r in rows if "test/acc" in r] == [3]
