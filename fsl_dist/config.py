@@ -177,17 +177,19 @@ class AlgorithmConfig:
     through the inner steps (second order unless first_order); implicit is iMAML (Rajeswaran
     et al. 2019): the inner loop minimises the support loss plus (proximal_lambda/2) times the
     squared distance to the meta-parameters, with first-order steps (no graph kept, so memory
-    does not grow with inner_steps), and the meta-gradient comes from cg_steps conjugate-
-    gradient steps on ((1 + cg_damping) I + H / proximal_lambda) v = g, H the support loss's
-    Hessian at the adapted weights, g the query gradient there. Evaluation and prediction adapt
-    with the same proximal inner loop. The loop path only; not with checkpoint, msl_steps,
-    learn_inner_lr or per_step_bn_weights."""
+    does not grow with inner_steps), and the meta-gradient comes from cg_steps
+    conjugate-gradient steps on ((1 + cg_damping) I + H / proximal_lambda) v = g, H the support
+    loss's Hessian at the adapted weights, g the query gradient there. Evaluation and
+    prediction adapt with the same proximal inner loop. The loop path only; not with
+    checkpoint, msl_steps, learn_inner_lr or per_step_bn_weights."""
     proximal_lambda: float = 1.0
     """implicit only: the proximal term's weight lambda (positive); larger keeps the adapted
-    weights nearer the meta-parameters (the iMAML paper's Omniglot runs: 2.0 for 1-shot)."""
+    weights nearer the meta-parameters (the authors' code's Omniglot 5-way 1-shot command:
+    2.0)."""
     cg_steps: int = 5
     """implicit only: conjugate-gradient steps per task of the meta-gradient's solve (at least
-    1; the iMAML paper uses 5). Each costs one Hessian-vector product (a double backward)."""
+    1; the authors' code's Omniglot command: 5). Each costs one Hessian-vector product (a
+    double backward)."""
     cg_damping: float = 0.0
     """implicit only: added to the identity of the solved system (not negative), which keeps
     it positive definite where the support loss has negative curvature; 0 solves it as written."""
