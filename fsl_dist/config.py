@@ -172,6 +172,27 @@ class AlgorithmConfig:
     loop, true is refused. First order keeps no step graph: only blocks' query checkpointing
     changes it.
     Measured memory and time: docs/2026-12-05-checkpointed-inner-loop.md."""
+    meta_gradient: str = "unrolled"
+    """How the meta-gradient goes through the inner loop: unrolled (default) differentiates
+    through the inner steps (second order unless first_order); implicit is iMAML (Rajeswaran
+    et al. 2019): the inner loop minimises the support loss plus (proximal_lambda/2) times the
+    squared distance to the meta-parameters, with first-order steps (no graph kept, so memory
+    does not grow with inner_steps), and the meta-gradient comes from cg_steps
+    conjugate-gradient steps on ((1 + cg_damping) I + H / proximal_lambda) v = g, H the support
+    loss's Hessian at the adapted weights, g the query gradient there. Evaluation and
+    prediction adapt with the same proximal inner loop. The loop path only; not with
+    checkpoint, msl_steps, learn_inner_lr or per_step_bn_weights."""
+    proximal_lambda: float = 1.0
+    """implicit only: the proximal term's weight lambda (positive); larger keeps the adapted
+    weights nearer the meta-parameters (the authors' code's Omniglot 5-way 1-shot command:
+    2.0)."""
+    cg_steps: int = 5
+    """implicit only: conjugate-gradient steps per task of the meta-gradient's solve (at least
+    1; the authors' code's Omniglot command: 5). Each costs one Hessian-vector product (a
+    double backward)."""
+    cg_damping: float = 0.0
+    """implicit only: added to the identity of the solved system (not negative), which keeps
+    it positive definite where the support loss has negative curvature; 0 solves it as written."""
 
 
 @dataclass
@@ -311,6 +332,7 @@ CHOICES = {
     "algorithm.inner_loss": ("ce", "mse"),
     "algorithm.learn_inner_lr": (False, True, "per_step"),
     "algorithm.checkpoint": ("none", "steps", "blocks"),
+    "algorithm.meta_gradient": ("unrolled", "implicit"),
     "eval.part": ("val", "test"),
     "optim.schedule": ("constant", "cosine", "step"),
 }
@@ -319,10 +341,10 @@ POSITIVE = (
     "train.meta_batch_size", "train.checkpoint_every", "train.keep_checkpoints",
     "train.eval_every", "train.log_every", "eval.episodes", "eval.val_episodes",
     "eval.batch_size", "data.image_size", "data.shuffle_buffer", "optim.lr",
-    "model.dropblock_size",
+    "model.dropblock_size", "algorithm.proximal_lambda", "algorithm.cg_steps",
 )
 NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr",
-                "algorithm.msl_steps", "algorithm.first_order_steps")
+                "algorithm.msl_steps", "algorithm.first_order_steps", "algorithm.cg_damping")
 # model.name of a model of your own: the import path of the function that builds it.
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -580,6 +602,7 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: `algorithm.checkpoint` = 'blocks' splits the built-in models "
                           "into their blocks; a model of your own (`model.name` "
                           f"{cfg.model.name!r}) takes 'steps'")
+    _validate_implicit(cfg.algorithm, where)
     if not 0 <= cfg.model.drop_rate < 1:
         raise ConfigError(f"{where}: `model.drop_rate` = {cfg.model.drop_rate} must be in [0, 1)")
     if cfg.model.drop_rate and cfg.model.name != "resnet12":
@@ -624,6 +647,24 @@ def _validate_finite(cfg: Config, where: str) -> None:
         elif isinstance(node, float) and not math.isfinite(node):
             raise ConfigError(f"{where}: `{prefix[:-1]}` = {node!r} must be a finite number")
     walk(cfg, "")
+
+
+def _validate_implicit(algo: AlgorithmConfig, where: str) -> None:
+    """What `algorithm.meta_gradient` = implicit cannot run with, named in one line."""
+    if algo.meta_gradient != "implicit":
+        return
+    clashes = [key for key, on in (
+        ("vectorize", algo.vectorize), ("checkpoint", algo.checkpoint != "none"),
+        ("msl_steps", algo.msl_steps), ("learn_inner_lr", algo.learn_inner_lr),
+        ("per_step_bn_weights", algo.per_step_bn_weights)) if on]
+    if clashes:
+        raise ConfigError(f"{where}: `algorithm.meta_gradient` = implicit (iMAML: first-order "
+                          f"proximal steps on the loop path) does not take "
+                          f"`algorithm.{clashes[0]}` = {getattr(algo, clashes[0])!r}: "
+                          "unset it or use meta_gradient unrolled")
+    if algo.inner_steps < 1:
+        raise ConfigError(f"{where}: `algorithm.meta_gradient` = implicit needs "
+                          "`algorithm.inner_steps` of at least 1")
 
 
 def _validate_step_schedule(optim: OptimConfig, where: str) -> None:

@@ -113,7 +113,15 @@ def _inner_loop(description: dict, model, tensors: dict, device, folder: Path) -
     return InnerLoopSpec(algorithm["name"], inner_steps=evaluation["inner_steps"],
                          inner_lr=inner_lr, first_order=algorithm.get("first_order", False),
                          inner_loss=algorithm.get("inner_loss", "ce"), precision=precision,
-                         vectorize=False, adapt=tuple(algorithm.get("adapt") or ()) or None)
+                         vectorize=False, adapt=tuple(algorithm.get("adapt") or ()) or None,
+                         **_proximal(algorithm))
+
+
+def _proximal(algorithm: dict) -> dict:
+    """An iMAML model adapts with its proximal inner loop (older model.yaml files: none)."""
+    if algorithm.get("meta_gradient", "unrolled") != "implicit":
+        return {}
+    return {"meta_gradient": "implicit", "proximal_lambda": algorithm["proximal_lambda"]}
 
 
 def _evaluation_from_config(folder: Path) -> dict:

@@ -47,6 +47,8 @@ KINDS = {
     "algorithm.per_step_bn_stats": TRAINED, "algorithm.adapt": TRAINED,
     "algorithm.vectorize": BOOKKEEPING,  # the same tasks and sums, by vmap or by a loop
     "algorithm.checkpoint": BOOKKEEPING,  # the same meta-gradient, less memory (float order)
+    "algorithm.meta_gradient": TRAINED, "algorithm.proximal_lambda": TRAINED,
+    "algorithm.cg_steps": TRAINED, "algorithm.cg_damping": TRAINED,
     "optim.lr": TRAINED, "optim.weight_decay": TRAINED, "optim.grad_clip": TRAINED,
     "optim.betas": TRAINED,
     "optim.schedule": SCHEDULE, "optim.min_lr": SCHEDULE, "optim.decay_at": SCHEDULE,

@@ -1,5 +1,6 @@
 """Memory per task: peak RSS and time of one second-order ResNet-12 84x84 meta-gradient per
-inner-loop checkpoint level (algorithm.checkpoint), each row in a fresh process.
+inner-loop checkpoint level (algorithm.checkpoint) or the implicit meta-gradient (level
+implicit, algorithm.meta_gradient), each row in a fresh process.
 
     OMP_NUM_THREADS=1 python launch/bench_memory.py --steps 1 5 --levels none steps blocks
 

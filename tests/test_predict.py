@@ -40,6 +40,8 @@ OPTIONS = {
     "boil": ["algorithm.name=boil"],
     "anil": ["algorithm.name=anil"],
     "maml-learned-lr": ["algorithm.name=maml", "algorithm.learn_inner_lr=true"],
+    # iMAML: prediction adapts with the proximal term, as evaluation does
+    "maml-implicit": ["algorithm.meta_gradient=implicit", "algorithm.proximal_lambda=3.0"],
 }
 
 
@@ -49,6 +51,8 @@ def test_api_reproduces_evaluate_tasks_per_episode(variant, shards, tasks, tmp_p
                     "eval.inner_steps=2", *OPTIONS[variant])
     model = load_model(folder, "cpu")
     assert model.spec.inner_steps == 2 and model.spec.algorithm == variant.split("-")[0]
+    if variant.endswith("implicit"):
+        assert (model.spec.meta_gradient, model.spec.proximal_lambda) == ("implicit", 3.0)
     expected = evaluate_tasks(model.model, tasks, model.spec)["acc_after_per_task"]
     for i in range(len(expected)):
         classifier = model.adapt(tasks["support_x"][i], tasks["support_y"][i])

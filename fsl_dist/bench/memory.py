@@ -1,4 +1,5 @@
-"""Memory per task: peak RSS and time of one second-order meta-gradient per checkpoint level.
+"""Memory per task: peak RSS and time of one second-order meta-gradient per checkpoint level
+(and of the implicit meta-gradient, level ``implicit``).
 
     python launch/bench_memory.py --steps 1 5 --levels none steps blocks
 
@@ -30,7 +31,17 @@ from fsl_dist.models import build_model
 from .cases import synthetic_tasks
 from .measure import peak_rss, reset_peak_rss
 
-LEVELS = ("none", "steps", "blocks")
+LEVELS = ("none", "steps", "blocks", "implicit")
+
+
+def spec_of(level: str, steps: int) -> InnerLoopSpec:
+    """The row's inner loop: a checkpoint level, or ``implicit`` (iMAML with
+    configs/imaml/cnn_5w1s.yaml's lambda, CG steps and damping; another meta-gradient, so its
+    difference from ``none`` is not reported)."""
+    if level == "implicit":
+        return InnerLoopSpec("maml", steps, 0.4, vectorize=False, meta_gradient="implicit",
+                             proximal_lambda=2.0, cg_steps=5, cg_damping=1.0)
+    return InnerLoopSpec("maml", steps, 0.4, vectorize=False, checkpoint=level)
 
 
 def case(k_shot: int, n_query: int) -> dict:
@@ -47,7 +58,7 @@ def run_row(level: str, steps: int, k_shot: int, n_query: int, grad_out: str,
     spec_case = case(k_shot, n_query)
     model = build_model("resnet12", 5, width=64, in_channels=3, image_size=84)
     tasks = synthetic_tasks(spec_case, torch.device("cpu"))
-    spec = InnerLoopSpec("maml", steps, 0.4, vectorize=False, checkpoint=level)
+    spec = spec_of(level, steps)
     base = reset_peak_rss()
     started, cpu_started = time.perf_counter(), time.process_time()
     meta_backward(model, tasks, spec, acc_before=False, workers=1)
@@ -104,7 +115,8 @@ def main(argv=None) -> None:
         # After all rows, so that the heaviest (none) may run last.
         for row in rows:
             reference = grad_file("none", row["steps"])
-            if "failed" not in row and row["level"] != "none" and os.path.exists(reference):
+            if "failed" not in row and row["level"] not in ("none", "implicit") \
+                    and os.path.exists(reference):
                 row["rel_diff_vs_none"] = _rel_diff(grad_file(row["level"], row["steps"]),
                                                     reference)
     print("| level | inner steps | peak RSS MiB | above start MiB | s per task | "

@@ -3,7 +3,8 @@
 The algorithms differ only in which parameters adapt in the inner loop (``algorithms``);
 ``inner.adapt`` runs the inner loop for one task; ``objective.meta_loss`` is the
 meta-objective over a batch of tasks and ``objective.meta_backward`` its gradient, task by
-task. Nothing here knows about ranks or processes.
+task; ``implicit`` holds iMAML's implicit meta-gradient (``InnerLoopSpec.meta_gradient``).
+Nothing here knows about ranks or processes.
 """
 
 from .algorithms import (

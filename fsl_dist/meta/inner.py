@@ -51,7 +51,8 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
           adapted_names, lrs: Mapping, steps: int, first_order: bool = False,
           inner_loss: str = "ce", loss_scale: float | None = None,
           functional: bool = False, keep_steps: bool = False,
-          checkpoint: bool = False, blocks: Blocks | None = None) -> Adaptation:
+          checkpoint: bool = False, blocks: Blocks | None = None,
+          proximal: float | None = None) -> Adaptation:
     """Adapt ``params`` to one task's support set ``(x, y)`` with ``steps`` gradient steps.
 
     Args:
@@ -78,6 +79,10 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
         blocks: ``forward`` split into its blocks (``blockwise.Blocks``): second-order inner
             gradients are then taken block by block, keeping only the blocks' boundaries
             (``blockwise_gradient``). Not under ``functional``.
+        proximal: iMAML's lambda: the inner objective becomes the support loss plus
+            (lambda/2) ||adapted - start||^2, the start being the adapted parameters' values
+            on entry (taken as constants); its gradient lambda (adapted - start) is added to
+            each step's. None: no proximal term.
 
     A non-finite gradient is not raised on (one rank raising would hang the others): it is
     reported in ``nonfinite`` and left in the result for the caller to skip the step.
@@ -86,6 +91,7 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
         raise ValueError(f"inner steps must be at least 1, got {steps}")
     loss_fn = INNER_LOSSES[inner_loss]
     adapted = {n: params[n] for n in adapted_names}
+    anchor = None if proximal is None else (proximal, {n: p.detach() for n, p in adapted.items()})
     fixed = {n: p for n, p in params.items() if n not in adapted}
 
     if (checkpoint or blocks is not None) and functional:
@@ -97,7 +103,8 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
     per_step = lrs if isinstance(lrs, Sequence) else [lrs]
     for k in range(steps):
         step_lrs = per_step[min(k, len(per_step) - 1)]
-        step = functools.partial(_step, k, forward, y, loss_fn, loss_scale, gradient, blocks)
+        step = functools.partial(_step, k, forward, y, loss_fn, loss_scale, gradient, blocks,
+                                 anchor)
         if checkpoint and not first_order:
             adapted, loss, step_nonfinite = _recomputed(step, adapted, fixed, step_lrs, x)
         else:
@@ -110,9 +117,11 @@ def adapt(forward: Forward, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
     return Adaptation({**params, **adapted}, first_loss, nonfinite, tuple(kept))
 
 
-def _step(k, forward, y, loss_fn, loss_scale, gradient, blocks, adapted, fixed, lrs, x,
-          create_graph):
-    """Inner step ``k``: ``(adapted - lrs * grad, support loss, non-finite flag)``."""
+def _step(k, forward, y, loss_fn, loss_scale, gradient, blocks, anchor, adapted, fixed, lrs,
+          x, create_graph):
+    """Inner step ``k``: ``(adapted - lrs * grad, support loss, non-finite flag)``; with
+    ``anchor`` = (lambda, start) the proximal term's gradient lambda (adapted - start) is
+    added to grad."""
     def support_loss(current):
         loss = loss_fn(forward({**fixed, **current}, x), y)
         scaled = loss * loss_scale if loss_scale is not None else loss
@@ -126,6 +135,9 @@ def _step(k, forward, y, loss_fn, loss_scale, gradient, blocks, adapted, fixed, 
             grads, loss = gradient(support_loss, adapted, create_graph=create_graph)
     if loss_scale is not None:
         grads = {n: g / loss_scale for n, g in grads.items()}
+    if anchor is not None:
+        lam, start = anchor
+        grads = {n: g + lam * (adapted[n] - start[n]) for n, g in grads.items()}
     updated = {n: p - lrs[n] * grads[n] for n, p in adapted.items()}
     return updated, loss, _any_nonfinite(grads)
 

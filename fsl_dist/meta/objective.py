@@ -25,7 +25,8 @@ from ..models.layers import (
 )
 from .algorithms import inner_parameter_names, resolve_inner_lr
 from .blockwise import Blocks
-from .inner import adapt, cross_entropy, upcast
+from .implicit import ProximalProblem, solve_implicit
+from .inner import INNER_LOSSES, Adaptation, adapt, cross_entropy, upcast
 from .precision import autocast_factory
 from .spec import InnerLoopSpec
 
@@ -91,6 +92,8 @@ class _Plan:
     acc_before: bool = True  # False: skip the query forward before adaptation (reported as NaN)
     step_weights: tuple[float, ...] | None = None  # MAML++'s multi-step loss (spec.step_weights)
     checkpoint: str = "none"  # spec.checkpoint: none, steps or blocks
+    proximal: float | None = None  # iMAML's lambda (spec.meta_gradient implicit), or None
+    implicit: tuple | None = None  # (cg_steps, cg_damping) in training with implicit
 
 
 def _strip(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -220,12 +223,32 @@ def _split(model: nn.Module, autocast) -> Blocks:
 
 def _adapt_task(task: _TaskForward, lrs, plan: _Plan, support_in, support_y):
     """The inner loop of ``plan`` on one prepared support set (``inner.adapt``'s result)."""
+    if plan.implicit is not None:
+        return _implicit_adapt(task, lrs, plan, support_in, support_y)
     return adapt(task.forward, task.params, support_in, support_y,
                  adapted_names=plan.adapted_names, lrs=lrs, steps=plan.steps,
                  first_order=plan.first_order, inner_loss=plan.inner_loss,
                  loss_scale=plan.loss_scale, functional=plan.functional,
                  keep_steps=plan.step_weights is not None,
-                 checkpoint=plan.checkpoint == "steps", blocks=task.blocks)
+                 checkpoint=plan.checkpoint == "steps", blocks=task.blocks,
+                 proximal=plan.proximal)
+
+
+def _implicit_adapt(task: _TaskForward, lrs, plan: _Plan, support_in, support_y):
+    """iMAML's proximal inner loop, first order inside, its result differentiable by the
+    implicit gradient (``implicit.ImplicitSolution``)."""
+    def proximal_loop(params, x):
+        return adapt(task.forward, params, x, support_y, adapted_names=plan.adapted_names,
+                     lrs=lrs, steps=plan.steps, first_order=True, inner_loss=plan.inner_loss,
+                     loss_scale=plan.loss_scale, proximal=plan.proximal)
+    cg_steps, damping = plan.implicit
+    problem = ProximalProblem(
+        proximal_loop, INNER_LOSSES[plan.inner_loss], task.forward, support_y,
+        plan.adapted_names, [n for n in task.params if n not in plan.adapted_names],
+        lam=plan.proximal, cg_steps=cg_steps, damping=damping, first_order=plan.first_order,
+        last_step=plan.steps - 1)
+    params, first_loss, nonfinite = solve_implicit(problem, task.params, support_in)
+    return Adaptation(params, first_loss, nonfinite)
 
 
 def _one_task(model, params, lrs, plan: _Plan, support_x, support_y, query_x, query_y):
@@ -327,12 +350,19 @@ def _plan(model, spec: InnerLoopSpec, device_type: str, vectorize: bool, *,
     # Per-step batch norms change the body's output from one inner step to the next: the
     # ANIL fast path's features, computed once, would hold step 0's.
     reuse = (spec.reuse_features or evaluation) and not per_step_parameter_names(model)
+    implicit = spec.meta_gradient == "implicit"
+    if implicit and per_step_parameter_names(model):
+        raise ValueError("meta_gradient='implicit' solves one proximal problem per task: "
+                         "per-step batch-norm weights (one set per inner step) do not fit it")
     plan = _Plan(tuple(names), spec.inner_steps, spec.first_order or evaluation,
                  spec.inner_loss, inner_loss_scale, functional=vectorize,
                  reuse_features=reuse and head_only,
                  autocast=autocast_factory(spec.precision, device_type), acc_before=acc_before,
                  step_weights=None if evaluation else spec.step_weights,
-                 checkpoint="none" if evaluation else spec.checkpoint)
+                 checkpoint="none" if evaluation else spec.checkpoint,
+                 proximal=spec.proximal_lambda if implicit else None,
+                 implicit=(spec.cg_steps, spec.cg_damping) if implicit and not evaluation
+                 else None)
     return plan, lrs
 
 
@@ -366,8 +396,8 @@ def native_batch_norms(model: nn.Module) -> list[str]:
 
 
 def _vectorize(spec: InnerLoopSpec, model: nn.Module, device: torch.device) -> bool:
-    if spec.checkpoint != "none":
-        return False  # checkpointing cannot cross torch.func transforms (the spec refuses True)
+    if spec.checkpoint != "none" or spec.meta_gradient == "implicit":
+        return False  # neither crosses torch.func transforms (the spec refuses True)
     if spec.vectorize and native_batch_norms(model):
         raise ValueError(f"vectorize=True: vmap gives wrong second-order gradients through "
                          f"torch's batch norm ({native_batch_norms(model)[0]}); use "

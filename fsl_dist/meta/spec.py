@@ -7,12 +7,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from .algorithms import ALGORITHMS, check_adapt_rule
+from .algorithms import ALGORITHMS, LearnedInnerLR, check_adapt_rule
 from .inner import INNER_LOSSES
 from .precision import PRECISIONS
 
 # InnerLoopSpec.checkpoint's levels, the lightest first.
 CHECKPOINT_LEVELS = ("none", "steps", "blocks")
+# InnerLoopSpec.meta_gradient's choices.
+META_GRADIENTS = ("unrolled", "implicit")
 
 if TYPE_CHECKING:
     from fsl_dist.config import Config
@@ -51,6 +53,20 @@ class InnerLoopSpec:
             of the passes outside the inner loop (query sets; ANIL's body features). A
             first-order step keeps no graph to checkpoint. The loop path only (``vectorize``
             True is refused).
+        meta_gradient: "unrolled" (default): differentiate through the inner steps (second
+            order unless ``first_order``). "implicit": iMAML (``fsl_dist.meta.implicit``): the
+            inner loop minimises the support loss plus (proximal_lambda/2) ||phi - theta||^2
+            with first-order steps (no graph kept: memory independent of ``inner_steps``), and
+            the meta-gradient of the adapted parameters is v solving
+            ((1 + cg_damping) I + H / proximal_lambda) v = g (g the query gradient at phi, H
+            the support loss's Hessian there) by ``cg_steps`` conjugate-gradient steps; the
+            other parameters get their direct query gradient plus their exact implicit term.
+            ``first_order`` takes v = g. Evaluation adapts with the same proximal inner loop.
+            The loop path only; not with ``checkpoint``, ``step_weights`` or a
+            ``LearnedInnerLR`` (phi* does not depend on the step sizes).
+        proximal_lambda: iMAML's lambda (positive): the proximal term's weight (implicit only).
+        cg_steps: conjugate-gradient steps of the implicit solve (at least 1).
+        cg_damping: added to the system's identity (not negative); 0 solves it as written.
 
     Example::
 
@@ -71,21 +87,43 @@ class InnerLoopSpec:
     step_weights: Optional[tuple[float, ...]] = None
     adapt: Any = None
     checkpoint: str = "none"
+    meta_gradient: str = "unrolled"
+    proximal_lambda: float = 1.0
+    cg_steps: int = 5
+    cg_damping: float = 0.0
 
     def __post_init__(self):
         for field, value, allowed in (("algorithm", self.algorithm, ALGORITHMS),
                                       ("inner_loss", self.inner_loss, tuple(INNER_LOSSES)),
                                       ("precision", self.precision, PRECISIONS),
-                                      ("checkpoint", self.checkpoint, CHECKPOINT_LEVELS)):
+                                      ("checkpoint", self.checkpoint, CHECKPOINT_LEVELS),
+                                      ("meta_gradient", self.meta_gradient, META_GRADIENTS)):
             if value not in allowed:
                 raise ValueError(f"InnerLoopSpec.{field} must be one of {allowed}, got {value!r}")
         check_adapt_rule(self.adapt)
         if self.checkpoint != "none" and self.vectorize:
             raise ValueError("InnerLoopSpec.checkpoint runs on the loop path (checkpointing "
                              "cannot cross torch.func.vmap): vectorize must be False or None")
+        if self.meta_gradient == "implicit":
+            self._check_implicit()
         if self.step_weights is not None and len(self.step_weights) != self.inner_steps:
             raise ValueError(f"InnerLoopSpec.step_weights needs one weight per inner step "
                              f"({self.inner_steps}), got {len(self.step_weights)}")
+
+    def _check_implicit(self):
+        if not self.proximal_lambda > 0:
+            raise ValueError(f"InnerLoopSpec.proximal_lambda must be positive, got "
+                             f"{self.proximal_lambda!r}")
+        if self.cg_steps < 1 or not self.cg_damping >= 0:
+            raise ValueError(f"InnerLoopSpec: implicit needs cg_steps >= 1 and cg_damping >= 0, "
+                             f"got {self.cg_steps!r} and {self.cg_damping!r}")
+        clashes = [name for name, on in (
+            ("vectorize=True", self.vectorize), ("checkpoint", self.checkpoint != "none"),
+            ("step_weights", self.step_weights is not None),
+            ("a LearnedInnerLR", isinstance(self.inner_lr, LearnedInnerLR))) if on]
+        if clashes:
+            raise ValueError(f"InnerLoopSpec.meta_gradient='implicit' does not take "
+                             f"{clashes[0]} (the loop path; no graph through the inner steps)")
 
     def replace(self, **changes) -> "InnerLoopSpec":
         return dataclasses.replace(self, **changes)
@@ -117,7 +155,9 @@ class InnerLoopSpec:
                    precision=precision, vectorize=algo.vectorize,
                    step_weights=msl_weights(inner_steps, step, algo.msl_steps)
                    if training else None,
-                   adapt=tuple(algo.adapt) if algo.adapt else None, checkpoint=algo.checkpoint)
+                   adapt=tuple(algo.adapt) if algo.adapt else None, checkpoint=algo.checkpoint,
+                   meta_gradient=algo.meta_gradient, proximal_lambda=algo.proximal_lambda,
+                   cg_steps=algo.cg_steps, cg_damping=algo.cg_damping)
 
 
 # The reference code's floor of a non-final weight, as a fraction of the uniform weight 1/S.
