@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from faults import BY_KEY
 
-from launching import ROOT, run
+from launching import ROOT, child_env, command, run
 
 TINY = ["task.k_shot=1", "task.q_query=2", "train.meta_batch_size=2", "model.width=8",
         "train.log_every=1", "eval.episodes=10", "eval.val_episodes=4", "eval.batch_size=10",
@@ -102,3 +103,20 @@ def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def interrupt_launcher(args: list[str], ready, what: str, after: float = 0.0):
+    """Start `accelerate launch` (one process) on train.py with ``args``, wait until ``ready()``
+    (and ``after`` seconds more), send the launcher SIGINT as Ctrl-C would, and collect it:
+    (the finished process, its stdout, its stderr). The launcher is killed if it outlives this."""
+    launcher = subprocess.Popen(command("train.py", args, 1), cwd=ROOT, env=child_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(ready, what=what)
+        time.sleep(after)
+        launcher.send_signal(signal.SIGINT)
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    return launcher, stdout, stderr

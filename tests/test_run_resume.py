@@ -9,12 +9,12 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from faulting import (
     assert_fault,
+    interrupt_launcher,
     metric_steps,
     snapshot,
     train,
@@ -185,16 +185,9 @@ def test_a_stop_during_validation_keeps_the_finished_step(shards, tmp_path):
     run_dir = tmp_path / "run"
     args = train_args(run_dir, shards, "train.checkpoint_every=4", "train.eval_every=2",
                       "eval.val_episodes=500", steps=4)
-    launcher = subprocess.Popen(command("train.py", args, 1), cwd=ROOT, env=child_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: run_dir.joinpath("metrics.jsonl").is_file()
-                 and 2 in metric_steps(run_dir), what="step 2's row")
-        launcher.send_signal(signal.SIGINT)
-        stdout, stderr = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    launcher, stdout, stderr = interrupt_launcher(
+        args, lambda: run_dir.joinpath("metrics.jsonl").is_file() and 2 in metric_steps(run_dir),
+        what="step 2's row")
     fault = BY_KEY["stop_in_validation"]
     assert launcher.returncode == fault.code, stdout + stderr[-3000:]
     assert "Traceback" not in stdout + stderr, stderr[-3000:]
@@ -216,16 +209,9 @@ def test_a_stop_during_the_final_evaluation_says_so_and_the_resume_evaluates_aga
         shards, tmp_path):
     run_dir = tmp_path / "run"
     args = train_args(run_dir, shards, "eval.episodes=500", steps=2)
-    launcher = subprocess.Popen(command("train.py", args, 1), cwd=ROOT, env=child_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: (run_dir / "model.yaml").is_file(), what="the exported model")
-        time.sleep(0.3)  # into the evaluation, which takes longer than the launcher's 5 s
-        launcher.send_signal(signal.SIGINT)
-        stdout, stderr = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    # 0.3 s after the export: into the evaluation, which takes longer than the launcher's 5 s
+    launcher, stdout, stderr = interrupt_launcher(
+        args, lambda: (run_dir / "model.yaml").is_file(), what="the exported model", after=0.3)
     fault = BY_KEY["stop_in_final_evaluation"]
     assert launcher.returncode == fault.code, stdout + stderr[-3000:]
     assert "Traceback" not in stdout + stderr, stderr[-3000:]
