@@ -25,6 +25,8 @@ from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker, on_main_process
 from accelerate.utils import InitProcessGroupKwargs
 
+from fsl_dist.progress import line_stream
+
 # A rank that dies leaves the others blocked in a collective; accelerate's launcher (torchrun)
 # then ends the job, and this timeout is the backstop when no launcher watches.
 COLLECTIVE_TIMEOUT = datetime.timedelta(
@@ -134,8 +136,9 @@ class Distributed:
     def backend(self) -> str:
         return torch_dist.get_backend() if torch_dist.is_initialized() else "none"
 
-    def print(self, *args, **kwargs) -> None:
-        self.accelerator.print(*args, **kwargs)
+    def print(self, *args, file=None, **kwargs) -> None:
+        """print() on the main process, below any progress bar (progress.line_stream)."""
+        self.accelerator.print(*args, file=line_stream(file), **kwargs)
 
     # ------------------------------------------------------------ collectives
     def barrier(self) -> None:

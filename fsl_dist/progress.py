@@ -73,6 +73,25 @@ def below_progress_bar() -> None:
         wait_until_read(sys.stderr.fileno())
 
 
+def line_stream(stream=None):
+    """Where to print a line meant for `stream` (stdout by default) so that it shows after the
+    bar: stderr when the bar goes through a launcher's pipe and stdout is that same terminal. A
+    line on stdout reaches the terminal at once, and could overtake the bar's last redraw
+    still in the launcher (a stop line ended up on the bar's line); through the bar's own pipe
+    it keeps its place. `| tee log` (stdout not a terminal) keeps its lines in the log."""
+    stream = sys.stdout if stream is None else stream
+    if stream is sys.stdout and _isatty(stream) and bar_columns():
+        return sys.stderr
+    return stream
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (ValueError, AttributeError):  # closed, or a capture without a file
+        return False
+
+
 def wait_until_read(fd: int, timeout: float = 0.5) -> None:
     """Wait (at most `timeout` s) until the reader of the pipe `fd` has read all written to it."""
     deadline = time.monotonic() + timeout

@@ -46,7 +46,7 @@ from types import FrameType
 from typing import Callable, Optional, Sequence
 
 from fsl_dist.launchers import cmdline, is_launcher
-from fsl_dist.progress import below_progress_bar
+from fsl_dist.progress import below_progress_bar, line_stream
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: quit without a checkpoint, as a shell reports Ctrl-C
@@ -165,7 +165,7 @@ def quit_now(line: str, status: int = EXIT_INTERRUPTED, *, stdout: bool = False)
                 pass
         if line:
             below_progress_bar()
-            print(line, file=sys.stdout if stdout else sys.stderr)
+            print(line, file=line_stream(sys.stdout) if stdout else sys.stderr)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -42,7 +42,7 @@ from fsl_dist.meta import (
 from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.models import collect_batch_stats, running_stats_norms, update_running_stats
 from fsl_dist.numerics import flat_grads
-from fsl_dist.progress import below_progress_bar, progress
+from fsl_dist.progress import below_progress_bar, line_stream, progress
 from fsl_dist.runs import (
     build_run_model,
     ensure_shards,
@@ -566,7 +566,7 @@ class Trainer:
                                         keep=self.cfg.train.keep_checkpoints)
             line = stop_line(self.state.step, self.cfg.train.steps, path)
         below_progress_bar()
-        print(line, flush=True)
+        print(line, file=line_stream(), flush=True)
         try:
             self.dist.end()  # W&B's files whole (its service may be stopped already)
         except Exception:  # noqa: BLE001 (the checkpoint is written; nothing else to save)

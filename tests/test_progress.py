@@ -216,3 +216,16 @@ def test_the_scripts_show_bars_only_on_a_terminal_without_quiet(packed, tmp_path
     for output in (quiet, piped):
         assert "acc=" not in output and "\r" not in output.replace("\r\n", "")
         assert "test accuracy" in output  # the summary line stays
+
+
+def test_a_line_for_stdout_stays_on_stdout_when_no_bar_goes_through_a_launcher(tmp_path):
+    """progress.line_stream: only a bar copied by a launcher to the terminal that stdout also
+    is moves a line to stderr (tests/test_terminal.py shows that case in a real pty); a file,
+    a capture or stderr keep theirs."""
+    import sys
+
+    from fsl_dist.progress import line_stream
+
+    assert line_stream() is sys.stdout and line_stream(sys.stderr) is sys.stderr
+    with open(tmp_path / "log", "w") as log:
+        assert line_stream(log) is log
