@@ -173,13 +173,6 @@ def quit_now(line: str, status: int = EXIT_INTERRUPTED, *, stdout: bool = False)
         os._exit(status)
 
 
-def signal_name(signum: Optional[int]) -> str:
-    try:
-        return signal.Signals(signum).name
-    except (TypeError, ValueError):
-        return f"signal {signum}"
-
-
 def ignores_ctrl_c() -> bool:
     """Whether SIGINT is ignored, as it is for a process started so: a shell script's
     background job (`accelerate launch ... &`), whose launcher then ignores the terminal's

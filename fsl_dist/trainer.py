@@ -65,10 +65,6 @@ STAT_KEYS = ("query_loss", "acc_before", "acc_after", "inner_loss", "inner_nonfi
 DEBUG_CHECKSUM_EVERY = 2
 
 
-class DivergedError(Exception):
-    """Training stopped because its steps kept producing non-finite values."""
-
-
 @dataclass
 class TrainState:
     model: torch.nn.Module
