@@ -190,17 +190,28 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor,
 def jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """ColorJitter's brightness, contrast and saturation (``factors[i]``, in that column order),
     applied in the order ``order[i]`` (a permutation of 0, 1, 2), each a blend with black, the
-    grey mean or the grey image, clamped to [0, 1]. Works in place on float ``images``."""
+    grey mean or the grey image, clamped to [0, 1]. In place on ``images`` (fresh pages cost
+    more than the arithmetic: in place it is several times faster on a CPU)."""
     n, c = images.shape[:2]
     shape = (n, 1, 1, 1)
+    towards = images.new_empty((n, 1, *images.shape[2:]))
     for stage in range(3):
         op = order[:, stage]
         f = factors.gather(1, op[:, None])[:, 0].to(images.dtype)
         if c == 1:  # torchvision's adjust_saturation returns one-channel images unchanged
             f = torch.where(op == 2, torch.ones_like(f), f)
         rest = (1 - f).view(shape)
-        grey = images if c == 1 else sum(w * images[:, i:i + 1] for i, w in enumerate(GREY))
-        towards = grey * (rest * (op == 2).view(shape))  # saturation: the grey image
-        towards += grey.mean(dim=(1, 2, 3), keepdim=True) * (rest * (op == 1).view(shape))
-        images = images.mul_(f.view(shape)).add_(towards).clamp_(0, 1)
+        _grey_into(towards, images)
+        mean = towards.mean(dim=(1, 2, 3), keepdim=True)
+        towards.mul_(rest * (op == 2).view(shape)).add_(mean * rest * (op == 1).view(shape))
+        images.mul_(f.view(shape)).add_(towards).clamp_(0, 1)
     return images
+
+
+def _grey_into(out: torch.Tensor, images: torch.Tensor) -> None:
+    """``out`` [n, 1, H, W] = the grey of ``images`` (themselves when one channel)."""
+    if images.shape[1] == 1:
+        out.copy_(images)
+        return
+    torch.mul(images[:, 2:3], GREY[2], out=out)
+    out.add_(images[:, 1:2], alpha=GREY[1]).add_(images[:, 0:1], alpha=GREY[0])
