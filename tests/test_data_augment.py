@@ -144,15 +144,29 @@ def test_uint8_images_come_back_as_the_floats_of_the_same_augmentation():
 
 def test_resized_crop_of_the_whole_image_is_the_image_and_of_a_half_a_stretch():
     """A ramp (pixel value = its column) shows the sampling: the left half stretched to the
-    full width reads column (u + 0.5) / 2 - 0.5 at output column u (half-pixel centres)."""
+    full width reads column (u + 0.5) / 2 - 0.5 at output column u (half-pixel centres),
+    clamped to the half's own first and last columns."""
     ramp = torch.arange(SIZE, dtype=torch.float32).expand(1, 1, SIZE, SIZE).contiguous()
     whole = torch.tensor([[0.0, 0.0, SIZE, SIZE]])
     torch.testing.assert_close(aug.resized_crop(ramp, whole), ramp)
     half = torch.tensor([[0.0, 0.0, SIZE, SIZE / 2]])
-    expected = ((torch.arange(SIZE) + 0.5) / 2 - 0.5).clamp(min=0)
+    expected = ((torch.arange(SIZE) + 0.5) / 2 - 0.5).clamp(0, SIZE / 2 - 1)
     torch.testing.assert_close(aug.resized_crop(ramp, half)[0, 0, 3], expected)
     mirrored = aug.resized_crop(ramp, half, flip=torch.tensor([True]))
     torch.testing.assert_close(mirrored[0, 0, 3], expected.flip(0))
+
+
+def test_resized_crops_equal_cutting_the_box_and_resizing_it():
+    """torchvision's resized_crop on tensors: crop, then bilinear resize without antialias,
+    which is F.interpolate's; the drawn flips mirror the result."""
+    images = photos(40, seed=5)
+    params = Augment("resized_crop").sample(40, (SIZE, SIZE), generator(8))
+    out = aug.resized_crop(images, params["box"], params["flip"])
+    for image, box, flip, got in zip(images, params["box"].int().tolist(), params["flip"], out):
+        top, left, height, width = box
+        want = F.interpolate(image[None, :, top:top + height, left:left + width],
+                             size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(got, want.flip(-1) if flip else want, atol=1e-5, rtol=0)
 
 
 def test_resized_crop_boxes_follow_torchvisions_ranges():
@@ -220,14 +234,16 @@ def test_every_support_and_query_image_of_a_task_is_augmented():
     torch.testing.assert_close(done["support_x"][1], support, atol=1e-6, rtol=0)
 
 
-def test_augmented_tasks_are_the_same_for_any_world_size_and_differ_by_step():
-    tasks = MemoryTasks(synthetic_pool(), AUGMENTED, seed=2)
+@pytest.mark.parametrize("kind", ["lee2019", "resized_crop"])
+def test_augmented_tasks_are_the_same_for_any_world_size_and_differ_by_step(kind):
+    spec = TaskSpec(5, 2, 3, augment=Augment(kind, padding=2))
+    tasks = MemoryTasks(synthetic_pool(), spec, seed=2)
     whole = tasks.batch(7, range(8))
     for world in (2, 4):
         parts = [tasks.batch(7, rank_slice(8, rank, world)) for rank in range(world)]
         for key in whole:
             assert torch.equal(whole[key], torch.cat([p[key] for p in parts]))
-    again = MemoryTasks(synthetic_pool(), AUGMENTED, seed=2).batch(7, range(8))
+    again = MemoryTasks(synthetic_pool(), spec, seed=2).batch(7, range(8))
     assert all(torch.equal(whole[k], again[k]) for k in whole)
     later = tasks.batch(8, range(8))
     assert not torch.equal(whole["support_x"], later["support_x"])

@@ -12,8 +12,9 @@ Two sets, each with the output the size of the input:
   training and test alike: that is not augmentation and is left out here.
 - ``resized_crop``: torchvision's ``RandomResizedCrop`` (area fraction uniform in ``scale``,
   aspect ratio log-uniform in [3/4, 4/3], ten tries then the whole image) resized back
-  bilinearly, then the same jitter and flip (mmfewshot's mini-ImageNet training pipeline:
-  RandomResizedCrop(84), RandomFlip, ColorJitter(0.4, 0.4, 0.4)).
+  bilinearly (as ``F.interpolate``, no antialias), then the same jitter and flip (mmfewshot's
+  mini-ImageNet training pipeline: RandomResizedCrop(84), RandomFlip, ColorJitter(0.4, 0.4,
+  0.4)).
 
 Images are float ``[n, C, H, W]`` in [0, 1] (C = 1 or 3); the arithmetic follows torchvision's
 tensor functions (jitter blends clamped to [0, 1] after each step, grey = 0.2989 R + 0.587 G
@@ -169,22 +170,40 @@ def _resized_crop_boxes(count: int, size, scale, gen: torch.Generator) -> torch.
 
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor,
                  flip: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Each image's box (top, left, height, width) resized to the image's size, bilinear with
-    half-pixel centres (torchvision's resize without antialias: the box is never larger than
-    the output, so resizing only enlarges, where antialiasing changes nothing); mirrored where
-    ``flip`` is true."""
-    n, _, h, w = images.shape
-    top, left, height, width = boxes.to(images.dtype).unbind(1)
-    theta = torch.zeros(n, 2, 3, dtype=images.dtype, device=images.device)
-    theta[:, 0, 0] = width / w
+    """Each image's box (top, left, height, width; whole pixels) cut out and resized to the
+    image's size as torchvision's resized_crop does on tensors: bilinear, half-pixel centres,
+    no antialias (the box is never larger than the output, so resizing only enlarges, where
+    antialiasing changes nothing), samples clamped to the box's own edge pixels; mirrored
+    where ``flip`` is true. Separable: a gather and blend along rows, then along columns."""
+    n, c, h, w = images.shape
+    top, left, height, width = boxes.long().unbind(1)
+    rows = _bilinear_taps(top, height, h)
+    cols = _bilinear_taps(left, width, w)
     if flip is not None:
-        theta[:, 0, 0] *= 1 - 2 * flip.to(images.dtype)  # output column x reads -x
-    theta[:, 0, 2] = (2 * left + width) / w - 1
-    theta[:, 1, 1] = height / h
-    theta[:, 1, 2] = (2 * top + height) / h - 1
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
-                         align_corners=False)
+        cols = tuple(torch.where(flip[:, None], t.flip(1), t) for t in cols)
+    (r0, r1, wr), (c0, c1, wc) = rows, cols
+    wr, wc = wr.to(images.dtype), wc.to(images.dtype)
+
+    def along_rows(index):
+        return images.gather(2, index[:, None, :, None].expand(n, c, h, w))
+
+    def along_cols(source, index):
+        return source.gather(3, index[:, None, None, :].expand(n, c, h, w))
+
+    tall = along_rows(r0).lerp_(along_rows(r1), wr[:, None, :, None])  # in place: see jitter
+    return along_cols(tall, c0).lerp_(along_cols(tall, c1), wc[:, None, None, :])
+
+
+def _bilinear_taps(start: torch.Tensor, length: torch.Tensor, out: int):
+    """For ``out`` output pixels reading a span of ``length`` input pixels from ``start``: the
+    two input indices and the weight of the second, as torch's upsample_bilinear2d
+    (align_corners=False): source = (i + 0.5) * length / out - 0.5, at least 0."""
+    scale = (length.to(torch.float32) / out)[:, None]
+    centres = torch.arange(out, dtype=torch.float32, device=start.device) + 0.5
+    real = (centres * scale - 0.5).clamp(min=0)
+    first = real.floor().long()
+    second = torch.minimum(first + 1, (length - 1)[:, None])
+    return start[:, None] + first, start[:, None] + second, real - first
 
 
 def jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
