@@ -11,7 +11,7 @@ Two sets, each with the output the size of the input:
   that order. Both codes also normalise by the data set's mean and standard deviation, at
   training and test alike: that is not augmentation and is left out here.
 - ``resized_crop``: torchvision's ``RandomResizedCrop`` (area fraction uniform in ``scale``,
-  aspect ratio log-uniform in [3/4, 4/3], ten tries then the whole image) resized back
+  aspect ratio log-uniform in [3/4, 4/3], ten tries, then the whole square image) resized back
   bilinearly (as ``F.interpolate``, no antialias), then the same jitter and flip (mmfewshot's
   mini-ImageNet training pipeline: RandomResizedCrop(84), RandomFlip, ColorJitter(0.4, 0.4,
   0.4)).
@@ -149,7 +149,8 @@ def shift_crop(images: torch.Tensor, offsets: torch.Tensor, padding: int,
 
 def _resized_crop_boxes(count: int, size, scale, gen: torch.Generator) -> torch.Tensor:
     """[count, 4] boxes (top, left, height, width) in pixels, as RandomResizedCrop.get_params:
-    the first of ten tries that fits, else the whole image."""
+    the first of ten tries that fits, else the whole image (torchvision's fallback for square
+    images, the only ones shards hold: a centre crop at an aspect ratio clamped to 3/4..4/3)."""
     h, w = int(size[0]), int(size[1])
     area = h * w * (scale[0] + (scale[1] - scale[0]) * torch.rand(count, TRIES, generator=gen))
     log_ratio = torch.tensor(RATIO).log()
