@@ -57,6 +57,27 @@ class DataConfig:
     rotate: bool = True
     """Meta-train classes are rotated by a random multiple of 90 degrees (new classes): an
     Omniglot augmentation; set false for natural images (configs/folder_example.yaml does)."""
+    augment: str = "none"
+    """Augment every support and query image of the meta-training tasks (never validation,
+    test or prediction): none; lee2019, MetaOptNet's (Lee et al. 2019) training transform,
+    learn2learn's `lee2019`: a random crop of the image's size after `augment_padding` black
+    pixels of padding, colour jitter (`augment_jitter`), a horizontal flip (`augment_flip`);
+    resized_crop, a random resized crop (area share in `augment_scale`, aspect 3/4..4/3) in
+    place of the padded crop, then the same jitter and flip. Seeded by (train.seed, step,
+    task), so process counts and resuming see the same images. For natural images; Omniglot
+    keeps none (its augmentation is `rotate`). Details: docs/guide/augmentation.md."""
+    augment_padding: int = 8
+    """lee2019: black border (pixels) around the image before the crop; the image moves by up
+    to this many pixels each way (MetaOptNet: RandomCrop(84, padding=8))."""
+    augment_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """resized_crop: the range of the crop's share of the image's area (torchvision's
+    RandomResizedCrop default [0.08, 1.0])."""
+    augment_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4])
+    """Colour jitter's brightness, contrast and saturation strengths s, each in [0, 1]: the
+    factor is uniform in [1 - s, 1 + s], the three applied in a random order (MetaOptNet:
+    ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)); 0 turns one off."""
+    augment_flip: bool = True
+    """Mirror half of the images left to right (MetaOptNet: RandomHorizontalFlip())."""
     image_size: int = 28
     """Omniglot only: side of the images when packing missing shards. The model always takes
     its input size and channels from the shards' manifest."""
@@ -327,6 +348,7 @@ CHOICES = {
                      "cub"),
     "data.split": ("lake", "vinyals", "futurama"),
     "data.mode": ("memory", "stream"),
+    "data.augment": ("none", "lee2019", "resized_crop"),
     "model.name": ("cnn", "resnet", "resnet12"),
     "algorithm.name": ("maml", "boil", "anil"),
     "algorithm.inner_loss": ("ce", "mse"),
@@ -344,7 +366,8 @@ POSITIVE = (
     "model.dropblock_size", "algorithm.proximal_lambda", "algorithm.cg_steps",
 )
 NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr",
-                "algorithm.msl_steps", "algorithm.first_order_steps", "algorithm.cg_damping")
+                "algorithm.msl_steps", "algorithm.first_order_steps", "algorithm.cg_damping",
+                "data.augment_padding")
 # model.name of a model of your own: the import path of the function that builds it.
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -603,6 +626,7 @@ def validate(cfg: Config, where: str = "config") -> None:
                           "into their blocks; a model of your own (`model.name` "
                           f"{cfg.model.name!r}) takes 'steps'")
     _validate_implicit(cfg.algorithm, where)
+    _validate_augment(cfg.data, where)
     if not 0 <= cfg.model.drop_rate < 1:
         raise ConfigError(f"{where}: `model.drop_rate` = {cfg.model.drop_rate} must be in [0, 1)")
     if cfg.model.drop_rate and cfg.model.name != "resnet12":
@@ -665,6 +689,16 @@ def _validate_implicit(algo: AlgorithmConfig, where: str) -> None:
     if algo.inner_steps < 1:
         raise ConfigError(f"{where}: `algorithm.meta_gradient` = implicit needs "
                           "`algorithm.inner_steps` of at least 1")
+
+
+def _validate_augment(data: DataConfig, where: str) -> None:
+    scale, jitter = data.augment_scale, data.augment_jitter
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"{where}: `data.augment_scale` = {scale} must be [low, high] with "
+                          "0 < low <= high <= 1 (shares of the image's area)")
+    if len(jitter) != 3 or not all(0 <= s <= 1 for s in jitter):
+        raise ConfigError(f"{where}: `data.augment_jitter` = {jitter} must be three strengths in "
+                          "[0, 1]: brightness, contrast, saturation")
 
 
 def _validate_step_schedule(optim: OptimConfig, where: str) -> None:

@@ -35,6 +35,8 @@ KINDS = {
     "data.shards": TRAINED,  # another path may hold other data (moved shards: the flag)
     "data.dataset": TRAINED, "data.split": TRAINED, "data.mode": TRAINED,
     "data.rotate": TRAINED, "data.image_size": TRAINED, "data.shuffle_buffer": TRAINED,
+    "data.augment": TRAINED, "data.augment_padding": TRAINED, "data.augment_scale": TRAINED,
+    "data.augment_jitter": TRAINED, "data.augment_flip": TRAINED,
     "data.source": BOOKKEEPING,  # read only to pack missing shards
     "data.memory_budget_gb": BOOKKEEPING,
     "task.n_way": TRAINED, "task.k_shot": TRAINED, "task.q_query": TRAINED,

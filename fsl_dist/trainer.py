@@ -27,6 +27,7 @@ from fsl_dist import resume as resume_record
 from fsl_dist import runfolder
 from fsl_dist.config import Config, ConfigError, OptimConfig, to_dict
 from fsl_dist.cpu_malloc import tune_cpu_malloc
+from fsl_dist.data.augment import Augment
 from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
 from fsl_dist.data.shards import verify_shards
 from fsl_dist.distributed import launcher_precision
@@ -191,8 +192,12 @@ def build_state(cfg: Config, device: torch.device, inputs: dict) -> TrainState:
 
 
 def task_spec(cfg: Config, part: str) -> TaskSpec:
-    rotate = cfg.data.rotate and part == "train"  # held-out classes are never rotated
-    return TaskSpec(cfg.task.n_way, cfg.task.k_shot, cfg.task.q_query, rotate=rotate)
+    """The tasks of ``part``: rotation and augmentation for meta-training only (validation and
+    test classes are never rotated, their images never augmented)."""
+    train = part == "train"
+    return TaskSpec(cfg.task.n_way, cfg.task.k_shot, cfg.task.q_query,
+                    rotate=cfg.data.rotate and train,
+                    augment=Augment.from_config(cfg.data) if train else None)
 
 
 def build_task_sources(cfg: Config, dist) -> dict:

@@ -25,10 +25,12 @@ def rgb_set(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["memory", "stream"])
-def test_both_modes_report_a_rate(rgb_set, mode, capsys):
+def test_both_modes_report_a_rate_with_and_without_augmentation(rgb_set, mode, capsys):
     data.main(["--shards", str(rgb_set), "--mode", mode, "--tasks", "3w1s2q", "3w2s2q",
-               "--tasks-per-batch", "2", "--seconds", "0.05", "--no-rotate"])
+               "--tasks-per-batch", "2", "--seconds", "0.05", "--no-rotate",
+               "--augment", "none", "lee2019"])
     out = capsys.readouterr().out
     assert f"{mode} mode" in out and "(3, 12, 12)" in out
-    rows = [line for line in out.splitlines() if line.startswith("| 3-way")]
-    assert len(rows) == 2 and all(int(r.split("|")[4]) >= 1 for r in rows)
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 3-way")]
+    assert [r[3].strip() for r in rows] == ["none", "lee2019"] * 2
+    assert all(int(r[6]) >= 1 for r in rows)

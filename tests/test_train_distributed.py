@@ -245,3 +245,25 @@ def train_rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: r[k] for k in ("step", "train/second_order", "train/msl_last_weight")}
             for r in rows if "train/loss" in r]
+
+
+# lee2019 on the Omniglot shards (one channel: saturation does nothing), padding scaled to 28 px.
+AUGMENT = ("data.augment=lee2019", "data.augment_padding=3")
+
+
+def test_augmented_two_ranks_equal_one_and_resume_is_bitwise(shards, tmp_path, two_rank_maml):
+    """Augmentation seeded by (seed, step, task): two ranks (the vmap path) train on the images
+    one process (the loop path) augments, and a run resumed from its step-2 checkpoint meets the
+    images it would have met."""
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    train(one, shards, 0, *AUGMENT, "algorithm.vectorize=false")
+    train(two, shards, 2, *AUGMENT, "algorithm.vectorize=true")
+    assert_world(two, 2)
+    a, b = weights(one), weights(two)
+    difference = max_abs_difference(a, b)
+    assert difference < 1e-6, f"max |one - two| = {difference:.3g}"
+    train(resumed, shards, 0, *AUGMENT, "algorithm.vectorize=false", "--resume",
+          str(checkpoint_path(one, 2)))
+    c = weights(resumed)
+    assert all(torch.equal(a[k], c[k]) for k in a), f"max diff {max_abs_difference(a, c):.3g}"
+    assert max_abs_difference(a, weights(two_rank_maml)) > 1e-4  # it trained on other images

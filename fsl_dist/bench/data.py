@@ -2,12 +2,15 @@
 
     python launch/bench_data.py --shards shards/omniglot-vinyals
     python launch/bench_data.py --shards shards/rgb84 --mode stream --tasks 5w1s15q 5w5s15q
+    python launch/bench_data.py --shards shards/rgb84 --no-rotate --tasks 5w5s15q \
+        --augment none lee2019 resized_crop
 
 Stream mode reads the shards through ``make_tasks(..., mode="stream")``, the sampler training
 uses, iterated in this process (a DataLoader with no workers).
 
 Packs nothing: point --shards at a packed set (see launch/pack.py). Prints the machine, then a
-Markdown table (one row per task shape, meta-train part, class rotation on as in training).
+Markdown table (one row per task shape and augmentation, meta-train part, class rotation on
+as in training; ``--augment`` with the data.augment defaults, lee2019's).
 """
 
 import argparse
@@ -18,7 +21,7 @@ import time
 import torch
 
 from fsl_dist.bench.machine import cpu_model, read_cpuinfo
-from fsl_dist.data import episodes, shards
+from fsl_dist.data import augment, episodes, shards
 
 from .cases import parse_task
 
@@ -33,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=5.0, help="time per configuration")
     parser.add_argument("--no-rotate", action="store_true")
     parser.add_argument("--mode", default="memory", choices=episodes.MODES)
+    parser.add_argument("--augment", nargs="*", default=["none"], choices=augment.KINDS,
+                        help="augmentations to time, one row each (default none)")
     parser.add_argument("--tasks", nargs="*", type=parse_task, default=list(SHAPES),
                         help="task shapes, e.g. 5w1s15q 5w5s15q (default 5w1s15q 20w1s5q)")
     return parser.parse_args(argv)
@@ -80,9 +85,11 @@ def main(argv=None) -> None:
     print(f"pool: {args.shards} part {args.part!r}, {pool.num_classes} classes, "
           f"images {tuple(pool.images.shape[-3:])}; {args.tasks_per_batch} tasks per batch, "
           f"{args.mode} mode\n")
-    print("| task | rotate | tasks/s | batches timed |")
-    print("|---|---|---|---|")
-    for n, k, q in args.tasks:
-        spec = episodes.TaskSpec(n, k, q, rotate=not args.no_rotate)
+    print("| task | rotate | augment | tasks/s | ms per task | batches timed |")
+    print("|---|---|---|---|---|---|")
+    for (n, k, q), kind in ((shape, kind) for shape in args.tasks for kind in args.augment):
+        spec = episodes.TaskSpec(n, k, q, rotate=not args.no_rotate,
+                                 augment=None if kind == "none" else augment.Augment(kind))
         rate, batches = rate_of(args, pool, spec)
-        print(f"| {n}-way {k}-shot {q}-query | {spec.rotate} | {rate:.0f} | {batches} |")
+        print(f"| {n}-way {k}-shot {q}-query | {spec.rotate} | {kind} | {rate:.0f} | "
+              f"{1000 / rate:.2f} | {batches} |")

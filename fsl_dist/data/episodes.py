@@ -11,7 +11,9 @@ Support and query come from disjoint images of the same N distinct classes. Clas
 different numbers of images: a class with fewer than K+Q is never drawn for such a task. With
 ``TaskSpec.rotate`` each sampled class is turned by a random multiple of 90 degrees (all its
 images alike), which makes it a new class, as in the MAML protocol for Omniglot; natural images
-are not rotated (``data.rotate: false``, as ``configs/folder_example.yaml`` sets).
+are not rotated (``data.rotate: false``, as ``configs/folder_example.yaml`` sets). With
+``TaskSpec.augment`` (``fsl_dist.data.augment``) every support and query image of a task is
+cropped, colour-jittered and flipped, with parameters seeded by the task as its classes are.
 
 Two modes give the same format:
 
@@ -37,7 +39,7 @@ import tarfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +48,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from fsl_dist.config import DataConfig
 from fsl_dist.data import shards as shardlib
+from fsl_dist.data.augment import Augment
 
 MODES = ("memory", "stream")
 BATCH_KEYS = ("support_x", "support_y", "query_x", "query_y")
@@ -59,6 +62,7 @@ class TaskSpec:
     k_shot: int  # labelled images per class (support set)
     q_query: int  # images per class to classify (query set)
     rotate: bool = False  # turn each sampled class by a random multiple of 90 degrees
+    augment: Optional[Augment] = None  # augment every image of a task (training tasks only)
 
     def __post_init__(self):
         for name in ("n_way", "k_shot", "q_query"):
@@ -91,6 +95,13 @@ def check_spec_fits(spec: TaskSpec, counts, where: str) -> None:
                      f"need {spec.n_way} classes holding at least {needed} images, but only "
                      f"{qualifying} of the {len(counts)} classes of {where} do; lower n_way, "
                      f"k_shot or q_query")
+
+
+def check_augment_channels(spec: TaskSpec, channels: int, where: str) -> None:
+    """Colour jitter is defined for grey (1) and RGB (3) images only."""
+    if spec.augment is not None and channels not in (1, 3):
+        raise ValueError(f"augmentation {spec.augment.kind!r} needs images of 1 or 3 channels; "
+                         f"{where} has {channels}: set data.augment=none")
 
 
 def rank_slice(total: int, rank: int, world: int) -> range:
@@ -160,7 +171,24 @@ def assemble(support: torch.Tensor, query: torch.Tensor, labels: np.ndarray) -> 
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 0..1; floats (augmented images) are already there."""
+    if images.is_floating_point():
+        return images
     return images.to(torch.float32).mul_(1.0 / 255.0)
+
+
+def augment_tasks(augment: Augment, support: torch.Tensor, query: torch.Tensor,
+                  keys: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 support [T, N, K, C, H, W] and query [T, N, Q, C, H, W] -> float ones, every image
+    augmented; task t's images (its support, then its query, class by class) take their
+    parameters in that order from ``generator(*keys[t])``. MetaOptNet's code augments every
+    image of a training episode, support and query alike (its training set's transform)."""
+    tasks, n, k, *image = support.shape
+    q = query.shape[2]
+    both = torch.cat([support.reshape(tasks, n * k, *image), query.reshape(tasks, n * q, *image)],
+                     dim=1)
+    done = augment.each(both.reshape(-1, *image), keys).view(tasks, n * (k + q), *image)
+    return done[:, :n * k].reshape(support.shape), done[:, n * k:].reshape(query.shape)
 
 
 # ----------------------------------------------------------------------------- memory mode
@@ -180,6 +208,7 @@ class MemoryTasks:
         if spec.rotate and pool.images.shape[-1] != pool.images.shape[-2]:
             raise ValueError(f"rotation needs square images; {where} has "
                              f"{tuple(pool.images.shape[-2:])}")
+        check_augment_channels(spec, pool.images.shape[1], where)
         self.pool = pool
         self.spec = spec
         self.seed = seed
@@ -213,6 +242,9 @@ class MemoryTasks:
         k = self.spec.k_shot
         support = self._gather(rows[:, :, :k])
         query = self._gather(rows[:, :, k:])
+        if self.spec.augment is not None:  # seeded as the task: the same on any rank, on resume
+            keys = [(self.seed, step, task) for task in indices]
+            support, query = augment_tasks(self.spec.augment, support, query, keys)
         return assemble(support, query, sampled.labels)
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
@@ -351,7 +383,11 @@ class StreamTasks(IterableDataset):
             images = _turn_each_class(images, rng.integers(0, 4, labels.shape))
         images = torch.from_numpy(images)
         k = spec.k_shot
-        return assemble(images[:, :, :k].contiguous(), images[:, :, k:].contiguous(), labels)
+        support, query = images[:, :, :k].contiguous(), images[:, :, k:].contiguous()
+        if spec.augment is not None:  # seeded from the stream's generator, as its tasks are
+            keys = [(int(seed),) for seed in rng.integers(2**63, size=len(labels))]
+            support, query = augment_tasks(spec.augment, support, query, keys)
+        return assemble(support, query, labels)
 
 
 def _shard_failed(error: Exception) -> shardlib.ShardError:
@@ -426,6 +462,7 @@ def make_tasks(shard_dir: str | Path, part: str, spec: TaskSpec, *, seed: int,
     manifest = (shardlib.verify_shards(shard_dir, [part]) if verify
                 else shardlib.load_manifest(shard_dir))
     entry = shardlib.check_part(manifest, part, shard_dir)
+    check_augment_channels(spec, manifest["channels"], f"part {part!r} of {shard_dir}")
     counts = shardlib.images_per_class(manifest, part)
     files, start = [], 0
     for shard in entry["shards"]:  # count per shard only the classes a task can use
