@@ -27,7 +27,8 @@ from fsl_dist.distributed import Distributed, launcher_precision
 from fsl_dist.exits import exit_code, report
 from fsl_dist.io import WriteFailure, check_writable
 from fsl_dist.resume import describe
-from fsl_dist.runs import evaluate_held_out, load_trained
+from fsl_dist.runs import evaluate_held_out
+from fsl_dist.trained import read_trained
 from fsl_dist.trainer import resolve_precision
 
 
@@ -99,8 +100,10 @@ def main(argv=None) -> int:
         return 2
     dist = Distributed()
     try:
-        cfg, model, inner_lr, weights = load_trained(Path(args.run_dir), dist.device,
-                                                     args.checkpoint)
+        trained = read_trained(Path(args.run_dir), dist.device, checkpoint=args.checkpoint,
+                               with_config=True)
+        cfg, model, inner_lr, weights = (trained.cfg, trained.model, trained.inner_lr,
+                                         trained.weights)
         part = args.part or cfg.eval.part
         out_name = args.out or f"eval-{part}.json"
         # Before the evaluation, not after it: a run folder this user (or a read-only mount)
