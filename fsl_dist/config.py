@@ -208,6 +208,22 @@ class ProtoNetConfig:
 
 
 @dataclass
+class RidgeConfig:
+    """The closed-form ridge head's keys (`algorithm.name: ridge`, R2D2 / MetaOptNet-ridge;
+    fsl_dist/learners/ridge.py)."""
+
+    lam: float = 50.0
+    """The ridge penalty lambda of W = X^T (X X^T + lambda I)^-1 Y (X the support features, Y
+    their one-hot labels); 50: MetaOptNet's ridge head."""
+    learn_lambda: bool = False
+    """Learn lambda with the model, from `lam` (R2D2 learns it)."""
+    scale: float = 1.0
+    """The logits are scale x (query features . W) + bias."""
+    learn_scale: bool = True
+    """Learn scale (from `scale`) and bias (from 0) with the model: R2D2's alpha and beta."""
+
+
+@dataclass
 class OptimConfig:
     """The outer (meta) optimiser, Adam, and its learning-rate schedule."""
 
@@ -332,6 +348,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     protonet: ProtoNetConfig = field(default_factory=ProtoNetConfig)
+    ridge: RidgeConfig = field(default_factory=RidgeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -357,7 +374,7 @@ CHOICES = {
     "data.mode": ("memory", "stream"),
     "model.name": ("cnn", "resnet", "resnet12"),
     # fsl_dist.learners.LEARNERS (a test checks that they agree)
-    "algorithm.name": ("maml", "boil", "anil", "protonet"),
+    "algorithm.name": ("maml", "boil", "anil", "protonet", "ridge"),
     "algorithm.inner_loss": ("ce", "mse"),
     "algorithm.learn_inner_lr": (False, True, "per_step"),
     "algorithm.checkpoint": ("none", "steps", "blocks"),
@@ -371,7 +388,7 @@ POSITIVE = (
     "train.eval_every", "train.log_every", "eval.episodes", "eval.val_episodes",
     "eval.batch_size", "data.image_size", "data.shuffle_buffer", "optim.lr",
     "model.dropblock_size", "algorithm.proximal_lambda", "algorithm.cg_steps",
-    "protonet.scale",
+    "protonet.scale", "ridge.lam", "ridge.scale",
 )
 NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr",
                 "algorithm.msl_steps", "algorithm.first_order_steps", "algorithm.cg_damping")

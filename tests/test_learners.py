@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from fsl_dist.config import CHOICES, Config, ConfigError, ProtoNetConfig, load_config
-from fsl_dist.learners import LEARNERS, ProtoNet, check_way, learner_from_config
+from fsl_dist.config import (
+    CHOICES,
+    Config,
+    ConfigError,
+    ProtoNetConfig,
+    RidgeConfig,
+    load_config,
+)
+from fsl_dist.learners import LEARNERS, ProtoNet, RidgeHead, check_way, learner_from_config
 from fsl_dist.models import build_model
 
 from meta_helpers import flat, make_tasks
@@ -80,6 +87,65 @@ def test_a_learned_scale_gets_its_gradient_from_the_reference():
     want = torch.autograd.grad(reference_loss(model, tasks, log_scale.exp()), log_scale)[0]
     torch.testing.assert_close(learner.scale.log_scale.grad, want, rtol=1e-10, atol=1e-12)
     assert learner.parameters()[-1] is learner.scale.log_scale  # stepped by the optimizer
+
+
+def hand_cross_entropy(logits: list, y: int) -> torch.Tensor:
+    top = max(v.item() for v in logits)
+    return top + torch.log(sum(torch.exp(v - top) for v in logits)) - logits[y]
+
+
+def reference_ridge_loss(model, tasks, lam, scale, bias) -> torch.Tensor:
+    """The ridge head's mean query cross-entropy in the primal form the Woodbury form equals:
+    W = (X^T X + lam I)^-1 X^T Y, with an explicit inverse of the D x D matrix."""
+    total = 0.0
+    for t in range(len(tasks["support_x"])):
+        x = model.features(tasks["support_x"][t]).flatten(1)
+        q = model.features(tasks["query_x"][t]).flatten(1)
+        y = torch.zeros(len(x), N_WAY, dtype=x.dtype)
+        for i, label in enumerate(tasks["support_y"][t].tolist()):
+            y[i, label] = 1.0
+        w = torch.linalg.inv(x.T @ x + lam * torch.eye(x.shape[1], dtype=x.dtype)) @ x.T @ y
+        loss = 0.0
+        for i, label in enumerate(tasks["query_y"][t].tolist()):
+            logits = [scale * (q[i] * w[:, c]).sum() + bias for c in range(N_WAY)]
+            loss = loss + hand_cross_entropy(logits, label)
+        total = total + loss / len(tasks["query_y"][t])
+    return total / len(tasks["support_x"])
+
+
+def test_ridge_loss_and_gradients_equal_the_primal_reference():
+    model = tiny_model()
+    tasks = make_tasks(tasks=2, n_way=N_WAY, k_shot=K_SHOT, n_query=N_QUERY, jitter=0.1)
+    learner = RidgeHead(model, RidgeConfig(lam=2.0, scale=0.5, learn_scale=True,
+                                           learn_lambda=True))
+    learner.learned.double()
+    with torch.no_grad():
+        learner.learned.bias.fill_(0.1)
+    stats = learner.meta_backward(tasks, step=0, precision="no")
+    extras = [learner.learned.log_scale, learner.learned.bias, learner.learned.log_lam]
+    got = [p.grad if p.grad is not None else torch.zeros_like(p)
+           for p in [*model.parameters(), *extras]]
+    model.zero_grad()
+    leaves = [p.detach().clone().requires_grad_() for p in extras]
+    want = reference_ridge_loss(model, tasks, leaves[2].exp(), leaves[0].exp(), leaves[1])
+    grads = torch.autograd.grad(want, [*model.parameters(), *leaves], allow_unused=True)
+    grads = [g if g is not None else torch.zeros_like(p)
+             for g, p in zip(grads, [*model.parameters(), *leaves])]
+    assert stats["query_loss"].item() == pytest.approx(want.item(), rel=1e-10)
+    torch.testing.assert_close(flat(got), flat(grads), rtol=1e-8, atol=1e-10)
+    assert flat(got[:-3]).abs().sum() > 0 and all(g.abs() > 0 for g in got[-3:])
+
+
+def test_ridge_prediction_equals_evaluation():
+    model = tiny_model()
+    learner = RidgeHead(model, RidgeConfig())
+    tasks = make_tasks(tasks=2, n_way=4, k_shot=K_SHOT, n_query=N_QUERY, jitter=0.1)
+    evaluated = learner.evaluate_tasks(tasks, precision="no")["acc_after_per_task"]
+    for t in range(2):
+        logits = learner.adapt(tasks["support_x"][t], tasks["support_y"][t],
+                               precision="no").logits(tasks["query_x"][t])
+        predicted = (logits.argmax(-1) == tasks["query_y"][t]).float().mean()
+        assert predicted.item() == evaluated[t].item()
 
 
 def test_protonet_evaluation_and_prediction_score_alike_for_any_way():

@@ -44,6 +44,7 @@ OPTIONS = {
     "protonet": ["algorithm.name=protonet"],
     "protonet-learned-scale": ["algorithm.name=protonet", "protonet.learn_scale=true",
                                "protonet.scale=0.5"],
+    "ridge": ["algorithm.name=ridge", "ridge.learn_lambda=true"],
 }
 
 
@@ -54,7 +55,7 @@ def test_api_reproduces_evaluate_tasks_per_episode(variant, shards, tasks, tmp_p
     model = load_model(folder, "cpu")
     family = variant.split("-")[0]
     assert model.description["algorithm"]["name"] == family
-    assert model.learner.evaluation_steps == (0 if family == "protonet" else 2)
+    assert model.learner.evaluation_steps == (0 if family in ("protonet", "ridge") else 2)
     if variant.endswith("implicit"):
         spec = model.learner.spec(precision="no", evaluation=True)
         assert (spec.meta_gradient, spec.proximal_lambda) == ("implicit", 3.0)

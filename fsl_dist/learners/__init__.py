@@ -18,17 +18,20 @@ from typing import Optional
 
 from torch import nn
 
-from fsl_dist.config import AlgorithmConfig, Config, ConfigError, ProtoNetConfig
+from fsl_dist.config import AlgorithmConfig, Config, ConfigError, ProtoNetConfig, RidgeConfig
 
 from .base import STAT_KEYS, Adapted, Learner
 from .maml import INNER_LR, MamlFamily
 from .protonet import ProtoNet
+from .ridge import RidgeHead
 
 # algorithm.name -> the family that answers it
-LEARNERS = {"maml": MamlFamily, "boil": MamlFamily, "anil": MamlFamily, "protonet": ProtoNet}
-SECTIONS = {"protonet": ProtoNetConfig}
+LEARNERS = {"maml": MamlFamily, "boil": MamlFamily, "anil": MamlFamily, "protonet": ProtoNet,
+            "ridge": RidgeHead}
+SECTIONS = {"protonet": ProtoNetConfig, "ridge": RidgeConfig}
 
 __all__ = ["INNER_LR", "LEARNERS", "STAT_KEYS", "Adapted", "Learner", "MamlFamily", "ProtoNet",
+           "RidgeHead",
            "build_learner", "learner_from_config", "learner_from_description"]
 
 
