@@ -66,7 +66,10 @@ def two_rank_maml(shards, tmp_path_factory):
 @pytest.mark.parametrize("extra, tolerance", [
     ((), 1e-6),
     (("algorithm.name=boil",), 1e-6),
-    (("algorithm.proto_head=true",), 1e-6),  # Proto-MAML
+    # Proto-MAML: its prototype head makes the last batch norm's shift a near-null direction
+    # (exactly null before adaptation, as in ProtoNet below): measured 1.2e-6 there, every
+    # other tensor within 2e-7
+    (("algorithm.proto_head=true",), 1e-5),
     # bf16 (one thread per process on both sides, so every task's own computation is the same
     # kernel sequence): the per-task values agree, only the float32 sum of the per-task
     # meta-gradients runs in another order. Where bf16 rounding leaves a component near zero,
