@@ -71,6 +71,3 @@ class RidgeHead(FeatureHeadLearner):
 
     def score(self, head: Tensor, query: Tensor) -> Tensor:
         return self._value("log_scale", self.options.scale) * (query @ head)
-
-    def describe(self) -> dict:
-        return {"inner_steps": 0, "algorithm": "ridge"}
