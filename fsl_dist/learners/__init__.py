@@ -69,4 +69,5 @@ def check_way(cfg: Config) -> None:
     if cfg.eval.n_way not in (None, cfg.task.n_way) and LEARNERS[cfg.algorithm.name].fixed_way:
         raise ConfigError(f"`eval.n_way` = {cfg.eval.n_way} differs from `task.n_way` = "
                           f"{cfg.task.n_way}, but {cfg.algorithm.name}'s head fixes N: leave "
-                          "eval.n_way null (a family without a head, protonet, takes any N)")
+                          "eval.n_way null (the families without a head, protonet and ridge, take "
+                          "any N)")
