@@ -9,10 +9,10 @@ contiguous slices and the per-episode accuracies gathered back in order.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
-from fsl_dist.meta import InnerLoopSpec, evaluate_tasks
 from fsl_dist.progress import progress
 
 
@@ -78,9 +78,11 @@ def combine_seeds(per_seed: list[dict]) -> dict:
             "ci95_seeds": ci95_seeds, "ci95_episodes": ci95_episodes, "per_seed": per_seed}
 
 
-def evaluate(model, spec: InnerLoopSpec, episode_source, *, episodes: int, dist,
-             batch_size: int, quiet: bool = False, desc: str = "evaluating") -> dict:
-    """Mean query accuracy after adaptation (and before it) over `episodes` held-out episodes.
+def evaluate(learner, episode_source, *, episodes: int, dist, precision: str, batch_size: int,
+             inner_steps: Optional[int] = None, quiet: bool = False,
+             desc: str = "evaluating") -> dict:
+    """Mean query accuracy after adaptation (and before it) over `episodes` held-out episodes,
+    adapted and scored by ``learner`` (fsl_dist/learners; ``inner_steps`` overrides its own).
 
     The main rank shows a progress bar over its share of the episodes, with the running mean
     accuracy of that share, unless `quiet` (in a log: lines, fsl_dist/progress.py)."""
@@ -92,7 +94,7 @@ def evaluate(model, spec: InnerLoopSpec, episode_source, *, episodes: int, dist,
         for start in range(mine.start, mine.stop, batch_size):
             chunk = range(start, min(start + batch_size, mine.stop))
             tasks = {k: v.to(dist.device) for k, v in episode_source.batch(0, chunk).items()}
-            stats = evaluate_tasks(model, tasks, spec)
+            stats = learner.evaluate_tasks(tasks, precision=precision, inner_steps=inner_steps)
             after.append(stats["acc_after_per_task"].detach().cpu())
             # the mean before adaptation is all that is reported of it: one value per episode
             before.append(stats["acc_before"].detach().cpu().expand(len(chunk)))

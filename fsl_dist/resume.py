@@ -51,6 +51,7 @@ KINDS = {
     "algorithm.checkpoint": BOOKKEEPING,  # the same meta-gradient, less memory (float order)
     "algorithm.meta_gradient": TRAINED, "algorithm.proximal_lambda": TRAINED,
     "algorithm.cg_steps": TRAINED, "algorithm.cg_damping": TRAINED,
+    "algorithm.proto_head": TRAINED,
     "optim.lr": TRAINED, "optim.weight_decay": TRAINED, "optim.grad_clip": TRAINED,
     "optim.betas": TRAINED,
     "optim.schedule": SCHEDULE, "optim.min_lr": SCHEDULE, "optim.decay_at": SCHEDULE,
@@ -64,7 +65,10 @@ KINDS = {
     # evaluation reads the weights, never changes them
     "eval.episodes": BOOKKEEPING, "eval.val_episodes": BOOKKEEPING,
     "eval.inner_steps": BOOKKEEPING, "eval.part": BOOKKEEPING, "eval.batch_size": BOOKKEEPING,
-    "eval.seed": BOOKKEEPING, "eval.final_val": BOOKKEEPING,
+    "eval.seed": BOOKKEEPING, "eval.final_val": BOOKKEEPING, "eval.n_way": BOOKKEEPING,
+    "protonet.scale": TRAINED, "protonet.learn_scale": TRAINED,
+    "ridge.lam": TRAINED, "ridge.learn_lambda": TRAINED, "ridge.scale": TRAINED,
+    "ridge.learn_scale": TRAINED,
     "logging.wandb": BOOKKEEPING, "logging.tensorboard": BOOKKEEPING,
     "logging.project": BOOKKEEPING, "logging.entity": BOOKKEEPING, "logging.group": BOOKKEEPING,
     "logging.tags": BOOKKEEPING,

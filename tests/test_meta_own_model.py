@@ -195,7 +195,8 @@ def test_trainer_builds_evaluates_and_exports_an_own_model(own_model_run, monkey
     assert "%" in result.stdout + result.stderr
     monkeypatch.syspath_prepend(str(own_model_run))
     trained = load_model(run_dir, device="cpu")  # prediction rebuilds it from model.yaml
-    assert type(trained.model).__name__ == "TinyNet" and trained.spec.adapt == ("encoder",)
+    spec = trained.learner.spec(precision="no", evaluation=True)
+    assert type(trained.model).__name__ == "TinyNet" and spec.adapt == ("encoder",)
 
 
 @pytest.mark.integration

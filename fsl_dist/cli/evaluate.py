@@ -27,7 +27,8 @@ from fsl_dist.distributed import Distributed, launcher_precision
 from fsl_dist.exits import exit_code, report
 from fsl_dist.io import WriteFailure, check_writable
 from fsl_dist.resume import describe
-from fsl_dist.runs import evaluate_held_out, load_trained
+from fsl_dist.runs import evaluate_held_out
+from fsl_dist.trained import read_trained
 from fsl_dist.trainer import resolve_precision
 
 
@@ -37,7 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run-dir", required=True, help="a run folder written by launch/train.py")
     parser.add_argument("--episodes", type=int,
                         help="episodes (default: the config's eval.episodes)")
-    parser.add_argument("--ways", type=int, help="N-way; must equal the trained head's N")
+    parser.add_argument("--ways", type=int,
+                        help="N-way (default: eval.n_way, else task.n_way); a model with a head "
+                             "(the MAML family) takes only its trained N")
     parser.add_argument("--shots", type=int, help="K-shot (default: the trained K)")
     parser.add_argument("--queries", type=int,
                         help="query images per class (default: the trained Q); one Q for runs "
@@ -99,8 +102,9 @@ def main(argv=None) -> int:
         return 2
     dist = Distributed()
     try:
-        cfg, model, inner_lr, weights = load_trained(Path(args.run_dir), dist.device,
-                                                     args.checkpoint)
+        trained = read_trained(Path(args.run_dir), dist.device, checkpoint=args.checkpoint,
+                               with_config=True)
+        cfg = trained.cfg
         part = args.part or cfg.eval.part
         out_name = args.out or f"eval-{part}.json"
         # Before the evaluation, not after it: a run folder this user (or a read-only mount)
@@ -110,16 +114,19 @@ def main(argv=None) -> int:
             outcome = tune_cpu_malloc()
             if outcome != "tuned":  # the usual outcome goes unsaid (as in the trainer)
                 dist.print(f"cpu malloc: {outcome}", file=sys.stderr)
-        if args.ways is not None and args.ways != cfg.task.n_way:
-            raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a "
-                              f"{cfg.task.n_way}-way head; evaluate with its N-way or train a "
-                              "model for this N")
+        if args.ways is not None and args.ways != cfg.evaluation_way():
+            if trained.learner.fixed_way:
+                raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a "
+                                  f"{cfg.task.n_way}-way head; evaluate with its N-way or "
+                                  "train a model for this N")
+            cfg.eval.n_way = args.ways  # a family without a head (protonet) takes any N
         precision = resolve_precision(cfg.precision, launcher_precision(), dist.device)
-        result = evaluate_held_out(model, inner_lr, cfg, dist, Path(args.run_dir),
+        result = evaluate_held_out(trained.learner, cfg, dist, Path(args.run_dir),
                                    precision=precision, episodes=args.episodes, shots=args.shots,
                                    queries=args.queries, part=part,
                                    inner_steps=args.inner_steps, out_name=out_name,
-                                   weights=weights, seeds=args.seeds, quiet=args.quiet)
+                                   weights=trained.weights, seeds=args.seeds,
+                                   quiet=args.quiet)
     except Exception as err:
         code = exit_code(err)
         if code is None or args.traceback:
