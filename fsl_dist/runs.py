@@ -39,7 +39,8 @@ from fsl_dist.data.shards import (
     memory_budget_problem,
     pack_omniglot,
 )
-from fsl_dist.evaluate import combine_seeds, evaluate
+from fsl_dist.evaluate import combine_seeds, evaluate, evaluate_episodes
+from fsl_dist.finetune import method_score
 from fsl_dist.io import WriteFailure, atomic_write, atomic_write_json, atomic_write_text
 from fsl_dist.meta import InnerLoopSpec, learned_inner_lr
 from fsl_dist.models import build_model
@@ -324,19 +325,23 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
                       queries: Optional[int] = None, part: Optional[str] = None,
                       inner_steps: Optional[int] = None,
                       out_name: str = "eval.json", weights: Optional[Path] = None,
-                      seeds: Optional[Sequence[int]] = None, quiet: bool = False) -> dict:
+                      seeds: Optional[Sequence[int]] = None, quiet: bool = False,
+                      method: str = "adapt") -> dict:
     """Evaluate on `part` (default eval.part) and write `out_name` in the run folder; `weights`,
     the file the model came from, is recorded relative to the run folder; `shots` and `queries`
     replace the trained K and Q per class (comparing runs trained with different Q needs one
     test protocol). With two or more
     `seeds`, `episodes` are drawn for each episode seed and the result is `combine_seeds`'.
-    `quiet`: no progress bar."""
+    `method`: adapt (the trained inner loop) or one of fsl_dist.finetune.METHODS on the frozen
+    body (nearest centroid, Baseline, Baseline++). `quiet`: no progress bar."""
     part = part or cfg.eval.part
     episodes = episodes or cfg.eval.episodes
     k_shot = cfg.task.k_shot if shots is None else shots
     q_query = cfg.task.q_query if queries is None else queries
-    inner_loop = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=inner_lr,
-                                           evaluation=True, inner_steps=inner_steps)
+    inner_loop = None
+    if method == "adapt":
+        inner_loop = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=inner_lr,
+                                               evaluation=True, inner_steps=inner_steps)
     tasks = episode_shape(cfg.task.n_way, k_shot, q_query)
 
     def one_seed(seed: int) -> dict:
@@ -346,8 +351,13 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
         except ValueError as err:  # episodes the shards cannot fill: input, not a bug
             raise ConfigError(f"evaluating {k_shot}-shot {q_query}-query episodes: {err}") from err
         desc = f"{part} (seed {seed})" if len(seeds) > 1 else part
-        result = evaluate(model, inner_loop, source, episodes=episodes, dist=dist,
-                          batch_size=cfg.eval.batch_size, quiet=quiet, desc=desc)
+        if inner_loop is not None:
+            result = evaluate(model, inner_loop, source, episodes=episodes, dist=dist,
+                              batch_size=cfg.eval.batch_size, quiet=quiet, desc=desc)
+        else:
+            result = evaluate_episodes(method_score(method, model, seed), source,
+                                       episodes=episodes, dist=dist,
+                                       batch_size=cfg.eval.batch_size, quiet=quiet, desc=desc)
         return {**result, "eval_seed": seed}
 
     seeds = list(seeds) if seeds else [cfg.eval.seed]
@@ -357,8 +367,10 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
     per_seed = [one_seed(seed) for seed in seeds]
     result = per_seed[0] if len(per_seed) == 1 else combine_seeds(per_seed)
     result.update(part=part, n_way=cfg.task.n_way, k_shot=k_shot, q_query=q_query,
-                  inner_steps=inner_loop.inner_steps, config=cfg.name, seed=cfg.train.seed,
+                  method=method, config=cfg.name, seed=cfg.train.seed,
                   world_size=dist.world_size)
+    if inner_loop is not None:
+        result["inner_steps"] = inner_loop.inner_steps
     if weights is not None:
         result["weights"] = Path(weights).relative_to(run_dir).as_posix() if Path(
             weights).is_relative_to(run_dir) else str(weights)

@@ -463,19 +463,10 @@ class Trainer:
         warning = bf16_cpu_warning(dist.device.type, self.precision)
         if warning:
             dist.print(warning)
-        check_process_count(cfg, dist.world_size)
+        self.check_process_count()
         configure_cpu(cfg, dist)
         self.manifest = ensure_shards(cfg, dist, quiet=self.quiet)
-        self.sources = build_task_sources(cfg, dist)  # checksums the train and val parts
-        if cfg.eval.part not in ("train", "val"):
-            # The held-out part is read only at the end: a damaged shard found after hours of
-            # training would cost the run its result, so it is checksummed now as well.
-            verify_shards(cfg.data.shards, [cfg.eval.part])
-        self.state = build_state(cfg, dist.device, model_inputs(self.manifest))
-        self.batches = TrainBatches(self.sources["train"],
-                                    rank_slice(cfg.train.meta_batch_size, dist.rank,
-                                               dist.world_size),
-                                    dist.device)
+        self.build_training()
         self.wandb_id = None
         resume_from, saved, notes = load_resume_point(self.run_dir, resume)
         for note in notes:
@@ -483,7 +474,7 @@ class Trainer:
         changes = []
         if saved is not None:
             changes = self._check_resume(saved, resume_from, allow_config_change)
-            restore_state(self.state, saved)
+            self.restore(saved)
             self.wandb_id = saved.get("wandb_id")
             dist.print(f"resumed from {resume_from} at step {self.state.step}")
             for change in changes:
@@ -494,7 +485,7 @@ class Trainer:
         self.history = resume_record.history(self.run_dir, self.state.step, changes,
                                              dist.world_size)
         self.metrics = MetricsFile(self.run_dir, enabled=dist.is_main)
-        self.loss_watch = LossWatch(cfg.train.loss_warn_factor, math.log(cfg.task.n_way))
+        self.loss_watch = LossWatch(cfg.train.loss_warn_factor, math.log(self.classes_guessed()))
         self.stop = StopRequest()  # set by a stop signal, acted on between steps
         # What fit() is doing now, for a stop signal's handler (_stop_now_if_safe): starting,
         # tasks (drawing them, the meta-gradient), update, after (logging, checkpoint),
@@ -502,6 +493,49 @@ class Trainer:
         self.phase = "starting"
         self._saved_rng = None  # random state of the last finished step (tasks, validation)
         self._failure: Optional[Exception] = None  # an I/O failure on the main rank
+
+    # -------------------------------------------------------- what is trained (a subclass's own)
+    # fsl_dist.pretrain.Pretrainer trains another objective in this same loop by overriding
+    # these methods; the run folder, resume, signals, checkpoints and logging stay this class's.
+    RATE_KEY = "tasks_s"  # the progress bar's throughput: tasks per second
+
+    def check_process_count(self) -> None:
+        check_process_count(self.cfg, self.dist.world_size)
+
+    def build_training(self) -> None:
+        """The data sources, the state (model, optimizer) and this rank's batches."""
+        cfg, dist = self.cfg, self.dist
+        self.sources = build_task_sources(cfg, dist)  # checksums the train and val parts
+        if cfg.eval.part not in ("train", "val"):
+            # The held-out part is read only at the end: a damaged shard found after hours of
+            # training would cost the run its result, so it is checksummed now as well.
+            verify_shards(cfg.data.shards, [cfg.eval.part])
+        self.state = build_state(cfg, dist.device, model_inputs(self.manifest))
+        self.batches = TrainBatches(self.sources["train"],
+                                    rank_slice(cfg.train.meta_batch_size, dist.rank,
+                                               dist.world_size),
+                                    dist.device)
+
+    def classes_guessed(self) -> int:
+        """The classes of the training loss's softmax (its loss of guessing is the log)."""
+        return self.cfg.task.n_way
+
+    def items_per_step(self) -> int:
+        return self.cfg.train.meta_batch_size
+
+    def train_step(self, batch, acc_before: bool, on_update: Callable[[], None]) -> dict:
+        return train_step(self.state, batch, self.cfg, self.dist, self.precision,
+                          acc_before=acc_before, on_update=on_update)
+
+    def step_summary(self, out: dict) -> tuple[float, float]:
+        """(loss, accuracy) of a step: shown on the bar; the loss is watched for divergence."""
+        return out["query_loss"], out["acc_after"]
+
+    def checkpoint_contents(self) -> dict:
+        return checkpoint_state(self.state, self.wandb_id, to_dict(self.cfg))
+
+    def restore(self, saved: dict) -> None:
+        restore_state(self.state, saved)
 
     def _claim_run_folder(self, resume: Optional[str], overwrite: bool):
         """The main process locks the run folder and checks it may start there (the others
@@ -558,7 +592,7 @@ class Trainer:
                     f"{ckpt.latest_checkpoint(self.run_dir)} kept, continue with --resume auto "
                     "(it evaluates again)")
         else:
-            saved = checkpoint_state(self.state, self.wandb_id, to_dict(self.cfg))
+            saved = self.checkpoint_contents()
             saved["rng"] = self._saved_rng
             if self.phase == "validation":
                 saved["pending"] = "validation"
@@ -616,7 +650,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Checkpoint now (main process); a failure to write is raised on every rank."""
-        state = checkpoint_state(self.state, self.wandb_id, to_dict(self.cfg))
+        state = self.checkpoint_contents()
         self.on_main_write(lambda: ckpt.save_checkpoint(
             self.run_dir, self.state.step, state, keep=self.cfg.train.keep_checkpoints))
 
@@ -635,7 +669,7 @@ class Trainer:
 
     # -------------------------------------------------------- training
     def fit(self) -> dict:
-        cfg, dist, state = self.cfg, self.dist, self.state
+        cfg, state = self.cfg, self.state
         self.start()
         bar = progress(total=cfg.train.steps, initial=state.step, desc=cfg.name, unit="step",
                        quiet=self.quiet, first_line=True)  # in a log: step 1 and its ETA
@@ -653,9 +687,9 @@ class Trainer:
                 self._enter("tasks")
                 tasks = self.batches.at(state.step)
                 started = time.perf_counter()
-                out = train_step(state, tasks, cfg, dist, self.precision,
-                                 acc_before=self.debug or self.logs_step(state.step + 1),
-                                 on_update=lambda: self._enter("update"))
+                out = self.train_step(tasks,
+                                      acc_before=self.debug or self.logs_step(state.step + 1),
+                                      on_update=lambda: self._enter("update"))
                 self.phase = "after"
                 out["step_time"] = time.perf_counter() - started
                 self.after_step(out, bar)
@@ -685,22 +719,23 @@ class Trainer:
 
     def after_step(self, out: dict, bar) -> None:
         cfg, state = self.cfg, self.state
-        out["tasks_per_s"] = cfg.train.meta_batch_size / out["step_time"]
+        out["tasks_per_s"] = self.items_per_step() / out["step_time"]
         now = time.perf_counter()
         state.elapsed_s += now - self._clock  # steps, logging, validation, checkpoints
         self._clock = now
-        postfix = {"loss": f"{out['query_loss']:.3f}", "acc": f"{out['acc_after']:.3f}",
-                   "tasks_s": f"{out['tasks_per_s']:.1f}"}
+        loss, acc = self.step_summary(out)
+        postfix = {"loss": f"{loss:.3f}", "acc": f"{acc:.3f}",
+                   self.RATE_KEY: f"{out['tasks_per_s']:.1f}"}
         if state.skipped_steps:
             postfix["skipped"] = state.skipped_steps
         bar.set_postfix(postfix, refresh=False)  # shown with the step's count: one draw, or line
         bar.update(1)
-        warning = self.loss_watch.update(out["query_loss"], state.step)
+        warning = self.loss_watch.update(loss, state.step)
         if warning:
             self.dist.print(warning)
         self._window.add(out["step_time"])
         if self.logs_step(state.step):
-            self.log(self.train_row(out, *self._window.take(cfg.train.meta_batch_size)))
+            self.log(self.train_row(out, *self._window.take(self.items_per_step())))
         if self.debug:
             self.debug_report(out)
         if validates_at(state.step, cfg):
