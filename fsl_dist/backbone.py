@@ -12,6 +12,8 @@ without them does not have, start as a fresh model's.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -83,3 +85,20 @@ def load_backbone(model: nn.Module, state: dict, where: str) -> list[str]:
     for name, tensor in source.items():
         target[name].copy_(tensor.to(target[name].dtype).expand_as(target[name]))
     return sorted(source)
+
+
+def start_from(model: nn.Module, path: str) -> list[str]:
+    """``model.init_from``: load the body of the trained model at ``path`` (a run folder or a
+    folder holding model.safetensors and model.yaml) into ``model``; returns the names copied.
+    A path that is missing or holds no trained model is refused in one line (ConfigError)."""
+    from fsl_dist.trained import read_trained  # the one reader of the trained-model format
+
+    if not Path(path).exists():
+        raise ConfigError(f"`model.init_from` = {path} does not exist; give a run folder (of "
+                          "fsl-pretrain or fsl-train) or a folder holding model.safetensors and "
+                          "model.yaml")
+    try:
+        trained = read_trained(path, "cpu")
+    except (ValueError, FileNotFoundError) as err:  # a file missing, weights that do not fit
+        raise ConfigError(f"`model.init_from` = {path}: {str(err).splitlines()[0]}") from None
+    return load_backbone(model, trained.model.state_dict(), path)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fsl_dist.backbone import start_from
 from fsl_dist.config import Config, ConfigError
 from fsl_dist.data.episodes import make_tasks, to_unit_float
 from fsl_dist.data.shards import ClassPool, load_class_pool, verify_shards
@@ -231,11 +232,14 @@ class Pretrainer(Trainer):
                                           memory_budget_gb=cfg.data.memory_budget_gb)}
         self.model_cfg = pretrain_config(cfg, self.images.classes)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = build_run_model(self.model_cfg, model_inputs(self.manifest)).to(dist.device)
+        model = build_run_model(self.model_cfg, model_inputs(self.manifest))
         for needed in ("features", "classifier"):
             if not hasattr(model, needed):
                 raise ConfigError(f"pre-training trains a model's `features` body with a new "
                                   f"`classifier`: model {cfg.model.name} has no `{needed}`")
+        if cfg.model.init_from is not None:  # continue from another body; a fresh head
+            start_from(model, cfg.model.init_from)
+        model = model.to(dist.device)
         self.state = TrainState(model, cfg.algorithm.inner_lr,
                                 build_optimizer(cfg, model.parameters()),
                                 InnerLossScaler(), InnerLossScaler())

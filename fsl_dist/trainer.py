@@ -25,6 +25,7 @@ import torch
 from fsl_dist import checkpoint as ckpt
 from fsl_dist import resume as resume_record
 from fsl_dist import runfolder
+from fsl_dist.backbone import start_from
 from fsl_dist.config import Config, ConfigError, OptimConfig, to_dict
 from fsl_dist.cpu_malloc import tune_cpu_malloc
 from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
@@ -181,7 +182,10 @@ def build_state(cfg: Config, device: torch.device, inputs: dict) -> TrainState:
     """Model, inner step sizes and optimizer; ``inputs`` (``runs.model_inputs``) are the image
     channels and side from the shard set's manifest."""
     torch.manual_seed(cfg.train.seed)  # the same seed on every rank: identical initial weights
-    model = build_run_model(cfg, inputs).to(device)
+    model = build_run_model(cfg, inputs)
+    if cfg.model.init_from is not None:  # the body of a trained model; the head stays fresh
+        start_from(model, cfg.model.init_from)
+    model = model.to(device)
     inner_lr = cfg.algorithm.inner_lr
     params = list(model.parameters())
     if cfg.algorithm.learn_inner_lr:

@@ -10,9 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from faulting import assert_fault, train
 from safetensors.torch import load_file
 
 from fsl_dist.checkpoint import checkpoint_path, load_checkpoint
+from fsl_dist.config import load_config
+from fsl_dist.data.shards import load_manifest
+from fsl_dist.runs import model_inputs
+from fsl_dist.trainer import build_state
 
 from launching import ROOT, run
 
@@ -80,3 +85,61 @@ def test_a_resumed_run_ends_bitwise_as_the_uninterrupted_one(shards, one_process
             == (resumed / "pretrain.json").read_text())
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------- model.init_from
+
+
+def test_init_from_loads_exactly_the_pre_trained_body(shards, one_process):
+    """A MAML model built with `model.init_from` holds the exported body bit for bit, and a
+    fresh head of its own N-way."""
+    cfg = load_config(ROOT / "configs" / "cnn_maml.yaml",
+                      [f"data.shards={shards}", "model.width=8",
+                       f"model.init_from={one_process}"])
+    state = build_state(cfg, torch.device("cpu"), model_inputs(load_manifest(shards)))
+    exported = load_file(str(one_process / "model.safetensors"))
+    body = {k: v for k, v in state.model.state_dict().items() if k.startswith("features.")}
+    assert body.keys() == {k for k in exported if k.startswith("features.")}
+    for name, tensor in body.items():
+        assert torch.equal(tensor, exported[name]), name
+    assert state.model.classifier.weight.shape[0] == 5  # the task's head, fresh
+    train_classes = load_manifest(shards)["splits"]["train"]["classes"]
+    assert exported["classifier.weight"].shape[0] == 4 * train_classes  # each turn a class
+
+
+def test_init_from_another_architecture_is_refused_in_one_line(shards, one_process, tmp_path):
+    result = train(tmp_path / "run", shards, f"model.init_from={one_process}",
+                   "model.width=16")
+    assert_fault(result, "init_from_mismatch")
+    assert "features.0.0.weight [8, 1, 3, 3] there, [16, 1, 3, 3] here" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_init_from_a_missing_folder_is_refused_in_one_line(shards, tmp_path):
+    result = train(tmp_path / "run", shards, f"model.init_from={tmp_path / 'nowhere'}")
+    assert_fault(result, "init_from_missing")
+
+
+def test_groups_that_two_processes_cannot_share_are_refused(shards, tmp_path):
+    result = pretrain(tmp_path / "run", shards, 2, "pretrain.batch_size=12", check=False)
+    assert_fault(result, "pretrain_groups")
+    assert "set pretrain.norm_group to a divisor of 6" in result.stderr
+
+
+# ---------------------------------------------------------------- evaluating the backbone
+
+
+@pytest.mark.parametrize("method", ["centroid", "finetune-linear", "finetune-cosine"])
+def test_the_pre_trained_body_is_evaluated_by_each_method(one_process, method):
+    result = run("evaluate.py", ["--run-dir", str(one_process), "--method", method,
+                                 "--episodes", "6", "--quiet"])
+    saved = json.loads((one_process / f"eval-test-{method}.json").read_text())
+    assert saved["method"] == method and saved["episodes"] == 6 and 0 <= saved["mean"] <= 100
+    assert f"test accuracy ({method})" in result.stderr
+
+
+def test_adapting_a_pre_trained_head_is_refused(one_process):
+    result = run("evaluate.py", ["--run-dir", str(one_process), "--quiet"], check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--method" in errors[0], result.stderr[-2000:]
