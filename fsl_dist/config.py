@@ -352,6 +352,13 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def evaluation_inner_steps(self) -> int:
+        """Inner steps at evaluation: `eval.inner_steps`, or the training ones when null (the
+        one place this is decided: validation, the held-out evaluation and model.yaml)."""
+        if self.eval.inner_steps is not None:
+            return self.eval.inner_steps
+        return self.algorithm.inner_steps
+
 
 CHOICES = {
     "precision": (None, "no", "bf16", "fp16"),

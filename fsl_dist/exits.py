@@ -16,6 +16,7 @@ from fsl_dist.data.shards import ShardError
 from fsl_dist.io import DiskFullError, NotAFolderError, ReadOnlyError, WriteDeniedError
 from fsl_dist.runfolder import RunFolderError
 from fsl_dist.slurm import EXIT_RESUMABLE
+from fsl_dist.trained import TrainedModelError
 
 EXIT_OK = 0
 EXIT_BUG = 1  # Python's own code for an uncaught exception
@@ -32,6 +33,7 @@ EXPECTED = {
     RunFolderError: EXIT_BAD_INPUT,
     CheckpointError: EXIT_BAD_INPUT,
     FileNotFoundError: EXIT_BAD_INPUT,
+    TrainedModelError: EXIT_BAD_INPUT,
     # Write failures, by errno (fsl_dist/io.py); a file where a folder should be is a wrong path.
     DiskFullError: EXIT_NO_SPACE,
     WriteDeniedError: EXIT_DENIED,

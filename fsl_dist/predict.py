@@ -27,17 +27,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import yaml
 from PIL import Image
-from safetensors.torch import load_file
 
 from fsl_dist.data.episodes import to_unit_float
 from fsl_dist.data.preprocess import image_pixels, preprocessing_of
-from fsl_dist.meta import AdaptedTask, InnerLoopSpec, adapt_task, learned_inner_lr
-from fsl_dist.models import build_model
+from fsl_dist.meta import AdaptedTask, InnerLoopSpec, adapt_task
 from fsl_dist.progress import progress
-
-WEIGHTS, DESCRIPTION = "model.safetensors", "model.yaml"
+from fsl_dist.trained import TrainedModelError, read_trained
 
 
 class PredictError(ValueError):
@@ -60,58 +56,24 @@ class Prediction:
 def load_model(path: str | Path, device: str | torch.device | None = None) -> "TrainedModel":
     """A trained model from a run folder, a folder holding model.safetensors and model.yaml,
     or the path of either file; on ``device`` (default: CUDA when there is one)."""
-    weights, description_file = _model_files(Path(path))
-    description = yaml.safe_load(description_file.read_text())
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tensors = load_file(str(weights))
-    model = _build(description, tensors, description_file).to(device)
-    spec = _inner_loop(description, model, tensors, device, description_file.parent)
-    return TrainedModel(model, spec, description, weights.parent)
-
-
-def _model_files(path: Path) -> tuple[Path, Path]:
-    folder = path if path.is_dir() else path.parent
-    weights, description = folder / WEIGHTS, folder / DESCRIPTION
-    for needed in (weights, description):
-        if not needed.is_file():
-            raise PredictError(f"{needed} is missing: --model takes a finished run folder or a "
-                               f"folder holding {WEIGHTS} and {DESCRIPTION}")
-    return weights, description
-
-
-def _build(description: dict, tensors: dict, where: Path) -> torch.nn.Module:
-    facts = description["model"]
-    model = build_model(facts["name"], facts["n_way"], width=facts["width"],
-                        in_channels=facts["in_channels"], image_size=facts["image_size"],
-                        bn_steps=facts.get("bn_steps", 0),  # absent: exported before BNWB
-                        bn_stats=facts.get("bn_stats", False))
-    state = {k: v for k, v in tensors.items() if not k.startswith("inner_lr.")}
     try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise PredictError(f"{where.parent / WEIGHTS} does not fit the model {where} describes: "
-                           f"{str(error).splitlines()[0]}") from error
-    return model.eval()
+        trained = read_trained(path, device)
+    except TrainedModelError as error:
+        raise PredictError(str(error)) from error
+    return TrainedModel(trained.model, _inner_loop(trained, device), trained.description,
+                        trained.folder)
 
 
-def _inner_loop(description: dict, model, tensors: dict, device, folder: Path) -> InnerLoopSpec:
-    """The inner loop evaluation runs: model.yaml's algorithm and ``evaluation`` sections (a
-    model.yaml written before they were recorded: the run folder's config.yaml)."""
-    algorithm = description["algorithm"]
-    evaluation = description.get("evaluation") or _evaluation_from_config(folder)
-    inner_lr = algorithm["inner_lr"]
-    if algorithm.get("learn_inner_lr"):
-        inner_lr = learned_inner_lr(model, algorithm["name"], inner_lr,
-                                    algorithm["learn_inner_lr"], algorithm["inner_steps"],
-                                    adapt=algorithm.get("adapt"))
-        inner_lr.load_state_dict({k[len("inner_lr."):]: v for k, v in tensors.items()
-                                  if k.startswith("inner_lr.")})
-        inner_lr = inner_lr.to(device)
+def _inner_loop(trained, device) -> InnerLoopSpec:
+    """The inner loop evaluation runs: model.yaml's algorithm and ``evaluation`` sections."""
+    algorithm, evaluation = trained.description["algorithm"], trained.evaluation
     precision = evaluation.get("precision") or "no"
     if precision == "fp16" and device.type != "cuda":
         precision = "no"  # fp16 autocast is CUDA's; evaluation on a CPU refuses it
     return InnerLoopSpec(algorithm["name"], inner_steps=evaluation["inner_steps"],
-                         inner_lr=inner_lr, first_order=algorithm.get("first_order", False),
+                         inner_lr=trained.inner_lr,
+                         first_order=algorithm.get("first_order", False),
                          inner_loss=algorithm.get("inner_loss", "ce"), precision=precision,
                          vectorize=False, adapt=tuple(algorithm.get("adapt") or ()) or None,
                          **_proximal(algorithm))
@@ -122,18 +84,6 @@ def _proximal(algorithm: dict) -> dict:
     if algorithm.get("meta_gradient", "unrolled") != "implicit":
         return {}
     return {"meta_gradient": "implicit", "proximal_lambda": algorithm["proximal_lambda"]}
-
-
-def _evaluation_from_config(folder: Path) -> dict:
-    from fsl_dist.config import load_config  # only for model.yaml files of older runs
-
-    config = folder / "config.yaml"
-    if not config.is_file():
-        raise PredictError(f"{folder / DESCRIPTION} has no `evaluation` section and there is no "
-                           f"{config} to take it from; export the model again")
-    cfg = load_config(config)
-    return {"inner_steps": cfg.eval.inner_steps or cfg.algorithm.inner_steps,
-            "precision": cfg.precision}
 
 
 class TrainedModel:

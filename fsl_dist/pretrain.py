@@ -38,7 +38,6 @@ step's weights stay in the newest checkpoint. At the end the exported backbone i
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -57,7 +56,8 @@ from fsl_dist.io import atomic_write_json
 from fsl_dist.meta import InnerLossScaler
 from fsl_dist.meta.precision import autocast_factory
 from fsl_dist.numerics import flat_grads
-from fsl_dist.runs import build_run_model, evaluate_held_out, model_inputs, save_final_model
+from fsl_dist.runs import evaluate_held_out
+from fsl_dist.trained import build_described, model_facts, model_inputs, write_trained
 from fsl_dist.trainer import Trainer, TrainState, outer_lr, peak_memory_mb, task_spec
 
 STAT_KEYS = ("loss", "acc")
@@ -194,12 +194,6 @@ def pretrain_step(state: TrainState, batch, rows: range, cfg: Config, dist, prec
 # ---------------------------------------------------------------- the run
 
 
-def pretrain_config(cfg: Config, classes: int) -> Config:
-    """``cfg`` with a head over the ``classes`` of the train part: what builds and describes
-    the pre-trained model (the tasks of its validation keep ``task.n_way``)."""
-    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, n_way=classes))
-
-
 def check_pretrainable(cfg: Config) -> None:
     if cfg.algorithm.per_step_bn_weights:
         raise ConfigError("pre-training trains one set of batch-norm weights: set "
@@ -230,9 +224,10 @@ class Pretrainer(Trainer):
         self.sources = {"val": make_tasks(cfg.data.shards, "val", task_spec(cfg, "val"),
                                           seed=cfg.eval.seed, verify=False,
                                           memory_budget_gb=cfg.data.memory_budget_gb)}
-        self.model_cfg = pretrain_config(cfg, self.images.classes)
+        # the model with a head over the train classes (validation keeps task.n_way's tasks)
+        self.facts = model_facts(cfg, model_inputs(self.manifest), n_way=self.images.classes)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = build_run_model(self.model_cfg, model_inputs(self.manifest))
+        model = build_described(self.facts)
         for needed in ("features", "classifier"):
             if not hasattr(model, needed):
                 raise ConfigError(f"pre-training trains a model's `features` body with a new "
@@ -318,7 +313,7 @@ class Pretrainer(Trainer):
         chosen = self.exported()
         model = state.model
         if chosen["exported"] == "best":
-            model = build_run_model(self.model_cfg, model_inputs(self.manifest))
+            model = build_described(self.facts)
             model.load_state_dict(self.best["model"])
             model = model.to(self.dist.device)
         if export:
@@ -336,9 +331,8 @@ class Pretrainer(Trainer):
         return result
 
     def _export(self, model, chosen: dict) -> None:
-        exported = TrainState(model, self.state.inner_lr, self.state.optimizer,
-                              self.state.outer_scaler, self.state.inner_scaler, step=chosen["step"])
-        save_final_model(exported, self.model_cfg, self.run_dir, self.manifest)
+        write_trained(self.run_dir, model, self.cfg, self.manifest, step=chosen["step"],
+                      n_way=self.images.classes)
         atomic_write_json(Path(self.run_dir) / SUMMARY,
                           {**chosen, "last_step": self.state.step,
                            "planned_steps": self.cfg.train.steps,

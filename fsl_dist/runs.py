@@ -7,15 +7,13 @@
         metrics.jsonl        one JSON row per logged step
         checkpoints/         step-NNNNNNNN.pt, the newest few
         wandb/               W&B's own files (offline-run-*/run-<id>.wandb without an API key)
-        model.safetensors    final weights (and learned inner step sizes), loadable without pickle
-        model.yaml           what is needed to rebuild the model around those weights (its input
-                             channels and image size come from the shards' manifest)
+        model.safetensors    final weights and model.yaml, their description: the trained-model
+        model.yaml           format (fsl_dist/trained.py)
         eval.json            the final held-out evaluation
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import platform
 import subprocess
@@ -25,13 +23,11 @@ from typing import Optional, Sequence
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from fsl_dist import checkpoint as ckpt
 from fsl_dist import runfolder
-from fsl_dist.config import Config, ConfigError, load_config, save_config
+from fsl_dist.config import Config, ConfigError, save_config
 from fsl_dist.data.episodes import TaskSpec, make_tasks
-from fsl_dist.data.preprocess import preprocessing_of
 from fsl_dist.data.shards import (
     ShardError,
     classes_with_at_least,
@@ -41,10 +37,10 @@ from fsl_dist.data.shards import (
 )
 from fsl_dist.evaluate import combine_seeds, evaluate, evaluate_episodes
 from fsl_dist.finetune import method_score
-from fsl_dist.io import WriteFailure, atomic_write, atomic_write_json, atomic_write_text
-from fsl_dist.meta import InnerLoopSpec, learned_inner_lr
-from fsl_dist.models import build_model
+from fsl_dist.io import WriteFailure, atomic_write_json
+from fsl_dist.meta import InnerLoopSpec
 from fsl_dist.resume import recorded_changes
+from fsl_dist.trained import DESCRIPTION, data_facts
 
 PACKAGES = ("fsl_dist", "torch", "accelerate", "webdataset", "wandb", "numpy", "safetensors")
 
@@ -103,27 +99,6 @@ def ensure_shards(cfg: Config, dist, quiet: bool = False) -> dict:
     return packed
 
 
-def model_inputs(manifest: dict) -> dict:
-    """What the model takes from the data, always from the shard set's manifest: the image
-    channels and side (a hand-kept config value could disagree with the shards)."""
-    return {"in_channels": manifest["channels"], "image_size": manifest["image_size"]}
-
-
-def bn_steps(cfg: Config) -> int:
-    """Sets of batch-norm weights the model holds: one per training inner step with
-    ``algorithm.per_step_bn_weights`` (MAML++'s BNWB), 0 (one plain set) without."""
-    return cfg.algorithm.inner_steps if cfg.algorithm.per_step_bn_weights else 0
-
-
-def build_run_model(cfg: Config, inputs: dict) -> torch.nn.Module:
-    """The configured backbone for images of ``inputs`` (``model_inputs``)."""
-    options = dict(width=cfg.model.width, bn_steps=bn_steps(cfg),
-                   bn_stats=cfg.algorithm.per_step_bn_stats, **inputs)
-    if cfg.model.name == "resnet12":
-        options.update(drop_rate=cfg.model.drop_rate, dropblock_size=cfg.model.dropblock_size)
-    return build_model(cfg.model.name, cfg.task.n_way, **options)
-
-
 def check_tasks_fit(cfg: Config, manifest: dict) -> None:
     """N-way and K+Q against every part of the shard set (the test part is used only at the end,
     so it is checked now rather than after hours of training)."""
@@ -176,13 +151,6 @@ def package_versions() -> dict:
     return versions
 
 
-def data_facts(manifest: dict) -> dict:
-    """What run.json and model.yaml record about the data the model was trained on."""
-    return {"dataset": manifest["dataset"], "split": manifest.get("split"),
-            "channels": manifest["channels"], "image_size": manifest["image_size"],
-            "format_version": manifest["format_version"]}
-
-
 def write_run_info(cfg: Config, run_dir: Path, dist, precision: str,
                    wandb_id: Optional[str], manifest: dict, history: Optional[dict] = None
                    ) -> None:
@@ -208,62 +176,6 @@ def write_run_info(cfg: Config, run_dir: Path, dist, precision: str,
     atomic_write_json(run_dir / "run.json", info)
 
 
-def save_final_model(state, cfg: Config, run_dir: Path, manifest: dict) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.model.state_dict().items()}
-    if isinstance(state.inner_lr, torch.nn.Module):
-        tensors.update({f"inner_lr.{k}": v.detach().cpu().contiguous()
-                        for k, v in state.inner_lr.state_dict().items()})
-    atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    description = {
-        "model": {"name": cfg.model.name, "n_way": cfg.task.n_way, "width": cfg.model.width,
-                  **model_inputs(manifest), "bn_steps": bn_steps(cfg),
-                  "bn_stats": cfg.algorithm.per_step_bn_stats},
-        "algorithm": dataclasses.asdict(cfg.algorithm),
-        "task": dataclasses.asdict(cfg.task),
-        "data": data_facts(manifest),
-        # What prediction needs to adapt and score as evaluation does, without the config.
-        "evaluation": {"inner_steps": cfg.eval.inner_steps or cfg.algorithm.inner_steps,
-                       "precision": cfg.precision},
-        "preprocessing": preprocessing_of(manifest),
-        # A stopped run exports too: these say how far it got, for whoever evaluates it.
-        "step": state.step,
-        "planned_steps": cfg.train.steps,
-    }
-    atomic_write_text(run_dir / "model.yaml", yaml.safe_dump(description, sort_keys=False))
-
-
-def load_trained(run_dir: Path, device: torch.device, checkpoint: Optional[str] = None):
-    """(config, model, inner_lr, weights) of a run folder: its final model.safetensors, or with
-    `checkpoint` ("latest", a step number or a path) the weights of a training checkpoint, so a
-    run still training, or stopped, can be evaluated at any kept step. `weights` names the file."""
-    run_dir = Path(run_dir)
-    weights = (run_dir / "model.safetensors" if checkpoint is None
-               else find_checkpoint(run_dir, checkpoint))
-    for needed in (run_dir / "config.yaml", weights):
-        if not needed.is_file():
-            raise FileNotFoundError(f"{needed} is missing: is {run_dir} a finished run folder? "
-                                    "(--checkpoint latest evaluates a run that is still training)")
-    cfg = load_config(run_dir / "config.yaml")
-    if checkpoint is None:
-        tensors = load_file(str(weights))
-        model_state = {k: v for k, v in tensors.items() if not k.startswith("inner_lr.")}
-        inner_lr_state = {k[len("inner_lr."):]: v for k, v in tensors.items()
-                          if k.startswith("inner_lr.")}
-    else:
-        saved = ckpt.load_checkpoint(weights)
-        model_state, inner_lr_state = saved["model"], saved.get("inner_lr") or {}
-    model = build_run_model(cfg, trained_inputs(run_dir, cfg))
-    model.load_state_dict(model_state)
-    inner_lr = cfg.algorithm.inner_lr
-    if cfg.algorithm.learn_inner_lr:
-        algo = cfg.algorithm
-        inner_lr = learned_inner_lr(model, algo.name, algo.inner_lr, algo.learn_inner_lr,
-                                    algo.inner_steps, adapt=algo.adapt)
-        inner_lr.load_state_dict(inner_lr_state)
-        inner_lr = inner_lr.to(device)
-    return cfg, model.to(device), inner_lr, weights
-
-
 def training_progress(run_dir: Path, weights: Path, cfg: Config) -> dict:
     """How far the training of ``weights`` got: ``trained_steps`` (None if unknown) of
     ``planned_steps``, whether a trainer holds the run folder now (``training_in_progress``),
@@ -273,41 +185,11 @@ def training_progress(run_dir: Path, weights: Path, cfg: Config) -> dict:
     name = ckpt.step_of(weights)
     if name is not None:
         step = name
-    elif (run_dir / "model.yaml").is_file():
-        step = yaml.safe_load((run_dir / "model.yaml").read_text()).get("step")
+    elif (run_dir / DESCRIPTION).is_file():
+        step = yaml.safe_load((run_dir / DESCRIPTION).read_text()).get("step")
     return {"trained_steps": step, "planned_steps": cfg.train.steps,
             "training_in_progress": runfolder.holder(run_dir) is not None,
             **({"config_changes": changes} if (changes := recorded_changes(run_dir)) else {})}
-
-
-def trained_inputs(run_dir: Path, cfg: Config) -> dict:
-    """The model inputs of the shards a trained run evaluates on; model.yaml, when the run
-    wrote one, must record the same (the shards could have been re-packed at another size)."""
-    inputs = model_inputs(load_manifest(cfg.data.shards))
-    description = run_dir / "model.yaml"
-    if description.is_file():
-        recorded = yaml.safe_load(description.read_text()).get("model", {})
-        differ = {k: (recorded[k], v) for k, v in inputs.items() if recorded.get(k, v) != v}
-        if differ:
-            what = ", ".join(f"{k} {was} (trained) vs {now} (shards)"
-                             for k, (was, now) in differ.items())
-            raise ConfigError(f"{cfg.data.shards} does not match the model of {run_dir}: {what}; "
-                              "point data.shards at the shards it was trained on")
-    return inputs
-
-
-def find_checkpoint(run_dir: Path, which: str) -> Path:
-    """"latest", a step number, or a file path -> an existing checkpoint file of `run_dir`."""
-    kept = ckpt.list_checkpoints(run_dir)
-    if which == "latest":
-        if not kept:
-            raise FileNotFoundError(f"{run_dir} has no checkpoints to evaluate")
-        return kept[-1]
-    path = ckpt.checkpoint_path(run_dir, int(which)) if which.isdigit() else Path(which)
-    if not path.is_file():
-        names = ", ".join(p.name for p in kept) or "none"
-        raise FileNotFoundError(f"checkpoint {path} does not exist; kept in {run_dir}: {names}")
-    return path
 
 
 # ---------------------------------------------------------------- held-out evaluation

@@ -44,14 +44,7 @@ from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.models import collect_batch_stats, running_stats_norms, update_running_stats
 from fsl_dist.numerics import flat_grads
 from fsl_dist.progress import below_progress_bar, line_stream, progress
-from fsl_dist.runs import (
-    build_run_model,
-    ensure_shards,
-    evaluate_held_out,
-    model_inputs,
-    save_final_model,
-    write_run_info,
-)
+from fsl_dist.runs import ensure_shards, evaluate_held_out, write_run_info
 from fsl_dist.signals import (
     STOP_SIGNALS,
     StopRequest,
@@ -61,6 +54,7 @@ from fsl_dist.signals import (
 )
 from fsl_dist.slurm import EXIT_RESUMABLE
 from fsl_dist.tracking import MetricsFile, wandb_init_kwargs
+from fsl_dist.trained import INNER_LR, build_run_model, model_inputs, write_trained
 
 STAT_KEYS = ("query_loss", "acc_before", "acc_after", "inner_loss", "inner_nonfinite")
 DEBUG_CHECKSUM_EVERY = 2
@@ -179,7 +173,7 @@ def configure_cpu(cfg: Config, dist) -> None:
 
 
 def build_state(cfg: Config, device: torch.device, inputs: dict) -> TrainState:
-    """Model, inner step sizes and optimizer; ``inputs`` (``runs.model_inputs``) are the image
+    """Model, inner step sizes and optimizer; ``inputs`` (``trained.model_inputs``) are the image
     channels and side from the shard set's manifest."""
     torch.manual_seed(cfg.train.seed)  # the same seed on every rank: identical initial weights
     model = build_run_model(cfg, inputs)
@@ -804,8 +798,7 @@ class Trainer:
         reached train.steps, the held-out evaluation; returns its results on every rank."""
         cfg = self.cfg
         if export:
-            self.on_main_write(lambda: save_final_model(self.state, cfg, self.run_dir,
-                                                        self.manifest))
+            self.on_main_write(self.export)
         result = None
         if self.state.step >= cfg.train.steps:
             self.phase = "evaluation"  # a stop now keeps the checkpoint and the model as they are
@@ -816,6 +809,13 @@ class Trainer:
         self.raise_on_every_rank(self._failure)
         self.close()
         return result
+
+    def export(self) -> None:
+        """model.safetensors and model.yaml (fsl_dist/trained.py) of the weights now."""
+        state = self.state
+        learned = state.inner_lr if isinstance(state.inner_lr, torch.nn.Module) else None
+        write_trained(self.run_dir, state.model, self.cfg, self.manifest,
+                      extras={INNER_LR: learned}, step=state.step)
 
     def raise_on_every_rank(self, failure: Optional[WriteFailure]) -> None:
         """A write failure the main process met (``failure``; None elsewhere) stops every rank

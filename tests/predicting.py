@@ -4,7 +4,6 @@ evaluation episodes written out as image folders."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -14,26 +13,25 @@ from fsl_dist.config import load_config
 from fsl_dist.data.episodes import TaskSpec, make_tasks
 from fsl_dist.data.shards import load_manifest
 from fsl_dist.meta import LearnedInnerLR
-from fsl_dist.runs import build_run_model, model_inputs, save_final_model
+from fsl_dist.trained import INNER_LR, build_run_model, model_inputs, write_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def export(folder: Path, shards: Path, *overrides: str, seed: int = 0) -> Path:
-    """A freshly initialised model written by ``save_final_model``, as a trained run's."""
+    """A freshly initialised model written by ``write_trained``, as a trained run's."""
     cfg = load_config(ROOT / "configs" / "cnn_maml.yaml", [f"data.shards={shards}", *overrides])
     manifest = load_manifest(shards)
     torch.manual_seed(seed)
     model = build_run_model(cfg, model_inputs(manifest))
-    inner_lr = cfg.algorithm.inner_lr
+    inner_lr = None
     if cfg.algorithm.learn_inner_lr:
-        inner_lr = LearnedInnerLR(model, cfg.algorithm.name, inner_lr)
+        inner_lr = LearnedInnerLR(model, cfg.algorithm.name, cfg.algorithm.inner_lr)
         with torch.no_grad():  # distinct step sizes, so that a mix-up would show
             for k, lr in enumerate(inner_lr.parameters()):
                 lr.mul_(1 + 0.1 * k)
     folder.mkdir(parents=True, exist_ok=True)
-    save_final_model(SimpleNamespace(model=model, inner_lr=inner_lr, step=0), cfg, folder,
-                     manifest)
+    write_trained(folder, model, cfg, manifest, extras={INNER_LR: inner_lr})
     return folder
 
 

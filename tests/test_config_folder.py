@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fsl_dist.config import default_run_dir, load_config
-from fsl_dist.runs import build_run_model
+from fsl_dist.trained import build_run_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SYSTEMS = {"cnn_maml": CONFIGS / "folder_example.yaml",

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fsl_dist.config import load_config
-from fsl_dist.runs import build_run_model
+from fsl_dist.trained import build_run_model
 
 FOLDER = Path(__file__).resolve().parents[1] / "configs" / "miniimagenet"
 CONFIGS = sorted(FOLDER.glob("*.yaml"))

@@ -9,7 +9,6 @@ against an inner loop that swaps in set k by hand, and through export and predic
 
 import contextlib
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,7 +42,7 @@ from fsl_dist.models import (
     update_running_stats,
 )
 from fsl_dist.predict import load_model
-from fsl_dist.runs import build_run_model, load_trained, model_inputs, save_final_model
+from fsl_dist.trained import INNER_LR, build_run_model, model_inputs, read_trained, write_trained
 from fsl_dist.trainer import TrainState, restore_state, train_step
 
 from launching import ROOT
@@ -309,11 +308,11 @@ def test_per_step_sizes_are_exported_and_loaded_for_evaluation_and_prediction(pa
     lrs = learned_inner_lr(model, "maml", cfg.algorithm.inner_lr, "per_step", 2)
     with torch.no_grad():
         lrs.per_step.add_(torch.rand(lrs.per_step.shape))  # trained-looking, all distinct
-    save_final_model(SimpleNamespace(model=model, inner_lr=lrs, step=0), cfg, tmp_path, manifest)
+    write_trained(tmp_path, model, cfg, manifest, extras={INNER_LR: lrs})
     save_config(cfg, tmp_path / "config.yaml")
     assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["inner_lr.per_step"],
                        lrs.per_step.detach())
-    _, _, loaded, _ = load_trained(tmp_path, torch.device("cpu"))
+    loaded = read_trained(tmp_path, "cpu").inner_lr
     assert torch.equal(loaded.per_step, lrs.per_step)
     predictor = load_model(tmp_path, "cpu")
     assert predictor.spec.inner_steps == 3
@@ -502,9 +501,9 @@ def test_per_step_bn_weights_and_stats_are_exported_and_predicted_with(packed, t
             norm.running_mean.normal_(0, 0.1)
             norm.running_var.uniform_(0.5, 2)
     lrs = learned_inner_lr(model, "maml", cfg.algorithm.inner_lr, "per_step", 2)
-    save_final_model(SimpleNamespace(model=model, inner_lr=lrs, step=0), cfg, tmp_path, manifest)
+    write_trained(tmp_path, model, cfg, manifest, extras={INNER_LR: lrs})
     save_config(cfg, tmp_path / "config.yaml")
-    _, trained, _, _ = load_trained(tmp_path, torch.device("cpu"))
+    trained = read_trained(tmp_path, "cpu").model
     predictor = load_model(tmp_path, "cpu")
     side, channels = manifest["image_size"], manifest["channels"]
     tasks = make_tasks(tasks=2, n_way=cfg.task.n_way, k_shot=1, n_query=2, size=side,

@@ -122,7 +122,7 @@ def test_dropblock_from_the_config_trains_and_is_off_whenever_evaluating():
     DropBlock would, leaving the model in training mode afterwards."""
     from fsl_dist.config import ConfigError, load_config
     from fsl_dist.meta import evaluate_tasks
-    from fsl_dist.runs import build_run_model
+    from fsl_dist.trained import build_run_model
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "miniimagenet" / "resnet_boil_5w1s.yaml",

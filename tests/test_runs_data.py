@@ -3,13 +3,13 @@ config; the trainer's data checks (dataset, missing folder shards) fail before t
 
 import pytest
 import torch
-import yaml
 
 from fsl_dist.config import Config, ConfigError
 from fsl_dist.data import shards
 from fsl_dist.data.episodes import TaskSpec, make_tasks
 from fsl_dist.meta import InnerLoopSpec, evaluate_tasks
-from fsl_dist.runs import ensure_shards, model_inputs, trained_inputs
+from fsl_dist.runs import ensure_shards
+from fsl_dist.trained import check_shards, model_inputs
 from fsl_dist.trainer import build_state
 
 from test_data_variable import SIZE, write_set
@@ -58,13 +58,10 @@ def test_the_model_is_built_for_the_manifests_channels_and_size(rgb_set, name):
 
 def test_a_model_yaml_that_disagrees_with_the_shards_is_refused(rgb_set, tmp_path):
     cfg = small_config(rgb_set)
-    (tmp_path / "model.yaml").write_text(yaml.safe_dump(
-        {"model": {"name": "cnn", "in_channels": 3, "image_size": 84}}))
+    described = {"model": {"name": "cnn", "in_channels": 3, "image_size": 84}}
     with pytest.raises(ConfigError, match=rf"image_size 84 \(trained\) vs {SIZE} \(shards\)"):
-        trained_inputs(tmp_path, cfg)
-    (tmp_path / "model.yaml").write_text(yaml.safe_dump(
-        {"model": {"name": "cnn", "in_channels": 3, "image_size": SIZE}}))
-    assert trained_inputs(tmp_path, cfg) == {"in_channels": 3, "image_size": SIZE}
+        check_shards(described, cfg, tmp_path)
+    check_shards({"model": {"name": "cnn", "in_channels": 3, "image_size": SIZE}}, cfg, tmp_path)
 
 
 def test_ensure_shards_returns_the_manifest_and_checks_the_dataset(tmp_path):

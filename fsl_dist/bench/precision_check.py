@@ -34,7 +34,7 @@ from fsl_dist.data.shards import load_manifest
 from fsl_dist.meta import InnerLoopSpec, adapt, inner_parameter_names, meta_backward
 from fsl_dist.meta.algorithms import resolve_inner_lr
 from fsl_dist.meta.inner import INNER_LOSSES
-from fsl_dist.runs import load_trained, model_inputs
+from fsl_dist.trained import model_inputs, read_trained
 from fsl_dist.trainer import build_state, task_spec
 
 BF16_ROUNDING = 2.0 ** -9  # half a unit in the last place of bf16's 8-bit significand
@@ -74,9 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_subject(args) -> tuple:
     """(config, model, inner step size, what the weights are) on the CPU."""
     if args.run_dir:
-        cfg, model, inner_lr, weights = load_trained(Path(args.run_dir), torch.device("cpu"),
-                                                     args.checkpoint)
-        return cfg, model, inner_lr, str(weights)
+        trained = read_trained(Path(args.run_dir), "cpu", checkpoint=args.checkpoint,
+                               with_config=True)
+        return trained.cfg, trained.model, trained.inner_lr, str(trained.weights)
     cfg = load_config(args.config, args.overrides)
     inputs = model_inputs(load_manifest(cfg.data.shards))
     state = build_state(cfg, torch.device("cpu"), inputs)

@@ -21,7 +21,6 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ from PIL import Image
 from fsl_dist.bench.machine import cpu_description
 from fsl_dist.config import load_config
 from fsl_dist.predict import load_model
-from fsl_dist.runs import build_run_model, save_final_model
+from fsl_dist.trained import build_run_model, write_trained
 
 ROOT = Path(__file__).resolve().parents[2]
 # (config, the data its model is for: dataset, channels, side)
@@ -60,8 +59,7 @@ def exported_model(case: str, folder: Path, device: str):
                 "format_version": 2}
     torch.manual_seed(0)
     model = build_run_model(cfg, {"in_channels": channels, "image_size": side})
-    save_final_model(SimpleNamespace(model=model, inner_lr=cfg.algorithm.inner_lr, step=0), cfg,
-                     folder, manifest)
+    write_trained(folder, model, cfg, manifest)
     return load_model(folder, device), cfg
 
 

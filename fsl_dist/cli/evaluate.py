@@ -34,7 +34,8 @@ from fsl_dist.exits import exit_code, report
 from fsl_dist.finetune import METHODS
 from fsl_dist.io import WriteFailure, check_writable
 from fsl_dist.resume import describe
-from fsl_dist.runs import evaluate_held_out, load_trained
+from fsl_dist.runs import evaluate_held_out
+from fsl_dist.trained import read_trained
 from fsl_dist.trainer import resolve_precision
 
 
@@ -111,8 +112,10 @@ def main(argv=None) -> int:
         return 2
     dist = Distributed()
     try:
-        cfg, model, inner_lr, weights = load_trained(Path(args.run_dir), dist.device,
-                                                     args.checkpoint)
+        trained = read_trained(Path(args.run_dir), dist.device, checkpoint=args.checkpoint,
+                               with_config=True)
+        cfg, model, inner_lr, weights = (trained.cfg, trained.model, trained.inner_lr,
+                                         trained.weights)
         part = args.part or cfg.eval.part
         method = "" if args.method == "adapt" else f"-{args.method}"
         out_name = args.out or f"eval-{part}{method}.json"
@@ -123,6 +126,11 @@ def main(argv=None) -> int:
             outcome = tune_cpu_malloc()
             if outcome != "tuned":  # the usual outcome goes unsaid (as in the trainer)
                 dist.print(f"cpu malloc: {outcome}", file=sys.stderr)
+        head = trained.description["model"]["n_way"]
+        if args.method == "adapt" and head != cfg.task.n_way:
+            raise ConfigError(f"{args.run_dir} holds a head over {head} classes (pre-trained), "
+                              f"not a {cfg.task.n_way}-way one to adapt: evaluate its body with "
+                              "--method centroid, finetune-linear or finetune-cosine")
         if args.ways is not None and args.ways != cfg.task.n_way:
             raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a "
                               f"{cfg.task.n_way}-way head; evaluate with its N-way or train a "

@@ -144,9 +144,7 @@ class InnerLoopSpec:
         """
         algo = cfg.algorithm
         if inner_steps is None:
-            inner_steps = algo.inner_steps
-            if evaluation and cfg.eval.inner_steps is not None:
-                inner_steps = cfg.eval.inner_steps
+            inner_steps = cfg.evaluation_inner_steps() if evaluation else algo.inner_steps
         training = step is not None and not evaluation
         annealing = training and step < algo.first_order_steps  # derivative-order annealing
         return cls(algorithm=algo.name, inner_steps=inner_steps,
