@@ -212,8 +212,12 @@ class Pretrainer(Trainer):
     def check_process_count(self) -> None:
         check_pretrainable(self.cfg)
         group = self.cfg.pretrain.norm_group or self.cfg.pretrain.batch_size
-        self.rows = share_of(self.cfg.pretrain.batch_size, group, self.dist.rank,
-                             self.dist.world_size)
+        try:
+            self.rows = share_of(self.cfg.pretrain.batch_size, group, self.dist.rank,
+                                 self.dist.world_size)
+        except ConfigError as err:
+            err.raised_on_main = True  # every rank refuses alike: the main one says it
+            raise
 
     def build_training(self) -> None:
         cfg, dist = self.cfg, self.dist

@@ -139,9 +139,6 @@ FAULTS = (
           "RUN and the run folder as they were: refused before step 1, naming keys and shapes"),
     Fault("init_from_missing", "`model.init_from=PATH` where PATH does not exist", 2,
           "does not exist; give a run folder", "nothing is written"),
-    Fault("pretrain_groups", "`fsl-pretrain` on a process count that cannot share the "
-          "batch's `pretrain.norm_group` groups", 2, "processes cannot share equally",
-          "nothing is trained: refused before step 1, with the divisor to use"),
 )
 BY_KEY = {fault.key: fault for fault in FAULTS}
 
