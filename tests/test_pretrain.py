@@ -1,25 +1,27 @@
 """Supervised pre-training through real processes on real Omniglot shards (fsl-pretrain): two
-gloo ranks give the one-process run, a run resumed from a checkpoint ends bitwise as the
+gloo ranks give the one-process run, a run stopped and resumed ends bitwise as the
 uninterrupted one, `model.init_from` starts a model from exactly the pre-trained body, and the
 frozen-backbone evaluation methods evaluate it."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from faulting import assert_fault, train
+from faulting import assert_fault, train, wait_for
 from safetensors.torch import load_file
 
-from fsl_dist.checkpoint import checkpoint_path, load_checkpoint
+from fsl_dist.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from fsl_dist.config import load_config
 from fsl_dist.data.shards import load_manifest
 from fsl_dist.trained import model_inputs
 from fsl_dist.trainer import build_state
 
-from launching import ROOT, run
+from launching import ROOT, child_env, command, run
 
 # Tiny but real: Conv-4 of width 8, batches of 16 images in batch-norm groups of 4, validated
 # every 2 steps on 4 val episodes (so the best of steps 2, 4 and 6 is exported).
@@ -72,19 +74,31 @@ def test_two_ranks_give_the_weights_of_one_process(shards, one_process, tmp_path
                               load_file(str(two / "model.safetensors"))) < 1e-6
 
 
-def test_a_resumed_run_ends_bitwise_as_the_uninterrupted_one(shards, one_process, tmp_path):
-    """From the step-2 checkpoint of the reference (validated there, so the best so far is in
-    it), in a new folder: the same last weights, the same exported model and summary."""
-    resumed = tmp_path / "resumed"
-    pretrain(resumed, shards, 0, "--resume", str(checkpoint_path(one_process, 2)))
-    a, b = last_weights(one_process), last_weights(resumed)
+def test_a_stopped_and_resumed_run_ends_bitwise_as_the_uninterrupted_one(shards, tmp_path):
+    """SIGTERM once the step-2 checkpoint exists (the run checkpoints the step it stops at and
+    exits 75), then --resume auto: the last weights, the exported best model, pretrain.json and
+    the training rows are those of the uninterrupted run."""
+    longer = ("train.steps=12", "train.eval_every=4")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    pretrain(whole, shards, 0, *longer)
+    args = ["--config", str(ROOT / "configs" / "pretrain" / "omniglot_cnn.yaml"), "--run-dir",
+            str(parts), f"data.shards={shards}", *TINY, *longer]
+    trainer = subprocess.Popen(command("pretrain.py", args, 0), cwd=ROOT, env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: checkpoint_path(parts, 2).is_file(), what="step 2")
+    trainer.send_signal(signal.SIGTERM)
+    stdout, stderr = trainer.communicate(timeout=120)
+    assert trainer.returncode == 75, stderr[-3000:]
+    stopped_at = load_checkpoint(latest_checkpoint(parts))["step"]
+    assert 2 <= stopped_at < 12, stdout
+    pretrain(parts, shards, 0, *longer, "--resume", "auto")
+    a, b = (load_checkpoint(checkpoint_path(d, 12))["model"] for d in (whole, parts))
     assert all(torch.equal(a[k], b[k]) for k in a), f"max diff {max_abs_difference(a, b):.3g}"
-    exported = [load_file(str(d / "model.safetensors")) for d in (one_process, resumed)]
+    exported = [load_file(str(d / "model.safetensors")) for d in (whole, parts)]
     assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
-    assert ((one_process / "pretrain.json").read_text()
-            == (resumed / "pretrain.json").read_text())
-    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train/loss" in r] == [3, 4, 5, 6]
+    assert (whole / "pretrain.json").read_text() == (parts / "pretrain.json").read_text()
+    rows = [json.loads(line) for line in (parts / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 13))
 
 
 # ---------------------------------------------------------------- model.init_from
