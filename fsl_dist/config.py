@@ -202,6 +202,34 @@ class AlgorithmConfig:
 
 
 @dataclass
+class ProtoNetConfig:
+    """ProtoNet's own keys (`algorithm.name: protonet`; fsl_dist/learners/protonet.py)."""
+
+    scale: float = 1.0
+    """The logits are -scale x the squared Euclidean distance of a query's features to each
+    class prototype (the mean of its support features); 1: the paper (Snell et al. 2017)."""
+    learn_scale: bool = False
+    """Learn the scale with the model (a learned temperature), starting at `scale`; false: the
+    paper's fixed scale."""
+
+
+@dataclass
+class RidgeConfig:
+    """The closed-form ridge head's keys (`algorithm.name: ridge`, R2D2 / MetaOptNet-ridge;
+    fsl_dist/learners/ridge.py)."""
+
+    lam: float = 50.0
+    """The ridge penalty lambda of W = X^T (X X^T + lambda I)^-1 Y (X the support features, Y
+    their one-hot labels); 50: MetaOptNet's ridge head."""
+    learn_lambda: bool = False
+    """Learn lambda with the model, from `lam` (R2D2 learns it)."""
+    scale: float = 1.0
+    """The logits are scale x (query features . W) + bias."""
+    learn_scale: bool = True
+    """Learn scale (from `scale`) and bias (from 0) with the model: R2D2's alpha and beta."""
+
+
+@dataclass
 class OptimConfig:
     """The outer (meta) optimiser, Adam, and its learning-rate schedule."""
 
@@ -280,6 +308,10 @@ class EvalConfig:
     `eval.episodes`)."""
     inner_steps: Optional[int] = None
     """Inner steps at evaluation (null: algorithm.inner_steps); more than in training is usual."""
+    n_way: Optional[int] = None
+    """N-way of validation and the held-out evaluation (null: task.n_way). Another N than
+    training's only for a family whose model does not fix N (protonet: its paper trains
+    Omniglot 60-way and tests 5- and 20-way)."""
     part: str = "test"
     """The part the final evaluation scores (launch/evaluate.py's default too): test or val."""
     batch_size: int = 25
@@ -346,11 +378,17 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    protonet: ProtoNetConfig = field(default_factory=ProtoNetConfig)
+    ridge: RidgeConfig = field(default_factory=RidgeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def evaluation_way(self) -> int:
+        """N-way of validation and the held-out evaluation: `eval.n_way`, else task.n_way."""
+        return self.eval.n_way if self.eval.n_way is not None else self.task.n_way
 
     def evaluation_inner_steps(self) -> int:
         """Inner steps at evaluation: `eval.inner_steps`, or the training ones when null (the
@@ -367,7 +405,8 @@ CHOICES = {
     "data.split": ("lake", "vinyals", "futurama"),
     "data.mode": ("memory", "stream"),
     "model.name": ("cnn", "resnet", "resnet12"),
-    "algorithm.name": ("maml", "boil", "anil"),
+    # fsl_dist.learners.LEARNERS (a test checks that they agree)
+    "algorithm.name": ("maml", "boil", "anil", "protonet", "ridge"),
     "algorithm.inner_loss": ("ce", "mse"),
     "algorithm.learn_inner_lr": (False, True, "per_step"),
     "algorithm.checkpoint": ("none", "steps", "blocks"),
@@ -382,7 +421,7 @@ POSITIVE = (
     "train.eval_every", "train.log_every", "eval.episodes", "eval.val_episodes",
     "eval.batch_size", "data.image_size", "data.shuffle_buffer", "optim.lr",
     "model.dropblock_size", "algorithm.proximal_lambda", "algorithm.cg_steps",
-    "pretrain.batch_size",
+    "protonet.scale", "ridge.lam", "ridge.scale", "pretrain.batch_size",
 )
 NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr",
                 "algorithm.msl_steps", "algorithm.first_order_steps", "algorithm.cg_damping")
@@ -609,6 +648,9 @@ def validate(cfg: Config, where: str = "config") -> None:
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise ConfigError(f"{where}: `{key}` = {get(cfg, key)!r} must not be negative")
+    if cfg.eval.n_way is not None and cfg.eval.n_way < 2:
+        raise ConfigError(f"{where}: `eval.n_way` = {cfg.eval.n_way} must be at least 2 (or "
+                          "null: task.n_way)")
     lr = cfg.algorithm.inner_lr
     if isinstance(lr, dict) and not is_import_path(cfg.model.name):
         bad = sorted(set(lr) - set(INNER_LR_GROUPS))

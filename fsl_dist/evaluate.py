@@ -9,10 +9,10 @@ contiguous slices and the per-episode accuracies gathered back in order.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
-from fsl_dist.meta import InnerLoopSpec, evaluate_tasks
 from fsl_dist.progress import progress
 
 
@@ -78,12 +78,14 @@ def combine_seeds(per_seed: list[dict]) -> dict:
             "ci95_seeds": ci95_seeds, "ci95_episodes": ci95_episodes, "per_seed": per_seed}
 
 
-def evaluate(model, spec: InnerLoopSpec, episode_source, *, episodes: int, dist,
-             batch_size: int, quiet: bool = False, desc: str = "evaluating") -> dict:
-    """Mean query accuracy after adaptation (and before it) over `episodes` held-out episodes
-    (``evaluate_episodes`` with the inner loop of ``spec``)."""
+def evaluate(learner, episode_source, *, episodes: int, dist, precision: str, batch_size: int,
+             inner_steps: Optional[int] = None, quiet: bool = False,
+             desc: str = "evaluating") -> dict:
+    """Mean query accuracy after adaptation (and before it) over `episodes` held-out episodes,
+    adapted and scored by ``learner`` (fsl_dist/learners; ``inner_steps`` overrides its own):
+    ``evaluate_episodes`` with the learner's ``evaluate_tasks``."""
     def score(tasks: dict, _episodes: range) -> dict:
-        stats = evaluate_tasks(model, tasks, spec)
+        stats = learner.evaluate_tasks(tasks, precision=precision, inner_steps=inner_steps)
         return {"acc": stats["acc_after_per_task"], "acc_before": stats["acc_before"]}
 
     return evaluate_episodes(score, episode_source, episodes=episodes, dist=dist,
@@ -98,9 +100,9 @@ def evaluate_episodes(score, episode_source, *, episodes: int, dist, batch_size:
     ``score(tasks, episodes)`` takes a batch of tasks (on the device) and the range of their
     episode indices (a method that draws random numbers seeds them by episode, so that every
     process count meets the same numbers) and returns ``acc``, one query accuracy per task, and
-    with ``with_before`` ``acc_before``, the mean accuracy before adaptation. The main rank shows a
-    progress bar over its share of the episodes, with the running mean accuracy of that share,
-    unless `quiet` (in a log: lines, fsl_dist/progress.py)."""
+    with ``with_before`` ``acc_before``, the mean accuracy before adaptation. The main rank
+    shows a progress bar over its share of the episodes, with the running mean accuracy of that
+    share, unless `quiet` (in a log: lines, fsl_dist/progress.py)."""
     mine = split_episodes(episodes, dist.rank, dist.world_size)
     after, before = [], []
     correct = 0.0  # this rank's per-episode accuracies summed so far: the bar's running mean

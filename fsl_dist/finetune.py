@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 METHODS = ("centroid", "finetune-linear", "finetune-cosine")
 NORM_EPS = 1e-5  # the reference code's guard in ||f|| + eps
@@ -50,6 +51,25 @@ class FinetuneSpec:
     def __post_init__(self):
         if self.head not in ("linear", "cosine"):
             raise ValueError(f"head must be linear or cosine, got {self.head!r}")
+
+
+@dataclass
+class FrozenBody:
+    """A model without a few-shot learner around it (fsl-pretrain's): what the frozen-body
+    methods read (``model``), and what the trainer's state asks of a learner (no learned state
+    beside the model)."""
+
+    model: nn.Module
+    evaluation_steps: int = 0
+
+    def extras(self) -> dict:
+        return {}
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())
+
+    def load_extras(self, states) -> None:
+        return None
 
 
 # ---------------------------------------------------------------- features

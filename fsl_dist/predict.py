@@ -8,8 +8,9 @@
     result.labels           # ["dog", "cat"]
     result.probabilities    # float32 [2, N], columns in the order of result.classes
 
-Adaptation is the model's learned inner loop as evaluation runs it: its algorithm (which
-parameters adapt), its test-time inner steps, its step sizes (learned ones included), batch
+Adaptation is what evaluation does for the model's family (fsl_dist/learners): for the MAML
+family its learned inner loop (which parameters adapt, its test-time inner steps, its step sizes,
+learned ones included), for ProtoNet the class prototypes (any number of classes); batch
 statistics in batch norm. Images are file paths, PIL images or tensors; files and PIL images go
 through the preprocessing its shards were packed with (``model.yaml``'s ``preprocessing``);
 tensors are taken as the model sees images: float in [0, 1] (or uint8, divided by 255),
@@ -24,14 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from PIL import Image
 
 from fsl_dist.data.episodes import to_unit_float
 from fsl_dist.data.preprocess import image_pixels, preprocessing_of
-from fsl_dist.meta import AdaptedTask, InnerLoopSpec, adapt_task
+from fsl_dist.learners import Adapted, Learner
 from fsl_dist.progress import progress
 from fsl_dist.trained import TrainedModelError, read_trained
 
@@ -61,44 +62,30 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> "T
         trained = read_trained(path, device)
     except TrainedModelError as error:
         raise PredictError(str(error)) from error
-    return TrainedModel(trained.model, _inner_loop(trained, device), trained.description,
-                        trained.folder)
-
-
-def _inner_loop(trained, device) -> InnerLoopSpec:
-    """The inner loop evaluation runs: model.yaml's algorithm and ``evaluation`` sections."""
-    algorithm, evaluation = trained.description["algorithm"], trained.evaluation
-    precision = evaluation.get("precision") or "no"
+    precision = trained.evaluation.get("precision") or "no"
     if precision == "fp16" and device.type != "cuda":
         precision = "no"  # fp16 autocast is CUDA's; evaluation on a CPU refuses it
-    return InnerLoopSpec(algorithm["name"], inner_steps=evaluation["inner_steps"],
-                         inner_lr=trained.inner_lr,
-                         first_order=algorithm.get("first_order", False),
-                         inner_loss=algorithm.get("inner_loss", "ce"), precision=precision,
-                         vectorize=False, adapt=tuple(algorithm.get("adapt") or ()) or None,
-                         **_proximal(algorithm))
-
-
-def _proximal(algorithm: dict) -> dict:
-    """An iMAML model adapts with its proximal inner loop (older model.yaml files: none)."""
-    if algorithm.get("meta_gradient", "unrolled") != "implicit":
-        return {}
-    return {"meta_gradient": "implicit", "proximal_lambda": algorithm["proximal_lambda"]}
+    return TrainedModel(trained.learner, trained.description, trained.folder, precision)
 
 
 class TrainedModel:
-    """A meta-trained model and the inner loop it was evaluated with; ``adapt`` it to a
-    support set."""
+    """A meta-trained model and its family's learner (fsl_dist/learners), which adapts as
+    evaluation does (at evaluation's ``precision``); ``adapt`` it to a support set."""
 
-    def __init__(self, model: torch.nn.Module, spec: InnerLoopSpec, description: dict,
-                 folder: Path):
-        self.model, self.spec, self.description, self.folder = model, spec, description, folder
+    def __init__(self, learner: Learner, description: dict, folder: Path, precision: str):
+        self.learner, self.description, self.folder = learner, description, folder
+        self.precision = precision
         self.preprocessing = (description.get("preprocessing")
                               or preprocessing_of(description["data"]))
 
     @property
-    def n_way(self) -> int:
-        return self.description["model"]["n_way"]
+    def model(self) -> torch.nn.Module:
+        return self.learner.model
+
+    @property
+    def n_way(self) -> Optional[int]:
+        """The N the model's head fixes; None for a family that takes any N (protonet)."""
+        return self.description["model"]["n_way"] if self.learner.fixed_way else None
 
     @property
     def device(self) -> torch.device:
@@ -154,20 +141,24 @@ class TrainedModel:
 
     def adapt(self, images, labels: Sequence, *, convert: bool = False) -> "AdaptedClassifier":
         """Run the learned inner loop on a support set: ``images`` with their class ``labels``
-        (any hashable labels, exactly ``n_way`` distinct ones)."""
+        (any hashable labels: exactly ``n_way`` distinct ones, or at least two where the
+        family takes any N)."""
         labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
         support = self.images(images, convert=convert)
         if len(labels) != len(support):
             raise PredictError(f"{len(support)} support images but {len(labels)} labels")
         classes = _sorted_classes(labels)
-        if len(classes) != self.n_way:
+        if self.n_way is None and len(classes) < 2:
+            raise PredictError(f"the support set has {len(classes)} class ({_shown(classes)}): "
+                               "give at least 2 classes")
+        if self.n_way is not None and len(classes) != self.n_way:
             raise PredictError(f"the support set has {len(classes)} classes "
                                f"({_shown(classes)}) but the model is {self.n_way}-way: give "
                                f"exactly {self.n_way} classes")
         index = {c: i for i, c in enumerate(classes)}
         targets = torch.tensor([index[c] for c in labels], device=self.device)
         try:
-            task = adapt_task(self.model, support, targets, self.spec)
+            task = self.learner.adapt(support, targets, precision=self.precision)
         except FloatingPointError as error:
             raise PredictError(f"{error}: the support images or the model are not usable "
                                "together") from error
@@ -189,7 +180,7 @@ def _shown(classes: list, most: int = 8) -> str:
 class AdaptedClassifier:
     """A model adapted to one support set; ``predict`` classifies images among its classes."""
 
-    def __init__(self, trained: TrainedModel, task: AdaptedTask, classes: tuple):
+    def __init__(self, trained: TrainedModel, task: Adapted, classes: tuple):
         self.trained, self.task, self.classes = trained, task, classes
 
     def predict(self, images, *, batch_size: int | None = None, convert: bool = False,

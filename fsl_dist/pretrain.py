@@ -51,7 +51,7 @@ from fsl_dist.config import Config, ConfigError
 from fsl_dist.data.episodes import make_tasks, to_unit_float
 from fsl_dist.data.shards import ClassPool, load_class_pool, verify_shards
 from fsl_dist.evaluate import evaluate_episodes
-from fsl_dist.finetune import centroid_accuracy
+from fsl_dist.finetune import FrozenBody, centroid_accuracy
 from fsl_dist.io import atomic_write_json
 from fsl_dist.meta import InnerLossScaler
 from fsl_dist.meta.precision import autocast_factory
@@ -209,7 +209,7 @@ class Pretrainer(Trainer):
 
     RATE_KEY = "img_s"
 
-    def check_process_count(self) -> None:
+    def check_setup(self) -> None:
         check_pretrainable(self.cfg)
         group = self.cfg.pretrain.norm_group or self.cfg.pretrain.batch_size
         try:
@@ -239,7 +239,7 @@ class Pretrainer(Trainer):
         if cfg.model.init_from is not None:  # continue from another body; a fresh head
             start_from(model, cfg.model.init_from)
         model = model.to(dist.device)
-        self.state = TrainState(model, cfg.algorithm.inner_lr,
+        self.state = TrainState(model, FrozenBody(model),
                                 build_optimizer(cfg, model.parameters()),
                                 InnerLossScaler(), InnerLossScaler())
         self.best: dict = {"step": None, "acc": None, "model": None}
@@ -325,7 +325,7 @@ class Pretrainer(Trainer):
         result = None
         if state.step >= cfg.train.steps:
             self.phase = "evaluation"  # a stop now keeps the checkpoint and the model as they are
-            result = evaluate_held_out(model, None, cfg, self.dist, self.run_dir,
+            result = evaluate_held_out(FrozenBody(model), cfg, self.dist, self.run_dir,
                                        precision=self.precision, quiet=self.quiet,
                                        method="centroid")
             self.log({"step": state.step, f"{cfg.eval.part}/acc": result["mean"],

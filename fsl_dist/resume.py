@@ -65,7 +65,10 @@ KINDS = {
     # evaluation reads the weights, never changes them
     "eval.episodes": BOOKKEEPING, "eval.val_episodes": BOOKKEEPING,
     "eval.inner_steps": BOOKKEEPING, "eval.part": BOOKKEEPING, "eval.batch_size": BOOKKEEPING,
-    "eval.seed": BOOKKEEPING, "eval.final_val": BOOKKEEPING,
+    "eval.seed": BOOKKEEPING, "eval.final_val": BOOKKEEPING, "eval.n_way": BOOKKEEPING,
+    "protonet.scale": TRAINED, "protonet.learn_scale": TRAINED,
+    "ridge.lam": TRAINED, "ridge.learn_lambda": TRAINED, "ridge.scale": TRAINED,
+    "ridge.learn_scale": TRAINED,
     "logging.wandb": BOOKKEEPING, "logging.tensorboard": BOOKKEEPING,
     "logging.project": BOOKKEEPING, "logging.entity": BOOKKEEPING, "logging.group": BOOKKEEPING,
     "logging.tags": BOOKKEEPING,

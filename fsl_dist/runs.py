@@ -38,7 +38,6 @@ from fsl_dist.data.shards import (
 from fsl_dist.evaluate import combine_seeds, evaluate, evaluate_episodes
 from fsl_dist.finetune import method_score
 from fsl_dist.io import WriteFailure, atomic_write_json
-from fsl_dist.meta import InnerLoopSpec
 from fsl_dist.resume import recorded_changes
 from fsl_dist.trained import DESCRIPTION, data_facts
 
@@ -104,17 +103,19 @@ def check_tasks_fit(cfg: Config, manifest: dict) -> None:
     so it is checked now rather than after hours of training)."""
     needed = cfg.task.k_shot + cfg.task.q_query
     for part, entry in manifest["splits"].items():
-        if cfg.task.n_way > entry["classes"]:
-            raise ConfigError(f"`task.n_way` = {cfg.task.n_way} is larger than the "
+        n_way, key = ((cfg.task.n_way, "task.n_way") if part == "train" or cfg.eval.n_way is None
+                      else (cfg.eval.n_way, "eval.n_way"))
+        if n_way > entry["classes"]:
+            raise ConfigError(f"`{key}` = {n_way} is larger than the "
                               f"{entry['classes']} classes of the {part} part of "
                               f"{cfg.data.shards}")
         qualifying = classes_with_at_least(entry["images_per_class"], needed)
-        if qualifying < cfg.task.n_way:
+        if qualifying < n_way:
             raise ConfigError(f"`task.k_shot` + `task.q_query` = {cfg.task.k_shot} + "
                               f"{cfg.task.q_query} = {needed} images per class: only {qualifying} "
                               f"of the {entry['classes']} classes of the {part} part of "
-                              f"{cfg.data.shards} hold that many, fewer than `task.n_way` = "
-                              f"{cfg.task.n_way}")
+                              f"{cfg.data.shards} hold that many, fewer than `{key}` = "
+                              f"{n_way}")
 
 
 def check_memory_budget(cfg: Config, manifest: dict) -> None:
@@ -202,29 +203,28 @@ def episode_shape(n_way: int, k_shot: int, q_query: int) -> TaskSpec:
         raise ConfigError(f"{err} (shots {k_shot}, queries {q_query})") from err
 
 
-def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, precision: str,
+def evaluate_held_out(learner, cfg: Config, dist, run_dir: Path, *, precision: str,
                       episodes: Optional[int] = None, shots: Optional[int] = None,
                       queries: Optional[int] = None, part: Optional[str] = None,
                       inner_steps: Optional[int] = None,
                       out_name: str = "eval.json", weights: Optional[Path] = None,
                       seeds: Optional[Sequence[int]] = None, quiet: bool = False,
                       method: str = "adapt") -> dict:
-    """Evaluate on `part` (default eval.part) and write `out_name` in the run folder; `weights`,
+    """Evaluate ``learner`` (fsl_dist/learners, bound to its model) on `part` (default
+    eval.part) and write `out_name` in the run folder; `weights`,
     the file the model came from, is recorded relative to the run folder; `shots` and `queries`
     replace the trained K and Q per class (comparing runs trained with different Q needs one
     test protocol). With two or more
     `seeds`, `episodes` are drawn for each episode seed and the result is `combine_seeds`'.
-    `method`: adapt (the trained inner loop) or one of fsl_dist.finetune.METHODS on the frozen
-    body (nearest centroid, Baseline, Baseline++). `quiet`: no progress bar."""
+    `method`: adapt (the learner's own) or one of fsl_dist.finetune.METHODS on the frozen body
+    of ``learner.model`` (nearest centroid, Baseline, Baseline++; ``finetune.FrozenBody`` holds a
+    model that has no learner). `quiet`: no progress bar."""
     part = part or cfg.eval.part
     episodes = episodes or cfg.eval.episodes
     k_shot = cfg.task.k_shot if shots is None else shots
     q_query = cfg.task.q_query if queries is None else queries
-    inner_loop = None
-    if method == "adapt":
-        inner_loop = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=inner_lr,
-                                               evaluation=True, inner_steps=inner_steps)
-    tasks = episode_shape(cfg.task.n_way, k_shot, q_query)
+    n_way = cfg.evaluation_way()
+    tasks = episode_shape(n_way, k_shot, q_query)
 
     def one_seed(seed: int) -> dict:
         try:
@@ -233,11 +233,12 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
         except ValueError as err:  # episodes the shards cannot fill: input, not a bug
             raise ConfigError(f"evaluating {k_shot}-shot {q_query}-query episodes: {err}") from err
         desc = f"{part} (seed {seed})" if len(seeds) > 1 else part
-        if inner_loop is not None:
-            result = evaluate(model, inner_loop, source, episodes=episodes, dist=dist,
-                              batch_size=cfg.eval.batch_size, quiet=quiet, desc=desc)
+        if method == "adapt":
+            result = evaluate(learner, source, episodes=episodes, dist=dist,
+                              precision=precision, batch_size=cfg.eval.batch_size,
+                              inner_steps=inner_steps, quiet=quiet, desc=desc)
         else:
-            result = evaluate_episodes(method_score(method, model, seed), source,
+            result = evaluate_episodes(method_score(method, learner.model, seed), source,
                                        episodes=episodes, dist=dist,
                                        batch_size=cfg.eval.batch_size, quiet=quiet, desc=desc)
         return {**result, "eval_seed": seed}
@@ -248,11 +249,11 @@ def evaluate_held_out(model, inner_lr, cfg: Config, dist, run_dir: Path, *, prec
                           "twice; give distinct seeds")
     per_seed = [one_seed(seed) for seed in seeds]
     result = per_seed[0] if len(per_seed) == 1 else combine_seeds(per_seed)
-    result.update(part=part, n_way=cfg.task.n_way, k_shot=k_shot, q_query=q_query,
-                  method=method, config=cfg.name, seed=cfg.train.seed,
-                  world_size=dist.world_size)
-    if inner_loop is not None:
-        result["inner_steps"] = inner_loop.inner_steps
+    result.update(part=part, n_way=n_way, k_shot=k_shot, q_query=q_query, method=method,
+                  config=cfg.name, seed=cfg.train.seed, world_size=dist.world_size)
+    if method == "adapt":
+        result["inner_steps"] = (inner_steps if inner_steps is not None
+                                 else learner.evaluation_steps)
     if weights is not None:
         result["weights"] = Path(weights).relative_to(run_dir).as_posix() if Path(
             weights).is_relative_to(run_dir) else str(weights)

@@ -19,15 +19,16 @@ it had when they were written (no per-step batch norm, no proximal inner loop), 
     from fsl_dist.trained import read_trained
 
     trained = read_trained("runs/cnn_maml-0", "cpu")
-    trained.model, trained.inner_lr, trained.evaluation["inner_steps"]
+    trained.model, trained.evaluation["inner_steps"]
+    trained.learner.adapt(support_x, support_y, precision="no").logits(query_x)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import yaml
@@ -38,11 +39,13 @@ from fsl_dist.config import Config, ConfigError, load_config
 from fsl_dist.data.preprocess import preprocessing_of
 from fsl_dist.data.shards import load_manifest
 from fsl_dist.io import atomic_write, atomic_write_text
-from fsl_dist.meta import learned_inner_lr
+from fsl_dist.learners import INNER_LR, LEARNERS, Learner, learner_from_description
 from fsl_dist.models import build_model
 
 WEIGHTS, DESCRIPTION, CONFIG = "model.safetensors", "model.yaml", "config.yaml"
-INNER_LR = "inner_lr"  # the prefix of the MAML family's learned step sizes in the weights
+__all__ = ["INNER_LR", "TrainedModel", "TrainedModelError", "build_described", "build_run_model",
+           "check_shards", "describe", "find_checkpoint", "model_inputs", "read_trained",
+           "write_trained"]
 
 
 class TrainedModelError(ValueError):
@@ -106,9 +109,11 @@ def data_facts(manifest: dict) -> dict:
 def describe(cfg: Config, manifest: dict, step: Optional[int] = None,
              n_way: Optional[int] = None) -> dict:
     """model.yaml's contents for a model of ``cfg`` trained on the shards of ``manifest``."""
+    section = LEARNERS[cfg.algorithm.name].section  # the family's own keys, if any
     return {
         "model": model_facts(cfg, model_inputs(manifest), n_way),
         "algorithm": dataclasses.asdict(cfg.algorithm),
+        **({section: dataclasses.asdict(getattr(cfg, section))} if section else {}),
         "task": dataclasses.asdict(cfg.task),
         "data": data_facts(manifest),
         # What prediction needs to adapt and score as evaluation does, without the config.
@@ -151,21 +156,20 @@ class TrainedModel:
         description: model.yaml's contents (for a checkpoint of a run that has not exported
             yet: what it would write).
         evaluation: how evaluation adapts it: ``inner_steps`` and ``precision``.
-        inner_lr: the MAML family's inner step sizes (a float, a dict or a ``LearnedInnerLR``).
+        learner: its family's ``Learner`` around ``model`` (fsl_dist/learners), learned state
+            (the MAML family's step sizes, ProtoNet's scale) loaded.
         weights: the file the weights came from (model.safetensors or a checkpoint).
         folder: the folder read (the run folder, or the model's own folder).
         cfg: the run folder's config (None where there is no config.yaml beside the files).
-        extras: the algorithm state stored beside the weights, name -> state dict.
     """
 
     model: torch.nn.Module
     description: dict
     evaluation: dict
-    inner_lr: Any
+    learner: Learner
     weights: Path
     folder: Path
     cfg: Optional[Config] = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def step(self) -> Optional[int]:
@@ -195,13 +199,21 @@ def read_trained(path: str | Path, device: str | torch.device, *,
     description = _description(folder, cfg, weights)
     if with_config:
         check_shards(description, cfg, folder)
-    tensors = _tensors(weights, checkpoint is not None)
     model = build_described(description["model"])
-    _load(model, tensors.pop("model"), folder, weights)
+    state, extras = _tensors(weights, checkpoint is not None, set(model.state_dict()))
+    _load(model, state, folder, weights)
     model = model.to(device).eval()
     evaluation = description.get("evaluation") or _evaluation_from_config(folder, cfg)
-    inner_lr = _inner_lr(description["algorithm"], model, tensors.get(INNER_LR), device)
-    return TrainedModel(model, description, evaluation, inner_lr, weights, folder, cfg, tensors)
+    learner = learner_from_description(description, evaluation, model)
+    unknown = sorted(set(extras) - set(learner.extras())) if checkpoint is None else []
+    if unknown:
+        raise TrainedModelError(f"{weights} does not fit the model {folder / DESCRIPTION} "
+                                f"describes: it holds {unknown[0]}.* which that has not")
+    try:
+        learner.load_extras({name: extras.get(name) for name in learner.extras()})
+    except ConfigError as error:
+        raise TrainedModelError(f"{weights}: {error}") from error
+    return TrainedModel(model, description, evaluation, learner, weights, folder, cfg)
 
 
 def _config(folder: Path) -> Config:
@@ -228,20 +240,19 @@ def _check_files(folder: Path) -> None:
                                     "latest evaluates a run that is still training)")
 
 
-def _tensors(weights: Path, checkpoint: bool) -> dict:
-    """{"model": state dict, <extra name>: state dict, ...} of a weights file or checkpoint."""
+def _tensors(weights: Path, checkpoint: bool, model_keys: set) -> tuple[dict, dict]:
+    """(the model's state dict, {extra name: state dict}) of a weights file or checkpoint."""
     if checkpoint:
         saved = ckpt.load_checkpoint(weights)
-        return {"model": saved["model"],
-                **({INNER_LR: saved[INNER_LR]} if saved.get(INNER_LR) else {})}
-    grouped: dict = {"model": {}}
+        return saved["model"], saved  # a checkpoint holds each extra under its name
+    state, extras = {}, {}
     for key, value in load_file(str(weights)).items():
-        prefix, _, rest = key.partition(".")
-        if prefix == INNER_LR:
-            grouped.setdefault(INNER_LR, {})[rest] = value
-        else:
-            grouped["model"][key] = value
-    return grouped
+        if key in model_keys:
+            state[key] = value
+        else:  # "<extra name>.<its key>"
+            prefix, _, rest = key.partition(".")
+            extras.setdefault(prefix, {})[rest] = value
+    return state, extras
 
 
 def _load(model: torch.nn.Module, state: dict, folder: Path, weights: Path) -> None:
@@ -250,18 +261,6 @@ def _load(model: torch.nn.Module, state: dict, folder: Path, weights: Path) -> N
     except RuntimeError as error:
         raise TrainedModelError(f"{weights} does not fit the model {folder / DESCRIPTION} "
                                 f"describes: {str(error).splitlines()[0]}") from error
-
-
-def _inner_lr(algorithm: dict, model: torch.nn.Module, state: Optional[dict], device):
-    """The configured step sizes, or the learned ones (``LearnedInnerLR``) loaded from
-    ``state``."""
-    if not algorithm.get("learn_inner_lr"):
-        return algorithm["inner_lr"]
-    inner_lr = learned_inner_lr(model, algorithm["name"], algorithm["inner_lr"],
-                                algorithm["learn_inner_lr"], algorithm["inner_steps"],
-                                adapt=algorithm.get("adapt"))
-    inner_lr.load_state_dict(state or {})
-    return inner_lr.to(device)
 
 
 def _evaluation_from_config(folder: Path, cfg: Optional[Config]) -> dict:

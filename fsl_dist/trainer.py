@@ -18,7 +18,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 
@@ -33,13 +33,8 @@ from fsl_dist.data.shards import verify_shards
 from fsl_dist.distributed import launcher_precision
 from fsl_dist.evaluate import evaluate
 from fsl_dist.io import WriteFailure, writing
-from fsl_dist.meta import (
-    InnerLoopSpec,
-    InnerLossScaler,
-    LearnedInnerLR,
-    learned_inner_lr,
-    meta_backward,
-)
+from fsl_dist.learners import STAT_KEYS, Learner, check_way, learner_from_config
+from fsl_dist.meta import InnerLossScaler
 from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.models import collect_batch_stats, running_stats_norms, update_running_stats
 from fsl_dist.numerics import flat_grads
@@ -54,9 +49,8 @@ from fsl_dist.signals import (
 )
 from fsl_dist.slurm import EXIT_RESUMABLE
 from fsl_dist.tracking import MetricsFile, wandb_init_kwargs
-from fsl_dist.trained import INNER_LR, build_run_model, model_inputs, write_trained
+from fsl_dist.trained import build_run_model, model_inputs, write_trained
 
-STAT_KEYS = ("query_loss", "acc_before", "acc_after", "inner_loss", "inner_nonfinite")
 DEBUG_CHECKSUM_EVERY = 2
 
 
@@ -67,7 +61,7 @@ class DivergedError(Exception):
 @dataclass
 class TrainState:
     model: torch.nn.Module
-    inner_lr: Union[float, dict, LearnedInnerLR]
+    learner: Learner  # the family (fsl_dist/learners) around `model`, with its learned state
     optimizer: torch.optim.Optimizer
     outer_scaler: InnerLossScaler  # fp16 only: dynamic scale of the meta-loss
     inner_scaler: InnerLossScaler  # fp16 only: dynamic scale of the support loss
@@ -77,10 +71,7 @@ class TrainState:
     elapsed_s: float = 0.0  # training wall time, summed over resumes
 
     def trainable(self) -> list[torch.Tensor]:
-        params = list(self.model.parameters())
-        if isinstance(self.inner_lr, torch.nn.Module):
-            params += list(self.inner_lr.parameters())
-        return params
+        return self.learner.parameters()
 
 
 class StepWindow:
@@ -173,28 +164,28 @@ def configure_cpu(cfg: Config, dist) -> None:
 
 
 def build_state(cfg: Config, device: torch.device, inputs: dict) -> TrainState:
-    """Model, inner step sizes and optimizer; ``inputs`` (``trained.model_inputs``) are the image
-    channels and side from the shard set's manifest."""
+    """Model, its family's learner (with learned state: step sizes, a scale) and optimizer;
+    ``inputs`` (``trained.model_inputs``) are the image channels and side from the shard set's
+    manifest."""
     torch.manual_seed(cfg.train.seed)  # the same seed on every rank: identical initial weights
     model = build_run_model(cfg, inputs)
     if cfg.model.init_from is not None:  # the body of a trained model; the head stays fresh
         start_from(model, cfg.model.init_from)
     model = model.to(device)
-    inner_lr = cfg.algorithm.inner_lr
-    params = list(model.parameters())
-    if cfg.algorithm.learn_inner_lr:
-        algo = cfg.algorithm
-        inner_lr = learned_inner_lr(model, algo.name, algo.inner_lr, algo.learn_inner_lr,
-                                    algo.inner_steps, adapt=algo.adapt).to(device)
-        params += list(inner_lr.parameters())
-    optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+    try:
+        learner = learner_from_config(cfg, model)
+    except ValueError as error:  # a model the family cannot use (no `features` body)
+        raise ConfigError(f"`algorithm.name` = {cfg.algorithm.name}: {error}") from error
+    optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.optim.lr,
+                                 betas=tuple(cfg.optim.betas),
                                  weight_decay=cfg.optim.weight_decay)
-    return TrainState(model, inner_lr, optimizer, InnerLossScaler(), InnerLossScaler())
+    return TrainState(model, learner, optimizer, InnerLossScaler(), InnerLossScaler())
 
 
 def task_spec(cfg: Config, part: str) -> TaskSpec:
     rotate = cfg.data.rotate and part == "train"  # held-out classes are never rotated
-    return TaskSpec(cfg.task.n_way, cfg.task.k_shot, cfg.task.q_query, rotate=rotate)
+    n_way = cfg.task.n_way if part == "train" else cfg.evaluation_way()
+    return TaskSpec(n_way, cfg.task.k_shot, cfg.task.q_query, rotate=rotate)
 
 
 def build_task_sources(cfg: Config, dist) -> dict:
@@ -266,14 +257,11 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
     state.optimizer.zero_grad(set_to_none=True)
     fp16 = precision == "fp16"
     outer_scale = state.outer_scaler.scale if fp16 else 1.0
-    # The step enters here: what MAML++ schedules by step is a function of it alone.
-    spec = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=state.inner_lr,
-                                     step=state.step)
     norms = running_stats_norms(state.model)  # MAML++'s BNRS: per-step running statistics
     with collect_batch_stats() as collector:
-        stats = meta_backward(state.model, tasks, spec, acc_before=acc_before,
-                              loss_scale=outer_scale,
-                              inner_loss_scale=state.inner_scaler.scale if fp16 else None)
+        stats = state.learner.meta_backward(
+            tasks, step=state.step, precision=precision, acc_before=acc_before,
+            loss_scale=outer_scale, inner_loss_scale=state.inner_scaler.scale if fp16 else None)
     if on_update is not None:
         on_update()
     device = params[0].device
@@ -316,8 +304,7 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
         update_running_stats(norms, flat[n_grads:n_grads + bn_means.numel()])
     state.step += 1
     out.update(grad_norm=grad_norm, skipped=float(inner_bad or outer_bad), allreduce_s=allreduce_s,
-               second_order=float(not spec.first_order),
-               msl_last_weight=spec.step_weights[-1] if spec.step_weights else 1.0)
+               second_order=stats["second_order"], msl_last_weight=stats["msl_last_weight"])
     return out
 
 
@@ -333,8 +320,9 @@ def checkpoint_state(state: TrainState, wandb_id: Optional[str],
         "consecutive_skipped": state.consecutive_skipped,
         "elapsed_s": state.elapsed_s,
         "model": state.model.state_dict(),
-        "inner_lr": (state.inner_lr.state_dict()
-                     if isinstance(state.inner_lr, torch.nn.Module) else None),
+        # the family's learned state, each under its name ("inner_lr": None when fixed)
+        **{name: module.state_dict() if module is not None else None
+           for name, module in state.learner.extras().items()},
         "optimizer": state.optimizer.state_dict(),
         "outer_scaler": state.outer_scaler.state_dict(),
         "inner_scaler": state.inner_scaler.state_dict(),
@@ -355,18 +343,7 @@ def restore_state(state: TrainState, saved: dict) -> None:
                           f"section, algorithm.per_step_bn_weights, per_step_bn_stats and (with "
                           f"them) algorithm.inner_steps must be as trained ({detail[0]})"
                           ) from error
-    if saved.get("inner_lr") is not None:
-        # per tensor ("lrs.*") or per step ("per_step", [inner steps, tensors])
-        kind = "per_step" if "per_step" in saved["inner_lr"] else "true"
-        advice = f"the checkpoint has learned inner step sizes: set algorithm.learn_inner_lr={kind}"
-        if kind == "per_step":
-            advice += " and the algorithm.inner_steps it was trained with"
-        if not isinstance(state.inner_lr, torch.nn.Module):
-            raise ConfigError(advice)
-        try:
-            state.inner_lr.load_state_dict(saved["inner_lr"])
-        except RuntimeError as error:
-            raise ConfigError(f"{advice} ({str(error).splitlines()[0]})") from error
+    state.learner.load_extras(saved)
     state.optimizer.load_state_dict(saved["optimizer"])
     state.outer_scaler.load_state_dict(saved["outer_scaler"])
     state.inner_scaler.load_state_dict(saved["inner_scaler"])
@@ -420,10 +397,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def validate(state: TrainState, cfg: Config, dist, source, precision: str, episodes: int,
              quiet: bool = False) -> dict:
-    spec = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=state.inner_lr,
-                                     evaluation=True)
     # below the training bar, cleared when done (leave=False in evaluate)
-    return evaluate(state.model, spec, source, episodes=episodes, dist=dist,
+    return evaluate(state.learner, source, episodes=episodes, dist=dist, precision=precision,
                     batch_size=cfg.eval.batch_size, quiet=quiet, desc="validating")
 
 
@@ -461,7 +436,7 @@ class Trainer:
         warning = bf16_cpu_warning(dist.device.type, self.precision)
         if warning:
             dist.print(warning)
-        self.check_process_count()
+        self.check_setup()
         configure_cpu(cfg, dist)
         self.manifest = ensure_shards(cfg, dist, quiet=self.quiet)
         self.build_training()
@@ -497,8 +472,10 @@ class Trainer:
     # these methods; the run folder, resume, signals, checkpoints and logging stay this class's.
     RATE_KEY = "tasks_s"  # the progress bar's throughput: tasks per second
 
-    def check_process_count(self) -> None:
+    def check_setup(self) -> None:
+        """What is refused before any data is read (the process count, the evaluation's N)."""
         check_process_count(self.cfg, self.dist.world_size)
+        check_way(self.cfg)
 
     def build_training(self) -> None:
         """The data sources, the state (model, optimizer) and this rank's batches."""
@@ -802,7 +779,7 @@ class Trainer:
         result = None
         if self.state.step >= cfg.train.steps:
             self.phase = "evaluation"  # a stop now keeps the checkpoint and the model as they are
-            result = evaluate_held_out(self.state.model, self.state.inner_lr, cfg, self.dist,
+            result = evaluate_held_out(self.state.learner, cfg, self.dist,
                                        self.run_dir, precision=self.precision, quiet=self.quiet)
             self.log({"step": self.state.step, f"{cfg.eval.part}/acc": result["mean"],
                       f"{cfg.eval.part}/ci95": result["ci95"]})
@@ -813,9 +790,8 @@ class Trainer:
     def export(self) -> None:
         """model.safetensors and model.yaml (fsl_dist/trained.py) of the weights now."""
         state = self.state
-        learned = state.inner_lr if isinstance(state.inner_lr, torch.nn.Module) else None
         write_trained(self.run_dir, state.model, self.cfg, self.manifest,
-                      extras={INNER_LR: learned}, step=state.step)
+                      extras=state.learner.extras(), step=state.step)
 
     def raise_on_every_rank(self, failure: Optional[WriteFailure]) -> None:
         """A write failure the main process met (``failure``; None elsewhere) stops every rank

@@ -30,6 +30,8 @@ FAULTS = (
           "`optim.lr` = inf must be a finite number", "nothing is written"),
     Fault("inner_lr_zero", "`algorithm.inner_lr=0`", 2,
           "`algorithm.inner_lr` = 0.0 must be positive", "nothing is written"),
+    Fault("eval_way_with_head", "`eval.n_way` other than `task.n_way` for the MAML family "
+          "(its head fixes N)", 2, "but maml's head fixes N", "nothing is written"),
     Fault("nonfinite_steps", "every step non-finite (`algorithm.inner_lr=1e30`)", 3,
           "non-finite gradients or losses and were skipped", "a checkpoint of the last finite "
           "weights; no model is exported"),

@@ -12,8 +12,8 @@ from PIL import Image
 from fsl_dist.config import load_config
 from fsl_dist.data.episodes import TaskSpec, make_tasks
 from fsl_dist.data.shards import load_manifest
-from fsl_dist.meta import LearnedInnerLR
-from fsl_dist.trained import INNER_LR, build_run_model, model_inputs, write_trained
+from fsl_dist.learners import learner_from_config
+from fsl_dist.trained import build_run_model, model_inputs, write_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,14 +24,12 @@ def export(folder: Path, shards: Path, *overrides: str, seed: int = 0) -> Path:
     manifest = load_manifest(shards)
     torch.manual_seed(seed)
     model = build_run_model(cfg, model_inputs(manifest))
-    inner_lr = None
-    if cfg.algorithm.learn_inner_lr:
-        inner_lr = LearnedInnerLR(model, cfg.algorithm.name, cfg.algorithm.inner_lr)
-        with torch.no_grad():  # distinct step sizes, so that a mix-up would show
-            for k, lr in enumerate(inner_lr.parameters()):
-                lr.mul_(1 + 0.1 * k)
+    learner = learner_from_config(cfg, model)
+    with torch.no_grad():  # distinct learned values (step sizes, a scale): a mix-up would show
+        for k, value in enumerate(learner.parameters()[len(list(model.parameters())):]):
+            value.mul_(1.5 + 0.1 * k)
     folder.mkdir(parents=True, exist_ok=True)
-    write_trained(folder, model, cfg, manifest, extras={INNER_LR: inner_lr})
+    write_trained(folder, model, cfg, manifest, extras=learner.extras())
     return folder
 
 

@@ -12,6 +12,7 @@ import torch
 from fsl_dist.config import ConfigError, load_config
 from fsl_dist.distributed import Distributed
 from fsl_dist.evaluate import combine_seeds, confidence_interval, t_quantile_975
+from fsl_dist.learners import learner_from_config
 from fsl_dist.models import build_model
 from fsl_dist.runs import evaluate_held_out
 
@@ -70,15 +71,16 @@ def tiny_run(packed, tmp_path_factory):
                        "eval.inner_steps=1"])
     torch.manual_seed(0)
     model = build_model("cnn", cfg.task.n_way, width=8)
-    return cfg, model, tmp_path_factory.mktemp("run"), Distributed()
+    learner = learner_from_config(cfg, model, inner_lr=0.4)
+    return cfg, learner, tmp_path_factory.mktemp("run"), Distributed()
 
 
 def test_each_seed_of_a_multi_seed_evaluation_meets_its_single_seed_episodes(tiny_run):
-    cfg, model, run_dir, dist = tiny_run
+    cfg, learner, run_dir, dist = tiny_run
     common = dict(precision="no", episodes=8)
-    singles = [evaluate_held_out(model, 0.4, cfg, dist, run_dir, seeds=[seed],
+    singles = [evaluate_held_out(learner, cfg, dist, run_dir, seeds=[seed],
                                  out_name=f"one-{seed}.json", **common) for seed in (7, 8)]
-    both = evaluate_held_out(model, 0.4, cfg, dist, run_dir, seeds=[7, 8], out_name="both.json",
+    both = evaluate_held_out(learner, cfg, dist, run_dir, seeds=[7, 8], out_name="both.json",
                              **common)
     assert [s["eval_seed"] for s in singles] == [7, 8]
     assert both["seed_means"] == [s["mean"] for s in singles]
@@ -88,17 +90,17 @@ def test_each_seed_of_a_multi_seed_evaluation_meets_its_single_seed_episodes(tin
 
 
 def test_a_repeated_seed_is_refused(tiny_run):
-    cfg, model, run_dir, dist = tiny_run
+    cfg, learner, run_dir, dist = tiny_run
     with pytest.raises(ConfigError, match="repeat"):
-        evaluate_held_out(model, 0.4, cfg, dist, run_dir, precision="no", episodes=4,
+        evaluate_held_out(learner, cfg, dist, run_dir, precision="no", episodes=4,
                           seeds=[3, 3], out_name="never.json")
     assert not (run_dir / "never.json").exists()
 
 
 def test_queries_replace_the_trained_query_count(tiny_run):
     """One protocol for runs trained with different Q: every episode has `queries` per class."""
-    cfg, model, run_dir, dist = tiny_run
-    result = evaluate_held_out(model, 0.4, cfg, dist, run_dir, precision="no", episodes=4,
+    cfg, learner, run_dir, dist = tiny_run
+    result = evaluate_held_out(learner, cfg, dist, run_dir, precision="no", episodes=4,
                                queries=3, out_name="q3.json")
     assert result["q_query"] == 3 and cfg.task.q_query != 3
     assert json.loads((run_dir / "q3.json").read_text())["q_query"] == 3
@@ -109,8 +111,8 @@ def test_queries_replace_the_trained_query_count(tiny_run):
     (20, r"k_shot \+ q_query = 5 \+ 20 = 25 exceeds the 20 images per class"),
 ])
 def test_a_bad_query_count_is_refused_and_nothing_is_written(tiny_run, queries, message):
-    cfg, model, run_dir, dist = tiny_run
+    cfg, learner, run_dir, dist = tiny_run
     with pytest.raises(ConfigError, match=message):  # the CLI's one line and exit 2
-        evaluate_held_out(model, 0.4, cfg, dist, run_dir, precision="no", episodes=4,
+        evaluate_held_out(learner, cfg, dist, run_dir, precision="no", episodes=4,
                           queries=queries, out_name="bad-q.json")
     assert not (run_dir / "bad-q.json").exists()

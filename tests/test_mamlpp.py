@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from torch.func import functional_call
 
-from fsl_dist.config import ConfigError, load_config, save_config
+from fsl_dist.config import AlgorithmConfig, ConfigError, load_config, save_config
 from fsl_dist.data.shards import load_manifest
+from fsl_dist.learners import MamlFamily, learner_from_config
 from fsl_dist.meta import (
     ALGORITHMS,
     InnerLoopSpec,
@@ -201,7 +202,7 @@ def test_the_trainer_step_takes_first_order_gradients_until_the_switch():
     # ties make the trainer's task-by-task path and meta_loss round differently
     model = tiny_model(torch.float32)
     tasks = make_tasks(dtype=torch.float32, jitter=0.1)
-    state = TrainState(model, cfg.algorithm.inner_lr, torch.optim.Adam(model.parameters()),
+    state = TrainState(model, learner_from_config(cfg, model), torch.optim.Adam(model.parameters()),
                        InnerLossScaler(), InnerLossScaler(), step=2)
     for step, first_order in ((2, True), (3, False)):
         grads = {}
@@ -312,11 +313,11 @@ def test_per_step_sizes_are_exported_and_loaded_for_evaluation_and_prediction(pa
     save_config(cfg, tmp_path / "config.yaml")
     assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["inner_lr.per_step"],
                        lrs.per_step.detach())
-    loaded = read_trained(tmp_path, "cpu").inner_lr
+    loaded = read_trained(tmp_path, "cpu").learner.inner_lr
     assert torch.equal(loaded.per_step, lrs.per_step)
     predictor = load_model(tmp_path, "cpu")
-    assert predictor.spec.inner_steps == 3
-    assert torch.equal(predictor.spec.inner_lr.per_step, lrs.per_step)
+    assert predictor.learner.evaluation_steps == 3
+    assert torch.equal(predictor.learner.inner_lr.per_step, lrs.per_step)
 
 
 @pytest.mark.parametrize("saved_steps, resumed_steps", [(2, None), (None, 2), (2, 3)])
@@ -325,7 +326,8 @@ def test_a_checkpoint_of_other_learned_sizes_is_refused_with_the_setting(saved_s
     model = tiny_model()
     saved = LearnedInnerLR(model, "maml", LR, steps=saved_steps)
     resumed = LearnedInnerLR(model, "maml", LR, steps=resumed_steps)
-    state = TrainState(model, resumed, torch.optim.Adam([*model.parameters(),
+    state = TrainState(model, MamlFamily(model, AlgorithmConfig(), 1, inner_lr=resumed),
+                       torch.optim.Adam([*model.parameters(),
                                                          *resumed.parameters()]),
                        InnerLossScaler(), InnerLossScaler())
     kind = "per_step" if saved_steps else "true"
@@ -513,13 +515,14 @@ def test_per_step_bn_weights_and_stats_are_exported_and_predicted_with(packed, t
     spec = InnerLoopSpec.from_config(cfg, precision="no", inner_lr=lrs, evaluation=True)
     assert spec.inner_steps > 2  # evaluation beyond the trained steps: the last set
     want = evaluate_tasks(model, tasks, spec)
-    for net, inner in ((trained, spec), (predictor.model, predictor.spec)):
+    predicted = predictor.learner.spec(precision="no", evaluation=True)
+    for net, inner in ((trained, spec), (predictor.model, predicted)):
         got = evaluate_tasks(net, tasks, inner)
         torch.testing.assert_close(got["acc_after_per_task"], want["acc_after_per_task"])
         torch.testing.assert_close(got["query_loss"], want["query_loss"])
     # Prediction's adapt-then-score path scores with the last set, as evaluation does.
     losses = [cross_entropy(adapt_task(predictor.model, tasks["support_x"][t],
-                                       tasks["support_y"][t], predictor.spec)
+                                       tasks["support_y"][t], predicted)
                             .logits(tasks["query_x"][t]), tasks["query_y"][t])
               for t in range(2)]
     torch.testing.assert_close(sum(losses) / 2, want["query_loss"])
@@ -531,7 +534,8 @@ def test_per_step_bn_weights_and_stats_are_exported_and_predicted_with(packed, t
     ((3, True), (3, False), "Unexpected key")])
 def test_a_checkpoint_of_other_batch_norm_sets_is_refused_with_the_setting(saved, resumed, error):
     saved, model = (tiny_bnwb_model(steps, stats=stats) for steps, stats in (saved, resumed))
-    state = TrainState(model, LR, torch.optim.Adam(model.parameters()), InnerLossScaler(),
+    state = TrainState(model, MamlFamily(model, AlgorithmConfig(), 1, inner_lr=LR),
+                       torch.optim.Adam(model.parameters()), InnerLossScaler(),
                        InnerLossScaler())
     with pytest.raises(ConfigError, match=rf"algorithm\.per_step_bn_weights.*{error}"):
         restore_state(state, {"model": saved.state_dict()})

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fsl_dist.config import CHOICES, ConfigError, load_config
+from fsl_dist.learners import learner_from_config
 from fsl_dist.meta import ALGORITHMS, InnerLoopSpec, LearnedInnerLR, meta_backward, meta_loss
 from fsl_dist.meta.precision import InnerLossScaler
 from fsl_dist.meta.spec import CHECKPOINT_LEVELS
@@ -162,7 +163,7 @@ def test_the_trainer_step_recomputes_each_inner_step_with_the_configured_level()
                      f"algorithm.checkpoint={level}")
         model = small_model("cnn")
         tasks = make_tasks(dtype=torch.float32, jitter=0.1)
-        state = TrainState(model, cfg.algorithm.inner_lr,
+        state = TrainState(model, learner_from_config(cfg, model),
                            torch.optim.SGD(model.parameters(), lr=0.0), InnerLossScaler(),
                            InnerLossScaler(), step=0)
         calls = []

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fsl_dist.config import ConfigError, load_config
+from fsl_dist.learners import learner_from_config
 from fsl_dist.meta import InnerLoopSpec, evaluate_tasks, meta_backward
 from fsl_dist.meta.implicit import conjugate_gradient
 from fsl_dist.meta.inner import INNER_LOSSES, adapt, cross_entropy
@@ -219,7 +220,7 @@ def test_the_trainer_step_takes_the_implicit_meta_gradient_of_its_config():
         torch.manual_seed(0)
         model = build_model("cnn", 3, width=4, blocks=2, image_size=8)
         if spec is None:
-            state = TrainState(model, cfg.algorithm.inner_lr,
+            state = TrainState(model, learner_from_config(cfg, model),
                                torch.optim.SGD(model.parameters(), lr=0.0), InnerLossScaler(),
                                InnerLossScaler(), step=0)
             train_step(state, tasks, cfg, _OneProcess(), "no", acc_before=False)

@@ -17,7 +17,6 @@ from PIL import Image
 from fsl_dist.cli import predict as cli
 from fsl_dist.data.folder import load_image
 from fsl_dist.data.preprocess import image_pixels, preprocessing_of
-from fsl_dist.meta import evaluate_tasks
 from fsl_dist.predict import PredictError, load_model
 
 from predicting import class_name, episodes, export, write_episode
@@ -42,6 +41,10 @@ OPTIONS = {
     "maml-learned-lr": ["algorithm.name=maml", "algorithm.learn_inner_lr=true"],
     # iMAML: prediction adapts with the proximal term, as evaluation does
     "maml-implicit": ["algorithm.meta_gradient=implicit", "algorithm.proximal_lambda=3.0"],
+    "protonet": ["algorithm.name=protonet"],
+    "protonet-learned-scale": ["algorithm.name=protonet", "protonet.learn_scale=true",
+                               "protonet.scale=0.5"],
+    "ridge": ["algorithm.name=ridge", "ridge.learn_lambda=true"],
 }
 
 
@@ -50,10 +53,15 @@ def test_api_reproduces_evaluate_tasks_per_episode(variant, shards, tasks, tmp_p
     folder = export(tmp_path / variant, shards, "model.width=8", f"task.n_way={N_WAY}",
                     "eval.inner_steps=2", *OPTIONS[variant])
     model = load_model(folder, "cpu")
-    assert model.spec.inner_steps == 2 and model.spec.algorithm == variant.split("-")[0]
+    family = variant.split("-")[0]
+    assert model.description["algorithm"]["name"] == family
+    assert model.learner.evaluation_steps == (0 if family in ("protonet", "ridge") else 2)
     if variant.endswith("implicit"):
-        assert (model.spec.meta_gradient, model.spec.proximal_lambda) == ("implicit", 3.0)
-    expected = evaluate_tasks(model.model, tasks, model.spec)["acc_after_per_task"]
+        spec = model.learner.spec(precision="no", evaluation=True)
+        assert (spec.meta_gradient, spec.proximal_lambda) == ("implicit", 3.0)
+    if variant.endswith("scale"):  # the learned scale, loaded (export() moved it off 0.5)
+        assert model.learner.scale_value().item() != pytest.approx(0.5)
+    expected = model.learner.evaluate_tasks(tasks, precision="no")["acc_after_per_task"]
     for i in range(len(expected)):
         classifier = model.adapt(tasks["support_x"][i], tasks["support_y"][i])
         prediction = classifier.predict(tasks["query_x"][i])

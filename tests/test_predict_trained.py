@@ -15,7 +15,6 @@ import torch
 from fsl_dist.cli import predict as cli
 from fsl_dist.config import load_config
 from fsl_dist.evaluate import confidence_interval
-from fsl_dist.meta import evaluate_tasks
 from fsl_dist.predict import load_model
 
 from launching import ROOT, child_env, run
@@ -33,7 +32,7 @@ def shards(packed):
     return packed("futurama")
 
 
-@pytest.fixture(scope="module", params=["maml", "boil", "anil"])
+@pytest.fixture(scope="module", params=["maml", "boil", "anil", "protonet"])
 def trained(request, shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("predict") / request.param
     run("train.py", ["--config", str(ROOT / "configs" / "cnn_maml.yaml"), "--run-dir",
@@ -43,14 +42,14 @@ def trained(request, shards, tmp_path_factory):
 
 
 def evaluation_per_episode(run_dir, model) -> torch.Tensor:
-    """The per-episode accuracies of evaluation: evaluate()'s chunks through evaluate_tasks."""
+    """The per-episode accuracies of evaluation: evaluate()'s chunks through the learner."""
     cfg = load_config(run_dir / "config.yaml")
     tasks = episodes(cfg.data.shards, cfg.task.n_way, cfg.task.k_shot, cfg.task.q_query,
                      seed=cfg.eval.seed, count=EPISODES)
     chunks = []
     for start in range(0, EPISODES, cfg.eval.batch_size):
         chunk = {k: v[start:start + cfg.eval.batch_size] for k, v in tasks.items()}
-        chunks.append(evaluate_tasks(model.model, chunk, model.spec)["acc_after_per_task"])
+        chunks.append(model.learner.evaluate_tasks(chunk, precision="no")["acc_after_per_task"])
     return torch.cat(chunks), tasks
 
 
@@ -95,4 +94,4 @@ def test_the_installed_command_gives_the_same_predictions(trained, tmp_path):
     there = json.loads((tmp_path / "there.json").read_text())["predictions"]
     assert [r["predicted"] for r in there] == [r["predicted"] for r in here]
     assert "predicted" in result.stdout and "accuracy" in result.stderr
-    assert model.spec.inner_steps == 3
+    assert model.learner.evaluation_steps == (0 if trained.name == "protonet" else 3)

@@ -20,6 +20,7 @@ from fsl_dist import progress as fsl_progress
 from fsl_dist.config import load_config
 from fsl_dist.data import pack_cli, shards
 from fsl_dist.distributed import Distributed
+from fsl_dist.learners import learner_from_config
 from fsl_dist.models import build_model
 from fsl_dist.progress import ProgressLines, progress
 from fsl_dist.runs import evaluate_held_out
@@ -139,14 +140,15 @@ def tiny_run(packed, tmp_path_factory):
                        "eval.inner_steps=1"])
     torch.manual_seed(0)
     model = build_model("cnn", cfg.task.n_way, width=8)
-    return cfg, model, tmp_path_factory.mktemp("run"), Distributed()
+    learner = learner_from_config(cfg, model, inner_lr=0.4)
+    return cfg, learner, tmp_path_factory.mktemp("run"), Distributed()
 
 
 def test_evaluation_shows_the_running_mean_accuracy_on_a_terminal(tiny_run, terminal,
                                                                   monkeypatch):
-    cfg, model, run_dir, dist = tiny_run
+    cfg, learner, run_dir, dist = tiny_run
     monkeypatch.setattr(sys, "stderr", terminal.stream)
-    result = evaluate_held_out(model, 0.4, cfg, dist, run_dir, precision="no", episodes=12)
+    result = evaluate_held_out(learner, cfg, dist, run_dir, precision="no", episodes=12)
     shown = terminal.written()
     running = re.findall(r"(\d+)/12 [^\r\n]*acc=(\d+\.\d\d)%", shown)  # one per draw
     assert {done for done, _ in running} == {"4", "8", "12"}  # a draw after each chunk of 4
@@ -157,9 +159,9 @@ def test_evaluation_shows_the_running_mean_accuracy_on_a_terminal(tiny_run, term
 
 
 def test_evaluation_with_quiet_draws_nothing_on_a_terminal(tiny_run, terminal, monkeypatch):
-    cfg, model, run_dir, dist = tiny_run
+    cfg, learner, run_dir, dist = tiny_run
     monkeypatch.setattr(sys, "stderr", terminal.stream)
-    evaluate_held_out(model, 0.4, cfg, dist, run_dir, precision="no", episodes=8, quiet=True)
+    evaluate_held_out(learner, cfg, dist, run_dir, precision="no", episodes=8, quiet=True)
     assert terminal.written() == ""
 
 

@@ -105,6 +105,12 @@ def test_non_finite_and_non_positive_rates_are_refused(key, override, shards, tm
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_another_test_way_for_a_model_with_a_head_is_refused(shards, tmp_path):
+    result = train(tmp_path / "run", shards, "eval.n_way=3")
+    assert_fault(result, "eval_way_with_head")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_a_run_whose_steps_stay_non_finite_stops(shards, tmp_path):
     run_dir = tmp_path / "run"
     result = train(run_dir, shards, "algorithm.inner_lr=1e30", "train.max_skipped_steps=3",

@@ -240,6 +240,34 @@ def test_mamlpp_two_ranks_equal_one_and_resume_is_bitwise_across_the_switches(sh
     assert all(torch.equal(a[k], c[k]) for k in a), f"max diff {max_abs_difference(a, c):.3g}"
 
 
+# The closed-form families with their learned values (their gradients are in the all-reduce
+# too), trained 5-way and validated and tested 3-way, as ProtoNet's paper trains with more
+# ways than it tests.
+CLOSED_FORM = {
+    "protonet": (("algorithm.name=protonet", "protonet.learn_scale=true", "eval.n_way=3"),
+                 "scale.log_scale"),
+    "ridge": (("algorithm.name=ridge", "ridge.learn_lambda=true", "eval.n_way=3"),
+              "ridge.log_lam"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CLOSED_FORM))
+def test_closed_form_two_ranks_equal_one_and_resume_is_bitwise(shards, tmp_path, family):
+    overrides, learned = CLOSED_FORM[family]
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    train(one, shards, 0, *overrides)
+    train(two, shards, 2, *overrides)
+    assert_world(two, 2)
+    a, b = weights(one), weights(two)
+    assert learned in a  # exported with the model
+    difference = max_abs_difference(a, b)
+    assert difference < 1e-6, f"max |one - two| = {difference:.3g}"
+    assert json.loads((one / "eval.json").read_text())["n_way"] == 3
+    train(resumed, shards, 0, *overrides, "--resume", str(checkpoint_path(one, 2)))
+    c = weights(resumed)
+    assert all(torch.equal(a[k], c[k]) for k in a), f"max diff {max_abs_difference(a, c):.3g}"
+
+
 def train_rows(run_dir: Path) -> list[dict]:
     """The training rows of a run's metrics: step and the MAML++ schedules' values."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -76,12 +76,12 @@ def load_subject(args) -> tuple:
     if args.run_dir:
         trained = read_trained(Path(args.run_dir), "cpu", checkpoint=args.checkpoint,
                                with_config=True)
-        return trained.cfg, trained.model, trained.inner_lr, str(trained.weights)
+        return trained.cfg, trained.model, trained.learner.inner_lr, str(trained.weights)
     cfg = load_config(args.config, args.overrides)
     inputs = model_inputs(load_manifest(cfg.data.shards))
     state = build_state(cfg, torch.device("cpu"), inputs)
     weights = f"initial weights of {args.config} (seed {cfg.train.seed})"
-    return cfg, state.model, state.inner_lr, weights
+    return cfg, state.model, state.learner.inner_lr, weights
 
 
 def training_tasks(cfg, count: int, seed: int) -> dict:

@@ -99,7 +99,7 @@ def measure(case: str, args, scratch: Path) -> dict:
     files_s, _ = timed(lambda: classifier.predict(files), args.seconds)
     return {"case": case, "model": f"{cfg.model.name}-{cfg.model.width}",
             "algorithm": cfg.algorithm.name, "image": f"{side}x{side}x{channels}",
-            "task": f"{n}-way {k}-shot", "inner_steps": model.spec.inner_steps,
+            "task": f"{n}-way {k}-shot", "inner_steps": model.learner.evaluation_steps,
             "adapt_ms": 1000 * adapt_s, "adapt_calls": adapt_calls, "query_batch": n * q,
             "images_per_s": n * q / batch_s, "batch_calls": batch_calls,
             "images_per_s_one": 1 / one_s, "images_per_s_png": n * q / files_s}

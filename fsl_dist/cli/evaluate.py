@@ -45,7 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run-dir", required=True, help="a run folder written by launch/train.py")
     parser.add_argument("--episodes", type=int,
                         help="episodes (default: the config's eval.episodes)")
-    parser.add_argument("--ways", type=int, help="N-way; must equal the trained head's N")
+    parser.add_argument("--ways", type=int,
+                        help="N-way (default: eval.n_way, else task.n_way); a model with a head "
+                             "(the MAML family) takes only its trained N")
     parser.add_argument("--shots", type=int, help="K-shot (default: the trained K)")
     parser.add_argument("--queries", type=int,
                         help="query images per class (default: the trained Q); one Q for runs "
@@ -114,8 +116,7 @@ def main(argv=None) -> int:
     try:
         trained = read_trained(Path(args.run_dir), dist.device, checkpoint=args.checkpoint,
                                with_config=True)
-        cfg, model, inner_lr, weights = (trained.cfg, trained.model, trained.inner_lr,
-                                         trained.weights)
+        cfg = trained.cfg
         part = args.part or cfg.eval.part
         method = "" if args.method == "adapt" else f"-{args.method}"
         out_name = args.out or f"eval-{part}{method}.json"
@@ -127,21 +128,24 @@ def main(argv=None) -> int:
             if outcome != "tuned":  # the usual outcome goes unsaid (as in the trainer)
                 dist.print(f"cpu malloc: {outcome}", file=sys.stderr)
         head = trained.description["model"]["n_way"]
-        if args.method == "adapt" and head != cfg.task.n_way:
+        adapts = args.method == "adapt" and trained.learner.fixed_way  # the trained head's N
+        if adapts and head != cfg.task.n_way:
             raise ConfigError(f"{args.run_dir} holds a head over {head} classes (pre-trained), "
                               f"not a {cfg.task.n_way}-way one to adapt: evaluate its body with "
                               "--method centroid, finetune-linear or finetune-cosine")
-        if args.ways is not None and args.ways != cfg.task.n_way:
-            raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a "
-                              f"{cfg.task.n_way}-way head; evaluate with its N-way or train a "
-                              "model for this N")
+        if args.ways is not None and args.ways != cfg.evaluation_way():
+            if adapts:
+                raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a "
+                                  f"{cfg.task.n_way}-way head; evaluate with its N-way, with a "
+                                  "--method on its frozen body, or train a model for this N")
+            cfg.eval.n_way = args.ways  # no head fixes N (protonet; a new head per episode)
         precision = resolve_precision(cfg.precision, launcher_precision(), dist.device)
-        result = evaluate_held_out(model, inner_lr, cfg, dist, Path(args.run_dir),
+        result = evaluate_held_out(trained.learner, cfg, dist, Path(args.run_dir),
                                    precision=precision, episodes=args.episodes, shots=args.shots,
                                    queries=args.queries, part=part,
                                    inner_steps=args.inner_steps, out_name=out_name,
-                                   weights=weights, seeds=args.seeds, quiet=args.quiet,
-                                   method=args.method)
+                                   weights=trained.weights, seeds=args.seeds,
+                                   quiet=args.quiet, method=args.method)
     except Exception as err:
         code = exit_code(err)
         if code is None or args.traceback:

@@ -165,7 +165,8 @@ def predict_folders(args: argparse.Namespace) -> tuple[list[dict], tuple, dict]:
                                     quiet=args.quiet)
     rows = rows_of(files, prediction, true_classes(files, args.query, classifier.classes))
     summary = {"model": str(args.model), "support": str(args.support), "images": len(rows),
-               "inner_steps": model.spec.inner_steps, "algorithm": model.spec.algorithm,
+               "inner_steps": model.learner.evaluation_steps,
+               "algorithm": model.description["algorithm"]["name"],
                "accuracy": accuracy(rows)}
     return rows, classifier.classes, summary
 

@@ -142,9 +142,20 @@ class InnerLoopSpec:
         of it, so a resumed run continues the schedules exactly. Without it (evaluation, other
         callers) nothing scheduled is on.
         """
-        algo = cfg.algorithm
+        eval_steps = cfg.evaluation_inner_steps()
+        return cls.from_algorithm(cfg.algorithm, precision=precision, inner_lr=inner_lr,
+                                  inner_steps=inner_steps if inner_steps is not None else
+                                  eval_steps if evaluation else None, step=step,
+                                  evaluation=evaluation)
+
+    @classmethod
+    def from_algorithm(cls, algo, *, precision: str, inner_lr=None,
+                       inner_steps: Optional[int] = None, step: Optional[int] = None,
+                       evaluation: bool = False):
+        """``from_config`` of an algorithm section alone (``AlgorithmConfig``): ``inner_steps``
+        defaults to the training ones."""
         if inner_steps is None:
-            inner_steps = cfg.evaluation_inner_steps() if evaluation else algo.inner_steps
+            inner_steps = algo.inner_steps
         training = step is not None and not evaluation
         annealing = training and step < algo.first_order_steps  # derivative-order annealing
         return cls(algorithm=algo.name, inner_steps=inner_steps,
