@@ -199,6 +199,12 @@ class AlgorithmConfig:
     cg_damping: float = 0.0
     """implicit only: added to the identity of the solved system (not negative), which keeps
     it positive definite where the support loss has negative curvature; 0 solves it as written."""
+    proto_head: bool = False
+    """Proto-MAML (Triantafillou et al. 2020): each task's head starts from its support set's
+    prototypes (W_k = 2 c_k, b_k = -||c_k||^2, c_k the mean of class k's support features of the
+    `features` body) instead of the trained head, then the inner loop adapts as configured
+    (maml: all parameters, second order unless first_order); the meta-gradient flows through
+    the prototypes into the body. Built-in models; not with meta_gradient implicit."""
 
 
 @dataclass
@@ -224,9 +230,10 @@ class RidgeConfig:
     learn_lambda: bool = False
     """Learn lambda with the model, from `lam` (R2D2 learns it)."""
     scale: float = 1.0
-    """The logits are scale x (query features . W) + bias."""
+    """The logits are scale x (query features . W)."""
     learn_scale: bool = True
-    """Learn scale (from `scale`) and bias (from 0) with the model: R2D2's alpha and beta."""
+    """Learn the scale with the model, from `scale` (R2D2's alpha; its beta, one shift of
+    every class's logit, does not change the softmax and is left out)."""
 
 
 @dataclass
@@ -742,7 +749,8 @@ def _validate_implicit(algo: AlgorithmConfig, where: str) -> None:
     clashes = [key for key, on in (
         ("vectorize", algo.vectorize), ("checkpoint", algo.checkpoint != "none"),
         ("msl_steps", algo.msl_steps), ("learn_inner_lr", algo.learn_inner_lr),
-        ("per_step_bn_weights", algo.per_step_bn_weights)) if on]
+        ("per_step_bn_weights", algo.per_step_bn_weights),
+        ("proto_head", algo.proto_head)) if on]
     if clashes:
         raise ConfigError(f"{where}: `algorithm.meta_gradient` = implicit (iMAML: first-order "
                           f"proximal steps on the loop path) does not take "

@@ -52,6 +52,7 @@ KINDS = {
     "algorithm.checkpoint": BOOKKEEPING,  # the same meta-gradient, less memory (float order)
     "algorithm.meta_gradient": TRAINED, "algorithm.proximal_lambda": TRAINED,
     "algorithm.cg_steps": TRAINED, "algorithm.cg_damping": TRAINED,
+    "algorithm.proto_head": TRAINED,
     "optim.lr": TRAINED, "optim.weight_decay": TRAINED, "optim.grad_clip": TRAINED,
     "optim.betas": TRAINED,
     "optim.schedule": SCHEDULE, "optim.min_lr": SCHEDULE, "optim.decay_at": SCHEDULE,

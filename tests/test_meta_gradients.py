@@ -11,6 +11,7 @@ from fsl_dist.meta import (
     LearnedInnerLR,
     adapt,
     adapted_parameter_names,
+    meta_backward,
     meta_loss,
 )
 from fsl_dist.meta.inner import cross_entropy
@@ -160,3 +161,41 @@ def test_anil_feature_reuse_gives_the_full_path_result(vectorize):
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-12, atol=0)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(out[True][2], out[False][2], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_proto_maml_meta_gradient_matches_finite_differences(algorithm, vectorize):
+    """Proto-MAML: the head starts from the support prototypes (W = 2c, b = -||c||^2), then the
+    second-order inner loop; the meta-gradient includes the path through the prototypes."""
+    model, tasks = tiny_model(), make_tasks()
+    # the trained head is replaced by the prototypes' in every task: only the body is trained
+    params = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+
+    def loss_fn():
+        return meta_loss(model, tasks, spec(algorithm, vectorize=vectorize,
+                                            proto_head=True))[0]
+    check_against_finite_differences(loss_fn, params)
+    # the trainer's path gives the same gradient, and zero to the unused head
+    model.zero_grad()
+    meta_backward(model, tasks, spec(algorithm).replace(proto_head=True), workers=1)
+    want = torch.autograd.grad(loss_fn(), params)
+    assert rel_err(flat([p.grad for p in params]), flat(want)) < 1e-10
+    assert not model.classifier.weight.grad.any()
+
+
+def test_proto_maml_starts_from_the_prototype_classifier():
+    """Before adaptation, the proto head classifies as nearest-prototype (squared Euclidean):
+    W = 2c, b = -||c||^2 differs from -||f - c||^2 by ||f||^2, the same for every class."""
+    from fsl_dist.meta import evaluate_tasks
+
+    model, tasks = tiny_model(), make_tasks(n_query=3)
+    stats = evaluate_tasks(model, tasks, spec("maml", inner_steps=1).replace(
+        proto_head=True, inner_lr=1e-12))
+    for t in range(len(tasks["support_x"])):
+        support = model.features(tasks["support_x"][t])
+        query = model.features(tasks["query_x"][t])
+        protos = torch.stack([support[tasks["support_y"][t] == c].mean(0) for c in range(3)])
+        nearest = torch.cdist(query, protos).argmin(-1)
+        want = (nearest == tasks["query_y"][t]).double().mean()
+        assert stats["acc_after_per_task"][t].item() == pytest.approx(want.item())

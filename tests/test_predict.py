@@ -45,6 +45,8 @@ OPTIONS = {
     "protonet-learned-scale": ["algorithm.name=protonet", "protonet.learn_scale=true",
                                "protonet.scale=0.5"],
     "ridge": ["algorithm.name=ridge", "ridge.learn_lambda=true"],
+    # Proto-MAML: the head starts from the support set's prototypes, then the inner loop
+    "maml-proto": ["algorithm.name=maml", "algorithm.proto_head=true"],
 }
 
 

@@ -14,7 +14,6 @@ of its own, one config section (``Learner.section``). See docs/guide/algorithms.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from torch import nn
 
@@ -63,11 +62,6 @@ def learner_from_description(description: dict, evaluation: dict, model: nn.Modu
 def _section(cls, values: dict):
     known = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in known})
-
-
-def family_section(cfg: Config) -> Optional[str]:
-    """The config section of ``cfg``'s family (None: it has none)."""
-    return LEARNERS[cfg.algorithm.name].section
 
 
 def check_way(cfg: Config) -> None:

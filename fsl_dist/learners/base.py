@@ -104,10 +104,6 @@ class Learner(abc.ABC):
         ``evaluate_tasks`` does for each task; raises ``FloatingPointError`` when adapting
         gives non-finite values."""
 
-    def describe(self) -> dict:
-        """What results and prediction summaries say of the learner."""
-        return {"inner_steps": self.evaluation_steps}
-
 
 def nan() -> Tensor:
     return torch.tensor(float("nan"))

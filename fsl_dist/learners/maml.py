@@ -89,6 +89,3 @@ class MamlFamily(Learner):
         return adapt_task(self.model, support_x, support_y,
                           self.spec(precision=precision, evaluation=True).replace(
                               vectorize=False))
-
-    def describe(self) -> dict:
-        return {"inner_steps": self.evaluation_steps, "algorithm": self.algorithm.name}

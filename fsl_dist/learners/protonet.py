@@ -69,6 +69,3 @@ class ProtoNet(FeatureHeadLearner):
 
     def score(self, head: Tensor, query: Tensor) -> Tensor:
         return proto_logits(query, head, self.scale_value())
-
-    def describe(self) -> dict:
-        return {"inner_steps": 0, "algorithm": "protonet"}

@@ -8,9 +8,10 @@ the size of the support set rather than of the features:
 
     W = X^T (X X^T + lambda I)^-1 Y          ([D, N]; equal to (X^T X + lambda I)^-1 X^T Y)
 
-and a query's logits are ``scale * (x W) + bias``. The solve is differentiable, so the query
-cross-entropy trains the body through it. ``ridge.learn_scale`` learns scale and bias (R2D2's
-alpha and beta), ``ridge.learn_lambda`` the penalty (R2D2 learns it; MetaOptNet fixes 50).
+and a query's logits are ``scale * (x W)``. The solve is differentiable, so the query
+cross-entropy trains the body through it. ``ridge.learn_scale`` learns the scale (R2D2's alpha;
+its beta, a shift common to every class's logit, leaves the softmax unchanged and so gets no
+gradient: left out), ``ridge.learn_lambda`` the penalty (R2D2 learns it; MetaOptNet fixes 50).
 Training, evaluation and prediction are ``FeatureHeadLearner``'s (features.py).
 """
 
@@ -29,14 +30,13 @@ RIDGE = "ridge"  # the learned values' name in checkpoints and model files
 
 
 class RidgeParameters(nn.Module):
-    """The learned values of the head: log scale and bias, and/or log lambda (logarithms keep
-    them positive)."""
+    """The learned values of the head: log scale and/or log lambda (logarithms keep them
+    positive)."""
 
     def __init__(self, options: RidgeConfig):
         super().__init__()
         if options.learn_scale:
             self.log_scale = nn.Parameter(torch.tensor(math.log(options.scale)))
-            self.bias = nn.Parameter(torch.tensor(0.0))
         if options.learn_lambda:
             self.log_lam = nn.Parameter(torch.tensor(math.log(options.lam)))
 
@@ -70,8 +70,4 @@ class RidgeHead(FeatureHeadLearner):
         return ridge_weights(support, labels, n_way, self._value("log_lam", self.options.lam))
 
     def score(self, head: Tensor, query: Tensor) -> Tensor:
-        bias = self.learned.bias if self.options.learn_scale else 0.0
-        return self._value("log_scale", self.options.scale) * (query @ head) + bias
-
-    def describe(self) -> dict:
-        return {"inner_steps": 0, "algorithm": "ridge"}
+        return self._value("log_scale", self.options.scale) * (query @ head)

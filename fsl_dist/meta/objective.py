@@ -94,6 +94,7 @@ class _Plan:
     checkpoint: str = "none"  # spec.checkpoint: none, steps or blocks
     proximal: float | None = None  # iMAML's lambda (spec.meta_gradient implicit), or None
     implicit: tuple | None = None  # (cg_steps, cg_damping) in training with implicit
+    proto_head: bool = False  # Proto-MAML: the head starts from the support set's prototypes
 
 
 def _strip(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -221,6 +222,30 @@ def _split(model: nn.Module, autocast) -> Blocks:
     return Blocks(tuple(block(n, m) for n, m in children), _head_fn(model), head_names)
 
 
+def _proto_head(model, task: _TaskForward, plan: _Plan, support_in, support_y) -> _TaskForward:
+    """Proto-MAML (Triantafillou et al. 2020): the task's linear head starts from the support
+    set's prototypes c_k (class means of the body's features), W_k = 2 c_k and
+    b_k = -||c_k||^2, so that its logits are the negative squared distances to the prototypes
+    up to a term common to all classes; the inner loop starts from there. The prototypes are
+    a function of the body's parameters: the meta-gradient flows through them too."""
+    if not plan.proto_head:
+        return task
+    with inner_step(0):
+        features = (support_in if plan.reuse_features
+                    else _body_fn(model, plan.autocast)(task.params, support_in))
+    weight = task.params["classifier.weight"]
+    one_hot = torch.nn.functional.one_hot(support_y, weight.shape[0]).to(features.dtype)
+    protos = (one_hot.T @ features) / one_hot.sum(0).unsqueeze(1)
+    head = {"classifier.weight": (2 * protos).to(weight.dtype),
+            "classifier.bias": -(protos ** 2).sum(-1).to(weight.dtype)}
+    # The inner loop takes the head as a variable of its own, started at the prototypes: its
+    # gradients must not reach the body through them. A view of each body tensor is a new
+    # node that only the forward uses (autograd's inner gradient, as torch.func's, then stops
+    # there); the meta-gradient still reaches the body by both paths.
+    body = {n: p.view_as(p) for n, p in task.params.items() if n not in head}
+    return task._replace(params={**body, **head})
+
+
 def _adapt_task(task: _TaskForward, lrs, plan: _Plan, support_in, support_y):
     """The inner loop of ``plan`` on one prepared support set (``inner.adapt``'s result)."""
     if plan.implicit is not None:
@@ -257,6 +282,7 @@ def _one_task(model, params, lrs, plan: _Plan, support_x, support_y, query_x, qu
     the last step, or with a multi-step loss the weighted sum over the steps."""
     task = _task_forward(model, params, plan)
     support_in, query_x = task.prepare(support_x), task.prepare(query_x)
+    task = _proto_head(model, task, plan, support_in, support_y)
     if plan.acc_before:
         with torch.no_grad(), inner_step(0):
             acc_before = _accuracy(task.forward(task.params, query_x), query_y)
@@ -354,6 +380,9 @@ def _plan(model, spec: InnerLoopSpec, device_type: str, vectorize: bool, *,
     if implicit and per_step_parameter_names(model):
         raise ValueError("meta_gradient='implicit' solves one proximal problem per task: "
                          "per-step batch-norm weights (one set per inner step) do not fit it")
+    if spec.proto_head and not splits_body_and_head(model):
+        raise ValueError("proto_head initialises the `classifier` head from the `features` "
+                         "body's prototypes (the built-in models); this model has no such split")
     plan = _Plan(tuple(names), spec.inner_steps, spec.first_order or evaluation,
                  spec.inner_loss, inner_loss_scale, functional=vectorize,
                  reuse_features=reuse and head_only,
@@ -362,7 +391,7 @@ def _plan(model, spec: InnerLoopSpec, device_type: str, vectorize: bool, *,
                  checkpoint="none" if evaluation else spec.checkpoint,
                  proximal=spec.proximal_lambda if implicit else None,
                  implicit=(spec.cg_steps, spec.cg_damping) if implicit and not evaluation
-                 else None)
+                 else None, proto_head=spec.proto_head)
     return plan, lrs
 
 
@@ -579,7 +608,9 @@ def adapt_task(model: nn.Module, support_x: Tensor, support_y: Tensor,
     lrs = _detached(lrs)
     with _evaluation_mode(model), torch.enable_grad():
         task = _task_forward(model, params, plan)
-        adaptation = _adapt_task(task, lrs, plan, task.prepare(support_x), support_y)
+        support_in = task.prepare(support_x)
+        task = _proto_head(model, task, plan, support_in, support_y)
+        adaptation = _adapt_task(task, lrs, plan, support_in, support_y)
     if adaptation.nonfinite.item():
         raise FloatingPointError("adapting to the support set gave non-finite inner gradients")
     adapted = {n: p.detach() for n, p in adaptation.params.items()}

@@ -67,6 +67,11 @@ class InnerLoopSpec:
         proximal_lambda: iMAML's lambda (positive): the proximal term's weight (implicit only).
         cg_steps: conjugate-gradient steps of the implicit solve (at least 1).
         cg_damping: added to the system's identity (not negative); 0 solves it as written.
+        proto_head: Proto-MAML (Triantafillou et al. 2020): each task's head starts from the
+            prototypes of its support set (W_k = 2 c_k, b_k = -||c_k||^2, c_k the class means
+            of the body's features) instead of the trained head, then the inner loop runs;
+            the meta-gradient includes the path through the prototypes. Built-in models
+            (a ``features`` body and a linear ``classifier``); not with ``implicit``.
 
     Example::
 
@@ -91,6 +96,7 @@ class InnerLoopSpec:
     proximal_lambda: float = 1.0
     cg_steps: int = 5
     cg_damping: float = 0.0
+    proto_head: bool = False
 
     def __post_init__(self):
         for field, value, allowed in (("algorithm", self.algorithm, ALGORITHMS),
@@ -119,7 +125,7 @@ class InnerLoopSpec:
                              f"got {self.cg_steps!r} and {self.cg_damping!r}")
         clashes = [name for name, on in (
             ("vectorize=True", self.vectorize), ("checkpoint", self.checkpoint != "none"),
-            ("step_weights", self.step_weights is not None),
+            ("step_weights", self.step_weights is not None), ("proto_head", self.proto_head),
             ("a LearnedInnerLR", isinstance(self.inner_lr, LearnedInnerLR))) if on]
         if clashes:
             raise ValueError(f"InnerLoopSpec.meta_gradient='implicit' does not take "
@@ -166,7 +172,8 @@ class InnerLoopSpec:
                    if training else None,
                    adapt=tuple(algo.adapt) if algo.adapt else None, checkpoint=algo.checkpoint,
                    meta_gradient=algo.meta_gradient, proximal_lambda=algo.proximal_lambda,
-                   cg_steps=algo.cg_steps, cg_damping=algo.cg_damping)
+                   cg_steps=algo.cg_steps, cg_damping=algo.cg_damping,
+                   proto_head=algo.proto_head)
 
 
 # The reference code's floor of a non-final weight, as a fraction of the uniform weight 1/S.
