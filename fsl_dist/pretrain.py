@@ -58,7 +58,7 @@ from fsl_dist.meta.precision import autocast_factory
 from fsl_dist.numerics import flat_grads
 from fsl_dist.runs import evaluate_held_out
 from fsl_dist.trained import build_described, model_facts, model_inputs, write_trained
-from fsl_dist.trainer import Trainer, TrainState, outer_lr, peak_memory_mb, task_spec
+from fsl_dist.trainer import Trainer, TrainState, peak_memory_mb, take_step, task_spec
 
 STAT_KEYS = ("loss", "acc")
 SUMMARY = "pretrain.json"  # in the run folder: which step was exported, and why
@@ -108,6 +108,17 @@ class ImageBatches:
         if self.augment is not None:
             x = self.augment(x, step, items)
         return x, self.labels[images] + turns * self.pool.num_classes
+
+
+class RankImages:
+    """This rank's rows of each step's batch, on its device (the loop's ``batches``)."""
+
+    def __init__(self, images: ImageBatches, rows: range, device: torch.device):
+        self.images, self.rows, self.device = images, rows, device
+
+    def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.images.batch(step, self.rows)
+        return x.to(self.device, non_blocking=True), y.to(self.device)
 
 
 def share_of(batch_size: int, group: int, rank: int, world: int) -> range:
@@ -171,22 +182,8 @@ def pretrain_step(state: TrainState, batch, rows: range, cfg: Config, dist, prec
     allreduce_s = time.perf_counter() - started
     grads = flat[:-len(STAT_KEYS)]
     bad = not bool(torch.isfinite(grads).all())
-    offset = 0
-    for p in params:
-        p.grad = grads[offset:offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
     grad_norm = torch.linalg.vector_norm(grads).item()
-    if bad:
-        state.skipped_steps += 1  # every rank saw the same sums: the same decision
-        state.consecutive_skipped += 1
-    else:
-        state.consecutive_skipped = 0
-        if cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        for param_group in state.optimizer.param_groups:
-            param_group["lr"] = outer_lr(cfg.optim, state.step, cfg.train.steps)
-        state.optimizer.step()
-    state.step += 1
+    take_step(state, params, grads, cfg, skip=bad)  # the meta-trainer's update, alike
     out.update(grad_norm=grad_norm, skipped=float(bad), allreduce_s=allreduce_s)
     return out
 
@@ -199,6 +196,9 @@ def check_pretrainable(cfg: Config) -> None:
         raise ConfigError("pre-training trains one set of batch-norm weights: set "
                           "algorithm.per_step_bn_weights=false (a MAML++ run started from it "
                           "with model.init_from takes them as they are)")
+    if cfg.data.mode != "memory":
+        raise ConfigError("pre-training holds the train part in memory (within "
+                          "data.memory_budget_gb); set data.mode=memory")
     if cfg.precision == "fp16":
         raise ConfigError("pre-training runs in precision no or bf16 (fp16 would need a loss "
                           "scaler); set precision=bf16")
@@ -243,15 +243,10 @@ class Pretrainer(Trainer):
                                 build_optimizer(cfg, model.parameters()),
                                 InnerLossScaler(), InnerLossScaler())
         self.best: dict = {"step": None, "acc": None, "model": None}
-        self.batches = self
+        self.batches = RankImages(self.images, self.rows, dist.device)
         dist.print(f"pre-training on {self.images.items} images of {self.images.classes} "
                    f"classes: {self.images.steps_per_epoch} steps per epoch of "
                    f"{cfg.pretrain.batch_size} images")
-
-    def at(self, step: int):
-        """This rank's batch of ``step`` on its device (the loop's ``self.batches.at``)."""
-        x, y = self.images.batch(step, self.rows)
-        return x.to(self.dist.device, non_blocking=True), y.to(self.dist.device)
 
     def classes_guessed(self) -> int:
         return self.images.classes

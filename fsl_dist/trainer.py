@@ -37,7 +37,7 @@ from fsl_dist.learners import STAT_KEYS, Learner, check_way, learner_from_config
 from fsl_dist.meta import InnerLossScaler
 from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.models import collect_batch_stats, running_stats_norms, update_running_stats
-from fsl_dist.numerics import flat_grads
+from fsl_dist.numerics import flat_grads, set_flat_grads
 from fsl_dist.progress import below_progress_bar, line_stream, progress
 from fsl_dist.runs import ensure_shards, evaluate_held_out, write_run_info
 from fsl_dist.signals import (
@@ -236,12 +236,26 @@ def outer_lr(optim: OptimConfig, step: int, total_steps: int) -> float:
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def _set_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset: offset + n].view_as(p).clone()
-        offset += n
+def take_step(state: TrainState, params: list[torch.Tensor], grads: torch.Tensor,
+              cfg: Config, skip: bool) -> bool:
+    """The update every rank takes alike from the all-reduced flat gradient ``grads`` of
+    ``params``: clipped, at the schedule's rate, or skipped (``skip``: something was
+    non-finite; every rank saw the same sums, so every rank skips). The step counts either way;
+    returns whether the optimizer stepped."""
+    set_flat_grads(params, grads)
+    if skip:
+        state.skipped_steps += 1
+        state.consecutive_skipped += 1
+    else:
+        state.consecutive_skipped = 0
+        if cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        lr = outer_lr(cfg.optim, state.step, cfg.train.steps)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        state.optimizer.step()
+    state.step += 1
+    return not skip
 
 
 def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str,
@@ -288,21 +302,9 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
     if fp16:
         state.inner_scaler.update(inner_bad)
         state.outer_scaler.update(outer_bad)
-    _set_grads(params, grads)
     grad_norm = torch.linalg.vector_norm(grads).item()
-    if inner_bad or outer_bad:
-        state.skipped_steps += 1  # identical decision on every rank: they saw the same sums
-        state.consecutive_skipped += 1
-    else:
-        state.consecutive_skipped = 0
-        if cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        lr = outer_lr(cfg.optim, state.step, cfg.train.steps)
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr
-        state.optimizer.step()
+    if take_step(state, params, grads, cfg, skip=inner_bad or outer_bad):
         update_running_stats(norms, flat[n_grads:n_grads + bn_means.numel()])
-    state.step += 1
     out.update(grad_norm=grad_norm, skipped=float(inner_bad or outer_bad), allreduce_s=allreduce_s,
                second_order=stats["second_order"], msl_last_weight=stats["msl_last_weight"])
     return out

@@ -139,7 +139,8 @@ def summarise(outcome: dict, result, cfg, run_dir: Path, dist) -> int:
         dist.print(f"error: {outcome['diverged']}", file=sys.stderr)
         return EXIT_DIVERGED
     if result is not None:
-        dist.print(f"{cfg.name}: {cfg.eval.part} accuracy {result['mean']:.2f} ± "
+        method = "" if result.get("method", "adapt") == "adapt" else f" ({result['method']})"
+        dist.print(f"{cfg.name}: {cfg.eval.part} accuracy{method} {result['mean']:.2f} ± "
                    f"{result['ci95']:.2f}% over {result['episodes']} episodes -> "
                    f"{run_dir / 'eval.json'}")
     return 0
