@@ -46,7 +46,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsl_dist.backbone import start_from
 from fsl_dist.config import Config, ConfigError
 from fsl_dist.data.episodes import make_tasks, to_unit_float
 from fsl_dist.data.shards import ClassPool, load_class_pool, verify_shards
@@ -236,9 +235,7 @@ class Pretrainer(Trainer):
             if not hasattr(model, needed):
                 raise ConfigError(f"pre-training trains a model's `features` body with a new "
                                   f"`classifier`: model {cfg.model.name} has no `{needed}`")
-        if cfg.model.init_from is not None:  # continue from another body; a fresh head
-            start_from(model, cfg.model.init_from)
-        model = model.to(dist.device)
+        model = model.to(dist.device)  # model.init_from: Trainer._set_up, for a new run
         self.state = TrainState(model, FrozenBody(model),
                                 build_optimizer(cfg, model.parameters()),
                                 InnerLossScaler(), InnerLossScaler())

@@ -168,10 +168,7 @@ def build_state(cfg: Config, device: torch.device, inputs: dict) -> TrainState:
     ``inputs`` (``trained.model_inputs``) are the image channels and side from the shard set's
     manifest."""
     torch.manual_seed(cfg.train.seed)  # the same seed on every rank: identical initial weights
-    model = build_run_model(cfg, inputs)
-    if cfg.model.init_from is not None:  # the body of a trained model; the head stays fresh
-        start_from(model, cfg.model.init_from)
-    model = model.to(device)
+    model = build_run_model(cfg, inputs).to(device)
     try:
         learner = learner_from_config(cfg, model)
     except ValueError as error:  # a model the family cannot use (no `features` body)
@@ -447,6 +444,10 @@ class Trainer:
         for note in notes:
             dist.print(f"resume: {note}")
         changes = []
+        if saved is None and cfg.model.init_from is not None:
+            # A new run's body from a trained model, the head fresh; a resumed run has its own
+            # weights, so the folder it started from may have moved since.
+            start_from(self.state.model, cfg.model.init_from)
         if saved is not None:
             changes = self._check_resume(saved, resume_from, allow_config_change)
             self.restore(saved)

@@ -6,6 +6,7 @@ frozen-backbone evaluation methods evaluate it."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -18,8 +19,8 @@ from safetensors.torch import load_file
 from fsl_dist.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from fsl_dist.config import load_config
 from fsl_dist.data.shards import load_manifest
-from fsl_dist.trained import model_inputs
-from fsl_dist.trainer import build_state
+from fsl_dist.distributed import Distributed
+from fsl_dist.trainer import Trainer
 
 from launching import ROOT, child_env, command, run
 
@@ -104,21 +105,34 @@ def test_a_stopped_and_resumed_run_ends_bitwise_as_the_uninterrupted_one(shards,
 # ---------------------------------------------------------------- model.init_from
 
 
-def test_init_from_loads_exactly_the_pre_trained_body(shards, one_process):
-    """A MAML model built with `model.init_from` holds the exported body bit for bit, and a
-    fresh head of its own N-way."""
+def test_init_from_loads_exactly_the_pre_trained_body(shards, one_process, tmp_path):
+    """A new MAML run with `model.init_from` (the trainer set up in this process) holds the
+    exported body bit for bit, and a fresh head of its own N-way."""
     cfg = load_config(ROOT / "configs" / "cnn_maml.yaml",
-                      [f"data.shards={shards}", "model.width=8",
+                      [f"data.shards={shards}", "model.width=8", "logging.wandb=false",
                        f"model.init_from={one_process}"])
-    state = build_state(cfg, torch.device("cpu"), model_inputs(load_manifest(shards)))
+    trainer = Trainer(cfg, Distributed(), tmp_path / "run", quiet=True)
+    trainer.release_run_folder()
     exported = load_file(str(one_process / "model.safetensors"))
-    body = {k: v for k, v in state.model.state_dict().items() if k.startswith("features.")}
+    body = {k: v for k, v in trainer.state.model.state_dict().items()
+            if k.startswith("features.")}
     assert body.keys() == {k for k in exported if k.startswith("features.")}
     for name, tensor in body.items():
         assert torch.equal(tensor, exported[name]), name
-    assert state.model.classifier.weight.shape[0] == 5  # the task's head, fresh
+    assert trainer.state.model.classifier.weight.shape[0] == 5  # the task's head, fresh
     train_classes = load_manifest(shards)["splits"]["train"]["classes"]
     assert exported["classifier.weight"].shape[0] == 4 * train_classes  # each turn a class
+
+
+def test_a_run_started_from_a_moved_body_still_resumes(shards, one_process, tmp_path):
+    """The body is read when a run starts, never on resume: its folder may move meanwhile."""
+    body, run_dir = tmp_path / "body", tmp_path / "run"
+    shutil.copytree(one_process, body)
+    assert train(run_dir, shards, f"model.init_from={body}", steps=2).returncode == 0
+    shutil.rmtree(body)
+    resumed = train(run_dir, shards, f"model.init_from={body}", "--resume", "auto", steps=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
 
 
 def test_init_from_another_architecture_is_refused_in_one_line(shards, one_process, tmp_path):
