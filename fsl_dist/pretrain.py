@@ -207,6 +207,7 @@ class Pretrainer(Trainer):
     """Supervised pre-training in the meta-trainer's loop (see the module's docstring)."""
 
     RATE_KEY = "img_s"
+    LOSS_ADVICE = "consider a lower optim.lr"
 
     def check_setup(self) -> None:
         check_pretrainable(self.cfg)

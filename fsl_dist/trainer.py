@@ -99,12 +99,14 @@ class LossWatch:
     """Warns when the training loss's moving average exceeds ``factor`` times the lower of its
     lowest value so far and the loss of guessing (``chance``, ln N for N-way cross-entropy):
     a climb, or a run that is far worse than chance from the start. Once per excursion, again
-    only after the average has come back down."""
+    only after the average has come back down. ``advice`` ends the warning: the rates to lower."""
 
     SMOOTHING = 0.9  # the moving average over about ten steps: one hard batch is no climb
+    ADVICE = ("consider a lower algorithm.inner_lr (photos: about 0.01 with 5 inner steps, "
+              "MAML's mini-ImageNet value) or optim.lr")
 
-    def __init__(self, factor: Optional[float], chance: float):
-        self.factor, self.chance = factor, chance
+    def __init__(self, factor: Optional[float], chance: float, advice: str = ADVICE):
+        self.factor, self.chance, self.advice = factor, chance, advice
         self.average: Optional[float] = None
         self.lowest = math.inf
         self.warned = False
@@ -125,8 +127,7 @@ class LossWatch:
         what = "its lowest so far" if self.lowest < self.chance else "that of guessing"
         return (f"warning: step {step}: the training loss (moving average {self.average:.4g}) is "
                 f"over {self.factor:g}x {what} ({reference:.4g}); the run may be diverging: "
-                "consider a lower algorithm.inner_lr (photos: about 0.01 with 5 inner steps, "
-                "MAML's mini-ImageNet value) or optim.lr")
+                f"{self.advice}")
 
 
 # ---------------------------------------------------------------- setup
@@ -461,7 +462,8 @@ class Trainer:
         self.history = resume_record.history(self.run_dir, self.state.step, changes,
                                              dist.world_size)
         self.metrics = MetricsFile(self.run_dir, enabled=dist.is_main)
-        self.loss_watch = LossWatch(cfg.train.loss_warn_factor, math.log(self.classes_guessed()))
+        self.loss_watch = LossWatch(cfg.train.loss_warn_factor, math.log(self.classes_guessed()),
+                                    self.LOSS_ADVICE)
         self.stop = StopRequest()  # set by a stop signal, acted on between steps
         # What fit() is doing now, for a stop signal's handler (_stop_now_if_safe): starting,
         # tasks (drawing them, the meta-gradient), update, after (logging, checkpoint),
@@ -474,6 +476,7 @@ class Trainer:
     # fsl_dist.pretrain.Pretrainer trains another objective in this same loop by overriding
     # these methods; the run folder, resume, signals, checkpoints and logging stay this class's.
     RATE_KEY = "tasks_s"  # the progress bar's throughput: tasks per second
+    LOSS_ADVICE = LossWatch.ADVICE  # what a climbing loss's warning suggests
 
     def check_setup(self) -> None:
         """What is refused before any data is read (the process count, the evaluation's N)."""
