@@ -172,6 +172,18 @@ def test_the_pre_trained_body_is_evaluated_by_each_method(one_process, method):
     assert f"test accuracy ({method})" in result.stderr
 
 
+def test_a_new_head_per_episode_gives_one_result_on_any_process_count(one_process, tmp_path):
+    """Baseline's heads are seeded by episode: two gloo ranks, each training the heads of its
+    share of the episodes, give the accuracy of one process, to the last bit."""
+    results = []
+    for processes, name in ((0, "one.json"), (2, "two.json")):
+        run("evaluate.py", ["--run-dir", str(one_process), "--method", "finetune-linear",
+                            "--episodes", "6", "--quiet", "--out", name], processes=processes)
+        results.append(json.loads((one_process / name).read_text()))
+    assert results[1]["world_size"] == 2
+    assert (results[0]["mean"], results[0]["std"]) == (results[1]["mean"], results[1]["std"])
+
+
 def test_adapting_a_pre_trained_head_is_refused(one_process):
     result = run("evaluate.py", ["--run-dir", str(one_process), "--quiet"], check=False)
     assert result.returncode == 2, result.stderr[-2000:]
