@@ -328,7 +328,9 @@ class Pretrainer(Trainer):
         return result
 
     def _export(self, model, chosen: dict) -> None:
-        write_trained(self.run_dir, model, self.cfg, self.manifest, step=chosen["step"],
+        # model.yaml's step says how far training got (evaluation reports a run stopped early by
+        # it); which step's weights these are, pretrain.json says
+        write_trained(self.run_dir, model, self.cfg, self.manifest, step=self.state.step,
                       n_way=self.images.classes)
         atomic_write_json(Path(self.run_dir) / SUMMARY,
                           {**chosen, "last_step": self.state.step,
