@@ -122,6 +122,12 @@ class ModelConfig:
     meta-training (inner and outer forwards alike), never at evaluation; 0 is off."""
     dropblock_size: int = 5
     """resnet12 only: DropBlock's block side (MetaOptNet's 5), capped by the feature map."""
+    init_from: Optional[str] = None
+    """Start from the backbone of a trained model: a run folder (of fsl-pretrain, or of any
+    family) or a folder holding model.safetensors and model.yaml. Exactly its `features.*`
+    weights are loaded; the head (`classifier.*`) starts fresh. The architecture must match
+    (model.name, width, the images' channels and side): a mismatch is refused naming the keys
+    and shapes. null (default): random initial weights (train.seed)."""
 
 
 @dataclass
@@ -343,6 +349,31 @@ class EvalConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Supervised pre-training (fsl-pretrain): the body `features` and a linear head over every
+    class of the train part, trained by cross-entropy on batches of images; the length, the
+    learning rate and its schedule, the seed and the cadences are train.* and optim.*, as in
+    meta-training. Meta-training ignores this section."""
+
+    batch_size: int = 64
+    """Images per step, over all processes together (Chen et al. 2019: 16; FEAT's ResNet-12
+    pre-training: 128). One epoch is (train images x rotations) // batch_size steps."""
+    norm_group: Optional[int] = None
+    """Images whose batch-norm statistics are taken together: the batch is cut into groups of
+    this many (in order), each its own forward, so the result does not depend on the number
+    of processes (each takes whole groups). null: the whole batch is one group, which only one
+    process can hold; set a divisor of every process's share to run on several."""
+    optimizer: str = "adam"
+    """adam (optim.betas; Chen et al. 2019) or sgd (momentum, nesterov; the ResNet-12
+    pre-training of FEAT, MetaOptNet, UNICORN-MAML); lr and weight decay: optim.lr and
+    optim.weight_decay."""
+    momentum: float = 0.9
+    """sgd only: momentum (FEAT's 0.9)."""
+    nesterov: bool = False
+    """sgd only: Nesterov momentum (FEAT's ResNet-12 pre-training: true)."""
+
+
+@dataclass
 class LoggingConfig:
     """Where the metrics go besides <run-dir>/metrics.jsonl."""
 
@@ -380,6 +411,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def evaluation_way(self) -> int:
@@ -410,6 +442,7 @@ CHOICES = {
     "algorithm.meta_gradient": ("unrolled", "implicit"),
     "eval.part": ("val", "test"),
     "optim.schedule": ("constant", "cosine", "step"),
+    "pretrain.optimizer": ("adam", "sgd"),
 }
 POSITIVE = (
     "task.n_way", "task.k_shot", "task.q_query", "model.width", "train.steps",
@@ -417,7 +450,7 @@ POSITIVE = (
     "train.eval_every", "train.log_every", "eval.episodes", "eval.val_episodes",
     "eval.batch_size", "data.image_size", "data.shuffle_buffer", "optim.lr",
     "model.dropblock_size", "algorithm.proximal_lambda", "algorithm.cg_steps",
-    "protonet.scale", "ridge.lam", "ridge.scale",
+    "protonet.scale", "ridge.lam", "ridge.scale", "pretrain.batch_size",
 )
 NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr",
                 "algorithm.msl_steps", "algorithm.first_order_steps", "algorithm.cg_damping",
@@ -702,6 +735,9 @@ def validate(cfg: Config, where: str = "config") -> None:
     _validate_step_schedule(cfg.optim, where)
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ConfigError(f"{where}: `optim.grad_clip` must be positive or null")
+    _validate_pretrain(cfg.pretrain, where)
+    if cfg.model.init_from is not None and not cfg.model.init_from.strip():
+        raise ConfigError(f"{where}: `model.init_from` is empty; give a run folder or null")
     if cfg.train.cpu_threads is not None and cfg.train.cpu_threads < 1:
         raise ConfigError(f"{where}: `train.cpu_threads` must be at least 1 or null")
 
@@ -757,6 +793,18 @@ def _validate_augment(data: DataConfig, where: str) -> None:
     if len(jitter) != 3 or not all(0 <= s <= 1 for s in jitter):
         raise ConfigError(f"{where}: `data.augment_jitter` = {jitter} must be three strengths in "
                           "[0, 1]: brightness, contrast, saturation")
+
+
+def _validate_pretrain(pretrain: PretrainConfig, where: str) -> None:
+    group = pretrain.norm_group
+    if group is not None and (group < 1 or pretrain.batch_size % group):
+        raise ConfigError(f"{where}: `pretrain.norm_group` = {group} must be a positive divisor "
+                          f"of `pretrain.batch_size` = {pretrain.batch_size}")
+    if not 0 <= pretrain.momentum < 1:
+        raise ConfigError(f"{where}: `pretrain.momentum` = {pretrain.momentum} must be in [0, 1)")
+    if pretrain.nesterov and (pretrain.optimizer != "sgd" or not pretrain.momentum):
+        raise ConfigError(f"{where}: `pretrain.nesterov` needs pretrain.optimizer=sgd with a "
+                          "positive pretrain.momentum")
 
 
 def _validate_step_schedule(optim: OptimConfig, where: str) -> None:

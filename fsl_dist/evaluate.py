@@ -82,10 +82,27 @@ def evaluate(learner, episode_source, *, episodes: int, dist, precision: str, ba
              inner_steps: Optional[int] = None, quiet: bool = False,
              desc: str = "evaluating") -> dict:
     """Mean query accuracy after adaptation (and before it) over `episodes` held-out episodes,
-    adapted and scored by ``learner`` (fsl_dist/learners; ``inner_steps`` overrides its own).
+    adapted and scored by ``learner`` (fsl_dist/learners; ``inner_steps`` overrides its own):
+    ``evaluate_episodes`` with the learner's ``evaluate_tasks``."""
+    def score(tasks: dict, _episodes: range) -> dict:
+        stats = learner.evaluate_tasks(tasks, precision=precision, inner_steps=inner_steps)
+        return {"acc": stats["acc_after_per_task"], "acc_before": stats["acc_before"]}
 
-    The main rank shows a progress bar over its share of the episodes, with the running mean
-    accuracy of that share, unless `quiet` (in a log: lines, fsl_dist/progress.py)."""
+    return evaluate_episodes(score, episode_source, episodes=episodes, dist=dist,
+                             batch_size=batch_size, quiet=quiet, desc=desc, with_before=True)
+
+
+def evaluate_episodes(score, episode_source, *, episodes: int, dist, batch_size: int,
+                      quiet: bool = False, desc: str = "evaluating",
+                      with_before: bool = False) -> dict:
+    """Mean query accuracy of ``score`` over `episodes` held-out episodes, with its interval.
+
+    ``score(tasks, episodes)`` takes a batch of tasks (on the device) and the range of their
+    episode indices (a method that draws random numbers seeds them by episode, so that every
+    process count meets the same numbers) and returns ``acc``, one query accuracy per task, and
+    with ``with_before`` ``acc_before``, the mean accuracy before adaptation. The main rank
+    shows a progress bar over its share of the episodes, with the running mean accuracy of that
+    share, unless `quiet` (in a log: lines, fsl_dist/progress.py)."""
     mine = split_episodes(episodes, dist.rank, dist.world_size)
     after, before = [], []
     correct = 0.0  # this rank's per-episode accuracies summed so far: the bar's running mean
@@ -94,17 +111,19 @@ def evaluate(learner, episode_source, *, episodes: int, dist, precision: str, ba
         for start in range(mine.start, mine.stop, batch_size):
             chunk = range(start, min(start + batch_size, mine.stop))
             tasks = {k: v.to(dist.device) for k, v in episode_source.batch(0, chunk).items()}
-            stats = learner.evaluate_tasks(tasks, precision=precision, inner_steps=inner_steps)
-            after.append(stats["acc_after_per_task"].detach().cpu())
+            stats = score(tasks, chunk)
+            after.append(stats["acc"].detach().cpu())
             # the mean before adaptation is all that is reported of it: one value per episode
-            before.append(stats["acc_before"].detach().cpu().expand(len(chunk)))
+            if with_before:
+                before.append(stats["acc_before"].detach().cpu().expand(len(chunk)))
             correct += float(after[-1].double().sum())
             bar.update(len(chunk))
             # redrawn after every chunk (a chunk takes far longer than a redraw)
             bar.set_postfix(acc=f"{100 * correct / (chunk.stop - mine.start):.2f}%")
     empty = torch.zeros(0)
     acc_after = dist.gather_ragged(torch.cat(after) if after else empty)
-    acc_before = dist.gather_ragged(torch.cat(before) if before else empty)
     result = confidence_interval(acc_after)
-    result["before_adaptation"] = confidence_interval(acc_before)["mean"]
+    if with_before:
+        acc_before = dist.gather_ragged(torch.cat(before) if before else empty)
+        result["before_adaptation"] = confidence_interval(acc_before)["mean"]
     return result

@@ -21,6 +21,16 @@ def flat_grads(params: Iterable[Tensor]) -> Tensor:
                       for p in params])
 
 
+def set_flat_grads(params: Iterable[Tensor], flat: Tensor) -> None:
+    """Give each parameter, in order, its slice of the flat vector ``flat`` as ``.grad``
+    (``flat_grads``' inverse)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset: offset + n].view_as(p).clone()
+        offset += n
+
+
 def gradient_of(backward: Callable[[], None], params: Iterable[Tensor]) -> Tensor:
     """The gradient that ``backward()`` accumulates into ``params`` from none, flattened."""
     params = list(params)

@@ -42,6 +42,9 @@ KINDS = {
     "task.n_way": TRAINED, "task.k_shot": TRAINED, "task.q_query": TRAINED,
     "model.name": TRAINED, "model.width": TRAINED, "model.drop_rate": TRAINED,
     "model.dropblock_size": TRAINED,
+    "model.init_from": TRAINED,  # the initial weights: another folder starts another run
+    "pretrain.batch_size": TRAINED, "pretrain.norm_group": TRAINED,
+    "pretrain.optimizer": TRAINED, "pretrain.momentum": TRAINED, "pretrain.nesterov": TRAINED,
     "algorithm.name": TRAINED, "algorithm.inner_steps": TRAINED, "algorithm.inner_lr": TRAINED,
     "algorithm.first_order": TRAINED, "algorithm.first_order_steps": TRAINED,
     "algorithm.learn_inner_lr": TRAINED, "algorithm.inner_loss": TRAINED,

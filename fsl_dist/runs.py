@@ -35,7 +35,8 @@ from fsl_dist.data.shards import (
     memory_budget_problem,
     pack_omniglot,
 )
-from fsl_dist.evaluate import combine_seeds, evaluate
+from fsl_dist.evaluate import combine_seeds, evaluate, evaluate_episodes
+from fsl_dist.finetune import method_score
 from fsl_dist.io import WriteFailure, atomic_write_json
 from fsl_dist.resume import recorded_changes
 from fsl_dist.trained import DESCRIPTION, data_facts
@@ -207,14 +208,17 @@ def evaluate_held_out(learner, cfg: Config, dist, run_dir: Path, *, precision: s
                       queries: Optional[int] = None, part: Optional[str] = None,
                       inner_steps: Optional[int] = None,
                       out_name: str = "eval.json", weights: Optional[Path] = None,
-                      seeds: Optional[Sequence[int]] = None, quiet: bool = False) -> dict:
+                      seeds: Optional[Sequence[int]] = None, quiet: bool = False,
+                      method: str = "adapt") -> dict:
     """Evaluate ``learner`` (fsl_dist/learners, bound to its model) on `part` (default
     eval.part) and write `out_name` in the run folder; `weights`,
     the file the model came from, is recorded relative to the run folder; `shots` and `queries`
     replace the trained K and Q per class (comparing runs trained with different Q needs one
     test protocol). With two or more
     `seeds`, `episodes` are drawn for each episode seed and the result is `combine_seeds`'.
-    `quiet`: no progress bar."""
+    `method`: adapt (the learner's own) or one of fsl_dist.finetune.METHODS on the frozen body
+    of ``learner.model`` (nearest centroid, Baseline, Baseline++; ``finetune.FrozenBody`` holds a
+    model that has no learner). `quiet`: no progress bar."""
     part = part or cfg.eval.part
     episodes = episodes or cfg.eval.episodes
     k_shot = cfg.task.k_shot if shots is None else shots
@@ -229,9 +233,14 @@ def evaluate_held_out(learner, cfg: Config, dist, run_dir: Path, *, precision: s
         except ValueError as err:  # episodes the shards cannot fill: input, not a bug
             raise ConfigError(f"evaluating {k_shot}-shot {q_query}-query episodes: {err}") from err
         desc = f"{part} (seed {seed})" if len(seeds) > 1 else part
-        result = evaluate(learner, source, episodes=episodes, dist=dist, precision=precision,
-                          batch_size=cfg.eval.batch_size, inner_steps=inner_steps, quiet=quiet,
-                          desc=desc)
+        if method == "adapt":
+            result = evaluate(learner, source, episodes=episodes, dist=dist,
+                              precision=precision, batch_size=cfg.eval.batch_size,
+                              inner_steps=inner_steps, quiet=quiet, desc=desc)
+        else:
+            result = evaluate_episodes(method_score(method, learner.model, seed), source,
+                                       episodes=episodes, dist=dist,
+                                       batch_size=cfg.eval.batch_size, quiet=quiet, desc=desc)
         return {**result, "eval_seed": seed}
 
     seeds = list(seeds) if seeds else [cfg.eval.seed]
@@ -240,10 +249,11 @@ def evaluate_held_out(learner, cfg: Config, dist, run_dir: Path, *, precision: s
                           "twice; give distinct seeds")
     per_seed = [one_seed(seed) for seed in seeds]
     result = per_seed[0] if len(per_seed) == 1 else combine_seeds(per_seed)
-    result.update(part=part, n_way=n_way, k_shot=k_shot, q_query=q_query,
-                  inner_steps=inner_steps if inner_steps is not None else
-                  learner.evaluation_steps, config=cfg.name, seed=cfg.train.seed,
-                  world_size=dist.world_size)
+    result.update(part=part, n_way=n_way, k_shot=k_shot, q_query=q_query, method=method,
+                  config=cfg.name, seed=cfg.train.seed, world_size=dist.world_size)
+    if method == "adapt":
+        result["inner_steps"] = (inner_steps if inner_steps is not None
+                                 else learner.evaluation_steps)
     if weights is not None:
         result["weights"] = Path(weights).relative_to(run_dir).as_posix() if Path(
             weights).is_relative_to(run_dir) else str(weights)

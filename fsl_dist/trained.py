@@ -68,9 +68,10 @@ def bn_steps(cfg: Config) -> int:
     return cfg.algorithm.inner_steps if cfg.algorithm.per_step_bn_weights else 0
 
 
-def model_facts(cfg: Config, inputs: dict) -> dict:
-    """model.yaml's ``model`` section: everything ``build_described`` needs."""
-    facts = {"name": cfg.model.name, "n_way": cfg.task.n_way, "width": cfg.model.width,
+def model_facts(cfg: Config, inputs: dict, n_way: Optional[int] = None) -> dict:
+    """model.yaml's ``model`` section: everything ``build_described`` needs. ``n_way``: the
+    head's size where it is not the task's N (fsl-pretrain's head over the train classes)."""
+    facts = {"name": cfg.model.name, "n_way": n_way or cfg.task.n_way, "width": cfg.model.width,
              **inputs, "bn_steps": bn_steps(cfg), "bn_stats": cfg.algorithm.per_step_bn_stats}
     if cfg.model.name == "resnet12":
         facts.update(drop_rate=cfg.model.drop_rate, dropblock_size=cfg.model.dropblock_size)
@@ -105,11 +106,12 @@ def data_facts(manifest: dict) -> dict:
             "format_version": manifest["format_version"]}
 
 
-def describe(cfg: Config, manifest: dict, step: Optional[int] = None) -> dict:
+def describe(cfg: Config, manifest: dict, step: Optional[int] = None,
+             n_way: Optional[int] = None) -> dict:
     """model.yaml's contents for a model of ``cfg`` trained on the shards of ``manifest``."""
     section = LEARNERS[cfg.algorithm.name].section  # the family's own keys, if any
     return {
-        "model": model_facts(cfg, model_inputs(manifest)),
+        "model": model_facts(cfg, model_inputs(manifest), n_way),
         "algorithm": dataclasses.asdict(cfg.algorithm),
         **({section: dataclasses.asdict(getattr(cfg, section))} if section else {}),
         "task": dataclasses.asdict(cfg.task),
@@ -124,11 +126,13 @@ def describe(cfg: Config, manifest: dict, step: Optional[int] = None) -> dict:
 
 
 def write_trained(folder: Path, model: torch.nn.Module, cfg: Config, manifest: dict, *,
-                  extras: Optional[dict] = None, step: int = 0) -> None:
+                  extras: Optional[dict] = None, step: int = 0,
+                  n_way: Optional[int] = None) -> None:
     """model.safetensors and model.yaml of ``model`` in ``folder`` (atomic writes).
 
     ``extras``: an algorithm's learned state besides the model, name -> ``nn.Module`` (or
-    None: nothing), stored under "<name>." (``read_trained`` returns it as ``extras``)."""
+    None: nothing), stored under "<name>." (``read_trained`` returns it as ``extras``).
+    ``n_way``: the head's size where it is not ``cfg.task.n_way`` (``model_facts``)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, module in (extras or {}).items():
         if module is not None:
@@ -137,7 +141,7 @@ def write_trained(folder: Path, model: torch.nn.Module, cfg: Config, manifest: d
     folder = Path(folder)
     atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
     atomic_write_text(folder / DESCRIPTION,
-                      yaml.safe_dump(describe(cfg, manifest, step), sort_keys=False))
+                      yaml.safe_dump(describe(cfg, manifest, step, n_way), sort_keys=False))
 
 
 # ---------------------------------------------------------------- the reader

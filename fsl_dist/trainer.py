@@ -25,6 +25,7 @@ import torch
 from fsl_dist import checkpoint as ckpt
 from fsl_dist import resume as resume_record
 from fsl_dist import runfolder
+from fsl_dist.backbone import start_from
 from fsl_dist.config import Config, ConfigError, OptimConfig, to_dict
 from fsl_dist.cpu_malloc import tune_cpu_malloc
 from fsl_dist.data.augment import Augment
@@ -37,7 +38,7 @@ from fsl_dist.learners import STAT_KEYS, Learner, check_way, learner_from_config
 from fsl_dist.meta import InnerLossScaler
 from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.models import collect_batch_stats, running_stats_norms, update_running_stats
-from fsl_dist.numerics import flat_grads
+from fsl_dist.numerics import flat_grads, set_flat_grads
 from fsl_dist.progress import below_progress_bar, line_stream, progress
 from fsl_dist.runs import ensure_shards, evaluate_held_out, write_run_info
 from fsl_dist.signals import (
@@ -95,12 +96,14 @@ class LossWatch:
     """Warns when the training loss's moving average exceeds ``factor`` times the lower of its
     lowest value so far and the loss of guessing (``chance``, ln N for N-way cross-entropy):
     a climb, or a run that is far worse than chance from the start. Once per excursion, again
-    only after the average has come back down."""
+    only after the average has come back down. ``advice`` ends the warning: the rates to lower."""
 
     SMOOTHING = 0.9  # the moving average over about ten steps: one hard batch is no climb
+    ADVICE = ("consider a lower algorithm.inner_lr (photos: about 0.01 with 5 inner steps, "
+              "MAML's mini-ImageNet value) or optim.lr")
 
-    def __init__(self, factor: Optional[float], chance: float):
-        self.factor, self.chance = factor, chance
+    def __init__(self, factor: Optional[float], chance: float, advice: str = ADVICE):
+        self.factor, self.chance, self.advice = factor, chance, advice
         self.average: Optional[float] = None
         self.lowest = math.inf
         self.warned = False
@@ -121,8 +124,7 @@ class LossWatch:
         what = "its lowest so far" if self.lowest < self.chance else "that of guessing"
         return (f"warning: step {step}: the training loss (moving average {self.average:.4g}) is "
                 f"over {self.factor:g}x {what} ({reference:.4g}); the run may be diverging: "
-                "consider a lower algorithm.inner_lr (photos: about 0.01 with 5 inner steps, "
-                "MAML's mini-ImageNet value) or optim.lr")
+                f"{self.advice}")
 
 
 # ---------------------------------------------------------------- setup
@@ -234,12 +236,26 @@ def outer_lr(optim: OptimConfig, step: int, total_steps: int) -> float:
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def _set_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset: offset + n].view_as(p).clone()
-        offset += n
+def take_step(state: TrainState, params: list[torch.Tensor], grads: torch.Tensor,
+              cfg: Config, skip: bool) -> bool:
+    """The update every rank takes alike from the all-reduced flat gradient ``grads`` of
+    ``params``: clipped, at the schedule's rate, or skipped (``skip``: something was
+    non-finite; every rank saw the same sums, so every rank skips). The step counts either way;
+    returns whether the optimizer stepped."""
+    set_flat_grads(params, grads)
+    if skip:
+        state.skipped_steps += 1
+        state.consecutive_skipped += 1
+    else:
+        state.consecutive_skipped = 0
+        if cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        lr = outer_lr(cfg.optim, state.step, cfg.train.steps)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        state.optimizer.step()
+    state.step += 1
+    return not skip
 
 
 def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str,
@@ -286,21 +302,9 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
     if fp16:
         state.inner_scaler.update(inner_bad)
         state.outer_scaler.update(outer_bad)
-    _set_grads(params, grads)
     grad_norm = torch.linalg.vector_norm(grads).item()
-    if inner_bad or outer_bad:
-        state.skipped_steps += 1  # identical decision on every rank: they saw the same sums
-        state.consecutive_skipped += 1
-    else:
-        state.consecutive_skipped = 0
-        if cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        lr = outer_lr(cfg.optim, state.step, cfg.train.steps)
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr
-        state.optimizer.step()
+    if take_step(state, params, grads, cfg, skip=inner_bad or outer_bad):
         update_running_stats(norms, flat[n_grads:n_grads + bn_means.numel()])
-    state.step += 1
     out.update(grad_norm=grad_norm, skipped=float(inner_bad or outer_bad), allreduce_s=allreduce_s,
                second_order=stats["second_order"], msl_last_weight=stats["msl_last_weight"])
     return out
@@ -434,28 +438,22 @@ class Trainer:
         warning = bf16_cpu_warning(dist.device.type, self.precision)
         if warning:
             dist.print(warning)
-        check_process_count(cfg, dist.world_size)
-        check_way(cfg)
+        self.check_setup()
         configure_cpu(cfg, dist)
         self.manifest = ensure_shards(cfg, dist, quiet=self.quiet)
-        self.sources = build_task_sources(cfg, dist)  # checksums the train and val parts
-        if cfg.eval.part not in ("train", "val"):
-            # The held-out part is read only at the end: a damaged shard found after hours of
-            # training would cost the run its result, so it is checksummed now as well.
-            verify_shards(cfg.data.shards, [cfg.eval.part])
-        self.state = build_state(cfg, dist.device, model_inputs(self.manifest))
-        self.batches = TrainBatches(self.sources["train"],
-                                    rank_slice(cfg.train.meta_batch_size, dist.rank,
-                                               dist.world_size),
-                                    dist.device)
+        self.build_training()
         self.wandb_id = None
         resume_from, saved, notes = load_resume_point(self.run_dir, resume)
         for note in notes:
             dist.print(f"resume: {note}")
         changes = []
+        if saved is None and cfg.model.init_from is not None:
+            # A new run's body from a trained model, the head fresh; a resumed run has its own
+            # weights, so the folder it started from may have moved since.
+            start_from(self.state.model, cfg.model.init_from)
         if saved is not None:
             changes = self._check_resume(saved, resume_from, allow_config_change)
-            restore_state(self.state, saved)
+            self.restore(saved)
             self.wandb_id = saved.get("wandb_id")
             dist.print(f"resumed from {resume_from} at step {self.state.step}")
             for change in changes:
@@ -466,7 +464,8 @@ class Trainer:
         self.history = resume_record.history(self.run_dir, self.state.step, changes,
                                              dist.world_size)
         self.metrics = MetricsFile(self.run_dir, enabled=dist.is_main)
-        self.loss_watch = LossWatch(cfg.train.loss_warn_factor, math.log(cfg.task.n_way))
+        self.loss_watch = LossWatch(cfg.train.loss_warn_factor, math.log(self.classes_guessed()),
+                                    self.LOSS_ADVICE)
         self.stop = StopRequest()  # set by a stop signal, acted on between steps
         # What fit() is doing now, for a stop signal's handler (_stop_now_if_safe): starting,
         # tasks (drawing them, the meta-gradient), update, after (logging, checkpoint),
@@ -474,6 +473,52 @@ class Trainer:
         self.phase = "starting"
         self._saved_rng = None  # random state of the last finished step (tasks, validation)
         self._failure: Optional[Exception] = None  # an I/O failure on the main rank
+
+    # -------------------------------------------------------- what is trained (a subclass's own)
+    # fsl_dist.pretrain.Pretrainer trains another objective in this same loop by overriding
+    # these methods; the run folder, resume, signals, checkpoints and logging stay this class's.
+    RATE_KEY = "tasks_s"  # the progress bar's throughput: tasks per second
+    LOSS_ADVICE = LossWatch.ADVICE  # what a climbing loss's warning suggests
+
+    def check_setup(self) -> None:
+        """What is refused before any data is read (the process count, the evaluation's N)."""
+        check_process_count(self.cfg, self.dist.world_size)
+        check_way(self.cfg)
+
+    def build_training(self) -> None:
+        """The data sources, the state (model, optimizer) and this rank's batches."""
+        cfg, dist = self.cfg, self.dist
+        self.sources = build_task_sources(cfg, dist)  # checksums the train and val parts
+        if cfg.eval.part not in ("train", "val"):
+            # The held-out part is read only at the end: a damaged shard found after hours of
+            # training would cost the run its result, so it is checksummed now as well.
+            verify_shards(cfg.data.shards, [cfg.eval.part])
+        self.state = build_state(cfg, dist.device, model_inputs(self.manifest))
+        self.batches = TrainBatches(self.sources["train"],
+                                    rank_slice(cfg.train.meta_batch_size, dist.rank,
+                                               dist.world_size),
+                                    dist.device)
+
+    def classes_guessed(self) -> int:
+        """The classes of the training loss's softmax (its loss of guessing is the log)."""
+        return self.cfg.task.n_way
+
+    def items_per_step(self) -> int:
+        return self.cfg.train.meta_batch_size
+
+    def train_step(self, batch, acc_before: bool, on_update: Callable[[], None]) -> dict:
+        return train_step(self.state, batch, self.cfg, self.dist, self.precision,
+                          acc_before=acc_before, on_update=on_update)
+
+    def step_summary(self, out: dict) -> tuple[float, float]:
+        """(loss, accuracy) of a step: shown on the bar; the loss is watched for divergence."""
+        return out["query_loss"], out["acc_after"]
+
+    def checkpoint_contents(self) -> dict:
+        return checkpoint_state(self.state, self.wandb_id, to_dict(self.cfg))
+
+    def restore(self, saved: dict) -> None:
+        restore_state(self.state, saved)
 
     def _claim_run_folder(self, resume: Optional[str], overwrite: bool):
         """The main process locks the run folder and checks it may start there (the others
@@ -530,7 +575,7 @@ class Trainer:
                     f"{ckpt.latest_checkpoint(self.run_dir)} kept, continue with --resume auto "
                     "(it evaluates again)")
         else:
-            saved = checkpoint_state(self.state, self.wandb_id, to_dict(self.cfg))
+            saved = self.checkpoint_contents()
             saved["rng"] = self._saved_rng
             if self.phase == "validation":
                 saved["pending"] = "validation"
@@ -588,7 +633,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Checkpoint now (main process); a failure to write is raised on every rank."""
-        state = checkpoint_state(self.state, self.wandb_id, to_dict(self.cfg))
+        state = self.checkpoint_contents()
         self.on_main_write(lambda: ckpt.save_checkpoint(
             self.run_dir, self.state.step, state, keep=self.cfg.train.keep_checkpoints))
 
@@ -607,7 +652,7 @@ class Trainer:
 
     # -------------------------------------------------------- training
     def fit(self) -> dict:
-        cfg, dist, state = self.cfg, self.dist, self.state
+        cfg, state = self.cfg, self.state
         self.start()
         bar = progress(total=cfg.train.steps, initial=state.step, desc=cfg.name, unit="step",
                        quiet=self.quiet, first_line=True)  # in a log: step 1 and its ETA
@@ -625,9 +670,9 @@ class Trainer:
                 self._enter("tasks")
                 tasks = self.batches.at(state.step)
                 started = time.perf_counter()
-                out = train_step(state, tasks, cfg, dist, self.precision,
-                                 acc_before=self.debug or self.logs_step(state.step + 1),
-                                 on_update=lambda: self._enter("update"))
+                out = self.train_step(tasks,
+                                      acc_before=self.debug or self.logs_step(state.step + 1),
+                                      on_update=lambda: self._enter("update"))
                 self.phase = "after"
                 out["step_time"] = time.perf_counter() - started
                 self.after_step(out, bar)
@@ -657,22 +702,23 @@ class Trainer:
 
     def after_step(self, out: dict, bar) -> None:
         cfg, state = self.cfg, self.state
-        out["tasks_per_s"] = cfg.train.meta_batch_size / out["step_time"]
+        out["tasks_per_s"] = self.items_per_step() / out["step_time"]
         now = time.perf_counter()
         state.elapsed_s += now - self._clock  # steps, logging, validation, checkpoints
         self._clock = now
-        postfix = {"loss": f"{out['query_loss']:.3f}", "acc": f"{out['acc_after']:.3f}",
-                   "tasks_s": f"{out['tasks_per_s']:.1f}"}
+        loss, acc = self.step_summary(out)
+        postfix = {"loss": f"{loss:.3f}", "acc": f"{acc:.3f}",
+                   self.RATE_KEY: f"{out['tasks_per_s']:.1f}"}
         if state.skipped_steps:
             postfix["skipped"] = state.skipped_steps
         bar.set_postfix(postfix, refresh=False)  # shown with the step's count: one draw, or line
         bar.update(1)
-        warning = self.loss_watch.update(out["query_loss"], state.step)
+        warning = self.loss_watch.update(loss, state.step)
         if warning:
             self.dist.print(warning)
         self._window.add(out["step_time"])
         if self.logs_step(state.step):
-            self.log(self.train_row(out, *self._window.take(cfg.train.meta_batch_size)))
+            self.log(self.train_row(out, *self._window.take(self.items_per_step())))
         if self.debug:
             self.debug_report(out)
         if validates_at(state.step, cfg):

@@ -75,6 +75,7 @@ INTEGRATION_MODULES = frozenset({
     "test_meta_learns_folder.py",
     "test_meta_learns_omniglot.py",
     "test_predict_trained.py",  # training runs, fsl-predict as a process
+    "test_pretrain.py",  # fsl-pretrain processes, one and two ranks, resumed
     "test_run_faults.py",  # trainer processes, a tmpfs filled up
     "test_run_resume.py",  # trainer processes resumed, stopped, refused
     "test_slurm.py",  # a real SLURM cluster

@@ -135,6 +135,12 @@ FAULTS = (
     Fault("evaluate_in_progress", "`evaluate.py --checkpoint latest` on a run still training", 0,
           "the run is still training", "the run goes on; `eval-test.json` records "
           "`training_in_progress`"),
+    # Pre-training and model.init_from (issue 41): tests/test_pretrain.py
+    Fault("init_from_mismatch", "`model.init_from=RUN` where RUN's body has another "
+          "architecture (another width)", 2, "its body does not fit the configured model",
+          "RUN and the run folder as they were: refused before step 1, naming keys and shapes"),
+    Fault("init_from_missing", "`model.init_from=PATH` where PATH does not exist", 2,
+          "does not exist; give a run folder", "nothing is written"),
 )
 BY_KEY = {fault.key: fault for fault in FAULTS}
 

@@ -2,6 +2,7 @@
 commands, run as ``python -m fsl_dist.cli.<name>``, or through the checkout's launch/ scripts:
 
     fsl-train      fsl_dist.cli.train        meta-train a config (accelerate launch -m fsl_dist.cli.train)
+    fsl-pretrain   fsl_dist.cli.pretrain     supervised pre-training of a backbone (fsl_dist/pretrain.py)
     fsl-evaluate   fsl_dist.cli.evaluate     held-out accuracy of a run folder
     fsl-predict    fsl_dist.cli.predict      classify query images with a trained run
     fsl-sweep      fsl_dist.cli.sweep        configs x seeds as a SLURM array job

@@ -6,6 +6,12 @@
     python launch/evaluate.py --run-dir runs/cnn_maml-0 --part val --checkpoint 2500   # a kept checkpoint
     python launch/evaluate.py --run-dir runs/cnn_maml-0 --seeds 1234 1235 1236 1237 1238
     python launch/evaluate.py --run-dir runs/mamlpp-0 --queries 15   # trained with 1 query per class
+    python launch/evaluate.py --run-dir runs/omniglot_cnn-0 --method finetune-cosine   # Baseline++
+
+--method adapt (default) adapts as the run was trained (its inner loop); the others read only the
+frozen body, for any trained run, pre-trained ones (fsl-pretrain) included: centroid (nearest
+class mean of the support features), finetune-linear (Baseline) and finetune-cosine (Baseline++):
+a new head trained on the support features with Chen et al. 2019's settings (fsl_dist/finetune.py).
 
 With several --seeds, each seed draws its own --episodes and the result states the seeds' means,
 their spread and the larger of the two intervals (over episodes, over seeds): on a small test
@@ -25,6 +31,7 @@ from fsl_dist.config import ConfigError
 from fsl_dist.cpu_malloc import tune_cpu_malloc
 from fsl_dist.distributed import Distributed, launcher_precision
 from fsl_dist.exits import exit_code, report
+from fsl_dist.finetune import METHODS
 from fsl_dist.io import WriteFailure, check_writable
 from fsl_dist.resume import describe
 from fsl_dist.runs import evaluate_held_out
@@ -48,13 +55,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--part", choices=("val", "test"), help="split part (default: eval.part)")
     parser.add_argument("--inner-steps", type=int,
                         help="inner steps at test time (default: eval.inner_steps)")
+    parser.add_argument("--method", choices=("adapt",) + METHODS, default="adapt",
+                        help="adapt (the trained inner loop; default), or on the frozen body: "
+                        "centroid, finetune-linear (Baseline), finetune-cosine (Baseline++)")
     parser.add_argument("--checkpoint", help="evaluate a training checkpoint instead of the final "
                         "model: latest, a step number, or a path (default: model.safetensors)")
     parser.add_argument("--seeds", type=int, nargs="+",
                         help="episode seeds (default: the config's eval.seed); two or more report "
                              "the mean over seeds with the between-seed spread")
     parser.add_argument("--out", default=None,
-                        help="file name in the run folder (default eval-<part>.json)")
+                        help="file name in the run folder (default eval-<part>.json; another "
+                        "--method: eval-<part>-<method>.json)")
     parser.add_argument("--traceback", action="store_true",
                         help="show the traceback of expected failures too")
     parser.add_argument("--quiet", action="store_true",
@@ -63,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def summary_line(result: dict) -> str:
-    line = progress_note(result) + (f"{result['part']} accuracy {result['mean']:.2f} ± "
+    method = "" if result.get("method", "adapt") == "adapt" else f" ({result['method']})"
+    line = progress_note(result) + (f"{result['part']} accuracy{method} {result['mean']:.2f} ± "
                                     f"{result['ci95']:.2f}% over {result['episodes']} episodes")
     if "seed_means" in result:
         means = ", ".join(f"{m:.2f}" for m in result["seed_means"])
@@ -106,7 +118,8 @@ def main(argv=None) -> int:
                                with_config=True)
         cfg = trained.cfg
         part = args.part or cfg.eval.part
-        out_name = args.out or f"eval-{part}.json"
+        method = "" if args.method == "adapt" else f"-{args.method}"
+        out_name = args.out or f"eval-{part}{method}.json"
         # Before the evaluation, not after it: a run folder this user (or a read-only mount)
         # cannot write would cost the whole evaluation.
         dist.on_main(lambda: check_writable(Path(args.run_dir) / out_name), (WriteFailure,))
@@ -114,19 +127,25 @@ def main(argv=None) -> int:
             outcome = tune_cpu_malloc()
             if outcome != "tuned":  # the usual outcome goes unsaid (as in the trainer)
                 dist.print(f"cpu malloc: {outcome}", file=sys.stderr)
+        head = trained.description["model"]["n_way"]
+        adapts = args.method == "adapt" and trained.learner.fixed_way  # the trained head's N
+        if adapts and head != cfg.task.n_way:
+            raise ConfigError(f"{args.run_dir} holds a head over {head} classes (pre-trained), "
+                              f"not a {cfg.task.n_way}-way one to adapt: evaluate its body with "
+                              "--method centroid, finetune-linear or finetune-cosine")
         if args.ways is not None and args.ways != cfg.evaluation_way():
-            if trained.learner.fixed_way:
+            if adapts:
                 raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a "
-                                  f"{cfg.task.n_way}-way head; evaluate with its N-way or "
-                                  "train a model for this N")
-            cfg.eval.n_way = args.ways  # a family without a head (protonet) takes any N
+                                  f"{cfg.task.n_way}-way head; evaluate with its N-way, with a "
+                                  "--method on its frozen body, or train a model for this N")
+            cfg.eval.n_way = args.ways  # no head fixes N (protonet; a new head per episode)
         precision = resolve_precision(cfg.precision, launcher_precision(), dist.device)
         result = evaluate_held_out(trained.learner, cfg, dist, Path(args.run_dir),
                                    precision=precision, episodes=args.episodes, shots=args.shots,
                                    queries=args.queries, part=part,
                                    inner_steps=args.inner_steps, out_name=out_name,
                                    weights=trained.weights, seeds=args.seeds,
-                                   quiet=args.quiet)
+                                   quiet=args.quiet, method=args.method)
     except Exception as err:
         code = exit_code(err)
         if code is None or args.traceback:

@@ -44,8 +44,8 @@ def debug_overrides() -> list[str]:
             "eval.episodes=20", "eval.batch_size=10", "logging.wandb=false"]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
+def parse_args(argv=None, description: str = __doc__) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True,
                         help="YAML config file, or a shipped config's name (e.g. "
@@ -71,11 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, trainer_class=Trainer, debug=debug_overrides, description=__doc__) -> int:
+    """The command: ``trainer_class`` trains (fsl-pretrain passes its Pretrainer, its own
+    ``debug`` overrides and its --help text)."""
+    args = parse_args(argv, description)
     dist = trainer = None
     try:
-        cfg = load_config(args.config, (debug_overrides() if args.debug else []) + args.overrides)
+        cfg = load_config(args.config, (debug() if args.debug else []) + args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
         if args.debug:
             torch.autograd.set_detect_anomaly(True)
@@ -83,9 +85,9 @@ def main(argv=None) -> int:
             torch.use_deterministic_algorithms(True)
         dist = Distributed(log_with_wandb=cfg.logging.wandb,
                            log_with_tensorboard=cfg.logging.tensorboard, project_dir=str(run_dir))
-        trainer = Trainer(cfg, dist, run_dir, resume=args.resume, overwrite=args.overwrite,
-                          debug=args.debug, quiet=args.quiet,
-                          allow_config_change=args.allow_config_change)
+        trainer = trainer_class(cfg, dist, run_dir, resume=args.resume, overwrite=args.overwrite,
+                                debug=args.debug, quiet=args.quiet,
+                                allow_config_change=args.allow_config_change)
         trainer.stop_on_signals()
         outcome = trainer.fit()
         # Python restores default handlers while it shuts down; a late USR1 (sent to every rank
@@ -137,7 +139,8 @@ def summarise(outcome: dict, result, cfg, run_dir: Path, dist) -> int:
         dist.print(f"error: {outcome['diverged']}", file=sys.stderr)
         return EXIT_DIVERGED
     if result is not None:
-        dist.print(f"{cfg.name}: {cfg.eval.part} accuracy {result['mean']:.2f} ± "
+        method = "" if result.get("method", "adapt") == "adapt" else f" ({result['method']})"
+        dist.print(f"{cfg.name}: {cfg.eval.part} accuracy{method} {result['mean']:.2f} ± "
                    f"{result['ci95']:.2f}% over {result['episodes']} episodes -> "
                    f"{run_dir / 'eval.json'}")
     return 0

@@ -1,0 +1,15 @@
+"""Pre-train a backbone by supervised classification (the code: fsl_dist/cli/pretrain.py,
+`fsl-pretrain`).
+
+    accelerate launch launch/pretrain.py --config configs/pretrain/omniglot_cnn.yaml
+    accelerate launch --multi_gpu --num_processes 2 launch/pretrain.py --config configs/pretrain/omniglot_cnn.yaml
+    accelerate launch launch/pretrain.py --config configs/pretrain/omniglot_cnn.yaml --resume auto
+"""  # noqa: E501 (the usage lines)
+
+import sys
+
+# Importing the module installs its early Ctrl-C handler, before it imports torch.
+from fsl_dist.cli.pretrain import main
+
+if __name__ == "__main__":
+    sys.exit(main())
