@@ -22,10 +22,10 @@ forward (DropBlock) by (seed, step, group). So the mean gradient, formed by one 
 the step every process then takes alike are those of one process, for any number of processes
 and after any resume.
 
-Augmentation: ``ImageBatches.augment`` is the hook (None: none). It is called with this
-rank's float images [n, C, H, W] in [0, 1], the step and the images' positions in the epoch's
-order (``items``); seeding its random numbers by (seed, step, item) keeps runs exact across
-process counts and resumes.
+Augmentation (``data.augment``, fsl_dist/data/augment.py): ``ImageBatches.augment`` is called
+with this rank's float images [n, C, H, W] in [0, 1], the step and the images' positions in the
+epoch's order (``items``); each image's random numbers come from (seed, step, item) alone
+(``augment_by_position``), which keeps runs exact across process counts and resumes.
 
 The exported model (model.safetensors and model.yaml, read back by evaluation and by
 ``model.init_from``) holds the weights of the best validation (the highest nearest-centroid
@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from fsl_dist.config import Config, ConfigError
+from fsl_dist.data.augment import Augment
 from fsl_dist.data.episodes import make_tasks, to_unit_float
 from fsl_dist.data.shards import ClassPool, load_class_pool, verify_shards
 from fsl_dist.evaluate import evaluate_episodes
@@ -107,6 +108,14 @@ class ImageBatches:
         if self.augment is not None:
             x = self.augment(x, step, items)
         return x, self.labels[images] + turns * self.pool.num_classes
+
+
+def augment_by_position(augment: Optional[Augment], seed: int) -> Optional[Callable]:
+    """``ImageBatches``' hook for ``augment`` (None: no augmentation): each image augmented by
+    the key (seed, step, its position in the epoch's order), whichever process holds it."""
+    if augment is None:
+        return None
+    return lambda x, step, items: augment.each(x, [(seed, step, int(i)) for i in items])
 
 
 class RankImages:
@@ -224,7 +233,9 @@ class Pretrainer(Trainer):
         verify_shards(cfg.data.shards, ["train", "val"] + (
             [cfg.eval.part] if cfg.eval.part not in ("train", "val") else []))
         self.images = ImageBatches(load_class_pool(cfg.data.shards, "train", verify=False),
-                                   cfg.pretrain.batch_size, cfg.train.seed, cfg.data.rotate)
+                                   cfg.pretrain.batch_size, cfg.train.seed, cfg.data.rotate,
+                                   augment_by_position(Augment.from_config(cfg.data),
+                                                       cfg.train.seed))
         self.sources = {"val": make_tasks(cfg.data.shards, "val", task_spec(cfg, "val"),
                                           seed=cfg.eval.seed, verify=False,
                                           memory_budget_gb=cfg.data.memory_budget_gb)}

@@ -69,3 +69,26 @@ def test_the_augmentation_hook_gets_the_images_step_and_items():
     x, _ = batches.batch(2, range(1, 3))
     assert torch.equal(x, 1 - plain.batch(2, range(1, 3))[0])
     assert calls == [(2, batches.step_items(2)[1:3].tolist())]
+
+
+def test_augmented_batches_are_the_same_however_the_processes_share_them():
+    """data.augment in pre-training: each image's crop, jitter and flip come from (seed, step,
+    its position in the epoch), so two ranks' shares make the one-process batch, a resumed
+    sampler meets the same images, and the images really change."""
+    from fsl_dist.data.augment import Augment
+    from fsl_dist.pretrain import augment_by_position
+
+    pixels = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    images = ClassPool(pixels, np.full(4, 4, dtype=np.int64), [{"id": i} for i in range(4)],
+                       "train", Path("s"))
+    hook = augment_by_position(Augment("lee2019", padding=2), seed=3)
+    batches = ImageBatches(images, batch_size=8, seed=3, rotate=False, augment=hook)
+    whole, _ = batches.batch(5, range(0, 8))
+    parts = [batches.batch(5, share_of(8, 2, rank, 2))[0] for rank in range(2)]
+    assert torch.equal(torch.cat(parts), whole)
+    again = ImageBatches(images, batch_size=8, seed=3, rotate=False, augment=hook)
+    assert torch.equal(again.batch(5, range(0, 8))[0], whole)
+    plain = ImageBatches(images, batch_size=8, seed=3, rotate=False).batch(5, range(0, 8))[0]
+    assert all(not torch.equal(a, b) for a, b in zip(whole, plain))
+    assert augment_by_position(None, seed=3) is None
