@@ -39,6 +39,7 @@ from fsl_dist.meta import (
     learned_inner_lr,
     meta_backward,
 )
+from fsl_dist.meta.objective import loop_path_note
 from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.models import collect_batch_stats, running_stats_norms, update_running_stats
 from fsl_dist.numerics import flat_grads
@@ -472,6 +473,10 @@ class Trainer:
             # training would cost the run its result, so it is checksummed now as well.
             verify_shards(cfg.data.shards, [cfg.eval.part])
         self.state = build_state(cfg, dist.device, model_inputs(self.manifest))
+        note = loop_path_note(InnerLoopSpec.from_config(cfg, precision=self.precision),
+                              self.state.model, dist.device)
+        if note:
+            dist.print(note)
         self.batches = TrainBatches(self.sources["train"],
                                     rank_slice(cfg.train.meta_batch_size, dist.rank,
                                                dist.world_size),

@@ -10,6 +10,7 @@ import torch
 
 from fsl_dist.config import CHOICES, ConfigError, load_config
 from fsl_dist.meta import ALGORITHMS, InnerLoopSpec, LearnedInnerLR, meta_backward, meta_loss
+from fsl_dist.meta.objective import loop_path_note
 from fsl_dist.meta.precision import InnerLossScaler
 from fsl_dist.meta.spec import CHECKPOINT_LEVELS
 from fsl_dist.models import (
@@ -174,3 +175,22 @@ def test_the_trainer_step_recomputes_each_inner_step_with_the_configured_level()
     # per task: 2 support forwards and 1 query forward; steps adds the 2 recomputed ones
     assert forwards == {"none": 3 * n_tasks, "steps": 5 * n_tasks}
     assert torch.equal(grads["steps"], grads["none"])
+
+
+@pytest.mark.parametrize("device, vectorize, overrides, said", [
+    ("cuda", None, ["algorithm.checkpoint=blocks"], "algorithm.checkpoint=blocks"),
+    ("cuda", None, ["algorithm.meta_gradient=implicit"], "algorithm.meta_gradient=implicit"),
+    ("cuda", None, [], None),  # vmap as usual
+    ("cuda", False, ["algorithm.checkpoint=steps"], None),  # the user chose the loop
+    ("cpu", None, ["algorithm.checkpoint=steps"], None),  # the loop is CPU's default anyway
+], ids=["cuda-blocks", "cuda-implicit", "cuda-none", "cuda-loop-chosen", "cpu-steps"])
+def test_one_note_says_when_checkpointing_changes_the_devices_default_path(
+        device, vectorize, overrides, said):
+    cfg = config(*overrides, f"algorithm.vectorize={'null' if vectorize is None else 'false'}")
+    note = loop_path_note(InnerLoopSpec.from_config(cfg, precision="no"), small_model("cnn"),
+                          torch.device(device))
+    if said is None:
+        assert note is None
+    else:
+        assert note.startswith(f"note: {said} runs the tasks in a loop, not through cuda's "
+                               "default vmap") and "\n" not in note
