@@ -72,9 +72,11 @@ def trainer_gradient(model, tasks, algorithm, level, mamlpp, first_order=False):
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("mamlpp", [False, True], ids=["plain", "mamlpp"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("name", ["cnn", "resnet"])
+@pytest.mark.parametrize("name", ["cnn", "resnet", "resnet12"])
 def test_every_level_gives_the_default_meta_gradient(name, algorithm, mamlpp, first_order):
-    model, tasks = small_model(name, mamlpp=mamlpp), make_tasks(dtype=torch.float32, jitter=0.1)
+    # resnet12: the benchmark's backbone (its blocks are residual stages), at 16x16
+    model = small_model(name, mamlpp=mamlpp)
+    tasks = make_tasks(dtype=torch.float32, jitter=0.1, size=16 if name == "resnet12" else 8)
     default, stats = trainer_gradient(model, tasks, algorithm, "none", mamlpp, first_order)
     for level in LEVELS:
         got, got_stats = trainer_gradient(model, tasks, algorithm, level, mamlpp, first_order)
