@@ -195,8 +195,10 @@ class AlgorithmConfig:
     by block of the backbone (each residual stage or conv block recomputed, to second order, in
     the outer backward: only the blocks' inputs and gradients are kept) and checkpoints the
     blocks of the query forwards (and of ANIL's body forwards): the least memory, the most
-    compute. The loop path only (checkpointing cannot cross vmap): null vectorize takes the
-    loop, true is refused. First order keeps no step graph: only blocks' query checkpointing
+    compute. The loop path only (torch.func's vmap refuses the saved-tensor hooks and the
+    autograd.grad inside an autograd.Function that checkpointing needs): null vectorize takes
+    the loop, saying so in one line where the device's default is vmap (CUDA), true is refused.
+    First order keeps no step graph: only blocks' query checkpointing
     changes it.
     Measured memory and time: docs/2026-12-05-checkpointed-inner-loop.md."""
     meta_gradient: str = "unrolled"
@@ -207,7 +209,8 @@ class AlgorithmConfig:
     does not grow with inner_steps), and the meta-gradient comes from cg_steps
     conjugate-gradient steps on ((1 + cg_damping) I + H / proximal_lambda) v = g, H the support
     loss's Hessian at the adapted weights, g the query gradient there. Evaluation and
-    prediction adapt with the same proximal inner loop. The loop path only; not with
+    prediction adapt with the same proximal inner loop. The loop path only (null vectorize
+    takes it, saying so in one line where the device's default is vmap); not with
     checkpoint, msl_steps, learn_inner_lr or per_step_bn_weights."""
     proximal_lambda: float = 1.0
     """implicit only: the proximal term's weight lambda (positive); larger keeps the adapted

@@ -494,6 +494,8 @@ class Trainer:
             # training would cost the run its result, so it is checksummed now as well.
             verify_shards(cfg.data.shards, [cfg.eval.part])
         self.state = build_state(cfg, dist.device, model_inputs(self.manifest))
+        for note in self.state.learner.notes(dist.device, precision=self.precision):
+            dist.print(note)
         self.batches = TrainBatches(self.sources["train"],
                                     rank_slice(cfg.train.meta_batch_size, dist.rank,
                                                dist.world_size),

@@ -11,6 +11,7 @@ import torch
 from fsl_dist.config import CHOICES, ConfigError, load_config
 from fsl_dist.learners import learner_from_config
 from fsl_dist.meta import ALGORITHMS, InnerLoopSpec, LearnedInnerLR, meta_backward, meta_loss
+from fsl_dist.meta.objective import loop_path_note
 from fsl_dist.meta.precision import InnerLossScaler
 from fsl_dist.meta.spec import CHECKPOINT_LEVELS
 from fsl_dist.models import (
@@ -72,9 +73,11 @@ def trainer_gradient(model, tasks, algorithm, level, mamlpp, first_order=False):
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("mamlpp", [False, True], ids=["plain", "mamlpp"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("name", ["cnn", "resnet"])
+@pytest.mark.parametrize("name", ["cnn", "resnet", "resnet12"])
 def test_every_level_gives_the_default_meta_gradient(name, algorithm, mamlpp, first_order):
-    model, tasks = small_model(name, mamlpp=mamlpp), make_tasks(dtype=torch.float32, jitter=0.1)
+    # resnet12: the benchmark's backbone (its blocks are residual stages), at 16x16
+    model = small_model(name, mamlpp=mamlpp)
+    tasks = make_tasks(dtype=torch.float32, jitter=0.1, size=16 if name == "resnet12" else 8)
     default, stats = trainer_gradient(model, tasks, algorithm, "none", mamlpp, first_order)
     for level in LEVELS:
         got, got_stats = trainer_gradient(model, tasks, algorithm, level, mamlpp, first_order)
@@ -175,3 +178,22 @@ def test_the_trainer_step_recomputes_each_inner_step_with_the_configured_level()
     # per task: 2 support forwards and 1 query forward; steps adds the 2 recomputed ones
     assert forwards == {"none": 3 * n_tasks, "steps": 5 * n_tasks}
     assert torch.equal(grads["steps"], grads["none"])
+
+
+@pytest.mark.parametrize("device, vectorize, overrides, said", [
+    ("cuda", None, ["algorithm.checkpoint=blocks"], "algorithm.checkpoint=blocks"),
+    ("cuda", None, ["algorithm.meta_gradient=implicit"], "algorithm.meta_gradient=implicit"),
+    ("cuda", None, [], None),  # vmap as usual
+    ("cuda", False, ["algorithm.checkpoint=steps"], None),  # the user chose the loop
+    ("cpu", None, ["algorithm.checkpoint=steps"], None),  # the loop is CPU's default anyway
+], ids=["cuda-blocks", "cuda-implicit", "cuda-none", "cuda-loop-chosen", "cpu-steps"])
+def test_one_note_says_when_checkpointing_changes_the_devices_default_path(
+        device, vectorize, overrides, said):
+    cfg = config(*overrides, f"algorithm.vectorize={'null' if vectorize is None else 'false'}")
+    note = loop_path_note(InnerLoopSpec.from_config(cfg, precision="no"), small_model("cnn"),
+                          torch.device(device))
+    if said is None:
+        assert note is None
+    else:
+        assert note.startswith(f"note: {said} runs the tasks in a loop, not through cuda's "
+                               "default vmap") and "\n" not in note

@@ -217,9 +217,18 @@ MAMLPP = ("algorithm.inner_steps=2", "algorithm.msl_steps=4", "algorithm.first_o
           "algorithm.per_step_bn_stats=true", "optim.schedule=cosine", "optim.min_lr=1e-5")
 
 
-def test_mamlpp_two_ranks_equal_one_and_resume_is_bitwise_across_the_switches(shards, tmp_path):
-    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    train(one, shards, 0, *MAMLPP)
+@pytest.fixture(scope="module")
+def mamlpp_one(shards, tmp_path_factory):
+    """A one-process MAML++ run, default inner loop: the reference of the checkpoint levels."""
+    run_dir = tmp_path_factory.mktemp("mamlpp-one") / "run"
+    train(run_dir, shards, 0, *MAMLPP)
+    assert_world(run_dir, 1)
+    return run_dir
+
+
+def test_mamlpp_two_ranks_equal_one_and_resume_is_bitwise_across_the_switches(shards, tmp_path,
+                                                                              mamlpp_one):
+    one, two, resumed = mamlpp_one, tmp_path / "two", tmp_path / "resumed"
     train(two, shards, 2, *MAMLPP)
     assert_world(two, 2)
     a, b = weights(one), weights(two)
@@ -307,3 +316,42 @@ def test_augmented_two_ranks_equal_one_and_resume_is_bitwise(shards, tmp_path, t
     c = weights(resumed)
     assert all(torch.equal(a[k], c[k]) for k in a), f"max diff {max_abs_difference(a, c):.3g}"
     assert max_abs_difference(a, weights(two_rank_maml)) > 1e-4  # it trained on other images
+
+
+def one_two_and_resumed(shards, tmp_path, *extra) -> tuple[dict, dict, dict]:
+    """Weights after 6 steps of one process, of two ranks, and of a new process resumed from
+    the one-process run's step-2 checkpoint."""
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    train(one, shards, 0, *extra)
+    train(two, shards, 2, *extra)
+    assert_world(one, 1)
+    assert_world(two, 2)
+    train(resumed, shards, 0, *extra, "--resume", str(checkpoint_path(one, 2)))
+    assert [r["step"] for r in train_rows(resumed)] == [3, 4, 5, 6]
+    return weights(one), weights(two), weights(resumed)
+
+
+@pytest.mark.parametrize("level", ["steps", "blocks"])
+def test_checkpoint_levels_train_as_the_default_on_two_ranks_and_across_resume(
+        shards, tmp_path, mamlpp_one, level):
+    """algorithm.checkpoint with every MAML++ option (second order from step 3): the default's
+    parameters (the meta-gradients agree to float32 rounding), two ranks give one process's,
+    and a resumed process continues bitwise (the levels keep no state of their own)."""
+    one, two, resumed = one_two_and_resumed(shards, tmp_path, *MAMLPP,
+                                            f"algorithm.checkpoint={level}")
+    for other, what in ((weights(mamlpp_one), "default"), (two, "two ranks")):
+        difference = max_abs_difference(one, other)
+        assert difference < 1e-6, f"max |{level} - {what}| = {difference:.3g}"
+    assert all(torch.equal(one[k], resumed[k]) for k in one), \
+        f"max diff {max_abs_difference(one, resumed):.3g}"
+
+
+def test_implicit_meta_gradient_on_two_ranks_and_across_resume(shards, tmp_path):
+    """algorithm.meta_gradient=implicit (its one all-reduce like the default's): two ranks give
+    one process's parameters and a resumed process continues bitwise."""
+    one, two, resumed = one_two_and_resumed(shards, tmp_path, "algorithm.meta_gradient=implicit",
+                                            "algorithm.inner_steps=2")
+    difference = max_abs_difference(one, two)
+    assert difference < 1e-6, f"max |one - two| = {difference:.3g}"
+    assert all(torch.equal(one[k], resumed[k]) for k in one), \
+        f"max diff {max_abs_difference(one, resumed):.3g}"

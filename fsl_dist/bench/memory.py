@@ -123,10 +123,29 @@ def main(argv=None) -> None:
           "CPU s per task | rel. diff vs none |\n|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(_line(row))
+    for line in growth_lines(rows):
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"case": case(args.shot, args.query), "threads": torch.get_num_threads(),
                        "rows": rows}, f, indent=1)
+
+
+def growth_lines(rows: list[dict]) -> list[str]:
+    """Per level measured at 1 step and more: what each further inner step adds to the peak
+    above start, on average from 1 step to each larger count, as a share of the 1-step peak
+    (the issue's "each further inner step adds at most 5% of the 1-step peak")."""
+    lines = []
+    for level in dict.fromkeys(row["level"] for row in rows):
+        done = {r["steps"]: r["above_start_mib"] for r in rows
+                if r["level"] == level and "failed" not in r}
+        if 1 not in done:
+            continue
+        for steps in sorted(s for s in done if s > 1):
+            per_step = (done[steps] - done[1]) / (steps - 1)
+            lines.append(f"{level}: 1 to {steps} steps, {per_step:+.0f} MiB per further step, "
+                         f"{100 * per_step / done[1]:.1f}% of the 1-step peak")
+    return lines
 
 
 def _line(row: dict) -> str:

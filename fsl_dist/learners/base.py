@@ -77,6 +77,11 @@ class Learner(abc.ABC):
                     raise ConfigError(f"the saved `{name}` does not fit the configured one "
                                       f"({str(error).splitlines()[0]})") from error
 
+    def notes(self, device: torch.device, *, precision: str) -> list[str]:
+        """Lines the trainer prints before training about how this family will run on
+        ``device`` (a path other than the device's default, ...); none by default."""
+        return []
+
     # -------------------------------------------------------- training
     @abc.abstractmethod
     def meta_backward(self, tasks: Mapping[str, Tensor], *, step: int, precision: str,

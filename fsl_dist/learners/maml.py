@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
+import torch
 from torch import Tensor, nn
 
 from fsl_dist.config import AlgorithmConfig, ConfigError
@@ -17,6 +18,7 @@ from fsl_dist.meta import (
     learned_inner_lr,
     meta_backward,
 )
+from fsl_dist.meta.objective import loop_path_note
 
 from .base import Adapted, Learner
 
@@ -69,6 +71,10 @@ class MamlFamily(Learner):
         return InnerLoopSpec.from_algorithm(self.algorithm, precision=precision,
                                             inner_lr=self.inner_lr, inner_steps=inner_steps,
                                             step=step, evaluation=evaluation)
+
+    def notes(self, device: torch.device, *, precision: str) -> list[str]:
+        note = loop_path_note(self.spec(precision=precision), self.model, device)
+        return [note] if note else []
 
     def meta_backward(self, tasks: Mapping[str, Tensor], *, step: int, precision: str,
                       acc_before: bool = True, loss_scale: float = 1.0,

@@ -424,6 +424,23 @@ def native_batch_norms(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def loop_path_note(spec: InnerLoopSpec, model: nn.Module, device) -> str | None:
+    """One line when ``spec`` takes the loop where the device's default is vmap (``vectorize``
+    unset, e.g. on CUDA): checkpointing uses saved-tensor hooks or autograd.grad inside an
+    autograd.Function, which torch.func transforms refuse; the implicit solve is written for
+    the loop. None when nothing changes (on CPU the loop is the default)."""
+    if spec.vectorize is not None or not default_vectorize(device, model):
+        return None
+    if spec.checkpoint != "none":
+        what, why = f"algorithm.checkpoint={spec.checkpoint}", "checkpointing cannot cross vmap"
+    elif spec.meta_gradient == "implicit":
+        what, why = "algorithm.meta_gradient=implicit", "implemented on the loop only"
+    else:
+        return None
+    return (f"note: {what} runs the tasks in a loop, not through {torch.device(device).type}'s "
+            f"default vmap ({why}; set algorithm.vectorize=false to silence this)")
+
+
 def _vectorize(spec: InnerLoopSpec, model: nn.Module, device: torch.device) -> bool:
     if spec.checkpoint != "none" or spec.meta_gradient == "implicit":
         return False  # neither crosses torch.func transforms (the spec refuses True)
