@@ -250,6 +250,14 @@ class TrainConfig:
     tune_cpu_malloc: bool = True
     """On CPU, keep glibc's allocator from returning freed activations to the kernel: faster
     meta-steps for a higher peak RSS (fsl_dist/cpu_malloc.py; numbers in BENCHMARKS.md)."""
+    memory_budget_gb: Optional[float] = None
+    """Peak memory per process (GB = 10^9; on CPU the resident set, on CUDA the tensors
+    allocated on the device). Before the first step the trainer measures probe steps and takes
+    the fastest plan that fits: tasks side by side or one at a time, the allocator settings, the
+    checkpoint levels, the tasks in flight (none changes the meta-gradient beyond float
+    rounding); it prints the plan and its peak and records them in run.json, and refuses with
+    exit code 4 when none fits. null: today's fastest plan, nothing probed. Data held in memory
+    is data.memory_budget_gb. docs/guide/memory.md."""
     max_skipped_steps: Optional[int] = 20
     """Stop the run (exit code 3) after this many consecutive steps skipped for non-finite
     gradients or losses; null never stops. fp16's loss scaling skips a few while it settles."""
@@ -565,6 +573,10 @@ def validate(cfg: Config, where: str = "config") -> None:
     for key in POSITIVE:
         if not get(cfg, key) > 0:
             raise ConfigError(f"{where}: `{key}` = {get(cfg, key)!r} must be positive")
+    budget = cfg.train.memory_budget_gb
+    if budget is not None and not budget > 0:
+        raise ConfigError(f"{where}: `train.memory_budget_gb` = {budget!r} must be positive "
+                          "(or null: no budget)")
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise ConfigError(f"{where}: `{key}` = {get(cfg, key)!r} must not be negative")

@@ -32,6 +32,7 @@ from fsl_dist.data.shards import verify_shards
 from fsl_dist.distributed import launcher_precision
 from fsl_dist.evaluate import evaluate
 from fsl_dist.io import WriteFailure, writing
+from fsl_dist.memory_plan import Plan, apply_to_spec, plan_arguments, plan_memory
 from fsl_dist.meta import (
     InnerLoopSpec,
     InnerLossScaler,
@@ -233,6 +234,14 @@ class TrainBatches:
             tasks = next(self._stream)
         return {k: v.to(self.device, non_blocking=True) for k, v in tasks.items()}
 
+    def peek(self, step: int) -> dict:
+        """``at(step)``, and the next ``at(step)`` gives the same batch (a probe step's)."""
+        fresh = self._stream is None
+        tasks = self.at(step)
+        if fresh:
+            self._stream = None  # reseeded from the same step again
+        return tasks
+
 
 # ---------------------------------------------------------------- one step
 
@@ -256,25 +265,28 @@ def _set_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
 
 
 def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str,
-               acc_before: bool = True, on_update: Optional[Callable[[], None]] = None) -> dict:
+               acc_before: bool = True, on_update: Optional[Callable[[], None]] = None,
+               plan: Optional[Plan] = None) -> dict:
     """Meta-gradient of this rank's tasks, all-reduced to the mean over the meta-batch, then one
     identical Adam step on every rank (skipped on all ranks if anything is non-finite).
 
     ``acc_before=False`` skips the query forward before adaptation (a fifth of a Conv-4 MAML
     step); its statistic is then NaN. The trainer asks for it on the steps it logs.
     ``on_update`` is called once the meta-gradient is computed, before anything of ``state``
-    changes (the trainer's phase flag: a stop before it may save the last finished step)."""
+    changes (the trainer's phase flag: a stop before it may save the last finished step).
+    ``plan``: how the meta-gradient runs (``memory_plan.Plan``; None: the defaults)."""
     params = state.trainable()
     state.optimizer.zero_grad(set_to_none=True)
     fp16 = precision == "fp16"
     outer_scale = state.outer_scaler.scale if fp16 else 1.0
     # The step enters here: what MAML++ schedules by step is a function of it alone.
-    spec = InnerLoopSpec.from_config(cfg, precision=precision, inner_lr=state.inner_lr,
-                                     step=state.step)
+    spec = apply_to_spec(InnerLoopSpec.from_config(cfg, precision=precision,
+                                                   inner_lr=state.inner_lr, step=state.step),
+                         plan)
     norms = running_stats_norms(state.model)  # MAML++'s BNRS: per-step running statistics
     with collect_batch_stats() as collector:
         stats = meta_backward(state.model, tasks, spec, acc_before=acc_before,
-                              loss_scale=outer_scale,
+                              loss_scale=outer_scale, **plan_arguments(plan),
                               inner_loss_scale=state.inner_scaler.scale if fp16 else None)
     if on_update is not None:
         on_update()
@@ -489,6 +501,10 @@ class Trainer:
             for change in changes:
                 dist.print(f"resume: from step {self.state.step} on, "
                            f"{resume_record.describe([change], steps=False)} ({change['kind']})")
+        self.memory_plan, self.memory_record = None, None
+        if cfg.train.memory_budget_gb is not None:  # re-planned at every start
+            self.memory_plan, self.memory_record = plan_memory(
+                self.state, self.batches.peek(self.state.step), cfg, self.precision, dist)
         # A validation that a stop cut short is done again first (see _stop_now_if_safe).
         self.validation_pending = saved is not None and saved.get("pending") == "validation"
         self.history = resume_record.history(self.run_dir, self.state.step, changes,
@@ -607,7 +623,8 @@ class Trainer:
             self.wandb_id = self.dist.wandb_run_id() or self.wandb_id
         self.on_main_write(lambda: write_run_info(self.cfg, self.run_dir, self.dist,
                                                   self.precision, self.wandb_id, self.manifest,
-                                                  history=self.history))
+                                                  history=self.history,
+                                                  memory_plan=self.memory_record))
 
     def on_main_write(self, write) -> None:
         """``write()`` on the main process; a write failure there is raised on every rank, with
@@ -655,7 +672,8 @@ class Trainer:
                 started = time.perf_counter()
                 out = train_step(state, tasks, cfg, dist, self.precision,
                                  acc_before=self.debug or self.logs_step(state.step + 1),
-                                 on_update=lambda: self._enter("update"))
+                                 on_update=lambda: self._enter("update"),
+                                 plan=self.memory_plan)
                 self.phase = "after"
                 out["step_time"] = time.perf_counter() - started
                 self.after_step(out, bar)
