@@ -257,7 +257,7 @@ class TrainConfig:
     checkpoint levels, the tasks in flight (none changes the meta-gradient beyond float
     rounding); it prints the plan and its peak and records them in run.json, and refuses with
     exit code 4 when none fits. null: today's fastest plan, nothing probed. Data held in memory
-    is data.memory_budget_gb. docs/guide/memory.md."""
+    is data.memory_budget_gb. docs/guide/training.md, "Fit in a memory budget?"."""
     max_skipped_steps: Optional[int] = 20
     """Stop the run (exit code 3) after this many consecutive steps skipped for non-finite
     gradients or losses; null never stops. fp16's loss scaling skips a few while it settles."""

@@ -327,13 +327,26 @@ def apply_to_spec(spec: InnerLoopSpec, plan: Optional[Plan]) -> InnerLoopSpec:
                                                   checkpoint=plan.checkpoint)
 
 
+def refuse(line: str):
+    error = MemoryPlanError(line)
+    error.raised_on_main = True  # every rank refuses alike (the same maxima); the main says it
+    raise error
+
+
 def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, dict]:
     """The plan for ``cfg.train.memory_budget_gb`` and its record for run.json; raises
     ``MemoryPlanError`` when none fits. Prints the choice in one line (main process)."""
     budget_gb = cfg.train.memory_budget_gb
     budget = budget_gb * GB
     device = dist.device
-    started = read_peak(device)  # the process's peak so far (loading the data), before resets
+    # The process's peak so far (torch, the data, the model), before any reset: no plan undoes
+    # it. The highest over ranks, so that every rank decides alike.
+    started = dist.max_over_ranks([read_peak(device)])[0]
+    if started > budget:
+        refuse(f"no way to run a meta-step fits train.memory_budget_gb={budget_gb:g}: this "
+               f"process needed {started / GB:.3g} GB per process before its first step "
+               f"(torch, the data, the model), whatever the plan; raise the budget, or hold "
+               f"less in memory (data.mode=stream)")
     plans = candidates(cfg, state.model, device, tasks["support_x"].shape[0],
                        pixels_per_task(tasks))
     chosen, probes = search(plans, Prober(state, tasks, cfg, precision, dist), budget,
@@ -341,9 +354,7 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     if chosen is None:
         if plans[0].malloc is not None:
             tune_cpu_malloc(plans[0].malloc == "tuned")
-        error = MemoryPlanError(refusal(budget_gb, probes))
-        error.raised_on_main = True  # every rank refuses alike (the same maxima); main says it
-        raise error
+        refuse(refusal(budget_gb, probes))
     if chosen.malloc is not None:
         tune_cpu_malloc(chosen.malloc == "tuned")
     gc.collect()

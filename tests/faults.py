@@ -30,6 +30,9 @@ FAULTS = (
           "`optim.lr` = inf must be a finite number", "nothing is written"),
     Fault("inner_lr_zero", "`algorithm.inner_lr=0`", 2,
           "`algorithm.inner_lr` = 0.0 must be positive", "nothing is written"),
+    Fault("memory_budget", "`train.memory_budget_gb` below what the process needs "
+          "(`=0.05`)", 4, "no way to run a meta-step fits train.memory_budget_gb",
+          "nothing of the run is written: refused before step 1"),
     Fault("nonfinite_steps", "every step non-finite (`algorithm.inner_lr=1e30`)", 3,
           "non-finite gradients or losses and were skipped", "a checkpoint of the last finite "
           "weights; no model is exported"),
