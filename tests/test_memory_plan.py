@@ -183,3 +183,16 @@ def test_a_probe_leaves_the_weights_the_random_state_and_the_gradients_as_they_w
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(weights[n], p) for n, p in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and not state.optimizer.state
+
+
+def test_the_bench_row_under_a_budget_computes_the_loop_meta_gradient(tiny):
+    from fsl_dist.bench import peers
+    from fsl_dist.bench.measure import meta_gradient
+
+    model, tasks = tiny
+    case = {"model": "cnn", "algorithm": "maml", "inner_steps": 2, "n_way": 3, "k_shot": 1,
+            "n_query": 2, "meta_batch": 4}
+    planned = peers.METHODS["loop, memory plan"][1](model, tasks, {**case, "budget_mib": 1e5})
+    assert planned.plan_record["probes"][0]["fits"]
+    loop = peers.METHODS["loop"][1](model, tasks, case)
+    assert torch.equal(meta_gradient(planned, model), meta_gradient(loop, model))

@@ -21,11 +21,12 @@ from .peers import INNER_LR, case_spec
 
 def case_config(case: dict, budget_gb: float):
     """The trainer's config for the case (its shipped config, the case's task and inner loop)."""
-    overrides = [f"task.n_way={case['n_way']}", f"task.k_shot={case['k_shot']}",
+    overrides = [f"algorithm.name={case['algorithm']}", f"task.n_way={case['n_way']}",
+                 f"task.k_shot={case['k_shot']}",
                  f"task.q_query={case['n_query']}", f"train.meta_batch_size={case['meta_batch']}",
                  f"algorithm.inner_steps={case['inner_steps']}",
                  f"algorithm.inner_lr={INNER_LR}", f"train.memory_budget_gb={budget_gb}"]
-    return load_config(f"{case['model']}_{case['algorithm']}", overrides)
+    return load_config(f"{case['model']}_maml", overrides)
 
 
 def planned_method(model, tasks, case):
