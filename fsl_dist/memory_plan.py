@@ -25,9 +25,11 @@ the monotonic ``ru_maxrss`` (a later candidate may then read an earlier one's hi
 too high, never too low). On CUDA ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``. Added to it, counted rather than measured: what the first update
 allocates (Adam's two moments unless a resumed optimizer holds them, and the all-reduced
-gradient vector). What the process holds between probes drifts (up to 0.1 GB measured, once
-worker threads have run), so in the end each plan is charged its own growth on top of the
-highest resident set seen before any probe (``Prober.settle``).
+gradient vector). What the process holds between probes drifts (0.94-1.08 GB measured in one
+Conv-4 process: glibc never trims the top of a worker thread's arena while the allocator is
+tuned, and ``malloc_trim`` trims the main arena's only), and training starts from what the
+probes left; so a plan chosen among others is probed once more, last, right before training,
+and taken only if it fits again (else the next fastest).
 
 Search: the default plan first; if it fits, nothing else is probed. Otherwise the lightest
 plan; if it does not fit either, the run is refused (``MemoryPlanError``) naming what it
@@ -165,24 +167,31 @@ def _lightness(plan: Plan) -> tuple:
 # ---------------------------------------------------------------- the choice
 
 
-def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]], budget: float,
-           settle: Callable[[list[Probe]], list[Probe]] = list
-           ) -> tuple[Optional[Plan], list[Probe]]:
+def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
+           budget: float) -> tuple[Optional[Plan], list[Probe]]:
     """(the chosen plan or None, every probe) for ``budget`` bytes; ``measure`` probes a round
-    of plans (``candidates``' order: default first, lightest last); ``settle`` gives the final
-    peaks of all probes once every round is in (``Prober.settle``)."""
+    of plans (``candidates``' order: default first, lightest last).
+
+    A plan chosen among others is probed once more, last, in the state training starts from
+    (what earlier probes left in the heap included), and taken only if it fits again."""
     probes = measure(plans[:1])
-    if probes[0].peak > budget and len(plans) > 1:
-        probes += measure(plans[-1:])
-        if probes[-1].peak <= budget:
-            probes += measure(plans[1:-1])
-    probes = settle(probes)
-    fitting = [p for p in probes if p.peak <= budget]
-    if not fitting:
+    if probes[0].peak <= budget:
+        return plans[0], probes
+    if len(plans) == 1:
         return None, probes
+    probes += measure(plans[-1:])
+    if probes[-1].peak > budget:
+        return None, probes
+    probes += measure(plans[1:-1])
     order = {plan: i for i, plan in enumerate(plans)}
-    best = min(fitting, key=lambda p: (p.plan != plans[0], p.seconds, order[p.plan]))
-    return best.plan, probes
+    fitting = sorted((p for p in probes if p.peak <= budget),
+                     key=lambda p: (p.seconds, order[p.plan]))
+    for probe in fitting:
+        if probes[-1].plan != probe.plan:
+            probes += measure([probe.plan])  # the confirmation
+        if probes[-1].peak <= budget:
+            return probe.plan, probes
+    return None, probes
 
 
 def refusal(budget_gb: float, probes: list[Probe]) -> str:
@@ -255,14 +264,6 @@ class Prober:
         extra = update_bytes(self.state)
         return [Probe(plan, peak + extra, secs, base)
                 for plan, peak, secs, base in zip(plans, peaks, seconds, before)]
-
-    @staticmethod
-    def settle(probes: list[Probe]) -> list[Probe]:
-        """Every probe's peak on the highest resident set seen before any probe: what the
-        process holds between steps drifts (measured: up to 0.1 GB once a probe has run
-        worker threads), so each plan is charged its own growth on the worst start."""
-        start = max(p.before for p in probes)
-        return [Probe(p.plan, p.peak - p.before + start, p.seconds, start) for p in probes]
 
     def probe(self, plan: Plan) -> tuple[float, float, float]:
         """(peak bytes, seconds of the last repeat, bytes before) of ``plan``'s
@@ -349,8 +350,7 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
                f"less in memory (data.mode=stream)")
     plans = candidates(cfg, state.model, device, tasks["support_x"].shape[0],
                        pixels_per_task(tasks))
-    chosen, probes = search(plans, Prober(state, tasks, cfg, precision, dist), budget,
-                            Prober.settle)
+    chosen, probes = search(plans, Prober(state, tasks, cfg, precision, dist), budget)
     if chosen is None:
         if plans[0].malloc is not None:
             tune_cpu_malloc(plans[0].malloc == "tuned")
@@ -359,7 +359,7 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
         tune_cpu_malloc(chosen.malloc == "tuned")
     gc.collect()
     release_free_memory()  # training starts from what the process holds, not the probes' heap
-    probe = next(p for p in probes if p.plan == chosen)
+    probe = next(p for p in reversed(probes) if p.plan == chosen)  # its confirmation
     fit = sum(p.peak <= budget for p in probes)
     dist.print(f"memory plan: {chosen.name}; peak {probe.peak / GB:.3g} GB of the {budget_gb:g} "
                f"GB budget per process, {probe.before / GB:.3g} GB of it held before the step "

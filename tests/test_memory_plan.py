@@ -62,10 +62,29 @@ def test_the_fastest_plan_that_fits_is_chosen_among_the_others():
     measure, rounds = measured(table)
     chosen, probes = search(PLANS, measure, 2.0 * GB)
     assert chosen == MIDDLE_FAST
-    assert rounds == [[DEFAULT], [LIGHTEST], [MIDDLE_FAST, MIDDLE_SLOW]]
+    # the chosen plan is probed again, last: training starts from the heap the probes left
+    assert rounds == [[DEFAULT], [LIGHTEST], [MIDDLE_FAST, MIDDLE_SLOW], [MIDDLE_FAST]]
     # the fastest no longer fits: the next fastest that does
     chosen, _ = search(PLANS, measured(table)[0], 1.6 * GB)
     assert chosen == MIDDLE_SLOW
+
+
+def test_a_plan_that_no_longer_fits_when_probed_again_gives_way_to_the_next():
+    table = {DEFAULT: (3.0, 1.0), MIDDLE_FAST: (1.9, 1.5), MIDDLE_SLOW: (1.5, 2.5),
+             LIGHTEST: (1.0, 4.0)}
+    first = {}
+
+    def measure(plans):  # MIDDLE_FAST needs more the second time (what earlier probes left)
+        out = []
+        for p in plans:
+            peak, seconds = table[p]
+            if p == MIDDLE_FAST and first.setdefault(p, 0):
+                peak = 2.1
+            first[p] = 1
+            out.append(Probe(p, peak * GB, seconds))
+        return out
+    chosen, probes = search(PLANS, measure, 2.0 * GB)
+    assert chosen == MIDDLE_SLOW and [p.plan for p in probes[-2:]] == [MIDDLE_FAST, MIDDLE_SLOW]
 
 
 def test_equal_times_go_to_the_plan_expected_faster():
@@ -149,11 +168,6 @@ def test_tasks_one_at_a_time_give_the_side_by_side_gradient(tiny):
             assert all(torch.equal(stats[k], stats1[k]) for k in stats)
         assert rel_err(one_at_a_time, side_by_side) < 1e-6
 
-
-def test_settling_charges_every_plan_its_growth_on_the_highest_start():
-    probes = [Probe(DEFAULT, 3.0, 1.0, 1.0), Probe(LIGHTEST, 2.5, 2.0, 2.0)]
-    settled = Prober.settle(probes)
-    assert [p.peak for p in settled] == [4.0, 2.5] and {p.before for p in settled} == {2.0}
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
