@@ -169,7 +169,6 @@ def test_tasks_one_at_a_time_give_the_side_by_side_gradient(tiny):
         assert rel_err(one_at_a_time, side_by_side) < 1e-6
 
 
-
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_vmap_in_chunks_gives_the_whole_batch_gradient(tiny, chunk):
     model, tasks = tiny
