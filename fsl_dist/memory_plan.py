@@ -13,25 +13,25 @@ batch, with no update, once per candidate ``Plan``:
 Every candidate gives the default's meta-gradient: the loop sums its tasks' parts in task
 order whatever ``in_flight`` is (bitwise on one intra-op thread; a task that runs alone on
 several threads sums its convolutions in another order), vmap chunks and checkpoint levels
-within float rounding (1e-6 relative). The probe leaves the run as it was: the random state, the model's
-buffers and the gradients are restored, batch statistics are not collected, the optimizer does
-not step, and the task batch is read again for the first step. A run whose budget picks the
-default plan is therefore bitwise the run without a budget.
+within float rounding (1e-6 relative). The probe leaves the run as it was: the random state,
+the model's buffers and the gradients are restored, batch statistics are not collected, the
+optimizer does not step, and the task batch is read again for the first step. A run whose
+budget picks the default plan is therefore bitwise the run without a budget.
 
 The peak is the process's, absolute, on the device that trains: on CPU the kernel's high-water
 mark of the resident set (``VmHWM``), which the process resets before each probe
 (``/proc/self/clear_refs``, Linux >= 4.0) after handing its free heap back (``malloc_trim``),
-so each candidate's peak is exact and needs no child process (forking a process whose
-OpenMP pool or CUDA context has started is not safe, and a fresh interpreter per candidate
-would reload torch and the data); where that reset is refused,
-the monotonic ``ru_maxrss`` (a later candidate may then read an earlier one's higher peak:
-too high, never too low). On CUDA ``torch.cuda.max_memory_allocated`` after
-``reset_peak_memory_stats``. Added to it, counted rather than measured: what the first update
-allocates (Adam's two moments unless a resumed optimizer holds them, and the all-reduced
-gradient vector). What the process holds between probes drifts (0.94-1.08 GB measured in one
-Conv-4 process; likely the worker threads' malloc arenas, which the tuned allocator never
-trims and ``malloc_trim`` does not shrink), and training starts from what the probes left; so a plan chosen among others is probed once more, last, right before training,
-and taken only if it fits again (else the next fastest).
+so each candidate's peak is exact and needs no child process (forking a process whose OpenMP
+pool or CUDA context has started is not safe, and a fresh interpreter per candidate would
+reload torch and the data); where that reset is refused, the monotonic ``ru_maxrss`` (a later
+candidate may then read an earlier one's higher peak: too high, never too low). On CUDA
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. Added to it, counted
+rather than measured: what the first update allocates (Adam's two moments unless a resumed
+optimizer holds them, and the all-reduced gradient vector). What the process holds between
+probes drifts (0.94-1.08 GB measured in one Conv-4 process; likely the worker threads' malloc
+arenas, which the tuned allocator never trims and ``malloc_trim`` does not shrink), and
+training starts from what the probes left; so a plan chosen among others is probed once more,
+last, right before training, and taken only if it fits again (else the next fastest).
 
 Search: the default plan first; if it fits, nothing else is probed. Otherwise the lightest
 plan; if it does not fit either, the run is refused (``MemoryPlanError``) naming what it
