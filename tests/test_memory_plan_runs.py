@@ -76,6 +76,14 @@ def test_a_budget_the_default_fits_probes_once_and_trains_bitwise_as_without(unb
             == json.loads((unbudgeted / "eval.json").read_text())["mean"])
 
 
+def test_streamed_tasks_are_read_again_after_the_probe(shards, tmp_path):
+    # Stream mode: the probe's batch is the first step's, the stream reopened at that step.
+    plain, budgeted = tmp_path / "plain", tmp_path / "budgeted"
+    run("train.py", args(plain, shards, "data.mode=stream"))
+    run("train.py", args(budgeted, shards, "data.mode=stream", "train.memory_budget_gb=100"))
+    assert rows(budgeted) == rows(plain)
+
+
 def watch_peak(cmd: list[str], last_line: str) -> tuple[subprocess.CompletedProcess, int]:
     """Run ``cmd``, polling its VmHWM (bytes) from outside every 20 ms until it prints a line
     holding ``last_line``: the highest seen. (Python's own teardown after that, once every
