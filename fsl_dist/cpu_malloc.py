@@ -69,6 +69,18 @@ def tune_cpu_malloc(tuned: bool = True) -> str:
     return "tuned" if tuned else "defaults"
 
 
+M_ARENA_MAX = -8
+
+
+def single_arena() -> bool:
+    """From now on every thread allocates from glibc's main arena (``MALLOC_ARENA_MAX=1``), so
+    that ``release_free_memory`` reaches what worker threads freed (a thread arena's top is
+    never trimmed while SETTINGS hold). The memory plan's choice; True when applied."""
+    if reason_to_leave_alone() is not None:
+        return False
+    return _libc().mallopt(ctypes.c_int(M_ARENA_MAX), ctypes.c_int(1)) == 1
+
+
 def release_free_memory() -> None:
     """Hand the heap's free pages back to the kernel (glibc's ``malloc_trim(0)``), so that the
     process's RSS is what it holds; nothing where glibc is not the allocator."""
