@@ -315,6 +315,14 @@ class TrainConfig:
     tune_cpu_malloc: bool = True
     """On CPU, keep glibc's allocator from returning freed activations to the kernel: faster
     meta-steps for a higher peak RSS (fsl_dist/cpu_malloc.py; numbers in BENCHMARKS.md)."""
+    memory_budget_gb: Optional[float] = None
+    """Peak memory per process (GB = 10^9; on CPU the resident set, on CUDA the tensors
+    allocated on the device). Before the first step the trainer measures probe steps and takes
+    the fastest plan that fits: tasks side by side or one at a time, the allocator settings, the
+    checkpoint levels, the tasks in flight (none changes the meta-gradient beyond float
+    rounding); it prints the plan and its peak and records them in run.json, and refuses with
+    exit code 4 when none fits. null: today's fastest plan, nothing probed. Data held in memory
+    is data.memory_budget_gb. docs/guide/training.md, "Fit in a memory budget?"."""
     max_skipped_steps: Optional[int] = 20
     """Stop the run (exit code 3) after this many consecutive steps skipped for non-finite
     gradients or losses; null never stops. fp16's loss scaling skips a few while it settles."""
@@ -678,6 +686,14 @@ def validate(cfg: Config, where: str = "config") -> None:
     for key in POSITIVE:
         if not get(cfg, key) > 0:
             raise ConfigError(f"{where}: `{key}` = {get(cfg, key)!r} must be positive")
+    budget = cfg.train.memory_budget_gb
+    if budget is not None and not budget > 0:
+        raise ConfigError(f"{where}: `train.memory_budget_gb` = {budget!r} must be positive "
+                          "(or null: no budget)")
+    if budget is not None and cfg.algorithm.name not in ("maml", "boil", "anil"):
+        raise ConfigError(f"{where}: `train.memory_budget_gb` plans the MAML family's inner "
+                          f"loop; `algorithm.name` = {cfg.algorithm.name} has none to plan: "
+                          "leave the budget null")
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise ConfigError(f"{where}: `{key}` = {get(cfg, key)!r} must not be negative")

@@ -29,6 +29,19 @@ SETTINGS = (
     (M_TOP_PAD, 2**30),              # grow the heap 1 GiB at a time (address space, not RSS)
 )
 
+# glibc's documented defaults (mallopt(3)), to switch SETTINGS off again in a running process.
+# Setting them explicitly keeps glibc's dynamic mmap threshold off, so "off" in a process that
+# was tuned is glibc's default values, fixed, not a fresh process's adapting threshold.
+DEFAULTS = (
+    (M_MMAP_THRESHOLD, 128 * 2**10),
+    (M_TRIM_THRESHOLD, 128 * 2**10),
+    (M_TOP_PAD, 128 * 2**10),
+)
+
+
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
 
 def reason_to_leave_alone() -> str | None:
     """Why this process's allocator is not fsl_dist's to set, or None when it is."""
@@ -42,14 +55,34 @@ def reason_to_leave_alone() -> str | None:
     return "the environment sets " + ", ".join(chosen) if chosen else None
 
 
-def tune_cpu_malloc() -> str:
-    """Apply SETTINGS to this process; returns what happened, for the log: ``"tuned"``, or why
-    not. Idempotent; affects allocations from now on (forked children inherit it)."""
+def tune_cpu_malloc(tuned: bool = True) -> str:
+    """Apply SETTINGS (``tuned``) or glibc's DEFAULTS to this process; returns what happened,
+    for the log: ``"tuned"`` (or ``"defaults"``), or why not. Idempotent; affects allocations
+    from now on (forked children inherit it)."""
     reason = reason_to_leave_alone()
     if reason:
         return f"left as is: {reason}"
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    for param, value in SETTINGS:
+    libc = _libc()
+    for param, value in SETTINGS if tuned else DEFAULTS:
         if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
             return f"left partly as is: glibc refused mallopt({param}, {value})"
-    return "tuned"
+    return "tuned" if tuned else "defaults"
+
+
+M_ARENA_MAX = -8
+
+
+def single_arena() -> bool:
+    """From now on every thread allocates from glibc's main arena (``MALLOC_ARENA_MAX=1``), so
+    that ``release_free_memory`` reaches what worker threads freed (a thread arena's top is
+    never trimmed while SETTINGS hold). The memory plan's choice; True when applied."""
+    if reason_to_leave_alone() is not None:
+        return False
+    return _libc().mallopt(ctypes.c_int(M_ARENA_MAX), ctypes.c_int(1)) == 1
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the kernel (glibc's ``malloc_trim(0)``), so that the
+    process's RSS is what it holds; nothing where glibc is not the allocator."""
+    if reason_to_leave_alone() is None:
+        _libc().malloc_trim(ctypes.c_size_t(0))

@@ -159,6 +159,14 @@ class Distributed:
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def max_over_ranks(self, values: list[float]) -> list[float]:
+        """Each value's maximum over all processes (in float64; one collective call)."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return t.tolist()
+
     def gather_ragged(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenate a 1-D tensor from every rank in rank order; lengths may differ by rank."""
         values = values.detach().to(self.device, torch.float64).flatten()

@@ -14,6 +14,7 @@ from fsl_dist.checkpoint import CheckpointError
 from fsl_dist.config import ConfigError
 from fsl_dist.data.shards import ShardError
 from fsl_dist.io import DiskFullError, NotAFolderError, ReadOnlyError, WriteDeniedError
+from fsl_dist.memory_plan import MemoryPlanError
 from fsl_dist.runfolder import RunFolderError
 from fsl_dist.slurm import EXIT_RESUMABLE
 from fsl_dist.trained import TrainedModelError
@@ -22,6 +23,7 @@ EXIT_OK = 0
 EXIT_BUG = 1  # Python's own code for an uncaught exception
 EXIT_BAD_INPUT = 2  # config, data, run folder, checkpoint: fix the input and run again
 EXIT_DIVERGED = 3  # non-finite steps kept coming: lower a rate
+EXIT_NO_PLAN = 4  # train.memory_budget_gb: no plan's measured peak fits; raise it
 EXIT_READ_ONLY = 73  # sysexits' EX_CANTCREAT: a read-only file system; write elsewhere
 EXIT_NO_SPACE = 74  # sysexits' EX_IOERR: free space, then --resume auto
 EXIT_DENIED = 77  # sysexits' EX_NOPERM: this user may not write there
@@ -34,6 +36,7 @@ EXPECTED = {
     CheckpointError: EXIT_BAD_INPUT,
     FileNotFoundError: EXIT_BAD_INPUT,
     TrainedModelError: EXIT_BAD_INPUT,
+    MemoryPlanError: EXIT_NO_PLAN,
     # Write failures, by errno (fsl_dist/io.py); a file where a folder should be is a wrong path.
     DiskFullError: EXIT_NO_SPACE,
     WriteDeniedError: EXIT_DENIED,

@@ -63,6 +63,7 @@ KINDS = {
     "train.meta_batch_size": TRAINED, "train.seed": TRAINED,
     "train.checkpoint_every": BOOKKEEPING, "train.keep_checkpoints": BOOKKEEPING,
     "train.eval_every": BOOKKEEPING, "train.log_every": BOOKKEEPING,
+    "train.memory_budget_gb": BOOKKEEPING,  # re-planned at every start; same meta-gradient
     "train.cpu_threads": BOOKKEEPING, "train.tune_cpu_malloc": BOOKKEEPING,
     "train.max_skipped_steps": BOOKKEEPING, "train.loss_warn_factor": BOOKKEEPING,
     # evaluation reads the weights, never changes them

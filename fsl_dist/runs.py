@@ -153,10 +153,11 @@ def package_versions() -> dict:
 
 
 def write_run_info(cfg: Config, run_dir: Path, dist, precision: str,
-                   wandb_id: Optional[str], manifest: dict, history: Optional[dict] = None
-                   ) -> None:
+                   wandb_id: Optional[str], manifest: dict, history: Optional[dict] = None,
+                   memory_plan: Optional[dict] = None) -> None:
     """config.yaml and run.json; ``history`` (resume.history: the segments, from which step on
-    each ran, and the config changes of resumes) goes into run.json."""
+    each ran, and the config changes of resumes) goes into run.json, and so does
+    ``memory_plan`` (this start's, ``memory_plan.plan_memory``'s record) when there is one."""
     save_config(cfg, run_dir / "config.yaml")
     device = dist.device
     info = {
@@ -174,6 +175,8 @@ def write_run_info(cfg: Config, run_dir: Path, dist, precision: str,
         "data": data_facts(manifest),
         **(history or {}),
     }
+    if memory_plan is not None:
+        info["memory_plan"] = memory_plan
     atomic_write_json(run_dir / "run.json", info)
 
 

@@ -35,6 +35,7 @@ from fsl_dist.distributed import launcher_precision
 from fsl_dist.evaluate import evaluate
 from fsl_dist.io import WriteFailure, writing
 from fsl_dist.learners import STAT_KEYS, Learner, check_way, learner_from_config
+from fsl_dist.memory_plan import plan_memory
 from fsl_dist.meta import InnerLossScaler
 from fsl_dist.meta.precision import bf16_cpu_warning
 from fsl_dist.models import collect_batch_stats, running_stats_norms, update_running_stats
@@ -222,6 +223,14 @@ class TrainBatches:
             tasks = next(self._stream)
         return {k: v.to(self.device, non_blocking=True) for k, v in tasks.items()}
 
+    def peek(self, step: int) -> dict:
+        """``at(step)``, and the next ``at(step)`` gives the same batch (a probe step's)."""
+        fresh = self._stream is None
+        tasks = self.at(step)
+        if fresh:
+            self._stream = None  # reseeded from the same step again
+        return tasks
+
 
 # ---------------------------------------------------------------- one step
 
@@ -266,7 +275,8 @@ def train_step(state: TrainState, tasks: dict, cfg: Config, dist, precision: str
     ``acc_before=False`` skips the query forward before adaptation (a fifth of a Conv-4 MAML
     step); its statistic is then NaN. The trainer asks for it on the steps it logs.
     ``on_update`` is called once the meta-gradient is computed, before anything of ``state``
-    changes (the trainer's phase flag: a stop before it may save the last finished step)."""
+    changes (the trainer's phase flag: a stop before it may save the last finished step).
+    How the meta-gradient runs under a memory budget is the learner's (its ``plan``)."""
     params = state.trainable()
     state.optimizer.zero_grad(set_to_none=True)
     fp16 = precision == "fp16"
@@ -459,6 +469,11 @@ class Trainer:
             for change in changes:
                 dist.print(f"resume: from step {self.state.step} on, "
                            f"{resume_record.describe([change], steps=False)} ({change['kind']})")
+        self.memory_plan, self.memory_record = None, None
+        if cfg.train.memory_budget_gb is not None:  # re-planned at every start
+            self.memory_plan, self.memory_record = plan_memory(
+                self.state, self.batches.peek(self.state.step), cfg, self.precision, dist)
+            self.state.learner.plan = self.memory_plan
         # A validation that a stop cut short is done again first (see _stop_now_if_safe).
         self.validation_pending = saved is not None and saved.get("pending") == "validation"
         self.history = resume_record.history(self.run_dir, self.state.step, changes,
@@ -626,7 +641,8 @@ class Trainer:
             self.wandb_id = self.dist.wandb_run_id() or self.wandb_id
         self.on_main_write(lambda: write_run_info(self.cfg, self.run_dir, self.dist,
                                                   self.precision, self.wandb_id, self.manifest,
-                                                  history=self.history))
+                                                  history=self.history,
+                                                  memory_plan=self.memory_record))
 
     def on_main_write(self, write) -> None:
         """``write()`` on the main process; a write failure there is raised on every rank, with

@@ -32,6 +32,9 @@ FAULTS = (
           "`algorithm.inner_lr` = 0.0 must be positive", "nothing is written"),
     Fault("eval_way_with_head", "`eval.n_way` other than `task.n_way` for the MAML family "
           "(its head fixes N)", 2, "but maml's head fixes N", "nothing is written"),
+    Fault("memory_budget", "`train.memory_budget_gb` below what the process needs "
+          "(`=0.05`)", 4, "no way to run a meta-step fits train.memory_budget_gb",
+          "nothing of the run is written: refused before step 1"),
     Fault("nonfinite_steps", "every step non-finite (`algorithm.inner_lr=1e30`)", 3,
           "non-finite gradients or losses and were skipped", "a checkpoint of the last finite "
           "weights; no model is exported"),

@@ -72,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="split each row's timed steps over this many rounds, the methods "
                              "interleaved (a fresh process per method and round), so that a slow "
                              "spell of a shared machine falls on every method, not on one")
+    parser.add_argument("--plan-budget-mib", type=float,
+                        help="the 'loop, memory plan' row's budget: the peak memory a step may "
+                             "add (MiB); default: the lightest peer's peak measured before it "
+                             "in the same case (list the peers first in --methods)")
     parser.add_argument("--row-timeout", type=float, default=3600, help="seconds per row")
     parser.add_argument("--json", type=Path,
                         help="also write the rows here (after every case, complete at the end)")
@@ -112,6 +116,7 @@ class CaseRunner:
         truth = float64_gradient(case) if self.args.float64_check else None
         methods = [m for m in self.args.methods if METHODS[m][0](case)]
         results = {m: [] for m in methods}
+        self.results = results  # the peers' peaks, for the memory plan's budget
         grads = {}
         rounds = self.args.rounds
         for round_index in range(rounds):
@@ -134,12 +139,24 @@ class CaseRunner:
             row.pop("stderr", None)
         return case_rows
 
+    def lightest_peer(self):
+        """The lowest peak (MiB) of the peers measured so far in this case, or None."""
+        peaks = [r["peak_mem_mib"] for m in PEERS for r in self.results.get(m, [])
+                 if "peak_mem_mib" in r]
+        return min(peaks) if peaks else None
+
     def measure(self, case, method, grad_out, steps) -> dict:
         if method in self.unavailable:
             return {"unavailable": self.unavailable[method]}
         args = self.args
         spec = {"case": case, "method": method, "device": args.device, "threads": args.threads,
                 "steps": steps, "warmup": args.warmup, "grad_out": grad_out}
+        if method == "loop, memory plan":
+            budget = args.plan_budget_mib or self.lightest_peer()
+            if budget is None:
+                return {"unavailable": "no peer's peak measured before it in this case: list "
+                                       "the peers first, or give --plan-budget-mib"}
+            spec["budget_mib"] = budget
         result = run_in_subprocess(spec, timeout=args.row_timeout)
         if "unavailable" in result:
             self.unavailable[method] = result["unavailable"]

@@ -134,6 +134,8 @@ def run_row(spec: dict) -> dict:
     case = spec["case"]
     model = build_model(case["model"], case["n_way"], **model_options(case)).to(device)
     tasks = synthetic_tasks(case, device)
+    if "budget_mib" in spec:  # "loop, memory plan": the peak a step may add
+        case = {**case, "budget_mib": spec["budget_mib"]}
     try:
         backward = METHODS[spec["method"]][1](model, tasks, case)
     except Unavailable as why:
@@ -155,21 +157,25 @@ def run_row(spec: dict) -> dict:
         save_meta_gradient(backward, model, spec)
     for _ in range(spec["warmup"]):
         step()
-    times = []
+    times, cpu_times = [], []
     for _ in range(spec["steps"]):
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = peak_rss() - base
     median = statistics.median(times)
-    return {"s_per_step": median, "tasks_per_s": case["meta_batch"] / median,
-            "peak_mem_mib": peak / 2**20, "steps": spec["steps"], "warmup": spec["warmup"],
-            "step_times": times}
+    row = {"s_per_step": median, "tasks_per_s": case["meta_batch"] / median,
+           "peak_mem_mib": peak / 2**20, "steps": spec["steps"], "warmup": spec["warmup"],
+           "step_times": times, "cpu_s_per_step": statistics.median(cpu_times)}
+    if hasattr(backward, "plan_record"):
+        row["memory_plan"] = backward.plan_record
+    return row
 
 
 def save_meta_gradient(backward, model, spec: dict) -> None:

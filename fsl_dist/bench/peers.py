@@ -203,6 +203,11 @@ def reference_task(model, case):
     return run_task
 
 
+def _planned(model, tasks, case):
+    from .planned import planned_method  # imports the trainer: only in this method's rows
+    return planned_method(model, tasks, case)
+
+
 # --- the table of methods -----------------------------------------------------------------------
 
 # name -> (applies to case?, factory(model, tasks, case) -> backward()). "loop" is the CPU
@@ -228,10 +233,12 @@ METHODS = {
     "learn2learn, tuned malloc": (lambda case: True, peer_method(learn2learn_task)),
     "higher, tuned malloc": (lambda case: True, peer_method(higher_task)),
     "torchopt, tuned malloc": (lambda case: True, peer_method(torchopt_task)),
+    # train.memory_budget_gb with the lightest peer's peak (or --plan-budget-mib): planned.py
+    "loop, memory plan": (lambda case: True, _planned),
 }
 LEVERS = ("loop, serial", "loop, side by side", "loop, meta_loss + backward", "compiled",
-          "loop, glibc malloc defaults", "learn2learn, tuned malloc", "higher, tuned malloc",
-          "torchopt, tuned malloc")
+          "loop, memory plan", "loop, glibc malloc defaults", "learn2learn, tuned malloc",
+          "higher, tuned malloc", "torchopt, tuned malloc")
 DEFAULT_METHODS = [m for m in METHODS if m not in LEVERS]
 REFERENCE = peer_method(reference_task)  # for counting FLOP
 

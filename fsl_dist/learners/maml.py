@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fsl_dist.config import AlgorithmConfig, ConfigError
+from fsl_dist.memory_plan import Plan, apply_to_spec, plan_arguments
 from fsl_dist.meta import (
     InnerLoopSpec,
     LearnedInnerLR,
@@ -42,6 +43,7 @@ class MamlFamily(Learner):
                                             adapt=algorithm.adapt)
                 inner_lr = inner_lr.to(next(model.parameters()).device)
         self.inner_lr = inner_lr
+        self.plan: Optional[Plan] = None  # train.memory_budget_gb's choice (None: defaults)
 
     def extras(self) -> dict:
         learned = self.inner_lr if isinstance(self.inner_lr, LearnedInnerLR) else None
@@ -68,9 +70,10 @@ class MamlFamily(Learner):
         """The inner loop of training ``step`` or, with ``evaluation``, of evaluation."""
         if evaluation and inner_steps is None:
             inner_steps = self.evaluation_steps
-        return InnerLoopSpec.from_algorithm(self.algorithm, precision=precision,
+        spec = InnerLoopSpec.from_algorithm(self.algorithm, precision=precision,
                                             inner_lr=self.inner_lr, inner_steps=inner_steps,
                                             step=step, evaluation=evaluation)
+        return spec if evaluation else apply_to_spec(spec, self.plan)
 
     def notes(self, device: torch.device, *, precision: str) -> list[str]:
         note = loop_path_note(self.spec(precision=precision), self.model, device)
@@ -82,7 +85,8 @@ class MamlFamily(Learner):
         # The step enters here: what MAML++ schedules by step is a function of it alone.
         spec = self.spec(precision=precision, step=step)
         stats = meta_backward(self.model, tasks, spec, acc_before=acc_before,
-                              loss_scale=loss_scale, inner_loss_scale=inner_loss_scale)
+                              loss_scale=loss_scale, inner_loss_scale=inner_loss_scale,
+                              **plan_arguments(self.plan))
         return {**stats, "second_order": float(not spec.first_order),
                 "msl_last_weight": spec.step_weights[-1] if spec.step_weights else 1.0}
 

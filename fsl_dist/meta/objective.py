@@ -498,7 +498,8 @@ def meta_loss(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoopSpec
 
 def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoopSpec, *,
                   inner_loss_scale: float | None = None, acc_before: bool = True,
-                  loss_scale: float = 1.0, workers: int | None = None) -> dict:
+                  loss_scale: float = 1.0, workers: int | None = None,
+                  chunk: int | None = None) -> dict:
     """``loss, stats = meta_loss(...); (loss * loss_scale).backward(); return stats``, faster.
 
     Accumulates the meta-gradient into ``.grad`` of the model's parameters (and of a
@@ -509,6 +510,9 @@ def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoop
         workers: loop path only: tasks run in this many threads, each task on one intra-op
             thread; None asks ``default_task_workers`` (CPU: torch's thread count for small
             tasks, 1 for large ones).
+        chunk: vmap path only: run the tasks ``chunk`` at a time, one vmap and one backward
+            per chunk (less memory; the gradient is the sum of the chunks' parts, equal to the
+            whole batch's within float rounding); None: all tasks in one vmap.
 
     On the loop path each task's graph is differentiated as soon as it is built and then
     freed, so memory holds one task's graph per worker rather than the whole meta-batch; the
@@ -518,6 +522,9 @@ def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoop
     _check_tasks(tasks)
     device = tasks["support_x"].device
     if _vectorize(spec, model, device):
+        if chunk is not None and chunk < tasks["support_x"].shape[0]:
+            return _chunked_vmap_backward(model, tasks, spec, chunk, inner_loss_scale,
+                                          acc_before, loss_scale)
         loss, stats = meta_loss(model, tasks, spec.replace(vectorize=True),
                                 inner_loss_scale=inner_loss_scale, acc_before=acc_before)
         (loss * loss_scale).backward()
@@ -549,6 +556,25 @@ def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoop
         leaf.grad = total if leaf.grad is None else leaf.grad + total
     columns = [torch.stack(column) for column in zip(*(results for _, results in per_task))]
     return _summary(*columns)
+
+
+def _chunked_vmap_backward(model, tasks, spec, chunk, inner_loss_scale, acc_before,
+                           loss_scale) -> dict:
+    """``meta_backward``'s vmap path, ``chunk`` tasks per vmap: each chunk's part of the mean
+    (its sum over tasks / all tasks) is differentiated before the next chunk is built."""
+    device = tasks["support_x"].device
+    plan, lrs = _plan(model, spec, device.type, True, inner_loss_scale=inner_loss_scale,
+                      acc_before=acc_before)
+    params = dict(model.named_parameters())
+    n_tasks = tasks["support_x"].shape[0]
+    columns = []
+    for start in range(0, n_tasks, chunk):
+        part = {k: v[start:start + chunk] for k, v in tasks.items() if k in TASK_KEYS}
+        lrs = resolve_inner_lr(spec.inner_lr, plan.adapted_names)  # a fresh graph per chunk
+        results = _run_tasks(model, part, params, lrs, plan, True)
+        (results[0].sum() * (loss_scale / n_tasks)).backward()
+        columns.append([r.detach() for r in results])
+    return _summary(*(torch.cat(column) for column in zip(*columns)))
 
 
 def evaluate_tasks(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoopSpec, *,

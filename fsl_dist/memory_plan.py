@@ -1,0 +1,387 @@
+"""``train.memory_budget_gb``: the fastest way to run a meta-step whose measured peak fits.
+
+Before the first step (of every start, a resume included: the machine may have changed) the
+trainer runs a probe step, a real meta-gradient of the real model on this rank's first task
+batch, with no update, once per candidate ``Plan``:
+
+- the path: tasks side by side in one ``vmap`` (in chunks of ``in_flight`` tasks) or a loop
+  of ``in_flight`` worker threads, each running one task at a time (``meta_backward``);
+- ``algorithm.checkpoint``: none, steps, blocks (second order only; blocks on models that
+  split into ``features`` and ``classifier``);
+- on CPU, fsl_dist's allocator settings (``cpu_malloc``) tuned or glibc's defaults.
+
+Every candidate gives the default's meta-gradient: the loop sums its tasks' parts in task
+order whatever ``in_flight`` is (bitwise on one intra-op thread; a task that runs alone on
+several threads sums its convolutions in another order), vmap chunks and checkpoint levels
+within float rounding (1e-6 relative). The probe leaves the run as it was: the random state,
+the model's buffers and the gradients are restored, batch statistics are not collected, the
+optimizer does not step, and the task batch is read again for the first step. A run whose
+budget picks the default plan is therefore bitwise the run without a budget.
+
+The peak is the process's, absolute, on the device that trains: on CPU the kernel's high-water
+mark of the resident set (``VmHWM``), which the process resets before each probe
+(``/proc/self/clear_refs``, Linux >= 4.0) after handing its free heap back (``malloc_trim``),
+so each candidate's peak is exact and needs no child process (forking a process whose OpenMP
+pool or CUDA context has started is not safe, and a fresh interpreter per candidate would
+reload torch and the data); where that reset is refused, the monotonic ``ru_maxrss`` (a later
+candidate may then read an earlier one's higher peak: too high, never too low). On CUDA
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. Added to it, counted
+rather than measured: what the first update allocates (Adam's two moments unless a resumed
+optimizer holds them, and the all-reduced gradient vector). What the process holds between
+probes drifts (0.94-1.08 GB measured in one Conv-4 process; likely the worker threads' malloc
+arenas, which the tuned allocator never trims and ``malloc_trim`` does not shrink), and
+training starts from what the probes left; so a plan chosen among others is probed once more,
+last, right before training, and taken only if it fits again (else the next fastest).
+
+Search: the default plan first; if it fits, nothing else is probed. Otherwise the lightest
+plan; if it does not fit either, the run is refused (``MemoryPlanError``) naming what it
+needs. Otherwise every other candidate is probed and the one with the shortest probe step
+among those that fit is taken (each probe runs twice: the first warms up, the time is the
+second's, the peak the higher). Several processes: every rank probes the same candidates and
+each peak and time is the maximum over ranks (one collective per round), so every rank
+takes the same plan, or refuses alike. On a resume the plan is made again: the machine, the
+processes or the budget may have changed, and no plan changes the meta-gradient beyond
+rounding.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from fsl_dist import checkpoint as ckpt
+from fsl_dist.cpu_malloc import (
+    reason_to_leave_alone,
+    release_free_memory,
+    single_arena,
+    tune_cpu_malloc,
+)
+from fsl_dist.meta import InnerLoopSpec
+from fsl_dist.meta.objective import (
+    default_task_workers,
+    default_vectorize,
+    pixels_per_task,
+    splits_body_and_head,
+)
+from fsl_dist.meta.spec import CHECKPOINT_LEVELS
+from fsl_dist.models.layers import collect_batch_stats
+
+GB = 1e9  # as data.memory_budget_gb
+
+
+class MemoryPlanError(Exception):
+    """No plan's measured peak fits ``train.memory_budget_gb`` (exit code ``EXIT_NO_PLAN``)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a meta-step runs; none of it changes the meta-gradient beyond float rounding."""
+
+    vectorize: bool  # tasks through one vmap (True) or a loop (False)
+    in_flight: int  # loop: worker threads (tasks side by side); vmap: tasks per vmap call
+    checkpoint: str  # algorithm.checkpoint's level
+    malloc: Optional[str] = None  # CPU: "tuned" or "defaults"; None: left as it is
+
+    @property
+    def name(self) -> str:
+        path = (f"vmap, {self.in_flight} tasks per call" if self.vectorize else
+                f"loop, {self.in_flight} task{'s' if self.in_flight > 1 else ''} at a time")
+        malloc = {"tuned": ", cpu malloc tuned", "defaults": ", cpu malloc glibc defaults"}
+        return f"{path}, checkpoint {self.checkpoint}{malloc.get(self.malloc, '')}"
+
+    def as_dict(self) -> dict:
+        return {"vectorize": self.vectorize, "in_flight": self.in_flight,
+                "checkpoint": self.checkpoint, "malloc": self.malloc}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One candidate's measured probe step: peak bytes (with the update's), seconds, and the
+    bytes the process held before the step (torch, the data, the model)."""
+
+    plan: Plan
+    peak: float
+    seconds: float
+    before: float = 0.0
+
+    def as_dict(self, budget: float) -> dict:
+        return {"plan": self.plan.name, "peak_gb": round(self.peak / GB, 4),
+                "before_gb": round(self.before / GB, 4), "seconds": round(self.seconds, 4),
+                "fits": self.peak <= budget}
+
+
+# ---------------------------------------------------------------- candidates
+
+
+def _halvings(n: int) -> list[int]:
+    """n, n/2, ... 1 (rounded up), without repeats."""
+    out = [n]
+    while out[-1] > 1:
+        out.append((out[-1] + 1) // 2)
+    return out
+
+
+def candidates(cfg, model: torch.nn.Module, device: torch.device, n_tasks: int,
+               task_pixels: int) -> list[Plan]:
+    """The plans to search, the default (today's plan without a budget) first, the lightest
+    last, the rest in the order expected fastest first (the order breaks ties in time).
+
+    vmap is a candidate only where it is the default (CUDA) or asked for: on CPU the loop was
+    measured faster at about half the memory (BENCHMARKS.md). An explicit
+    ``algorithm.vectorize`` fixes the path; the configured checkpoint level is the heaviest
+    searched."""
+    algo = cfg.algorithm
+    implicit = algo.meta_gradient == "implicit"
+    fixed_loop = algo.checkpoint != "none" or implicit or algo.vectorize is False
+    default_vmap = (not fixed_loop and (algo.vectorize or (
+        algo.vectorize is None and default_vectorize(device, model))))
+    levels = [algo.checkpoint]
+    if not algo.first_order and not implicit:
+        levels = list(CHECKPOINT_LEVELS[CHECKPOINT_LEVELS.index(algo.checkpoint):])
+        if not splits_body_and_head(model):
+            levels = [lv for lv in levels if lv != "blocks"]
+    mallocs: list[Optional[str]] = [None]
+    if device.type == "cpu" and cfg.train.tune_cpu_malloc and reason_to_leave_alone() is None:
+        mallocs = ["tuned", "defaults"]
+    workers = default_task_workers(device, task_pixels)
+    plans = []
+    for malloc in mallocs:
+        if default_vmap:
+            plans += [Plan(True, n, "none", malloc) for n in _halvings(n_tasks)]
+        if algo.vectorize is not True or fixed_loop:
+            plans += [Plan(False, w, level, malloc) for level in levels
+                      for w in _halvings(workers)]
+    default = Plan(bool(default_vmap), n_tasks if default_vmap else workers, algo.checkpoint,
+                   mallocs[0])
+    rest = [p for p in plans if p != default]
+    lightest = min(rest, key=_lightness) if rest else None
+    ordered = [p for p in rest if p != lightest]
+    return [default] + ordered + ([lightest] if lightest else [])
+
+
+def _lightness(plan: Plan) -> tuple:
+    """Smaller is expected lighter: glibc's defaults, fewer tasks in flight, a finer level."""
+    return (plan.malloc == "tuned", plan.in_flight, -CHECKPOINT_LEVELS.index(plan.checkpoint),
+            plan.vectorize)
+
+
+# ---------------------------------------------------------------- the choice
+
+
+def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
+           budget: float) -> tuple[Optional[Plan], list[Probe]]:
+    """(the chosen plan or None, every probe) for ``budget`` bytes; ``measure`` probes a round
+    of plans (``candidates``' order: default first, lightest last).
+
+    A plan chosen among others is probed once more, last, in the state training starts from
+    (what earlier probes left in the heap included), and taken only if it fits again."""
+    probes = measure(plans[:1])
+    if probes[0].peak <= budget:
+        return plans[0], probes
+    if len(plans) == 1:
+        return None, probes
+    probes += measure(plans[-1:])
+    if probes[-1].peak > budget:
+        return None, probes
+    probes += measure(plans[1:-1])
+    order = {plan: i for i, plan in enumerate(plans)}
+    fitting = sorted((p for p in probes if p.peak <= budget),
+                     key=lambda p: (p.seconds, order[p.plan]))
+    for probe in fitting:
+        if probes[-1].plan != probe.plan:
+            probes += measure([probe.plan])  # the confirmation
+        if probes[-1].peak <= budget:
+            return probe.plan, probes
+    return None, probes
+
+
+def refusal(budget_gb: float, probes: list[Probe]) -> str:
+    """The one line of a budget that no plan fits, naming the smallest measured need."""
+    smallest = min(reversed(probes), key=lambda p: p.peak)  # a tie: the lighter, probed later
+    return (f"no way to run a meta-step fits train.memory_budget_gb={budget_gb:g}: the smallest "
+            f"plan ({smallest.plan.name}) needs {smallest.peak / GB:.3g} GB per process "
+            f"({smallest.before / GB:.3g} GB held before the step, measured on a probe step); "
+            f"raise the budget, or make a task lighter "
+            f"(task.q_query, model.width, fewer algorithm.inner_steps, algorithm.first_order)")
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def status_bytes(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def reset_peak(device: torch.device) -> bool:
+    """Start a new peak measurement; False where the peak cannot be reset (then the peak read
+    is the process's highest so far)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def read_peak(device: torch.device) -> float:
+    """Bytes: the peak since ``reset_peak``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        return float(status_bytes("VmHWM"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB
+
+
+def update_bytes(state) -> float:
+    """What the first update adds to a step's peak: the all-reduced gradient vector, and
+    Adam's two moments unless the optimizer already holds them (a resumed run)."""
+    params = state.trainable()
+    size = sum(p.numel() * p.element_size() for p in params)
+    return float(size * (1 if state.optimizer.state else 3))
+
+
+class Prober:
+    """Runs probe steps of ``state``'s model on ``tasks`` (this rank's first batch); each
+    round's peaks and times are the maxima over ranks."""
+
+    def __init__(self, state, tasks: dict, cfg, precision: str, dist, repeats: int = 2):
+        self.state, self.tasks, self.cfg, self.precision = state, tasks, cfg, precision
+        self.dist, self.repeats = dist, repeats
+        self.device = dist.device
+
+    def __call__(self, plans: list[Plan]) -> list[Probe]:
+        measured = [self.probe(plan) for plan in plans]
+        n = len(plans)
+        flat = self.dist.max_over_ranks([value for m in zip(*measured) for value in m])
+        peaks, seconds, before = flat[:n], flat[n:2 * n], flat[2 * n:]
+        extra = update_bytes(self.state)
+        return [Probe(plan, peak + extra, secs, base)
+                for plan, peak, secs, base in zip(plans, peaks, seconds, before)]
+
+    def probe(self, plan: Plan) -> tuple[float, float, float]:
+        """(peak bytes, seconds of the last repeat, bytes before) of ``plan``'s
+        meta-gradient; the first repeat warms up, the peak is the highest of all (the tuned
+        allocator's may creep)."""
+        if plan.malloc is not None:
+            tune_cpu_malloc(plan.malloc == "tuned")
+        peak, seconds = 0.0, 0.0
+        with kept(self.state):
+            gc.collect()
+            release_free_memory()
+            reset_peak(self.device)
+            before = read_peak(self.device)
+            for _ in range(self.repeats):
+                started = time.perf_counter()
+                self.step(plan)
+                peak = max(peak, read_peak(self.device))
+                seconds = time.perf_counter() - started
+                for p in self.state.trainable():
+                    p.grad = None
+        return peak, seconds, before
+
+    def step(self, plan: Plan) -> None:
+        state, learner = self.state, self.state.learner
+        fp16 = self.precision == "fp16"
+        chosen, learner.plan = learner.plan, plan
+        try:
+            with collect_batch_stats():  # collected statistics are dropped
+                learner.meta_backward(self.tasks, step=state.step, precision=self.precision,
+                                      loss_scale=state.outer_scaler.scale if fp16 else 1.0,
+                                      inner_loss_scale=state.inner_scaler.scale if fp16
+                                      else None)
+        finally:
+            learner.plan = chosen
+
+
+class kept:
+    """Within: the random state and the model's buffers are as before afterwards."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __enter__(self):
+        self.rng = ckpt.rng_state()
+        self.buffers = {n: b.clone() for n, b in self.state.model.named_buffers()}
+
+    def __exit__(self, *exc):
+        ckpt.set_rng_state(self.rng)
+        with torch.no_grad():
+            for name, buffer in self.state.model.named_buffers():
+                buffer.copy_(self.buffers[name])
+        return False
+
+
+def plan_arguments(plan: Optional[Plan]) -> dict:
+    """``meta_backward``'s keyword arguments for ``plan`` (none: its defaults)."""
+    if plan is None:
+        return {}
+    return {"chunk": plan.in_flight} if plan.vectorize else {"workers": plan.in_flight}
+
+
+def apply_to_spec(spec: InnerLoopSpec, plan: Optional[Plan]) -> InnerLoopSpec:
+    return spec if plan is None else spec.replace(vectorize=plan.vectorize,
+                                                  checkpoint=plan.checkpoint)
+
+
+def refuse(line: str):
+    error = MemoryPlanError(line)
+    error.raised_on_main = True  # every rank refuses alike (the same maxima); the main says it
+    raise error
+
+
+def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, dict]:
+    """The plan for ``cfg.train.memory_budget_gb`` and its record for run.json; raises
+    ``MemoryPlanError`` when none fits. Prints the choice in one line (main process)."""
+    budget_gb = cfg.train.memory_budget_gb
+    budget = budget_gb * GB
+    device = dist.device
+    # The process's peak so far (torch, the data, the model), before any reset: no plan undoes
+    # it. The highest over ranks, so that every rank decides alike.
+    started = dist.max_over_ranks([read_peak(device)])[0]
+    if started > budget:
+        refuse(f"no way to run a meta-step fits train.memory_budget_gb={budget_gb:g}: this "
+               f"process needed {started / GB:.3g} GB per process before its first step "
+               f"(torch, the data, the model), whatever the plan; raise the budget, or hold "
+               f"less in memory (data.mode=stream)")
+    if device.type == "cpu" and cfg.train.tune_cpu_malloc:
+        # One arena, so that what a probe's worker threads freed goes back to the kernel
+        # between probes (measured: 86 MiB left behind by a Conv-4 probe with arenas per
+        # thread, 43 with one); kept for training, whose memory the probes then measured.
+        single_arena()
+    plans = candidates(cfg, state.model, device, tasks["support_x"].shape[0],
+                       pixels_per_task(tasks))
+    chosen, probes = search(plans, Prober(state, tasks, cfg, precision, dist), budget)
+    if chosen is None:
+        if plans[0].malloc is not None:
+            tune_cpu_malloc(plans[0].malloc == "tuned")
+        refuse(refusal(budget_gb, probes))
+    if chosen.malloc is not None:
+        tune_cpu_malloc(chosen.malloc == "tuned")
+    gc.collect()
+    release_free_memory()  # training starts from what the process holds, not the probes' heap
+    probe = next(p for p in reversed(probes) if p.plan == chosen)  # its confirmation
+    tried = {p.plan for p in probes}  # the chosen plan is probed again last, to confirm it
+    fit = len({p.plan for p in probes if p.peak <= budget})
+    dist.print(f"memory plan: {chosen.name}; peak {probe.peak / GB:.3g} GB of the {budget_gb:g} "
+               f"GB budget per process, {probe.before / GB:.3g} GB of it held before the step "
+               f"({len(tried)} of {len(plans)} plans probed, {fit} fit)")
+    record = {"budget_gb": budget_gb, "plan": chosen.as_dict(), "name": chosen.name,
+              "peak_gb": round(probe.peak / GB, 4), "before_gb": round(probe.before / GB, 4),
+              "peak_before_planning_gb": round(started / GB, 4),
+              "measure": "cuda max_memory_allocated" if device.type == "cuda" else "VmHWM",
+              "probes": [p.as_dict(budget) for p in probes]}
+    return chosen, record

@@ -1,0 +1,215 @@
+"""``train.memory_budget_gb`` (fsl_dist/memory_plan.py), fast tier: the choice among measured
+plans, the candidates, and that every plan gives the default's meta-gradient (one at a time and
+side by side: bitwise; vmap in chunks: within 1e-6) while a probe leaves the run as it was."""
+
+import pytest
+import torch
+
+from fsl_dist.config import ConfigError, load_config
+from fsl_dist.distributed import Distributed
+from fsl_dist.learners import learner_from_config
+from fsl_dist.memory_plan import (
+    GB,
+    Plan,
+    Probe,
+    Prober,
+    candidates,
+    plan_arguments,
+    refusal,
+    search,
+)
+from fsl_dist.meta import InnerLoopSpec, meta_backward
+from fsl_dist.meta.precision import InnerLossScaler
+from fsl_dist.models import build_model
+from fsl_dist.trainer import TrainState
+
+from launching import ROOT
+from meta_helpers import flat, make_tasks, rel_err
+
+
+def config(*overrides):
+    return load_config(ROOT / "configs" / "cnn_maml.yaml", list(overrides))
+
+
+# ---------------------------------------------------------------- the choice
+
+DEFAULT = Plan(False, 2, "none", "tuned")
+MIDDLE_FAST = Plan(False, 2, "steps", "tuned")
+MIDDLE_SLOW = Plan(False, 1, "none", "defaults")
+LIGHTEST = Plan(False, 1, "blocks", "defaults")
+PLANS = [DEFAULT, MIDDLE_FAST, MIDDLE_SLOW, LIGHTEST]
+
+
+def measured(table):
+    """A ``measure`` that reads (peak GB, seconds) per plan from ``table``, and a log of the
+    rounds it was asked for."""
+    rounds = []
+
+    def measure(plans):
+        rounds.append(list(plans))
+        return [Probe(p, table[p][0] * GB, table[p][1]) for p in plans]
+    return measure, rounds
+
+
+def test_a_default_that_fits_is_taken_without_probing_anything_else():
+    measure, rounds = measured({DEFAULT: (1.0, 1.0)})
+    chosen, probes = search(PLANS, measure, 1.0 * GB)
+    assert chosen == DEFAULT and rounds == [[DEFAULT]] and len(probes) == 1
+
+
+def test_the_fastest_plan_that_fits_is_chosen_among_the_others():
+    table = {DEFAULT: (3.0, 1.0), MIDDLE_FAST: (1.9, 1.5), MIDDLE_SLOW: (1.5, 2.5),
+             LIGHTEST: (1.0, 4.0)}
+    measure, rounds = measured(table)
+    chosen, probes = search(PLANS, measure, 2.0 * GB)
+    assert chosen == MIDDLE_FAST
+    # the chosen plan is probed again, last: training starts from the heap the probes left
+    assert rounds == [[DEFAULT], [LIGHTEST], [MIDDLE_FAST, MIDDLE_SLOW], [MIDDLE_FAST]]
+    # the fastest no longer fits: the next fastest that does
+    chosen, _ = search(PLANS, measured(table)[0], 1.6 * GB)
+    assert chosen == MIDDLE_SLOW
+
+
+def test_a_plan_that_no_longer_fits_when_probed_again_gives_way_to_the_next():
+    table = {DEFAULT: (3.0, 1.0), MIDDLE_FAST: (1.9, 1.5), MIDDLE_SLOW: (1.5, 2.5),
+             LIGHTEST: (1.0, 4.0)}
+    first = {}
+
+    def measure(plans):  # MIDDLE_FAST needs more the second time (what earlier probes left)
+        out = []
+        for p in plans:
+            peak, seconds = table[p]
+            if p == MIDDLE_FAST and first.setdefault(p, 0):
+                peak = 2.1
+            first[p] = 1
+            out.append(Probe(p, peak * GB, seconds))
+        return out
+    chosen, probes = search(PLANS, measure, 2.0 * GB)
+    assert chosen == MIDDLE_SLOW and [p.plan for p in probes[-2:]] == [MIDDLE_FAST, MIDDLE_SLOW]
+
+
+def test_equal_times_go_to_the_plan_expected_faster():
+    table = {DEFAULT: (3.0, 1.0), MIDDLE_FAST: (1.0, 2.0), MIDDLE_SLOW: (1.0, 2.0),
+             LIGHTEST: (1.0, 2.0)}
+    assert search(PLANS, measured(table)[0], 2.0 * GB)[0] == MIDDLE_FAST
+
+
+def test_nothing_fits_after_two_probes_and_the_refusal_names_the_smallest_need():
+    table = {DEFAULT: (3.0, 1.0), LIGHTEST: (1.25, 4.0)}
+    measure, rounds = measured(table)
+    chosen, probes = search(PLANS, measure, 1.0 * GB)
+    assert chosen is None and rounds == [[DEFAULT], [LIGHTEST]]
+    line = refusal(1.0, probes)
+    assert line.startswith("no way to run a meta-step fits train.memory_budget_gb=1: the "
+                           f"smallest plan ({LIGHTEST.name}) needs 1.25 GB per process")
+    assert "raise the budget" in line and "\n" not in line
+
+
+def test_the_budget_must_be_positive_or_null():
+    assert config().train.memory_budget_gb is None
+    assert config("train.memory_budget_gb=1.5").train.memory_budget_gb == 1.5
+    with pytest.raises(ConfigError, match="memory_budget_gb"):
+        config("train.memory_budget_gb=0")
+    with pytest.raises(ConfigError, match="plans the MAML family's inner loop; `algorithm.name` "
+                       "= protonet has none to plan"):
+        config("train.memory_budget_gb=1.5", "algorithm.name=protonet")
+
+
+# ---------------------------------------------------------------- the candidates
+
+
+def test_cpu_candidates_start_with_the_default_and_end_with_the_lightest():
+    torch.set_num_threads(2)
+    model = build_model("cnn", 5, width=8)
+    plans = candidates(config(), model, torch.device("cpu"), 8, 1000)
+    assert plans[0] == Plan(False, 2, "none", "tuned")  # what meta_backward does unasked
+    assert plans[-1] == Plan(False, 1, "blocks", "defaults")
+    assert len(plans) == len(set(plans)) == 2 * 3 * 2  # workers x levels x allocator
+    assert not any(p.vectorize for p in plans)  # the loop on CPU (faster and lighter)
+
+
+def test_first_order_and_a_forced_vmap_narrow_the_candidates():
+    model = build_model("cnn", 5, width=8)
+    cpu = torch.device("cpu")
+    first = candidates(config("algorithm.first_order=true"), model, cpu, 8, 1000)
+    assert {p.checkpoint for p in first} == {"none"}  # no step graph to checkpoint
+    vmap = candidates(config("algorithm.vectorize=true"), model, cpu, 8, 1000)
+    assert {(p.vectorize, p.in_flight) for p in vmap} == {(True, n) for n in (8, 4, 2, 1)}
+    assert vmap[0].in_flight == 8
+    no_malloc = candidates(config("train.tune_cpu_malloc=false"), model, cpu, 8, 1000)
+    assert {p.malloc for p in no_malloc} == {None}
+
+
+# ---------------------------------------------------------------- the meta-gradient
+
+
+def gradient(model, tasks, spec, **arguments):
+    for p in model.parameters():
+        p.grad = None
+    stats = meta_backward(model, tasks, spec, **arguments)
+    return flat([p.grad for p in model.parameters()]), stats
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = build_model("cnn", 3, width=4, blocks=2, image_size=8)
+    return model, make_tasks(tasks=4, dtype=torch.float32, jitter=0.1)
+
+
+def test_tasks_one_at_a_time_give_the_side_by_side_gradient(tiny):
+    # Bitwise on one intra-op thread; a task alone on two threads sums its convolutions in
+    # another order (within float rounding).
+    model, tasks = tiny
+    spec = InnerLoopSpec("maml", 2, 0.4, vectorize=False)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        side_by_side, stats = gradient(model, tasks, spec, workers=2)
+        one_at_a_time, stats1 = gradient(model, tasks, spec,
+                                         **plan_arguments(Plan(False, 1, "none")))
+        if threads == 1:
+            assert torch.equal(one_at_a_time, side_by_side)
+            assert all(torch.equal(stats[k], stats1[k]) for k in stats)
+        assert rel_err(one_at_a_time, side_by_side) < 1e-6
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_vmap_in_chunks_gives_the_whole_batch_gradient(tiny, chunk):
+    model, tasks = tiny
+    spec = InnerLoopSpec("maml", 2, 0.4, vectorize=True)
+    whole, stats = gradient(model, tasks, spec)
+    chunked, chunk_stats = gradient(model, tasks, spec, **plan_arguments(Plan(True, chunk,
+                                                                              "none")))
+    assert rel_err(chunked, whole) < 1e-6
+    for k in stats:
+        torch.testing.assert_close(chunk_stats[k], stats[k], rtol=1e-6, atol=1e-7)
+
+
+def test_a_probe_leaves_the_weights_the_random_state_and_the_gradients_as_they_were():
+    cfg = config("algorithm.inner_steps=1", "model.width=8")
+    torch.manual_seed(0)
+    model = build_model("cnn", cfg.task.n_way, width=8)
+    tasks = make_tasks(tasks=2, n_way=cfg.task.n_way, size=28, dtype=torch.float32)
+    state = TrainState(model, learner_from_config(cfg, model),
+                       torch.optim.Adam(model.parameters()), InnerLossScaler(), InnerLossScaler())
+    weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    prober = Prober(state, tasks, cfg, "no", Distributed(), repeats=1)
+    probes = prober([Plan(False, 1, "none", None), Plan(False, 1, "steps", None)])
+    assert all(p.peak > p.before > 0 and p.seconds > 0 for p in probes)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(weights[n], p) for n, p in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and not state.optimizer.state
+
+
+def test_the_bench_row_under_a_budget_computes_the_loop_meta_gradient(tiny):
+    from fsl_dist.bench import peers
+    from fsl_dist.bench.measure import meta_gradient
+
+    model, tasks = tiny
+    case = {"model": "cnn", "algorithm": "maml", "inner_steps": 2, "n_way": 3, "k_shot": 1,
+            "n_query": 2, "meta_batch": 4}
+    planned = peers.METHODS["loop, memory plan"][1](model, tasks, {**case, "budget_mib": 1e5})
+    assert planned.plan_record["probes"][0]["fits"]
+    loop = peers.METHODS["loop"][1](model, tasks, case)
+    assert torch.equal(meta_gradient(planned, model), meta_gradient(loop, model))
