@@ -225,7 +225,7 @@ def test_the_trainer_step_takes_the_implicit_meta_gradient_of_its_config():
                                InnerLossScaler(), step=0)
             train_step(state, tasks, cfg, _OneProcess(), "no", acc_before=False)
         else:
-            meta_backward(model, tasks, spec, workers=1)
+            meta_backward(model, tasks, spec)  # the trainer's workers: the same sums in order
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     trainer, implicit, unrolled = grads
     assert torch.allclose(trainer, implicit, rtol=1e-5, atol=1e-8)
