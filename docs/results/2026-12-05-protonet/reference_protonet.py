@@ -20,8 +20,10 @@ from fsl_dist.evaluate import confidence_interval
 from fsl_dist.models import build_model
 
 
-def embed_logits(body, support, query, n_way):
-    z = body(torch.cat([support, query])).flatten(1)
+def embed_logits(body, support, query, n_way, separate=False):
+    # one pass: batch norm over support and query together; separate: each set alone (fsl_dist)
+    z = (torch.cat([body(support), body(query)]) if separate
+         else body(torch.cat([support, query]))).flatten(1)
     protos = z[:len(support)].reshape(n_way, -1, z.shape[1]).mean(1)  # support is class-major
     return -torch.cdist(z[len(support):], protos).pow(2)
 
@@ -79,7 +81,8 @@ def evaluate(args):
         for i in range(args.episodes):
             t = tasks.batch(0, range(i, i + 1))
             order = t["support_y"][0].argsort(stable=True)  # class-major support for the means
-            logits = embed_logits(body, t["support_x"][0][order], t["query_x"][0], args.way)
+            logits = embed_logits(body, t["support_x"][0][order], t["query_x"][0], args.way,
+                                  args.separate_bn)
             accs.append((logits.argmax(1) == t["query_y"][0]).float().mean())
         r = confidence_interval(torch.stack(accs))
         print(f"seed {seed}: {r['mean']:.2f} +- {r['ci95']:.2f} "
@@ -102,6 +105,7 @@ if __name__ == "__main__":
     p.add_argument("--query", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[1234])
     p.add_argument("--episodes", type=int, default=600)
+    p.add_argument("--separate-bn", action="store_true", help="eval: embed support, query apart")
     a = p.parse_args()
     torch.set_num_threads(1)
     train(a) if a.mode == "train" else evaluate(a)
