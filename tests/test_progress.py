@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_end_to_end import config_args
 
 from fsl_dist import progress as fsl_progress
 from fsl_dist.config import load_config
@@ -25,9 +26,8 @@ from fsl_dist.models import build_model
 from fsl_dist.progress import ProgressLines, progress
 from fsl_dist.runs import evaluate_held_out
 
+from image_folders import LAYOUT, write_folder
 from launching import child_env, command, run
-from test_data_folder import LAYOUT, write_folder
-from test_train_end_to_end import config_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 import yaml
+
 from faulting import (
     assert_fault,
     metric_steps,
@@ -21,7 +22,6 @@ from faulting import (
     train_args,
     wait_for,
 )
-
 from launching import ROOT, child_env, command, run
 
 

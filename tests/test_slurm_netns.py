@@ -28,11 +28,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from fsl_dist.checkpoint import latest_checkpoint, load_checkpoint
-
-from launching import ROOT, run
-from launching import child_env as launch_env
 from test_slurm import (
     TERMINAL,
     TINY,
@@ -45,6 +40,11 @@ from test_slurm import (
     wait_for,
 )
 from test_train_distributed import assert_world, max_abs_difference, weights
+
+from fsl_dist.checkpoint import latest_checkpoint, load_checkpoint
+
+from launching import ROOT, run
+from launching import child_env as launch_env
 
 pytestmark = pytest.mark.slow
 SCRIPTS = ROOT / "tests" / "slurm"
