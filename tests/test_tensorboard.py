@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
-from test_train_end_to_end import config_args
 
 from fsl_dist.distributed import TENSORBOARD_DIR, Distributed, flat_hparams
 from fsl_dist.tracking import read_metrics
 from fsl_dist.wandb_offline import find_run_files, read_run
 
-from launching import run
+from launching import config_args, run
 
 
 def read_tensorboard(log_dir: Path) -> EventAccumulator:
