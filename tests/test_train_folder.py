@@ -11,11 +11,11 @@ import pytest
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from test_train_distributed import max_abs_difference
 
 from fsl_dist.data import folder
 
 from launching import ROOT, run
+from training_runs import max_abs_difference
 
 SIZE = 16
 TINY = ["model.width=8", "task.n_way=3", "task.k_shot=1", "task.q_query=2",
