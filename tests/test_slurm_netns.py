@@ -28,7 +28,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_slurm import (
+
+from fsl_dist.checkpoint import latest_checkpoint, load_checkpoint
+
+from launching import ROOT, run
+from launching import child_env as launch_env
+from slurm_cluster import (
     TERMINAL,
     TINY,
     _unavailable,
@@ -39,11 +44,6 @@ from test_slurm import (
     wait_done,
     wait_for,
 )
-
-from fsl_dist.checkpoint import latest_checkpoint, load_checkpoint
-
-from launching import ROOT, run
-from launching import child_env as launch_env
 from training_runs import assert_world, max_abs_difference, weights
 
 pytestmark = pytest.mark.slow
