@@ -13,7 +13,7 @@ from fsl_dist.data import episodes, shards
 from fsl_dist.data.episodes import MemoryTasks, TaskSpec, rank_slice
 from fsl_dist.runs import check_tasks_fit
 
-from shard_sets import COUNTS, SIZE, labelled_images, write_set
+from synthetic_shards import COUNTS, SIZE, labelled_images, write_set
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from faulting import assert_fault
 
 from fsl_dist.exits import EXIT_NO_PLAN
 
-from faulting import assert_fault
 from launching import ROOT, child_env, command, run
 
 pytestmark = pytest.mark.integration

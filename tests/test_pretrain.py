@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faulting import assert_fault, train, wait_for
 from safetensors.torch import load_file
 
 from fsl_dist.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
@@ -21,7 +22,6 @@ from fsl_dist.data.shards import load_manifest
 from fsl_dist.distributed import Distributed
 from fsl_dist.trainer import Trainer
 
-from faulting import assert_fault, train, wait_for
 from launching import ROOT, child_env, command, run
 
 # Tiny but real: Conv-4 of width 8, batches of 16 images in batch-norm groups of 4, validated

@@ -12,7 +12,6 @@ import subprocess
 
 import pytest
 import yaml
-
 from faulting import (
     assert_fault,
     metric_steps,
@@ -22,6 +21,7 @@ from faulting import (
     train_args,
     wait_for,
 )
+
 from launching import ROOT, child_env, command, run
 
 

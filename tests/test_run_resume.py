@@ -12,10 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from faults import BY_KEY
-
-from fsl_dist.data import shards as shard_sets
-
 from faulting import (
     assert_fault,
     interrupt_launcher,
@@ -25,6 +21,10 @@ from faulting import (
     train_args,
     wait_for,
 )
+from faults import BY_KEY
+
+from fsl_dist.data import shards as shard_sets
+
 from launching import ROOT, child_env, command, run
 
 

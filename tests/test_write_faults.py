@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from faulting import (
     assert_fault,
     bind_read_only,
@@ -23,6 +21,8 @@ from faulting import (
     unmount,
     unprivileged,
 )
+from PIL import Image
+
 from launching import ROOT, child_env, command, run
 from predicting import episodes, write_episode
 
