@@ -11,6 +11,11 @@ from pathlib import Path
 from fsl_dist.slurm import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+# the trainer's tiny run of the end-to-end tests: two steps, few episodes
+SMALL = ["task.k_shot=1", "task.q_query=2", "train.meta_batch_size=2", "train.steps=2",
+         "train.checkpoint_every=1", "train.eval_every=2", "train.log_every=1",
+         "eval.episodes=10", "eval.val_episodes=4", "eval.batch_size=10", "eval.inner_steps=2"]
+WIDTH = {"cnn": "model.width=8", "resnet": "model.width=4"}
 
 
 def child_env(**extra) -> dict:
@@ -44,3 +49,8 @@ def run(script: str, args: list[str], *, processes: int = 0, timeout: float = 30
                              f"--- stdout\n{result.stdout[-4000:]}\n"
                              f"--- stderr\n{result.stderr[-6000:]}")
     return result
+
+
+def config_args(name: str, run_dir: Path, shards: Path, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "configs" / f"{name}.yaml"), "--run-dir", str(run_dir),
+            f"data.shards={shards}", *SMALL, WIDTH[name.split("_")[0]], *extra]

@@ -11,7 +11,7 @@ from fsl_dist.data import shards
 from fsl_dist.data.episodes import MemoryTasks, StreamTasks, TaskSpec, make_tasks
 from fsl_dist.runs import check_memory_budget
 
-from test_data_variable import COUNTS, SIZE, write_set
+from synthetic_shards import COUNTS, SIZE, write_set
 
 IMAGE_BYTES = 3 * SIZE * SIZE
 SPEC = TaskSpec(2, 1, 2, rotate=False)

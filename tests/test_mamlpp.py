@@ -47,8 +47,7 @@ from fsl_dist.trained import INNER_LR, build_run_model, model_inputs, read_train
 from fsl_dist.trainer import TrainState, restore_state, train_step
 
 from launching import ROOT
-from meta_helpers import flat, make_tasks, rel_err
-from test_meta_gradients import check_against_finite_differences, tiny_model
+from meta_helpers import check_against_finite_differences, flat, make_tasks, rel_err, tiny_model
 
 STEPS = 3
 

@@ -16,8 +16,7 @@ from fsl_dist.meta import (
     meta_loss,
 )
 
-from meta_helpers import make_tasks
-from test_meta_gradients import SETTINGS, check_against_finite_differences, tiny_model
+from meta_helpers import SETTINGS, check_against_finite_differences, make_tasks, tiny_model
 
 
 def leaves_of(model, inner_lr):

@@ -7,7 +7,6 @@ from torch.func import functional_call
 
 from fsl_dist.meta import (
     ALGORITHMS,
-    InnerLoopSpec,
     LearnedInnerLR,
     adapt,
     adapted_parameter_names,
@@ -17,45 +16,15 @@ from fsl_dist.meta import (
 from fsl_dist.meta.inner import cross_entropy
 from fsl_dist.models import build_model
 
-from meta_helpers import flat, make_tasks, rel_err
-
-SETTINGS = dict(inner_steps=2, inner_lr={"features": 0.3, "classifier": 0.5})
-
-
-def spec(algorithm, **options):
-    """The tests' inner loop: SETTINGS unless ``options`` say otherwise."""
-    return InnerLoopSpec(algorithm, **{**SETTINGS, **options})
-
-
-def tiny_model(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return build_model("cnn", 3, width=4, blocks=2, image_size=8).to(dtype)
-
-
-def directional_fd(loss_fn, params, direction, eps=1e-6):
-    """Central difference of loss_fn along ``direction`` (a list matching ``params``)."""
-    def shifted(sign):
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.add_(sign * eps * d)
-        value = loss_fn().item()
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.sub_(sign * eps * d)
-        return value
-    return (shifted(1) - shifted(-1)) / (2 * eps)
-
-
-def check_against_finite_differences(loss_fn, params, n_directions=3):
-    grads = torch.autograd.grad(loss_fn(), params)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(n_directions):
-        direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
-        norm = flat(direction).norm()
-        direction = [d / norm for d in direction]
-        analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
-        numeric = directional_fd(loss_fn, params, direction)
-        assert abs(analytic - numeric) <= 1e-5 * abs(numeric), (analytic, numeric)
+from meta_helpers import (
+    SETTINGS,
+    check_against_finite_differences,
+    flat,
+    make_tasks,
+    rel_err,
+    spec,
+    tiny_model,
+)
 
 
 @pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])

@@ -11,8 +11,8 @@ import numpy as np
 
 from fsl_dist.data import folder, shards
 
+from image_folders import write_omniglot_folder
 from launching import ROOT, run
-from test_data_folder import write_omniglot_folder
 
 # Background alphabets, one part each: 248 train characters, 24 val, 26 test (Futurama, the
 # test alphabet of the Omniglot-packer run in test_meta_learns_omniglot.py).

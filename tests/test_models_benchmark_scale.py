@@ -15,8 +15,7 @@ from fsl_dist.meta import ALGORITHMS, InnerLoopSpec, meta_backward, meta_loss
 from fsl_dist.models import build_model
 from fsl_dist.models.resnet12 import block_widths
 
-from meta_helpers import flat, make_tasks, rel_err
-from test_meta_gradients import check_against_finite_differences, spec
+from meta_helpers import check_against_finite_differences, flat, make_tasks, rel_err, spec
 
 
 def rgb(tasks):

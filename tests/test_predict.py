@@ -233,7 +233,7 @@ def test_api_errors_name_the_numbers(shards, tasks, tmp_path):
 
 def test_the_command_shows_progress_on_a_terminal_only(shards, tasks, tmp_path, monkeypatch,
                                                        capsys):
-    from test_progress import Terminal
+    from terminal import Terminal
 
     folder = export(tmp_path / "model", shards, "model.width=8")
     support, query = write_episode(tmp_path / "episode", tasks, 3, inverted=True)

@@ -3,13 +3,9 @@ evaluation bar shows the running mean accuracy."""
 
 from __future__ import annotations
 
-import fcntl
-import os
 import re
-import struct
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
@@ -25,36 +21,11 @@ from fsl_dist.models import build_model
 from fsl_dist.progress import ProgressLines, progress
 from fsl_dist.runs import evaluate_held_out
 
-from launching import child_env, command, run
-from test_data_folder import LAYOUT, write_folder
-from test_train_end_to_end import config_args
+from image_folders import LAYOUT, write_folder
+from launching import child_env, command, config_args, run
+from terminal import Terminal
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Terminal:
-    """The writing end of a real pseudo-terminal as a text stream, and what reached it."""
-
-    def __init__(self):
-        self.leader, self.follower = os.openpty()
-        # a new pty is 0 columns wide, and tqdm draws nothing in no width: 24 rows of 100
-        fcntl.ioctl(self.follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-        self.stream = os.fdopen(self.follower, "w", buffering=1)
-        os.set_blocking(self.leader, False)
-
-    def written(self) -> str:
-        self.stream.flush()
-        chunks = []
-        try:
-            while chunk := os.read(self.leader, 65536):
-                chunks.append(chunk)
-        except BlockingIOError:
-            pass
-        return b"".join(chunks).decode(errors="replace")
-
-    def close(self) -> None:
-        self.stream.close()
-        os.close(self.leader)
 
 
 @pytest.fixture

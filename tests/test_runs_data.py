@@ -12,7 +12,7 @@ from fsl_dist.runs import ensure_shards
 from fsl_dist.trained import check_shards, model_inputs
 from fsl_dist.trainer import build_state
 
-from test_data_variable import SIZE, write_set
+from synthetic_shards import SIZE, write_set
 
 
 class OneProcess:

@@ -11,7 +11,7 @@ from fsl_dist.config import ConfigError, OptimConfig, load_config
 from fsl_dist.trainer import outer_lr
 
 from launching import ROOT, run
-from test_train_distributed import TINY, max_abs_difference, train, weights
+from training_runs import TINY, max_abs_difference, train, weights
 
 
 def test_cosine_falls_from_lr_to_min_lr_and_stays_there():

@@ -33,7 +33,7 @@ from fsl_dist.checkpoint import latest_checkpoint, load_checkpoint
 
 from launching import ROOT, run
 from launching import child_env as launch_env
-from test_slurm import (
+from slurm_cluster import (
     TERMINAL,
     TINY,
     _unavailable,
@@ -44,7 +44,7 @@ from test_slurm import (
     wait_done,
     wait_for,
 )
-from test_train_distributed import assert_world, max_abs_difference, weights
+from training_runs import assert_world, max_abs_difference, weights
 
 pytestmark = pytest.mark.slow
 SCRIPTS = ROOT / "tests" / "slurm"

@@ -17,8 +17,7 @@ from fsl_dist.distributed import TENSORBOARD_DIR, Distributed, flat_hparams
 from fsl_dist.tracking import read_metrics
 from fsl_dist.wandb_offline import find_run_files, read_run
 
-from launching import run
-from test_train_end_to_end import config_args
+from launching import config_args, run
 
 
 def read_tensorboard(log_dir: Path) -> EventAccumulator:

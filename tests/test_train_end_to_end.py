@@ -4,7 +4,6 @@ the whole run folder, W&B offline files included; bad configs fail before traini
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -12,23 +11,14 @@ import yaml
 from fsl_dist.config import load_config
 from fsl_dist.wandb_offline import find_run_files, read_run
 
-from launching import ROOT, run
+from launching import ROOT, config_args, run
 
 SYSTEMS = ("cnn_maml", "cnn_boil", "resnet_maml", "resnet_boil")
-SMALL = ["task.k_shot=1", "task.q_query=2", "train.meta_batch_size=2", "train.steps=2",
-         "train.checkpoint_every=1", "train.eval_every=2", "train.log_every=1",
-         "eval.episodes=10", "eval.val_episodes=4", "eval.batch_size=10", "eval.inner_steps=2"]
-WIDTH = {"cnn": "model.width=8", "resnet": "model.width=4"}
 
 
 @pytest.fixture(scope="module")
 def shards(packed):
     return packed("futurama")
-
-
-def config_args(name: str, run_dir: Path, shards: Path, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "configs" / f"{name}.yaml"), "--run-dir", str(run_dir),
-            f"data.shards={shards}", *SMALL, WIDTH[name.split("_")[0]], *extra]
 
 
 @pytest.mark.parametrize("name", SYSTEMS)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from fsl_dist.data import folder
 
 from launching import ROOT, run
-from test_train_distributed import max_abs_difference
+from training_runs import max_abs_difference
 
 SIZE = 16
 TINY = ["model.width=8", "task.n_way=3", "task.k_shot=1", "task.q_query=2",
