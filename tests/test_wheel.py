@@ -37,8 +37,8 @@ TINY = ["task.k_shot=1", "task.q_query=2", "model.width=8", "train.steps=3",
         "train.checkpoint_every=3", "eval.val_episodes=4", "eval.episodes=10",
         "eval.batch_size=10", "logging.wandb=false"]
 PREDICT_MODULE = ROOT / "fsl_dist" / "cli" / "predict.py"
-COMMANDS = ("fsl-train", "fsl-pack", "fsl-evaluate", "fsl-predict", "fsl-sweep", "fsl-compare",
-            "fsl-bench", "fsl-multinode")
+COMMANDS = ("fsl-train", "fsl-pretrain", "fsl-pack", "fsl-evaluate", "fsl-predict", "fsl-sweep",
+            "fsl-compare", "fsl-bench", "fsl-multinode")
 
 
 @dataclass
