@@ -134,27 +134,18 @@ def test_ridge_loss_and_gradients_equal_the_primal_reference():
     assert flat(got[:-2]).abs().sum() > 0 and all(g.abs() > 0 for g in got[-2:])
 
 
-def test_ridge_prediction_equals_evaluation():
+@pytest.mark.parametrize("family, section, n_way", [(RidgeHead, RidgeConfig, 4),
+                                                     (ProtoNet, ProtoNetConfig, 5)],
+                         ids=["ridge", "protonet"])
+def test_evaluation_and_prediction_score_alike_for_any_way(family, section, n_way):
     model = tiny_model()
-    learner = RidgeHead(model, RidgeConfig())
-    tasks = make_tasks(tasks=2, n_way=4, k_shot=K_SHOT, n_query=N_QUERY, jitter=0.1)
+    learner = family(model, section())
+    tasks = make_tasks(tasks=2, n_way=n_way, k_shot=K_SHOT, n_query=N_QUERY, jitter=0.1)
     evaluated = learner.evaluate_tasks(tasks, precision="no")["acc_after_per_task"]
     for t in range(2):
         logits = learner.adapt(tasks["support_x"][t], tasks["support_y"][t],
                                precision="no").logits(tasks["query_x"][t])
-        predicted = (logits.argmax(-1) == tasks["query_y"][t]).float().mean()
-        assert predicted.item() == evaluated[t].item()
-
-
-def test_protonet_evaluation_and_prediction_score_alike_for_any_way():
-    model = tiny_model()
-    learner = ProtoNet(model, ProtoNetConfig())
-    tasks = make_tasks(tasks=2, n_way=5, k_shot=K_SHOT, n_query=N_QUERY, jitter=0.1)
-    evaluated = learner.evaluate_tasks(tasks, precision="no")["acc_after_per_task"]
-    for t in range(2):
-        logits = learner.adapt(tasks["support_x"][t], tasks["support_y"][t],
-                               precision="no").logits(tasks["query_x"][t])
-        assert logits.shape == (5 * N_QUERY, 5)  # 5-way from a model with a 3-way head
+        assert logits.shape == (n_way * N_QUERY, n_way)  # N-way from a model with a 3-way head
         predicted = (logits.argmax(-1) == tasks["query_y"][t]).float().mean()
         assert predicted.item() == evaluated[t].item()
 
