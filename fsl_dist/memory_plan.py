@@ -16,7 +16,8 @@ several threads sums its convolutions in another order), vmap chunks and checkpo
 within float rounding (1e-6 relative). The probe leaves the run as it was: the random state,
 the model's buffers and the gradients are restored, batch statistics are not collected, the
 optimizer does not step, and the task batch is read again for the first step. A run whose
-budget picks the default plan is therefore bitwise the run without a budget.
+budget picks the default plan (or its twin: the allocator changes no arithmetic) is
+therefore bitwise the run without a budget.
 
 The peak is the process's, absolute, on the device that trains: on CPU the kernel's high-water
 mark of the resident set (``VmHWM``), which the process resets before each probe
@@ -33,9 +34,14 @@ arenas, which the tuned allocator never trims and ``malloc_trim`` does not shrin
 training starts from what the probes left; so a plan chosen among others is probed once more,
 last, right before training, and taken only if it fits again (else the next fastest).
 
-Search: the default plan first; if it fits, nothing else is probed. Otherwise the lightest
-plan; if it does not fit either, the run is refused (``MemoryPlanError``) naming what it
-needs. Otherwise every other candidate is probed and the one with the shortest probe step
+Search: the default plan first; if it fits, nothing else is probed. On CPU the default's
+allocator is tuned, and a probe with the tuned allocator raises every later probe's peak
+(``malloc_trim`` does not undo it; docs/benchmarks/2026-12-05-memory-plan.md), so the default's
+twin with glibc's defaults (the same arithmetic) is probed before it, and the tuned default
+only if the twin fits; if the twin fits and the tuned default does not, the twin is taken.
+If the twin does not fit, memory is short and only glibc-defaults plans are searched. Then the
+lightest plan; if it does not fit either, the run is refused (``MemoryPlanError``) naming what
+it needs. Otherwise every other candidate is probed and the one with the shortest probe step
 among those that fit is taken (each probe runs twice: the first warms up, the time is the
 second's, the peak the higher). Several processes: every rank probes the same candidates and
 each peak and time is the maximum over ranks (one collective per round), so every rank
@@ -49,7 +55,7 @@ from __future__ import annotations
 import gc
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -179,19 +185,21 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
     """(the chosen plan or None, every probe) for ``budget`` bytes; ``measure`` probes a round
     of plans (``candidates``' order: default first, lightest last).
 
-    A plan chosen among others is probed once more, last, in the state training starts from
+    The default first (``_try_default``); if it does not fit, the lightest, then the rest. A
+    plan chosen among others is probed once more, last, in the state training starts from
     (what earlier probes left in the heap included), and taken only if it fits again."""
-    probes = measure(plans[:1])
-    if probes[0].peak <= budget:
-        return plans[0], probes
-    if len(plans) == 1:
-        return None, probes
-    probes += measure(plans[-1:])
-    if probes[-1].peak > budget:
-        return None, probes
-    probes += measure(plans[1:-1])
-    order = {plan: i for i, plan in enumerate(plans)}
-    fitting = sorted((p for p in probes if p.peak <= budget),
+    chosen, probes, pool = _try_default(plans, measure, budget)
+    if chosen is not None or len(pool) == 1:
+        return chosen, probes
+    probed, lightest = {p.plan for p in probes}, pool[-1]
+    if lightest not in probed:
+        probes += measure([lightest])
+        if probes[-1].peak > budget:
+            return None, probes
+    probes += measure([p for p in pool if p not in probed and p != lightest])
+    order = {plan: i for i, plan in enumerate(pool)}
+    latest = {p.plan: p for p in probes}  # a plan's last probe: what it needs now
+    fitting = sorted((p for p in latest.values() if p.peak <= budget and p.plan in order),
                      key=lambda p: (p.seconds, order[p.plan]))
     for probe in fitting:
         if probes[-1].plan != probe.plan:
@@ -199,6 +207,29 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
         if probes[-1].peak <= budget:
             return probe.plan, probes
     return None, probes
+
+
+def _try_default(plans: list[Plan], measure, budget: float):
+    """(the default, or its twin, if either fits; the probes; the plans left to search).
+
+    A default with the tuned allocator goes after its glibc-defaults twin (the same
+    arithmetic): a tuned probe raises every later probe's peak and malloc_trim does not undo
+    it, so it is risked only when the twin fits. Otherwise memory is short, and only
+    glibc-defaults plans are searched."""
+    default = plans[0]
+    if default.malloc != "tuned":
+        probes = measure([default])
+        return (default if probes[-1].peak <= budget else None), probes, plans
+    twin = replace(default, malloc="defaults")
+    probes = measure([twin])
+    if probes[-1].peak <= budget:
+        probes += measure([default])
+        if probes[-1].peak <= budget:
+            return default, probes, plans
+        probes += measure([twin])  # again, in the heap the tuned probe left
+        if probes[-1].peak <= budget:
+            return twin, probes, plans
+    return None, probes, [twin] + [p for p in plans if p.malloc != "tuned" and p != twin]
 
 
 def refusal(budget_gb: float, probes: list[Probe]) -> str:

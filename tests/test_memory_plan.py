@@ -34,10 +34,12 @@ def config(*overrides):
 # ---------------------------------------------------------------- the choice
 
 DEFAULT = Plan(False, 2, "none", "tuned")
-MIDDLE_FAST = Plan(False, 2, "steps", "tuned")
+TWIN = Plan(False, 2, "none", "defaults")  # the default's arithmetic, glibc's allocator
+TUNED_OTHER = Plan(False, 1, "steps", "tuned")
+MIDDLE_FAST = Plan(False, 2, "steps", "defaults")
 MIDDLE_SLOW = Plan(False, 1, "none", "defaults")
 LIGHTEST = Plan(False, 1, "blocks", "defaults")
-PLANS = [DEFAULT, MIDDLE_FAST, MIDDLE_SLOW, LIGHTEST]
+PLANS = [DEFAULT, TUNED_OTHER, TWIN, MIDDLE_FAST, MIDDLE_SLOW, LIGHTEST]
 
 
 def measured(table):
@@ -51,27 +53,35 @@ def measured(table):
     return measure, rounds
 
 
-def test_a_default_that_fits_is_taken_without_probing_anything_else():
-    measure, rounds = measured({DEFAULT: (1.0, 1.0)})
+def test_a_default_that_fits_is_taken_after_its_glibc_twin_and_nothing_else_is_probed():
+    measure, rounds = measured({TWIN: (0.9, 1.1), DEFAULT: (1.0, 1.0)})
     chosen, probes = search(PLANS, measure, 1.0 * GB)
-    assert chosen == DEFAULT and rounds == [[DEFAULT]] and len(probes) == 1
+    assert chosen == DEFAULT and rounds == [[TWIN], [DEFAULT]] and len(probes) == 2
 
 
-def test_the_fastest_plan_that_fits_is_chosen_among_the_others():
-    table = {DEFAULT: (3.0, 1.0), MIDDLE_FAST: (1.9, 1.5), MIDDLE_SLOW: (1.5, 2.5),
+def test_when_only_the_twin_fits_the_twin_is_taken_once_it_fits_again():
+    measure, rounds = measured({TWIN: (0.9, 1.1), DEFAULT: (1.2, 1.0)})
+    chosen, _ = search(PLANS, measure, 1.0 * GB)
+    assert chosen == TWIN and rounds == [[TWIN], [DEFAULT], [TWIN]]
+
+
+def test_a_twin_that_does_not_fit_keeps_every_tuned_plan_from_being_probed():
+    # a tuned probe raises every later peak, so it is not risked when memory is short
+    table = {TWIN: (3.0, 1.0), MIDDLE_FAST: (1.9, 1.5), MIDDLE_SLOW: (1.5, 2.5),
              LIGHTEST: (1.0, 4.0)}
     measure, rounds = measured(table)
     chosen, probes = search(PLANS, measure, 2.0 * GB)
     assert chosen == MIDDLE_FAST
     # the chosen plan is probed again, last: training starts from the heap the probes left
-    assert rounds == [[DEFAULT], [LIGHTEST], [MIDDLE_FAST, MIDDLE_SLOW], [MIDDLE_FAST]]
+    assert rounds == [[TWIN], [LIGHTEST], [MIDDLE_FAST, MIDDLE_SLOW], [MIDDLE_FAST]]
+    assert not any(p.plan.malloc == "tuned" for p in probes)
     # the fastest no longer fits: the next fastest that does
     chosen, _ = search(PLANS, measured(table)[0], 1.6 * GB)
     assert chosen == MIDDLE_SLOW
 
 
 def test_a_plan_that_no_longer_fits_when_probed_again_gives_way_to_the_next():
-    table = {DEFAULT: (3.0, 1.0), MIDDLE_FAST: (1.9, 1.5), MIDDLE_SLOW: (1.5, 2.5),
+    table = {TWIN: (3.0, 1.0), MIDDLE_FAST: (1.9, 1.5), MIDDLE_SLOW: (1.5, 2.5),
              LIGHTEST: (1.0, 4.0)}
     first = {}
 
@@ -88,17 +98,37 @@ def test_a_plan_that_no_longer_fits_when_probed_again_gives_way_to_the_next():
     assert chosen == MIDDLE_SLOW and [p.plan for p in probes[-2:]] == [MIDDLE_FAST, MIDDLE_SLOW]
 
 
+def test_a_twin_that_fits_no_more_after_the_tuned_probe_leads_to_the_search():
+    table = {TWIN: (0.9, 1.0), DEFAULT: (1.2, 0.9), MIDDLE_FAST: (0.8, 1.5),
+             MIDDLE_SLOW: (0.7, 2.5), LIGHTEST: (0.6, 4.0)}
+    seen = set()
+
+    def measure(plans):  # the twin needs more after the tuned default's probe
+        out = [Probe(p, (1.1 if p == TWIN and DEFAULT in seen else table[p][0]) * GB,
+                     table[p][1]) for p in plans]
+        seen.update(plans)
+        return out
+    chosen, probes = search(PLANS, measure, 1.0 * GB)
+    assert chosen == MIDDLE_FAST and TUNED_OTHER not in {p.plan for p in probes}
+
+
 def test_equal_times_go_to_the_plan_expected_faster():
-    table = {DEFAULT: (3.0, 1.0), MIDDLE_FAST: (1.0, 2.0), MIDDLE_SLOW: (1.0, 2.0),
+    table = {TWIN: (3.0, 1.0), MIDDLE_FAST: (1.0, 2.0), MIDDLE_SLOW: (1.0, 2.0),
              LIGHTEST: (1.0, 2.0)}
     assert search(PLANS, measured(table)[0], 2.0 * GB)[0] == MIDDLE_FAST
 
 
+def test_without_the_tuned_allocator_the_default_is_probed_alone_first():
+    plans = [TWIN, MIDDLE_FAST, LIGHTEST]  # train.tune_cpu_malloc=false, or a GPU (None)
+    measure, rounds = measured({TWIN: (1.0, 1.0)})
+    assert search(plans, measure, 1.0 * GB)[0] == TWIN and rounds == [[TWIN]]
+
+
 def test_nothing_fits_after_two_probes_and_the_refusal_names_the_smallest_need():
-    table = {DEFAULT: (3.0, 1.0), LIGHTEST: (1.25, 4.0)}
+    table = {TWIN: (3.0, 1.0), LIGHTEST: (1.25, 4.0)}
     measure, rounds = measured(table)
     chosen, probes = search(PLANS, measure, 1.0 * GB)
-    assert chosen is None and rounds == [[DEFAULT], [LIGHTEST]]
+    assert chosen is None and rounds == [[TWIN], [LIGHTEST]]
     line = refusal(1.0, probes)
     assert line.startswith("no way to run a meta-step fits train.memory_budget_gb=1: the "
                            f"smallest plan ({LIGHTEST.name}) needs 1.25 GB per process")

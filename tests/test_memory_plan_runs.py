@@ -61,11 +61,14 @@ def generous(shards, tmp_path_factory):
     return run_dir, result
 
 
-def test_a_budget_the_default_fits_probes_once_and_trains_bitwise_as_without(unbudgeted,
-                                                                             generous):
+def test_a_budget_the_default_fits_probes_it_after_its_twin_and_trains_bitwise_as_without(
+        unbudgeted, generous):
     run_dir, result = generous
     plan = plan_of(run_dir)
-    assert len(plan["probes"]) == 1 and plan["plan"]["checkpoint"] == "none"
+    # glibc's defaults first, then the default's tuned allocator: the default is taken
+    assert [p["plan"] for p in plan["probes"]] == [
+        plan["name"].replace("tuned", "glibc defaults"), plan["name"]]
+    assert plan["plan"]["checkpoint"] == "none" and plan["plan"]["malloc"] == "tuned"
     assert plan["plan"]["vectorize"] is False and plan["peak_gb"] > plan["before_gb"] > 0
     lines = [line for line in result.stdout.splitlines() if line.startswith("memory plan:")]
     assert len(lines) == 1 and f"peak {plan['peak_gb']:.3g} GB of the 100 GB budget" in lines[0]
