@@ -17,6 +17,7 @@ from fsl_dist.config import (
 )
 from fsl_dist.learners import LEARNERS, ProtoNet, RidgeHead, check_way, learner_from_config
 from fsl_dist.models import build_model
+from fsl_dist.trained import build_run_model
 
 from meta_helpers import flat, make_tasks
 
@@ -168,23 +169,38 @@ def test_the_config_builds_each_family():
         assert isinstance(learner_from_config(cfg, model), LEARNERS[name])
 
 
-PROTONET_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "protonet")
-                          .glob("*.yaml"))
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Each family's config folder and the (algorithm.name, algorithm.proto_head) its configs train.
+FAMILY_FOLDERS = {"protonet": ("protonet", False), "ridge": ("ridge", False),
+                  "protomaml": ("maml", True)}
+FAMILY_CONFIGS = sorted(p for folder in FAMILY_FOLDERS for p in (CONFIGS / folder).glob("*.yaml"))
+PROTONET_CONFIGS = [p for p in FAMILY_CONFIGS if p.parent.name == "protonet"]
+IMAGES = {"omniglot": {"in_channels": 1, "image_size": 28},
+          "miniimagenet": {"in_channels": 3, "image_size": 84}}
+
+
+@pytest.mark.parametrize("path", FAMILY_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_each_family_config_builds_its_family_and_trains_with_at_least_its_test_ways(path):
+    cfg = load_config(path)
+    assert (cfg.algorithm.name, cfg.algorithm.proto_head) == FAMILY_FOLDERS[path.parent.name]
+    assert cfg.task.n_way >= cfg.evaluation_way()
+    check_way(cfg)
+    model = build_run_model(cfg, IMAGES[cfg.data.dataset])
+    assert isinstance(learner_from_config(cfg, model), LEARNERS[cfg.algorithm.name])
 
 
 @pytest.mark.parametrize("path", PROTONET_CONFIGS, ids=lambda p: p.stem)
-def test_each_protonet_config_trains_with_at_least_its_test_ways(path):
+def test_each_protonet_config_has_the_papers_schedule(path):
     cfg = load_config(path)
-    assert cfg.algorithm.name == "protonet" and cfg.task.n_way >= cfg.evaluation_way()
-    check_way(cfg)
-    # the paper's schedule: Adam at 1e-3, halved every 2000 episodes
+    # Adam at 1e-3, halved every 2000 episodes
     assert cfg.optim.lr == 1e-3 and cfg.optim.decay_factor == 0.5
     assert cfg.optim.decay_at == list(range(2000, cfg.train.steps, 2000))
 
 
-def test_the_omniglot_protonet_configs_train_60_way_and_test_5_and_20_way():
-    folder = PROTONET_CONFIGS[0].parent
+# (folder, queries per class): ProtoNet's 5; R2D2's 600-image 60-way episodes, 10 a class
+@pytest.mark.parametrize("folder, queries", [("protonet", 5), ("ridge", 9)])
+def test_the_omniglot_configs_train_60_way_and_test_5_and_20_way(folder, queries):
     for name, test_way in (("omniglot_5w1s", 5), ("omniglot_20w1s", 20)):
-        cfg = load_config(folder / f"{name}.yaml")
-        assert (cfg.task.n_way, cfg.task.k_shot, cfg.task.q_query) == (60, 1, 5)
+        cfg = load_config(CONFIGS / folder / f"{name}.yaml")
+        assert (cfg.task.n_way, cfg.task.k_shot, cfg.task.q_query) == (60, 1, queries)
         assert cfg.evaluation_way() == test_way and cfg.data.split == "vinyals"
