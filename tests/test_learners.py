@@ -1,5 +1,7 @@
 """The learner interface (fsl_dist/learners): the families the config offers are those
-registered, and ProtoNet's loss and gradient equal a hand-written float64 reference."""
+registered, ProtoNet's loss and gradient equal a hand-written float64 reference, and the
+shipped family configs (configs/protonet, ridge, protomaml) load, validate and build their
+families."""
 
 import math
 from pathlib import Path
