@@ -7,7 +7,8 @@ changes. Per episode, the support and the query set are each one forward, as the
 evaluation runs them (batch norm normalises with each set's own statistics).
 
 - ``centroid``: each class's centroid is the mean support feature; a query goes to the nearest
-  centroid in squared Euclidean distance (the validation of fsl-pretrain).
+  centroid in squared Euclidean distance (the validation of fsl-pretrain): ProtoNet's scoring at
+  scale 1, computed by its functions (fsl_dist/learners/protonet.py).
 - ``finetune-linear`` (Baseline): a new linear head ``W f + b``, trained on the support features.
 - ``finetune-cosine`` (Baseline++): ``scale * g_j * cos(f, v_j)``, the weight norm's direction
   ``v_j`` and length ``g_j`` per class (the reference code's WeightNorm), ``scale`` fixed.
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fsl_dist.learners.protonet import proto_logits, prototypes
 
 METHODS = ("centroid", "finetune-linear", "finetune-cosine")
 NORM_EPS = 1e-5  # the reference code's guard in ||f|| + eps
@@ -89,16 +92,12 @@ def episode_features(model, tasks: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(support).float(), torch.stack(query).float()
 
 
-def centroids(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
-    """[T, N, D] mean support feature of each class."""
-    one_hot = F.one_hot(labels, n_way).to(support.dtype)  # [T, S, N]
-    return one_hot.transpose(1, 2) @ support / one_hot.sum(1)[..., None]
-
-
 def centroid_predictions(support, support_y, query, n_way: int) -> torch.Tensor:
-    """[T, Q] class of the nearest centroid (squared Euclidean distance) of each query."""
-    distances = torch.cdist(query.double(), centroids(support, support_y, n_way).double()) ** 2
-    return distances.argmin(-1)
+    """[T, Q] class of the nearest centroid (squared Euclidean distance) of each query: the
+    highest of ProtoNet's logits at scale 1, by its own functions, so that a pre-trained
+    model's predictions (fsl-predict takes it as a ProtoNet model of scale 1) equal these."""
+    return torch.stack([proto_logits(q, prototypes(s, y, n_way), 1.0).argmax(-1)
+                        for s, y, q in zip(support, support_y, query)])
 
 
 def n_way_of(tasks: dict) -> int:

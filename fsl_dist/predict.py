@@ -11,7 +11,10 @@
 Adaptation is what evaluation does for the model's family (fsl_dist/learners): for the MAML
 family its learned inner loop (which parameters adapt, its test-time inner steps, its step sizes,
 learned ones included), for ProtoNet the class prototypes (any number of classes); batch
-statistics in batch norm. Images are file paths, PIL images or tensors; files and PIL images go
+statistics in batch norm. A pre-trained backbone (fsl-pretrain) is described as a ProtoNet model
+of scale 1 (fsl_dist.trained.as_pretrained): the nearest class mean of the support features, as
+``fsl-evaluate --method centroid`` scores it; its probabilities are the softmax of minus the
+squared distances. Images are file paths, PIL images or tensors; files and PIL images go
 through the preprocessing its shards were packed with (``model.yaml``'s ``preprocessing``);
 tensors are taken as the model sees images: float in [0, 1] (or uint8, divided by 255),
 ``[C, H, W]`` each or ``[B, C, H, W]``.

@@ -27,13 +27,15 @@ with this rank's float images [n, C, H, W] in [0, 1], the step and the images' p
 epoch's order (``items``); each image's random numbers come from (seed, step, item) alone
 (``augment_by_position``), which keeps runs exact across process counts and resumes.
 
-The exported model (model.safetensors and model.yaml, read back by evaluation and by
+The exported model (model.safetensors and model.yaml, read back by evaluation, prediction and
 ``model.init_from``) holds the weights of the best validation (the highest nearest-centroid
 accuracy on ``eval.val_episodes`` val episodes, the earliest of equals; the last step when the
 run never validated), as Chen et al. (2019), FEAT and MetaOptNet keep their best validated
 pre-training; pretrain.json names the exported step, its accuracy and the last step. The last
 step's weights stay in the newest checkpoint. At the end the exported backbone is evaluated on
-``eval.part`` by nearest centroid (eval.json).
+``eval.part`` by nearest centroid (eval.json). model.yaml describes the model as what it is for
+few-shot use, nearest centroid, which is ProtoNet's scoring at scale 1
+(fsl_dist.trained.as_pretrained): fsl-evaluate and fsl-predict use it so.
 """
 
 from __future__ import annotations
@@ -341,8 +343,9 @@ class Pretrainer(Trainer):
     def _export(self, model, chosen: dict) -> None:
         # model.yaml's step says how far training got (evaluation reports a run stopped early by
         # it); which step's weights these are, pretrain.json says
+        # described as a nearest-centroid (ProtoNet, scale 1) model, the head's classes noted
         write_trained(self.run_dir, model, self.cfg, self.manifest, step=self.state.step,
-                      n_way=self.images.classes)
+                      pretrained=self.images.classes)
         atomic_write_json(Path(self.run_dir) / SUMMARY,
                           {**chosen, "last_step": self.state.step,
                            "planned_steps": self.cfg.train.steps,

@@ -16,6 +16,12 @@ same description. model.yaml files of older runs stay readable: what they lack t
 it had when they were written (no per-step batch norm, no proximal inner loop), and a missing
 ``evaluation`` section comes from the run folder's config.yaml.
 
+fsl-pretrain's model is described as what it is for few-shot use (``as_pretrained``): a body
+that classifies by nearest centroid, which is ProtoNet's scoring at scale 1, so evaluation and
+prediction take it as a ProtoNet model; its ``pretrained`` entry records the head over the train
+classes (``model.n_way``), which holds weights but serves no episode. Pre-trained model.yaml
+files written before that (a MAML description whose head is not the task's N) read as such.
+
     from fsl_dist.trained import read_trained
 
     trained = read_trained("runs/cnn_maml-0", "cpu")
@@ -35,7 +41,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from fsl_dist import checkpoint as ckpt
-from fsl_dist.config import Config, ConfigError, load_config
+from fsl_dist.config import Config, ConfigError, ProtoNetConfig, load_config
 from fsl_dist.data.preprocess import preprocessing_of
 from fsl_dist.data.shards import load_manifest
 from fsl_dist.io import atomic_write, atomic_write_text
@@ -43,9 +49,9 @@ from fsl_dist.learners import INNER_LR, LEARNERS, Learner, learner_from_descript
 from fsl_dist.models import build_model
 
 WEIGHTS, DESCRIPTION, CONFIG = "model.safetensors", "model.yaml", "config.yaml"
-__all__ = ["INNER_LR", "TrainedModel", "TrainedModelError", "build_described", "build_run_model",
-           "check_shards", "describe", "find_checkpoint", "model_inputs", "read_trained",
-           "write_trained"]
+__all__ = ["INNER_LR", "TrainedModel", "TrainedModelError", "as_pretrained", "build_described",
+           "build_run_model", "check_shards", "describe", "find_checkpoint", "is_pretrained",
+           "model_inputs", "read_trained", "write_trained"]
 
 
 class TrainedModelError(ValueError):
@@ -107,11 +113,12 @@ def data_facts(manifest: dict) -> dict:
 
 
 def describe(cfg: Config, manifest: dict, step: Optional[int] = None,
-             n_way: Optional[int] = None) -> dict:
-    """model.yaml's contents for a model of ``cfg`` trained on the shards of ``manifest``."""
+             pretrained: Optional[int] = None) -> dict:
+    """model.yaml's contents for a model of ``cfg`` trained on the shards of ``manifest``;
+    ``pretrained``: the classes of fsl-pretrain's head (``as_pretrained``)."""
     section = LEARNERS[cfg.algorithm.name].section  # the family's own keys, if any
-    return {
-        "model": model_facts(cfg, model_inputs(manifest), n_way),
+    description = {
+        "model": model_facts(cfg, model_inputs(manifest)),
         "algorithm": dataclasses.asdict(cfg.algorithm),
         **({section: dataclasses.asdict(getattr(cfg, section))} if section else {}),
         "task": dataclasses.asdict(cfg.task),
@@ -123,16 +130,44 @@ def describe(cfg: Config, manifest: dict, step: Optional[int] = None,
         "step": step,
         "planned_steps": cfg.train.steps,
     }
+    return description if pretrained is None else as_pretrained(description, pretrained)
+
+
+# fsl-pretrain's few-shot use: nearest centroid, i.e. ProtoNet's -distance at a fixed scale 1
+PRETRAINED_FAMILY = "protonet"
+PRETRAINED_SCALE = ProtoNetConfig(scale=1.0, learn_scale=False)
+
+
+def as_pretrained(description: dict, classes: int) -> dict:
+    """The description of fsl-pretrain's model, from its config's (``describe``): its body is
+    used by nearest centroid (squared Euclidean distance to the class means of the support
+    features, in full precision), as fsl-pretrain validates it and ``fsl-evaluate --method
+    centroid`` scores it; that is ProtoNet's scoring at scale 1 with no learned scale and no
+    inner steps. ``model.n_way`` stays the head's ``classes`` (the weights hold it) and
+    ``pretrained`` records them."""
+    out = {"model": {**description["model"], "n_way": classes},
+           "pretrained": {"classes": classes, "method": "centroid"},
+           "algorithm": {**description["algorithm"], "name": PRETRAINED_FAMILY},
+           PRETRAINED_FAMILY: dataclasses.asdict(PRETRAINED_SCALE)}
+    out.update({k: v for k, v in description.items() if k not in out})
+    # the centroid method runs in full precision whatever precision the body trained in
+    out["evaluation"] = {"inner_steps": 0, "precision": "no"}
+    return out
+
+
+def is_pretrained(description: dict) -> bool:
+    """Whether a model.yaml (as ``read_trained`` returns it) describes fsl-pretrain's model."""
+    return "pretrained" in description
 
 
 def write_trained(folder: Path, model: torch.nn.Module, cfg: Config, manifest: dict, *,
                   extras: Optional[dict] = None, step: int = 0,
-                  n_way: Optional[int] = None) -> None:
+                  pretrained: Optional[int] = None) -> None:
     """model.safetensors and model.yaml of ``model`` in ``folder`` (atomic writes).
 
     ``extras``: an algorithm's learned state besides the model, name -> ``nn.Module`` (or
     None: nothing), stored under "<name>." (``read_trained`` returns it as ``extras``).
-    ``n_way``: the head's size where it is not ``cfg.task.n_way`` (``model_facts``)."""
+    ``pretrained``: the size of fsl-pretrain's head over the train classes (``as_pretrained``)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, module in (extras or {}).items():
         if module is not None:
@@ -140,8 +175,8 @@ def write_trained(folder: Path, model: torch.nn.Module, cfg: Config, manifest: d
                             for k, v in module.state_dict().items()})
     folder = Path(folder)
     atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write_text(folder / DESCRIPTION,
-                      yaml.safe_dump(describe(cfg, manifest, step, n_way), sort_keys=False))
+    atomic_write_text(folder / DESCRIPTION, yaml.safe_dump(
+        describe(cfg, manifest, step, pretrained), sort_keys=False))
 
 
 # ---------------------------------------------------------------- the reader
@@ -228,8 +263,20 @@ def _description(folder: Path, cfg: Optional[Config], weights: Path) -> dict:
     """model.yaml, or for a checkpoint of a run that has not written one yet, what it would."""
     description = folder / DESCRIPTION
     if description.is_file():
-        return yaml.safe_load(description.read_text())
+        return _upgraded(yaml.safe_load(description.read_text()))
     return describe(cfg, load_manifest(cfg.data.shards), ckpt.step_of(weights))
+
+
+def _upgraded(description: dict) -> dict:
+    """A pre-trained model.yaml written before ``as_pretrained``, as it is written now: it
+    described the pre-training config's MAML family with a head over the train classes, which
+    no meta-trained model has (its head is the task's N)."""
+    family = LEARNERS.get(description.get("algorithm", {}).get("name"))
+    head = description.get("model", {}).get("n_way")
+    if (is_pretrained(description) or family is None or not family.fixed_way
+            or head == description.get("task", {}).get("n_way", head)):
+        return description
+    return as_pretrained(description, head)
 
 
 def _check_files(folder: Path) -> None:

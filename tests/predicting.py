@@ -9,11 +9,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fsl_dist.config import load_config
+from fsl_dist.config import load_config, save_config
 from fsl_dist.data.episodes import TaskSpec, make_tasks
 from fsl_dist.data.shards import load_manifest
 from fsl_dist.learners import learner_from_config
-from fsl_dist.trained import build_run_model, model_inputs, write_trained
+from fsl_dist.trained import (
+    build_described,
+    build_run_model,
+    model_facts,
+    model_inputs,
+    write_trained,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +36,22 @@ def export(folder: Path, shards: Path, *overrides: str, seed: int = 0) -> Path:
             value.mul_(1.5 + 0.1 * k)
     folder.mkdir(parents=True, exist_ok=True)
     write_trained(folder, model, cfg, manifest, extras=learner.extras())
+    return folder
+
+
+def export_pretrained(folder: Path, shards: Path, *overrides: str, seed: int = 0) -> Path:
+    """A run folder of fsl-pretrain's shipped Omniglot config: config.yaml, and a freshly
+    initialised model with a head over every (train class, quarter turn) written by
+    ``write_trained`` as fsl-pretrain's export writes it."""
+    cfg = load_config(ROOT / "configs" / "pretrain" / "omniglot_cnn.yaml",
+                      [f"data.shards={shards}", *overrides])
+    manifest = load_manifest(shards)
+    classes = 4 * manifest["splits"]["train"]["classes"]
+    torch.manual_seed(seed)
+    model = build_described(model_facts(cfg, model_inputs(manifest), n_way=classes))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder / "config.yaml")
+    write_trained(folder, model, cfg, manifest, step=cfg.train.steps, pretrained=classes)
     return folder
 
 

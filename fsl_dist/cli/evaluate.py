@@ -8,10 +8,11 @@
     python launch/evaluate.py --run-dir runs/mamlpp-0 --queries 15   # trained with 1 query per class
     python launch/evaluate.py --run-dir runs/omniglot_cnn-0 --method finetune-cosine   # Baseline++
 
---method adapt (default) adapts as the run was trained (its inner loop); the others read only the
-frozen body, for any trained run, pre-trained ones (fsl-pretrain) included: centroid (nearest
-class mean of the support features), finetune-linear (Baseline) and finetune-cosine (Baseline++):
-a new head trained on the support features with Chen et al. 2019's settings (fsl_dist/finetune.py).
+--method adapt (default) adapts as the run was trained (its inner loop; a pre-trained run of
+fsl-pretrain: nearest centroid, as it was validated); the others read only the frozen body, for
+any trained run: centroid (nearest class mean of the support features), finetune-linear
+(Baseline) and finetune-cosine (Baseline++): a new head trained on the support features with
+Chen et al. 2019's settings (fsl_dist/finetune.py).
 
 With several --seeds, each seed draws its own --episodes and the result states the seeds' means,
 their spread and the larger of the two intervals (over episodes, over seeds): on a small test
@@ -35,7 +36,7 @@ from fsl_dist.finetune import METHODS
 from fsl_dist.io import WriteFailure, check_writable
 from fsl_dist.resume import describe
 from fsl_dist.runs import evaluate_held_out
-from fsl_dist.trained import read_trained
+from fsl_dist.trained import is_pretrained, read_trained
 from fsl_dist.trainer import resolve_precision
 
 
@@ -56,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--inner-steps", type=int,
                         help="inner steps at test time (default: eval.inner_steps)")
     parser.add_argument("--method", choices=("adapt",) + METHODS, default="adapt",
-                        help="adapt (the trained inner loop; default), or on the frozen body: "
-                        "centroid, finetune-linear (Baseline), finetune-cosine (Baseline++)")
+                        help="adapt (the trained inner loop, a pre-trained run's nearest "
+                        "centroid; default), or on the frozen body: centroid, finetune-linear "
+                        "(Baseline), finetune-cosine (Baseline++)")
     parser.add_argument("--checkpoint", help="evaluate a training checkpoint instead of the final "
                         "model: latest, a step number, or a path (default: model.safetensors)")
     parser.add_argument("--seeds", type=int, nargs="+",
@@ -65,12 +67,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the mean over seeds with the between-seed spread")
     parser.add_argument("--out", default=None,
                         help="file name in the run folder (default eval-<part>.json; another "
-                        "--method: eval-<part>-<method>.json)")
+                        "--method, or a pre-trained run: eval-<part>-<method>.json)")
     parser.add_argument("--traceback", action="store_true",
                         help="show the traceback of expected failures too")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress (a bar on a terminal, plain lines in a log)")
     return parser.parse_args(argv)
+
+
+def own_method(method: str, description: dict) -> str:
+    """The method evaluated: a pre-trained model (fsl-pretrain) adapts by nearest centroid, as
+    it was validated and as fsl-predict classifies, so ``adapt`` evaluates it by ``centroid``
+    (the frozen-body method itself, to the bit)."""
+    return "centroid" if method == "adapt" and is_pretrained(description) else method
 
 
 def summary_line(result: dict) -> str:
@@ -118,8 +127,8 @@ def main(argv=None) -> int:
                                with_config=True)
         cfg = trained.cfg
         part = args.part or cfg.eval.part
-        method = "" if args.method == "adapt" else f"-{args.method}"
-        out_name = args.out or f"eval-{part}{method}.json"
+        method = own_method(args.method, trained.description)
+        out_name = args.out or f"eval-{part}{'' if method == 'adapt' else '-' + method}.json"
         # Before the evaluation, not after it: a run folder this user (or a read-only mount)
         # cannot write would cost the whole evaluation.
         dist.on_main(lambda: check_writable(Path(args.run_dir) / out_name), (WriteFailure,))
@@ -127,12 +136,7 @@ def main(argv=None) -> int:
             outcome = tune_cpu_malloc()
             if outcome != "tuned":  # the usual outcome goes unsaid (as in the trainer)
                 dist.print(f"cpu malloc: {outcome}", file=sys.stderr)
-        head = trained.description["model"]["n_way"]
-        adapts = args.method == "adapt" and trained.learner.fixed_way  # the trained head's N
-        if adapts and head != cfg.task.n_way:
-            raise ConfigError(f"{args.run_dir} holds a head over {head} classes (pre-trained), "
-                              f"not a {cfg.task.n_way}-way one to adapt: evaluate its body with "
-                              "--method centroid, finetune-linear or finetune-cosine")
+        adapts = method == "adapt" and trained.learner.fixed_way  # the trained head's N
         if args.ways is not None and args.ways != cfg.evaluation_way():
             if adapts:
                 raise ConfigError(f"--ways {args.ways}: the model in {args.run_dir} has a "
@@ -145,7 +149,7 @@ def main(argv=None) -> int:
                                    queries=args.queries, part=part,
                                    inner_steps=args.inner_steps, out_name=out_name,
                                    weights=trained.weights, seeds=args.seeds,
-                                   quiet=args.quiet, method=args.method)
+                                   quiet=args.quiet, method=method)
     except Exception as err:
         code = exit_code(err)
         if code is None or args.traceback:

@@ -8,6 +8,8 @@ model). --query is a folder (every image under it; when its images sit in folder
 the support classes, those are taken as their true classes and the accuracy is printed) or image
 files. --out writes CSV or JSON by its extension: each image's file, predicted class and the
 probability of every class. Images go through the preprocessing the model was trained with.
+A pre-trained backbone (fsl-pretrain) takes any number of classes and classifies by nearest
+centroid (the class means of the support features), as fsl-evaluate --method centroid.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fsl_dist.data.folder import FolderSourceError, list_classes
 from fsl_dist.exits import EXIT_BAD_INPUT, exit_code, report
 from fsl_dist.io import atomic_write_text, check_writable
 from fsl_dist.predict import PredictError, Prediction, load_model
+from fsl_dist.trained import is_pretrained
 
 FORMATS = (".csv", ".json")
 SHOWN_ROWS = 10
@@ -146,6 +149,16 @@ def stopped_note(description: dict) -> str | None:
     return f"note: the model is of step {done} of {planned} (its training stopped early)"
 
 
+def pretrained_note(description: dict) -> str | None:
+    """A line for a pre-trained model (fsl-pretrain), which classifies by nearest centroid,
+    else None."""
+    if not is_pretrained(description):
+        return None
+    return (f"note: a pre-trained backbone (its head over {description['pretrained']['classes']} "
+            "training classes unused): each image goes to the nearest class mean of the support "
+            "features, as fsl-evaluate --method centroid scores it")
+
+
 def predict_folders(args: argparse.Namespace) -> tuple[list[dict], tuple, dict]:
     """(rows, classes, summary) of the command's inputs; nothing is written."""
     if args.out is not None and args.out.suffix.lower() not in FORMATS:
@@ -153,9 +166,9 @@ def predict_folders(args: argparse.Namespace) -> tuple[list[dict], tuple, dict]:
     if args.out is not None:
         check_writable(args.out)  # before the work, not after the predictions are printed
     model = load_model(args.model, args.device)
-    note = stopped_note(model.description)
-    if note:
-        print(note, file=sys.stderr)
+    for note in (stopped_note(model.description), pretrained_note(model.description)):
+        if note:
+            print(note, file=sys.stderr)
     support = list_classes(args.support)
     images = [path for cls in support for path in cls.files]
     labels = [cls.name for cls in support for _ in cls.files]
