@@ -1,7 +1,8 @@
 """Supervised pre-training through real processes on real Omniglot shards (fsl-pretrain): two
 gloo ranks give the one-process run, a run stopped and resumed ends bitwise as the
 uninterrupted one, `model.init_from` starts a model from exactly the pre-trained body, and the
-frozen-backbone evaluation methods evaluate it."""
+frozen-backbone evaluation methods evaluate it (fsl-evaluate's default by nearest centroid).
+tests/test_predict_pretrained.py checks the model's description and prediction in-process."""
 
 from __future__ import annotations
 
@@ -184,8 +185,14 @@ def test_a_new_head_per_episode_gives_one_result_on_any_process_count(one_proces
     assert (results[0]["mean"], results[0]["std"]) == (results[1]["mean"], results[1]["std"])
 
 
-def test_adapting_a_pre_trained_head_is_refused(one_process):
-    result = run("evaluate.py", ["--run-dir", str(one_process), "--quiet"], check=False)
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "--method" in errors[0], result.stderr[-2000:]
+def test_the_default_evaluation_repeats_the_runs_own_centroid_evaluation(one_process):
+    """Without --method a pre-trained run is evaluated by nearest centroid, as fsl-pretrain
+    evaluated it at the end (eval.json: the same episodes, so the same numbers)."""
+    result = run("evaluate.py", ["--run-dir", str(one_process), "--quiet", "--out",
+                                 "default.json"])
+    default, own = (json.loads((one_process / name).read_text())
+                    for name in ("default.json", "eval.json"))
+    assert (default["method"], own["method"]) == ("centroid", "centroid")
+    assert (default["mean"], default["std"], default["episodes"]) == (
+        own["mean"], own["std"], own["episodes"])
+    assert "test accuracy (centroid)" in result.stderr
