@@ -38,7 +38,8 @@ Search: the default plan first; if it fits, nothing else is probed. On CPU the d
 allocator is tuned, and a probe with the tuned allocator raises every later probe's peak
 (``malloc_trim`` does not undo it; docs/benchmarks/2026-12-05-memory-plan.md), so the default's
 twin with glibc's defaults (the same arithmetic) is probed before it, and the tuned default
-only if the twin fits; if the twin fits and the tuned default does not, the twin is taken.
+only if the twin fits with room for the tuned step's larger growth (``TUNED_GROWTH``); if the
+twin fits and the tuned default does not (or is not risked), the twin is taken.
 If the twin does not fit, memory is short and only glibc-defaults plans are searched. Then the
 lightest plan; if it does not fit either, the run is refused (``MemoryPlanError``) naming what
 it needs. Otherwise every other candidate is probed and the one with the shortest probe step
@@ -209,13 +210,25 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
     return None, probes
 
 
+# The tuned default's step grew 1.2-2.1x its twin's (above what the process held) in every
+# measured pair (docs/benchmarks/2026-12-05-memory-plan.md, section 3); a failed tuned probe
+# raises every later peak, so it is risked only with room for this much.
+TUNED_GROWTH = 2.5
+
+
+def room_for_tuned(twin: Probe, budget: float) -> bool:
+    """Whether the budget leaves room for the tuned default, judged from its twin's probe."""
+    return twin.before + TUNED_GROWTH * (twin.peak - twin.before) <= budget
+
+
 def _try_default(plans: list[Plan], measure, budget: float):
     """(the default, or its twin, if either fits; the probes; the plans left to search).
 
     A default with the tuned allocator goes after its glibc-defaults twin (the same
     arithmetic): a tuned probe raises every later probe's peak and malloc_trim does not undo
-    it, so it is risked only when the twin fits. Otherwise memory is short, and only
-    glibc-defaults plans are searched."""
+    it, so it is risked only when the twin fits with room to spare (``room_for_tuned``; if
+    not, the twin is taken). Otherwise memory is short, and only glibc-defaults plans are
+    searched."""
     default = plans[0]
     if default.malloc != "tuned":
         probes = measure([default])
@@ -223,6 +236,8 @@ def _try_default(plans: list[Plan], measure, budget: float):
     twin = replace(default, malloc="defaults")
     probes = measure([twin])
     if probes[-1].peak <= budget:
+        if not room_for_tuned(probes[-1], budget):
+            return twin, probes, plans
         probes += measure([default])
         if probes[-1].peak <= budget:
             return default, probes, plans

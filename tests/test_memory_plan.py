@@ -16,6 +16,7 @@ from fsl_dist.memory_plan import (
     candidates,
     plan_arguments,
     refusal,
+    room_for_tuned,
     search,
 )
 from fsl_dist.meta import InnerLoopSpec, meta_backward
@@ -54,15 +55,24 @@ def measured(table):
 
 
 def test_a_default_that_fits_is_taken_after_its_glibc_twin_and_nothing_else_is_probed():
-    measure, rounds = measured({TWIN: (0.9, 1.1), DEFAULT: (1.0, 1.0)})
+    measure, rounds = measured({TWIN: (0.3, 1.1), DEFAULT: (1.0, 1.0)})
     chosen, probes = search(PLANS, measure, 1.0 * GB)
     assert chosen == DEFAULT and rounds == [[TWIN], [DEFAULT]] and len(probes) == 2
 
 
 def test_when_only_the_twin_fits_the_twin_is_taken_once_it_fits_again():
-    measure, rounds = measured({TWIN: (0.9, 1.1), DEFAULT: (1.2, 1.0)})
+    measure, rounds = measured({TWIN: (0.35, 1.1), DEFAULT: (1.2, 1.0)})
     chosen, _ = search(PLANS, measure, 1.0 * GB)
     assert chosen == TWIN and rounds == [[TWIN], [DEFAULT], [TWIN]]
+
+
+def test_a_twin_with_no_room_for_the_tuned_step_is_taken_without_the_tuned_probe():
+    # held 0.5 GB before the step, the twin's step adds 0.3: the tuned one may add 2.5x that
+    twin = Probe(TWIN, 0.8 * GB, 1.1, before=0.5 * GB)
+    rounds = []
+    chosen, _ = search(PLANS, lambda plans: rounds.append(plans) or [twin], 1.0 * GB)
+    assert chosen == TWIN and rounds == [[TWIN]]
+    assert not room_for_tuned(twin, 1.0 * GB) and room_for_tuned(twin, 1.25 * GB)
 
 
 def test_a_twin_that_does_not_fit_keeps_every_tuned_plan_from_being_probed():
@@ -99,7 +109,7 @@ def test_a_plan_that_no_longer_fits_when_probed_again_gives_way_to_the_next():
 
 
 def test_a_twin_that_fits_no_more_after_the_tuned_probe_leads_to_the_search():
-    table = {TWIN: (0.9, 1.0), DEFAULT: (1.2, 0.9), MIDDLE_FAST: (0.8, 1.5),
+    table = {TWIN: (0.3, 1.0), DEFAULT: (1.2, 0.9), MIDDLE_FAST: (0.8, 1.5),
              MIDDLE_SLOW: (0.7, 2.5), LIGHTEST: (0.6, 4.0)}
     seen = set()
 
