@@ -80,7 +80,7 @@ from fsl_dist.meta.spec import CHECKPOINT_LEVELS
 from fsl_dist.models.layers import collect_batch_stats
 
 GB = 1e9  # as data.memory_budget_gb
-PROBE_MARGIN = 0.02  # of the budget, kept free of the probed peak (plan_memory)
+PROBE_MARGIN = 0.005  # of the budget, kept free of the probed peak (plan_memory)
 
 
 class MemoryPlanError(Exception):
@@ -254,7 +254,7 @@ def refusal(budget_gb: float, probes: list[Probe]) -> str:
     return (f"no way to run a meta-step fits train.memory_budget_gb={budget_gb:g}: the smallest "
             f"plan ({smallest.plan.name}) needs {smallest.peak / GB:.3g} GB per process "
             f"({smallest.before / GB:.3g} GB held before the step, measured on a probe step; "
-            f"{PROBE_MARGIN:.0%} of the budget is kept free for what a probe does not see); "
+            f"{PROBE_MARGIN:.1%} of the budget is kept free for what a probe does not see); "
             f"raise the budget, or make a task lighter "
             f"(task.q_query, model.width, fewer algorithm.inner_steps, algorithm.first_order)")
 
