@@ -2,8 +2,8 @@
 
 import contextlib
 import copy
-import functools
 import math
+import threading
 import weakref
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -350,20 +350,40 @@ def _map_tasks(fn, n_tasks: int, model: nn.Module, workers: int) -> list:
     """``[fn(i, module) for i in range(n_tasks)]``, in ``workers`` threads of one intra-op
     thread each when ``workers`` > 1. Results come back in task order, so sums over them do
     not depend on the number of workers (nor on which thread ran which task)."""
+    results = []
+    _each_task_in_order(fn, n_tasks, model, workers, lambda i, result: results.append(result))
+    return results
+
+
+def _each_task_in_order(fn, n_tasks: int, model: nn.Module, workers: int,
+                        consume: Callable) -> None:
+    """``consume(i, fn(i, module))`` for i = 0, 1, ... in that order, the tasks run in
+    ``workers`` threads of one intra-op thread each when ``workers`` > 1. A result is consumed
+    as soon as the tasks before it are, and not kept: what a task leaves behind would otherwise
+    sit between the next tasks' activations, and a heap allocator could not reuse their space
+    (glibc's grew by a task's activations per task; docs/benchmarks/2026-12-05-memory-plan.md)."""
     workers = min(workers, n_tasks)
     if workers <= 1 or any(True for _ in model.buffers()):  # replicas would hold stale buffers
-        return [fn(i, model) for i in range(n_tasks)]
+        for i in range(n_tasks):
+            consume(i, fn(i, model))
+        return
     modules = _replicas(model, workers)
+    pending, lock, following = {}, threading.Lock(), [0]
+
+    def deliver(i, result):
+        with lock:
+            pending[i] = result
+            while following[0] in pending:
+                consume(following[0], pending.pop(following[0]))
+                following[0] += 1
+
     # Thread k runs tasks k, k + workers, ...: a fixed assignment, so each replica is used by
     # one thread at a time.
-    results = [None] * n_tasks
-
     def run_share(k):
         for i in range(k, n_tasks, workers):
-            results[i] = fn(i, modules[k])
+            deliver(i, fn(i, modules[k]))
     with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
         list(pool.map(run_share, range(workers)))  # list(): re-raises a worker's exception
-    return results
 
 
 def _plan(model, spec: InnerLoopSpec, device_type: str, vectorize: bool, *,
@@ -549,13 +569,25 @@ def meta_backward(model: nn.Module, tasks: Mapping[str, Tensor], spec: InnerLoop
 
     if workers is None:
         workers = default_task_workers(device, pixels_per_task(tasks))
-    per_task = _map_tasks(one, n_tasks, model, workers)
+    # The sums are allocated before the first task's activations, and each task's gradient is
+    # added in task order as it arrives: (g0 + g1) + g2 ..., whatever the workers.
+    totals = [torch.empty_like(leaf) for leaf in leaves]
+    started = [False] * len(leaves)
+    per_task_stats = []
+
+    def add(i, result):
+        grads, stats = result
+        for k, grad in enumerate(grads):
+            if grad is not None:
+                totals[k].add_(grad) if started[k] else totals[k].copy_(grad)
+                started[k] = True
+        per_task_stats.append(stats)
+
+    _each_task_in_order(one, n_tasks, model, workers, add)
     for k, leaf in enumerate(leaves):
-        parts = [grads[k] for grads, _ in per_task if grads[k] is not None]
-        total = functools.reduce(torch.add, parts) if parts else torch.zeros_like(leaf)
+        total = totals[k] if started[k] else totals[k].zero_()
         leaf.grad = total if leaf.grad is None else leaf.grad + total
-    columns = [torch.stack(column) for column in zip(*(results for _, results in per_task))]
-    return _summary(*columns)
+    return _summary(*[torch.stack(column) for column in zip(*per_task_stats)])
 
 
 def _chunked_vmap_backward(model, tasks, spec, chunk, inner_loss_scale, acc_before,
