@@ -35,20 +35,21 @@ training starts from what the probes left; so a plan chosen among others is prob
 last, right before training, and taken only if it fits again (else the next fastest).
 
 Search: the default plan first; if it fits, nothing else is probed. On CPU the default's
-allocator is tuned, and a probe with the tuned allocator raises every later probe's peak
-(``malloc_trim`` does not undo it; docs/benchmarks/2026-12-05-memory-plan.md), so the default's
-twin with glibc's defaults (the same arithmetic) is probed before it, and the tuned default
+allocator is tuned, whose step grows up to 3x its twin's, and a probe should not go far over
+the budget (docs/benchmarks/2026-12-05-memory-plan.md), so the default's twin with glibc's
+defaults (the same arithmetic) is probed before it, and the tuned default
 only if the twin fits with room for the tuned step's larger growth (``TUNED_GROWTH``); if the
-twin fits and the tuned default does not (or is not risked), the twin is taken.
-If the twin does not fit, memory is short and only glibc-defaults plans are searched. Then the
-lightest plan; if it does not fit either, the run is refused (``MemoryPlanError``) naming what
-it needs. Otherwise every other candidate is probed and the one with the shortest probe step
-among those that fit is taken (each probe runs twice: the first warms up, the time is the
-second's, the peak the higher). Several processes: every rank probes the same candidates and
-each peak and time is the maximum over ranks (one collective per round), so every rank
-takes the same plan, or refuses alike. On a resume the plan is made again: the machine, the
-processes or the budget may have changed, and no plan changes the meta-gradient beyond
-rounding.
+twin fits and the tuned default does not, the twin is taken. If the twin fits without that
+room, every other candidate is searched as below (a lighter plan with the tuned allocator may
+beat the twin). If the twin does not fit, memory is short and only glibc-defaults plans are
+searched. Then the lightest plan, unless one has fit already; if it does not fit either, the
+run is refused (``MemoryPlanError``) naming what it needs. Otherwise every other candidate is
+probed and the one with the shortest probe step among those that fit is taken (each probe runs
+twice: the first warms up, the time is the second's, the peak the higher). Several processes:
+every rank probes the same candidates and each peak and time is the maximum over ranks (one
+collective per round), so every rank takes the same plan, or refuses alike. On a resume the
+plan is made again: the machine, the processes or the budget may have changed, and no plan
+changes the meta-gradient beyond rounding.
 """
 
 from __future__ import annotations
@@ -194,11 +195,12 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
     if chosen is not None or len(pool) == 1:
         return chosen, probes
     probed, lightest = {p.plan for p in probes}, pool[-1]
-    if lightest not in probed:
-        probes += measure([lightest])
+    if lightest not in probed and not any(p.peak <= budget for p in probes):
+        probes += measure([lightest])  # if even it does not fit, nothing will
         if probes[-1].peak > budget:
             return None, probes
-    probes += measure([p for p in pool if p not in probed and p != lightest])
+        probed.add(lightest)
+    probes += measure([p for p in pool if p not in probed])
     order = {plan: i for i, plan in enumerate(pool)}
     latest = {p.plan: p for p in probes}  # a plan's last probe: what it needs now
     fitting = sorted((p for p in latest.values() if p.peak <= budget and p.plan in order),
@@ -211,10 +213,10 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
     return None, probes
 
 
-# The tuned default's step grew 1.2-2.1x its twin's (above what the process held) in every
-# measured pair (docs/benchmarks/2026-12-05-memory-plan.md, section 3); a failed tuned probe
-# raises every later peak, so it is risked only with room for this much.
-TUNED_GROWTH = 2.5
+# A tuned step grew up to 2.9x its twin's (above what the process held) in the measured pairs
+# (docs/benchmarks/2026-12-05-memory-plan.md, sections 3 and 11); the default's probe may
+# not go far over the budget, so it is risked only with room for this much.
+TUNED_GROWTH = 3.0
 
 
 def room_for_tuned(twin: Probe, budget: float) -> bool:
@@ -226,10 +228,11 @@ def _try_default(plans: list[Plan], measure, budget: float):
     """(the default, or its twin, if either fits; the probes; the plans left to search).
 
     A default with the tuned allocator goes after its glibc-defaults twin (the same
-    arithmetic): a tuned probe raises every later probe's peak and malloc_trim does not undo
-    it, so it is risked only when the twin fits with room to spare (``room_for_tuned``; if
-    not, the twin is taken). Otherwise memory is short, and only glibc-defaults plans are
-    searched."""
+    arithmetic), and is probed only when the twin fits with room to spare for the tuned
+    step's larger growth (``room_for_tuned``): a probe may not exceed the budget by much.
+    Without that room every other plan is searched, the twin included (lighter tuned plans
+    may be faster than the twin). If the twin does not fit, memory is short, and only
+    glibc-defaults plans are searched."""
     default = plans[0]
     if default.malloc != "tuned":
         probes = measure([default])
@@ -238,7 +241,8 @@ def _try_default(plans: list[Plan], measure, budget: float):
     probes = measure([twin])
     if probes[-1].peak <= budget:
         if not room_for_tuned(probes[-1], budget):
-            return twin, probes, plans
+            # A lighter tuned plan may still fit and be faster than the twin: search the rest.
+            return None, probes, [p for p in plans if p != default]
         probes += measure([default])
         if probes[-1].peak <= budget:
             return default, probes, plans

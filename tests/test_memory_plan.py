@@ -61,18 +61,31 @@ def test_a_default_that_fits_is_taken_after_its_glibc_twin_and_nothing_else_is_p
 
 
 def test_when_only_the_twin_fits_the_twin_is_taken_once_it_fits_again():
-    measure, rounds = measured({TWIN: (0.35, 1.1), DEFAULT: (1.2, 1.0)})
+    measure, rounds = measured({TWIN: (0.3, 1.1), DEFAULT: (1.2, 1.0)})
     chosen, _ = search(PLANS, measure, 1.0 * GB)
     assert chosen == TWIN and rounds == [[TWIN], [DEFAULT], [TWIN]]
 
 
-def test_a_twin_with_no_room_for_the_tuned_step_is_taken_without_the_tuned_probe():
-    # held 0.5 GB before the step, the twin's step adds 0.3: the tuned one may add 2.5x that
+def test_a_twin_with_no_room_for_the_tuned_default_leads_to_the_search_without_it():
+    # held 0.5 GB before the step, the twin's step adds 0.3: the tuned one may add 3x that
     twin = Probe(TWIN, 0.8 * GB, 1.1, before=0.5 * GB)
+    assert not room_for_tuned(twin, 1.0 * GB) and room_for_tuned(twin, 1.4 * GB)
+    table = {TUNED_OTHER: (0.9, 0.6), MIDDLE_FAST: (0.85, 1.5), MIDDLE_SLOW: (0.7, 2.5),
+             LIGHTEST: (0.6, 4.0)}
     rounds = []
-    chosen, _ = search(PLANS, lambda plans: rounds.append(plans) or [twin], 1.0 * GB)
-    assert chosen == TWIN and rounds == [[TWIN]]
-    assert not room_for_tuned(twin, 1.0 * GB) and room_for_tuned(twin, 1.25 * GB)
+
+    def measure(plans):
+        rounds.append(list(plans))
+        return [twin if p == TWIN else Probe(p, table[p][0] * GB, table[p][1]) for p in plans]
+    chosen, probes = search(PLANS, measure, 1.0 * GB)
+    # a lighter tuned plan beats the twin; the tuned default is never probed, and the lightest
+    # is not probed first (a plan has fit already)
+    assert chosen == TUNED_OTHER and DEFAULT not in {p.plan for p in probes}
+    assert rounds == [[TWIN], [TUNED_OTHER, MIDDLE_FAST, MIDDLE_SLOW, LIGHTEST], [TUNED_OTHER]]
+    # nothing else fits: the twin, probed again last
+    table = {p: (1.5, 0.5) for p in table}
+    rounds.clear()
+    assert search(PLANS, measure, 1.0 * GB)[0] == TWIN and rounds[-1] == [TWIN]
 
 
 def test_a_twin_that_does_not_fit_keeps_every_tuned_plan_from_being_probed():
