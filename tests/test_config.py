@@ -119,3 +119,13 @@ def test_an_unknown_name_is_a_config_error_listing_the_names(given, tmp_path, mo
     listed = str(err.value).partition("one of: ")[2]
     assert "cnn_maml, " in listed and "miniimagenet/{base, " in listed
     assert "sweeps" not in listed  # sweep files are not configs
+
+
+SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "sweeps")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_loads_and_validates(path):
+    """Every config a document names (configs/results/ included) loads with no override; the
+    sweeps are checked by tests/test_sweep.py."""
+    assert isinstance(load_config(path), Config)
