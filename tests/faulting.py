@@ -109,8 +109,11 @@ def interrupt_launcher(args: list[str], ready, what: str, after: float = 0.0):
     """Start `accelerate launch` (one process) on train.py with ``args``, wait until ``ready()``
     (and ``after`` seconds more), send the launcher SIGINT as Ctrl-C would, and collect it:
     (the finished process, its stdout, its stderr). The launcher is killed if it outlives this."""
+    # As from a terminal: Ctrl-C not ignored, even when these tests run as a background job of
+    # a script (which ignores SIGINT, and its children inherit that).
     launcher = subprocess.Popen(command("train.py", args, 1), cwd=ROOT, env=child_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(ready, what=what)
         time.sleep(after)

@@ -303,7 +303,10 @@ def test_natural_image_configs_augment_and_omniglot_configs_do_not():
     assert natural
     for name in natural:
         assert cfglib.load_config(name).data.augment == "lee2019", name
+    shifted = "results/vinyals_protonet_20w1s_shift"  # a RESULTS recipe: shifts, no jitter
     for name in names:
-        if cfglib.load_config(name).data.dataset == "omniglot":
+        if cfglib.load_config(name).data.dataset == "omniglot" and name != shifted:
             assert cfglib.load_config(name).data.augment == "none", name
+    shift = cfglib.load_config(shifted).data
+    assert (shift.augment, shift.augment_jitter, shift.augment_flip) == ("lee2019", [0] * 3, False)
     assert cfglib.load_config("mamlpp/miniimagenet_cnn_maml_5w1s").data.augment == "none"
