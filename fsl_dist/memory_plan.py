@@ -192,8 +192,11 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
     plan chosen among others is probed once more, last, in the state training starts from
     (what earlier probes left in the heap included), and taken only if it fits again."""
     chosen, probes, pool = _try_default(plans, measure, budget)
-    if chosen is not None or len(pool) == 1:
+    if chosen is not None:
         return chosen, probes
+    if len(pool) == 1:  # the twin alone, probed: it is the plan if it fit
+        return (pool[0] if probes[-1].plan == pool[0] and probes[-1].peak <= budget
+                else None), probes
     probed, lightest = {p.plan for p in probes}, pool[-1]
     if lightest not in probed and not any(p.peak <= budget for p in probes):
         probes += measure([lightest])  # if even it does not fit, nothing will

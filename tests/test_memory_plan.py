@@ -266,3 +266,10 @@ def test_the_bench_row_under_a_budget_computes_the_loop_meta_gradient(tiny):
     assert planned.plan_record["probes"][0]["fits"]
     loop = peers.METHODS["loop"][1](model, tasks, case)
     assert torch.equal(meta_gradient(planned, model), meta_gradient(loop, model))
+
+
+def test_a_twin_without_room_is_the_plan_when_it_is_the_only_other_plan():
+    # one thread, first order: the default and its twin are the only candidates
+    twin = Probe(TWIN, 0.8 * GB, 1.1, before=0.5 * GB)
+    chosen, probes = search([DEFAULT, TWIN], lambda plans: [twin], 1.0 * GB)
+    assert chosen == TWIN and len(probes) == 1
