@@ -28,11 +28,12 @@ reload torch and the data); where that reset is refused, the monotonic ``ru_maxr
 candidate may then read an earlier one's higher peak: too high, never too low). On CUDA
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. Added to it, counted
 rather than measured: what the first update allocates (Adam's two moments unless a resumed
-optimizer holds them, and the all-reduced gradient vector). What the process holds between
-probes drifts (0.94-1.08 GB measured in one Conv-4 process; likely the worker threads' malloc
-arenas, which the tuned allocator never trims and ``malloc_trim`` does not shrink), and
-training starts from what the probes left; so a plan chosen among others is probed once more,
-last, right before training, and taken only if it fits again (else the next fastest).
+optimizer holds them, and the all-reduced gradient vector). What the process holds grows
+with its first step by the library code that step's kernels run, which stays resident (file
+pages, 38-47 MiB measured on CPU; any first step pays it, planned or not), and later probes
+may need more after a tuned one left its heap fragmented; training starts from what the probes
+left, so a plan chosen among others is probed once more, last, right before training, and
+taken only if it fits again (else the next fastest).
 
 Search: the default plan first; if it fits, nothing else is probed. On CPU the default's
 allocator is tuned, whose step grows up to 3x its twin's, and a probe should not go far over
@@ -111,17 +112,26 @@ class Plan:
 
 @dataclass(frozen=True)
 class Probe:
-    """One candidate's measured probe step: peak bytes (with the update's), seconds, and the
-    bytes the process held before the step (torch, the data, the model)."""
+    """One candidate's measured probe step: peak bytes (with the update's), seconds, the bytes
+    the process held before the step (torch, the data, the model) and after it, its free
+    memory handed back (more than before when the step was the process's first: the library
+    code its kernels run stays resident)."""
 
     plan: Plan
     peak: float
     seconds: float
     before: float = 0.0
+    after: float = 0.0
+
+    @property
+    def growth(self) -> float:
+        """What the step itself adds to what the process holds once it has run a step."""
+        return self.peak - max(self.before, self.after)
 
     def as_dict(self, budget: float) -> dict:
         return {"plan": self.plan.name, "peak_gb": round(self.peak / GB, 4),
-                "before_gb": round(self.before / GB, 4), "seconds": round(self.seconds, 4),
+                "before_gb": round(self.before / GB, 4), "after_gb": round(self.after / GB, 4),
+                "seconds": round(self.seconds, 4),
                 "fits": self.peak <= budget}
 
 
@@ -223,8 +233,10 @@ TUNED_GROWTH = 3.0
 
 
 def room_for_tuned(twin: Probe, budget: float) -> bool:
-    """Whether the budget leaves room for the tuned default, judged from its twin's probe."""
-    return twin.before + TUNED_GROWTH * (twin.peak - twin.before) <= budget
+    """Whether the budget leaves room for the tuned default, judged from its twin's probe:
+    the step's own growth, above what the process holds once a step has run (the first step
+    leaves the library code its kernels ran resident, 38-47 MiB measured; not the step's)."""
+    return max(twin.before, twin.after) + TUNED_GROWTH * twin.growth <= budget
 
 
 def _try_default(plans: list[Plan], measure, budget: float):
@@ -277,6 +289,17 @@ def status_bytes(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}")
 
 
+def held_bytes(device: torch.device) -> float:
+    """Bytes the process holds now: the resident set on CPU, torch's allocated memory on
+    CUDA."""
+    if device.type == "cuda":
+        return float(torch.cuda.memory_allocated(device))
+    try:
+        return float(status_bytes("VmRSS"))
+    except OSError:
+        return 0.0
+
+
 def reset_peak(device: torch.device) -> bool:
     """Start a new peak measurement; False where the peak cannot be reset (then the peak read
     is the process's highest so far)."""
@@ -322,13 +345,13 @@ class Prober:
         measured = [self.probe(plan) for plan in plans]
         n = len(plans)
         flat = self.dist.max_over_ranks([value for m in zip(*measured) for value in m])
-        peaks, seconds, before = flat[:n], flat[n:2 * n], flat[2 * n:]
+        peaks, seconds, before, after = (flat[i * n:(i + 1) * n] for i in range(4))
         extra = update_bytes(self.state)
-        return [Probe(plan, peak + extra, secs, base)
-                for plan, peak, secs, base in zip(plans, peaks, seconds, before)]
+        return [Probe(plan, peak + extra, secs, base, held)
+                for plan, peak, secs, base, held in zip(plans, peaks, seconds, before, after)]
 
-    def probe(self, plan: Plan) -> tuple[float, float, float]:
-        """(peak bytes, seconds of the last repeat, bytes before) of ``plan``'s
+    def probe(self, plan: Plan) -> tuple[float, float, float, float]:
+        """(peak bytes, seconds of the last repeat, bytes before, bytes after) of ``plan``'s
         meta-gradient; the first repeat warms up, the peak is the highest of all (the tuned
         allocator's may creep)."""
         if plan.malloc is not None:
@@ -346,7 +369,10 @@ class Prober:
                 seconds = time.perf_counter() - started
                 for p in self.state.trainable():
                     p.grad = None
-        return peak, seconds, before
+            gc.collect()
+            release_free_memory()
+            after = held_bytes(self.device)
+        return peak, seconds, before, after
 
     def step(self, plan: Plan) -> None:
         state, learner = self.state, self.state.learner

@@ -88,6 +88,17 @@ def test_a_twin_with_no_room_for_the_tuned_default_leads_to_the_search_without_i
     assert search(PLANS, measure, 1.0 * GB)[0] == TWIN and rounds[-1] == [TWIN]
 
 
+def test_the_room_for_the_tuned_default_leaves_out_what_the_first_step_keeps_resident():
+    # the twin was the process's first step: 0.1 GB of library code stayed resident after it,
+    # which the tuned step will not load again; its own growth is 0.2, 3x that is 0.6
+    twin = Probe(TWIN, 0.8 * GB, 1.1, before=0.5 * GB, after=0.6 * GB)
+    assert twin.growth == pytest.approx(0.2 * GB)
+    assert room_for_tuned(twin, 1.2 * GB) and not room_for_tuned(twin, 1.19 * GB)
+    # a step after which the process holds less than before: the growth is above before
+    assert Probe(TWIN, 0.8 * GB, 1.1, before=0.5 * GB, after=0.4 * GB).growth == \
+        pytest.approx(0.3 * GB)
+
+
 def test_a_twin_that_does_not_fit_keeps_every_tuned_plan_from_being_probed():
     # a tuned probe raises every later peak, so it is not risked when memory is short
     table = {TWIN: (3.0, 1.0), MIDDLE_FAST: (1.9, 1.5), MIDDLE_SLOW: (1.5, 2.5),
@@ -249,7 +260,8 @@ def test_a_probe_leaves_the_weights_the_random_state_and_the_gradients_as_they_w
     rng = torch.get_rng_state()
     prober = Prober(state, tasks, cfg, "no", Distributed(), repeats=1)
     probes = prober([Plan(False, 1, "none", None), Plan(False, 1, "steps", None)])
-    assert all(p.peak > p.before > 0 and p.seconds > 0 for p in probes)
+    assert all(p.peak > p.before > 0 and p.after > 0 and p.seconds > 0 for p in probes)
+    assert all(0 < p.growth <= p.peak - p.before for p in probes)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(weights[n], p) for n, p in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and not state.optimizer.state
