@@ -16,3 +16,31 @@ def test_growth_per_further_step_is_a_share_of_the_one_step_peak():
     assert growth_lines(rows) == [
         "blocks: 1 to 5 steps, +100 MiB per further step, 5.0% of the 1-step peak",
         "blocks: 1 to 10 steps, +100 MiB per further step, 5.0% of the 1-step peak"]
+
+
+def test_a_peer_row_computes_the_same_meta_gradient_as_the_none_row():
+    import torch
+
+    from fsl_dist.bench.cases import synthetic_tasks
+    from fsl_dist.bench.memory import PEERS, row_method
+    from fsl_dist.bench.peers import Unavailable
+    from fsl_dist.models import build_model
+
+    case = {"model": "cnn", "algorithm": "maml", "n_way": 3, "k_shot": 1, "n_query": 2,
+            "meta_batch": 1}
+    torch.manual_seed(0)
+    model = build_model("cnn", 3, width=4)
+    tasks = synthetic_tasks(case, torch.device("cpu"))
+
+    def gradient(level):
+        for p in model.parameters():
+            p.grad = None
+        row_method(level, 2, model, tasks, case)()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    reference = gradient("none")
+    for peer in PEERS:
+        try:
+            grad = gradient(peer)
+        except Unavailable:  # not installed here: launch/install_bench_peers.sh
+            continue
+        assert ((grad - reference).norm() / reference.norm()).item() < 1e-5, peer

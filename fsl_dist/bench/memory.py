@@ -11,7 +11,9 @@ terms and above the RSS just before the task. Time: the one task (no warm-up, so
 first-call costs, alike for every level), wall and CPU (the process's user + system time: with
 one intra-op thread, the figure that shared load disturbs least). Each row saves its
 meta-gradient; the table gives its relative difference (norm of the difference over the norm)
-from the ``none`` row of the same steps.
+from the ``none`` row of the same steps. Levels ``learn2learn``, ``higher`` and ``torchopt``
+are the peers' second-order MAML on the same model and task, with glibc's allocator as their
+users have it (launch/install_bench_peers.sh installs them).
 """
 
 import argparse
@@ -32,6 +34,9 @@ from .cases import synthetic_tasks
 from .measure import peak_rss, reset_peak_rss
 
 LEVELS = ("none", "steps", "blocks", "implicit")
+# The peers' own second-order MAML on the same model and task (fsl_dist/bench/peers.py), with
+# glibc's allocator as a user of theirs has it.
+PEERS = ("learn2learn", "higher", "torchopt")
 
 
 def spec_of(level: str, steps: int) -> InnerLoopSpec:
@@ -58,10 +63,10 @@ def run_row(level: str, steps: int, k_shot: int, n_query: int, grad_out: str,
     spec_case = case(k_shot, n_query)
     model = build_model("resnet12", 5, width=64, in_channels=3, image_size=84)
     tasks = synthetic_tasks(spec_case, torch.device("cpu"))
-    spec = spec_of(level, steps)
+    meta_gradient = row_method(level, steps, model, tasks, spec_case)
     base = reset_peak_rss()
     started, cpu_started = time.perf_counter(), time.process_time()
-    meta_backward(model, tasks, spec, acc_before=False, workers=1)
+    meta_gradient()
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started
     peak = peak_rss()
@@ -70,6 +75,15 @@ def run_row(level: str, steps: int, k_shot: int, n_query: int, grad_out: str,
             "cpu_seconds": cpu_seconds,
             "peak_mib": peak / 2**20,
             "above_start_mib": (peak - base) / 2**20}
+
+
+def row_method(level: str, steps: int, model, tasks: dict, spec_case: dict):
+    """The row's meta-gradient as a call: ``meta_backward`` at a level, or a peer's."""
+    if level in PEERS:
+        from .peers import METHODS
+        return METHODS[level][1](model, tasks, {**spec_case, "inner_steps": steps})
+    spec = spec_of(level, steps)
+    return lambda: meta_backward(model, tasks, spec, acc_before=False, workers=1)
 
 
 def _child(level, steps, k_shot, n_query, grad_out, tune_malloc) -> dict:
@@ -90,7 +104,9 @@ def _rel_diff(grad: str, reference: str) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 5])
-    parser.add_argument("--levels", nargs="+", choices=LEVELS, default=list(LEVELS))
+    parser.add_argument("--levels", nargs="+", choices=LEVELS + PEERS, default=list(LEVELS),
+                        help="checkpoint levels, implicit, and peers (run with glibc's "
+                             "allocator as it is)")
     parser.add_argument("--shot", type=int, default=5)
     parser.add_argument("--query", type=int, default=15)
     parser.add_argument("--json", help="also write the rows here")
@@ -109,8 +125,9 @@ def main(argv=None) -> None:
             return os.path.join(scratch, f"{level}-{steps}.pt")
         for steps in args.steps:
             for level in args.levels:
+                tune = not args.glibc_malloc_defaults and level not in PEERS
                 rows.append(_child(level, steps, args.shot, args.query, grad_file(level, steps),
-                                   not args.glibc_malloc_defaults))
+                                   tune))
                 print(_line(rows[-1]), flush=True)
         # After all rows, so that the heaviest (none) may run last.
         for row in rows:
