@@ -3,7 +3,7 @@ inner-loop checkpoint level (algorithm.checkpoint) or the implicit meta-gradient
 implicit, algorithm.meta_gradient), each row in a fresh process.
 
     OMP_NUM_THREADS=1 python launch/bench_memory.py --steps 1 5 --levels none steps blocks
-    OMP_NUM_THREADS=1 python launch/bench_memory.py --shot 1 --steps 1 5 --levels learn2learn torchopt
+    OMP_NUM_THREADS=1 python launch/bench_memory.py --shot 1 --steps 1 5 --levels torchopt higher
 
 The code and what each column means: fsl_dist/bench/memory.py.
 """
