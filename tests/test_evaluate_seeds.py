@@ -116,3 +116,18 @@ def test_a_bad_query_count_is_refused_and_nothing_is_written(tiny_run, queries, 
         evaluate_held_out(learner, cfg, dist, run_dir, precision="no", episodes=4,
                           queries=queries, out_name="bad-q.json")
     assert not (run_dir / "bad-q.json").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--episodes", "0", "argument --episodes: 0 must be at least 1"),  # was: the default, quietly
+    ("--inner-steps", "0", "argument --inner-steps: 0 must be at least 1"),  # was: a traceback
+    ("--ways", "-2", "argument --ways: -2 must be at least 1"),
+    ("--shots", "one", "argument --shots: 'one' is not a whole number"),
+])
+def test_the_evaluate_command_refuses_a_count_below_one_in_one_line(capsys, flag, value,
+                                                                     message):
+    from fsl_dist.cli.evaluate import parse_args
+
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--run-dir", "runs/any", flag, value])
+    assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -40,21 +40,33 @@ from fsl_dist.trained import is_pretrained, read_trained
 from fsl_dist.trainer import resolve_precision
 
 
+def positive(text: str) -> int:
+    """argparse type: a whole number of at least 1 (0 episodes or inner steps is a mistake, not
+    "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, help="a run folder written by launch/train.py")
-    parser.add_argument("--episodes", type=int,
+    parser.add_argument("--episodes", type=positive,
                         help="episodes (default: the config's eval.episodes)")
-    parser.add_argument("--ways", type=int,
+    parser.add_argument("--ways", type=positive,
                         help="N-way (default: eval.n_way, else task.n_way); a model with a head "
                              "(the MAML family) takes only its trained N")
-    parser.add_argument("--shots", type=int, help="K-shot (default: the trained K)")
-    parser.add_argument("--queries", type=int,
+    parser.add_argument("--shots", type=positive, help="K-shot (default: the trained K)")
+    parser.add_argument("--queries", type=positive,
                         help="query images per class (default: the trained Q); one Q for runs "
                              "trained with different ones")
     parser.add_argument("--part", choices=("val", "test"), help="split part (default: eval.part)")
-    parser.add_argument("--inner-steps", type=int,
+    parser.add_argument("--inner-steps", type=positive,
                         help="inner steps at test time (default: eval.inner_steps)")
     parser.add_argument("--method", choices=("adapt",) + METHODS, default="adapt",
                         help="adapt (the trained inner loop, a pre-trained run's nearest "
