@@ -12,7 +12,7 @@ import gc
 
 from fsl_dist.config import load_config
 from fsl_dist.cpu_malloc import release_free_memory
-from fsl_dist.memory_plan import GB, apply_to_spec, plan_arguments, plan_memory, status_bytes
+from fsl_dist.memory_plan import GB, apply_to_spec, held_bytes, plan_arguments, plan_memory
 from fsl_dist.meta import meta_backward
 from fsl_dist.meta.precision import InnerLossScaler
 
@@ -29,31 +29,35 @@ def case_config(case: dict, budget_gb: float):
     return load_config(f"{case['model']}_maml", overrides)
 
 
-def planned_method(model, tasks, case):
-    """Plan for ``case["budget_mib"]`` more than the RSS now, then run the chosen plan."""
+def bench_state(cfg, model):
+    """The trainer's state around the row's ``model``: its family's learner, Adam, scalers."""
     import torch
 
-    from fsl_dist.distributed import Distributed
     from fsl_dist.learners import learner_from_config
     from fsl_dist.trainer import TrainState
 
+    return TrainState(model, learner_from_config(cfg, model),
+                      torch.optim.Adam(model.parameters(), 1e-3), InnerLossScaler(),
+                      InnerLossScaler())
+
+
+def planned_method(model, tasks, case):
+    """Plan for ``case["budget_mib"]`` more than the RSS now, then run the chosen plan."""
+    from fsl_dist.distributed import Distributed
+
     dist = Distributed()
     cfg = case_config(case, 1.0)  # the budget is set below, once the RSS before is known
-    state = TrainState(model, learner_from_config(cfg, model),
-                       torch.optim.Adam(model.parameters(), 1e-3), InnerLossScaler(),
-                       InnerLossScaler())
+    state = bench_state(cfg, model)
     gc.collect()
     release_free_memory()
     device = next(model.parameters()).device
     # What the process holds once everything is imported and built: the allowance goes on top.
-    before = (torch.cuda.memory_allocated(device) if device.type == "cuda"
-              else status_bytes("VmRSS"))
+    before = held_bytes(device)
     budget_gb = (before + case["budget_mib"] * 2**20) / GB
     plan, record = plan_memory(state, tasks, case_config(case, budget_gb), "no", dist)
     gc.collect()
     release_free_memory()  # the row's own peak is measured from here
-    after = (torch.cuda.memory_allocated(device) if device.type == "cuda"
-             else status_bytes("VmRSS"))
+    after = held_bytes(device)
     spec = apply_to_spec(case_spec(case), plan)
     arguments = plan_arguments(plan)
 

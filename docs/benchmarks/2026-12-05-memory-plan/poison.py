@@ -12,14 +12,11 @@ import sys
 import torch
 
 from fsl_dist.bench.cases import synthetic_tasks
-from fsl_dist.bench.planned import case_config
+from fsl_dist.bench.planned import bench_state, case_config
 from fsl_dist.cpu_malloc import release_free_memory, single_arena
 from fsl_dist.distributed import Distributed
-from fsl_dist.learners import learner_from_config
 from fsl_dist.memory_plan import Plan, Prober, status_bytes
-from fsl_dist.meta.precision import InnerLossScaler
 from fsl_dist.models import build_model
-from fsl_dist.trainer import TrainState
 
 MIB = 2**20
 
@@ -33,9 +30,7 @@ def main():
     model = build_model(model_name, 5)
     tasks = synthetic_tasks(case, "cpu")
     cfg = case_config(case, 10.0)
-    state = TrainState(model, learner_from_config(cfg, model),
-                       torch.optim.Adam(model.parameters(), 1e-3), InnerLossScaler(),
-                       InnerLossScaler())
+    state = bench_state(cfg, model)
     single_arena()
     gc.collect()
     release_free_memory()
