@@ -357,6 +357,12 @@ class EvalConfig:
     """Episodes adapted together in one call."""
     seed: int = 1234
     """Seed of the evaluation episodes (fixed, so all runs meet the same episodes)."""
+    test_shift: int = 0
+    """Test-time augmentation of the families that fit a head to features (protonet, ridge):
+    each image's features are the mean over its copies shifted by up to this many pixels
+    (|rows| + |columns| <= test_shift, the border black as in data.augment's shift; 1: 5
+    copies, 2: 13), in validation, evaluation and prediction (model.yaml keeps it); each copy
+    costs a forward pass. 0: off. Training is unchanged."""
 
 
 @dataclass
@@ -465,7 +471,7 @@ POSITIVE = (
 )
 NON_NEGATIVE = ("algorithm.inner_steps", "optim.weight_decay", "optim.min_lr",
                 "algorithm.msl_steps", "algorithm.first_order_steps", "algorithm.cg_damping",
-                "data.augment_padding")
+                "data.augment_padding", "eval.test_shift")
 # model.name of a model of your own: the import path of the function that builds it.
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -697,6 +703,10 @@ def validate(cfg: Config, where: str = "config") -> None:
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise ConfigError(f"{where}: `{key}` = {get(cfg, key)!r} must not be negative")
+    if cfg.eval.test_shift and cfg.algorithm.name in ("maml", "boil", "anil"):
+        raise ConfigError(f"{where}: `eval.test_shift` averages the features a head is fitted "
+                          f"to (protonet, ridge); {cfg.algorithm.name} adapts by gradient steps: "
+                          "set it to 0")
     if cfg.eval.n_way is not None and cfg.eval.n_way < 2:
         raise ConfigError(f"{where}: `eval.n_way` = {cfg.eval.n_way} must be at least 2 (or "
                           "null: task.n_way)")

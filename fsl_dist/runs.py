@@ -257,6 +257,8 @@ def evaluate_held_out(learner, cfg: Config, dist, run_dir: Path, *, precision: s
     if method == "adapt":
         result["inner_steps"] = (inner_steps if inner_steps is not None
                                  else learner.evaluation_steps)
+        if getattr(learner, "test_shift", 0):
+            result["test_shift"] = learner.test_shift
     if weights is not None:
         result["weights"] = Path(weights).relative_to(run_dir).as_posix() if Path(
             weights).is_relative_to(run_dir) else str(weights)

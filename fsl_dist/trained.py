@@ -124,7 +124,7 @@ def describe(cfg: Config, manifest: dict, step: Optional[int] = None,
         "task": dataclasses.asdict(cfg.task),
         "data": data_facts(manifest),
         # What prediction needs to adapt and score as evaluation does, without the config.
-        "evaluation": {"inner_steps": cfg.evaluation_inner_steps(), "precision": cfg.precision},
+        "evaluation": evaluation_of(cfg),
         "preprocessing": preprocessing_of(manifest),
         # A stopped run exports too: these say how far it got, for whoever evaluates it.
         "step": step,
@@ -317,7 +317,13 @@ def _evaluation_from_config(folder: Path, cfg: Optional[Config]) -> dict:
     if cfg is None:
         raise TrainedModelError(f"{folder / DESCRIPTION} has no `evaluation` section and there "
                                 f"is no {folder / CONFIG} to take it from; export the model again")
-    return {"inner_steps": cfg.evaluation_inner_steps(), "precision": cfg.precision}
+    return evaluation_of(cfg)
+
+
+def evaluation_of(cfg: Config) -> dict:
+    """model.yaml's ``evaluation`` section: how the model adapts and scores at evaluation."""
+    return {"inner_steps": cfg.evaluation_inner_steps(), "precision": cfg.precision,
+            "test_shift": cfg.eval.test_shift}
 
 
 def check_shards(description: dict, cfg: Config, folder: Path) -> None:

@@ -123,6 +123,7 @@ def test_a_bad_query_count_is_refused_and_nothing_is_written(tiny_run, queries, 
     ("--inner-steps", "0", "argument --inner-steps: 0 must be at least 1"),  # was: a traceback
     ("--ways", "-2", "argument --ways: -2 must be at least 1"),
     ("--shots", "one", "argument --shots: 'one' is not a whole number"),
+    ("--test-shift", "-1", "argument --test-shift: -1 must be at least 0"),
 ])
 def test_the_evaluate_command_refuses_a_count_below_one_in_one_line(capsys, flag, value,
                                                                      message):
@@ -131,3 +132,20 @@ def test_the_evaluate_command_refuses_a_count_below_one_in_one_line(capsys, flag
     with pytest.raises(SystemExit) as stop:
         parse_args(["--run-dir", "runs/any", flag, value])
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_test_shift_is_refused_where_no_head_is_fitted_to_features(tiny_run):
+    from fsl_dist.cli.evaluate import use_test_shift
+    from fsl_dist.learners import ProtoNet
+
+    cfg, learner, run_dir, dist = tiny_run  # BOIL: adapts by gradient steps
+    with pytest.raises(ConfigError, match="--test-shift 1: test-time shifts average"):
+        use_test_shift(learner, 1, "adapt")
+    protonet = ProtoNet(learner.model, cfg.protonet)
+    with pytest.raises(ConfigError, match="--method adapt"):
+        use_test_shift(protonet, 1, "centroid")
+    use_test_shift(protonet, 2, "adapt")
+    result = evaluate_held_out(protonet, cfg, dist, run_dir, precision="no", episodes=2,
+                               out_name="shift.json")
+    assert result["test_shift"] == 2
+    assert json.loads((run_dir / "shift.json").read_text())["test_shift"] == 2

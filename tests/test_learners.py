@@ -16,8 +16,16 @@ from fsl_dist.config import (
     ProtoNetConfig,
     RidgeConfig,
     load_config,
+    validate,
 )
-from fsl_dist.learners import LEARNERS, ProtoNet, RidgeHead, check_way, learner_from_config
+from fsl_dist.learners import (
+    LEARNERS,
+    ProtoNet,
+    RidgeHead,
+    check_way,
+    learner_from_config,
+    learner_from_description,
+)
 from fsl_dist.models import build_model
 from fsl_dist.trained import build_run_model
 
@@ -151,6 +159,66 @@ def test_evaluation_and_prediction_score_alike_for_any_way(family, section, n_wa
         assert logits.shape == (n_way * N_QUERY, n_way)  # N-way from a model with a 3-way head
         predicted = (logits.argmax(-1) == tasks["query_y"][t]).float().mean()
         assert predicted.item() == evaluated[t].item()
+
+
+def shifted_by_hand(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """x moved dy rows down and dx columns right, the wrapped-around edge set to 0."""
+    out = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+    if dy:
+        out[..., slice(0, dy) if dy > 0 else slice(dy, None), :] = 0
+    if dx:
+        out[..., :, slice(0, dx) if dx > 0 else slice(dx, None)] = 0
+    return out
+
+
+@pytest.mark.parametrize("family, section", [(RidgeHead, RidgeConfig), (ProtoNet, ProtoNetConfig)],
+                         ids=["ridge", "protonet"])
+def test_a_test_shift_averages_five_shifted_copies_and_prediction_agrees(family, section):
+    model = tiny_model()
+    learner = family(model, section())
+    tasks = make_tasks(tasks=2, n_way=N_WAY, k_shot=K_SHOT, n_query=N_QUERY, jitter=0.1)
+    plain = learner.evaluate_tasks(tasks, precision="no")["query_loss"]
+    learner.test_shift = 1
+    evaluated = learner.evaluate_tasks(tasks, precision="no")
+    assert evaluated["query_loss"] != plain  # the shift is applied at evaluation
+
+    def features(x):  # the mean over the image and its four one-pixel shifts, by hand
+        copies = [shifted_by_hand(x, dy, dx) for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1),
+                                                            (0, -1))]
+        return torch.stack([model.features(c).flatten(1) for c in copies]).mean(0)
+
+    for t in range(2):
+        head = learner.fit(features(tasks["support_x"][t]), tasks["support_y"][t], N_WAY)
+        by_hand = learner.score(head, features(tasks["query_x"][t]))
+        predicted = learner.adapt(tasks["support_x"][t], tasks["support_y"][t],
+                                  precision="no").logits(tasks["query_x"][t])
+        torch.testing.assert_close(predicted.double(), by_hand.double(), rtol=1e-6, atol=1e-8)
+        accuracy = (by_hand.argmax(-1) == tasks["query_y"][t]).float().mean()
+        assert accuracy.item() == evaluated["acc_after_per_task"][t].item()
+
+
+def test_a_test_shift_is_refused_for_the_maml_family_and_below_zero():
+    cfg = Config()
+    cfg.eval.test_shift = 1
+    with pytest.raises(ConfigError, match="eval.test_shift.*maml adapts by gradient steps"):
+        validate(cfg)
+    cfg.algorithm.name = "protonet"
+    validate(cfg)
+    cfg.eval.test_shift = -1
+    with pytest.raises(ConfigError, match="eval.test_shift` = -1 must not be negative"):
+        validate(cfg)
+
+
+def test_the_model_file_carries_the_test_shift_to_prediction():
+    cfg = Config()
+    cfg.algorithm.name, cfg.eval.test_shift = "protonet", 2
+    model = tiny_model()
+    evaluation = {"inner_steps": 0, "precision": None}
+    description = {"algorithm": {"name": "protonet"}, "protonet": {}}
+    assert learner_from_description(description, evaluation, model).test_shift == 0  # older
+    assert learner_from_description(description, {**evaluation, "test_shift": 2},
+                                    model).test_shift == 2
+    assert learner_from_config(cfg, model).test_shift == 2
 
 
 def test_another_way_at_evaluation_needs_a_family_without_a_head():

@@ -78,7 +78,8 @@ def test_files_get_the_omniglot_preprocessing(shards, tasks, tmp_path):
     description = yaml.safe_load((folder / "model.yaml").read_text())
     assert description["preprocessing"]["policy"] == "omniglot"
     assert description["preprocessing"]["invert"] is True
-    assert description["evaluation"] == {"inner_steps": 3, "precision": None}
+    assert description["evaluation"] == {"inner_steps": 3, "precision": None,
+                                         "test_shift": 0}
     model = load_model(folder, "cpu")
     support, _ = write_episode(tmp_path / "episode", tasks, 0, inverted=True)
     files = sorted(support.rglob("*.png"))

@@ -32,12 +32,14 @@ def shards(packed):
     return packed("futurama")
 
 
-@pytest.fixture(scope="module", params=["maml", "boil", "anil", "protonet"])
+@pytest.fixture(scope="module", params=["maml", "boil", "anil", "protonet",
+                                        "protonet eval.test_shift=1"])
 def trained(request, shards, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("predict") / request.param
+    name, *overrides = request.param.split()
+    run_dir = tmp_path_factory.mktemp("predict") / name
     run("train.py", ["--config", str(ROOT / "configs" / "cnn_maml.yaml"), "--run-dir",
-                     str(run_dir), f"data.shards={shards}", f"algorithm.name={request.param}",
-                     *TRAINING])
+                     str(run_dir), f"data.shards={shards}", f"algorithm.name={name}",
+                     *TRAINING, *overrides])
     return run_dir
 
 
@@ -55,6 +57,8 @@ def evaluation_per_episode(run_dir, model) -> torch.Tensor:
 
 def test_prediction_reproduces_evaluation_per_episode(trained, tmp_path, capsys):
     model = load_model(trained, "cpu")
+    test_shift = load_config(trained / "config.yaml").eval.test_shift
+    assert getattr(model.learner, "test_shift", 0) == test_shift  # model.yaml carries it
     expected, tasks = evaluation_per_episode(trained, model)
     # the same episodes and accuracies as the run's own final evaluation
     written = json.loads((trained / "eval.json").read_text())

@@ -7,6 +7,7 @@
     python launch/evaluate.py --run-dir runs/cnn_maml-0 --seeds 1234 1235 1236 1237 1238
     python launch/evaluate.py --run-dir runs/mamlpp-0 --queries 15   # trained with 1 query per class
     python launch/evaluate.py --run-dir runs/omniglot_cnn-0 --method finetune-cosine   # Baseline++
+    python launch/evaluate.py --run-dir runs/protonet-0 --test-shift 1   # features of 5 shifted copies
 
 --method adapt (default) adapts as the run was trained (its inner loop; a pre-trained run of
 fsl-pretrain: nearest centroid, as it was validated); the others read only the frozen body, for
@@ -40,16 +41,25 @@ from fsl_dist.trained import is_pretrained, read_trained
 from fsl_dist.trainer import resolve_precision
 
 
-def positive(text: str) -> int:
-    """argparse type: a whole number of at least 1 (0 episodes or inner steps is a mistake, not
-    "the default")."""
+def whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {least}")
     return value
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number of at least 1 (0 episodes or inner steps is a mistake, not
+    "the default")."""
+    return whole_number(text, 1)
+
+
+def non_negative(text: str) -> int:
+    """argparse type: a whole number of at least 0."""
+    return whole_number(text, 0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="adapt (the trained inner loop, a pre-trained run's nearest "
                         "centroid; default), or on the frozen body: centroid, finetune-linear "
                         "(Baseline), finetune-cosine (Baseline++)")
+    parser.add_argument("--test-shift", type=non_negative,
+                        help="test-time shifts of protonet and ridge: features averaged over "
+                        "each image's copies shifted by up to this many pixels (1: 5 copies, "
+                        "2: 13; 0: off; default: the model's eval.test_shift)")
     parser.add_argument("--checkpoint", help="evaluate a training checkpoint instead of the final "
                         "model: latest, a step number, or a path (default: model.safetensors)")
     parser.add_argument("--seeds", type=int, nargs="+",
@@ -92,6 +106,15 @@ def own_method(method: str, description: dict) -> str:
     it was validated and as fsl-predict classifies, so ``adapt`` evaluates it by ``centroid``
     (the frozen-body method itself, to the bit)."""
     return "centroid" if method == "adapt" and is_pretrained(description) else method
+
+
+def use_test_shift(learner, shift: int, method: str) -> None:
+    """``--test-shift``: only where features are averaged (protonet, ridge adapting as trained)."""
+    if method != "adapt" or not hasattr(learner, "test_shift"):
+        raise ConfigError(f"--test-shift {shift}: test-time shifts average the features of "
+                          "protonet and ridge models evaluated as trained (--method adapt); "
+                          "this evaluation fits no such head: leave --test-shift out")
+    learner.test_shift = shift
 
 
 def summary_line(result: dict) -> str:
@@ -148,6 +171,8 @@ def main(argv=None) -> int:
             outcome = tune_cpu_malloc()
             if outcome != "tuned":  # the usual outcome goes unsaid (as in the trainer)
                 dist.print(f"cpu malloc: {outcome}", file=sys.stderr)
+        if args.test_shift is not None:
+            use_test_shift(trained.learner, args.test_shift, method)
         adapts = method == "adapt" and trained.learner.fixed_way  # the trained head's N
         if args.ways is not None and args.ways != cfg.evaluation_way():
             if adapts:

@@ -147,6 +147,24 @@ def shift_crop(images: torch.Tensor, offsets: torch.Tensor, padding: int,
     return padded.reshape(n, c, -1).gather(2, flat.expand(n, c, h * w)).reshape(n, c, h, w)
 
 
+def shift_offsets(radius: int) -> list[tuple[int, int]]:
+    """The whole-pixel shifts (rows, columns) of at most ``radius`` steps, |dy| + |dx| <=
+    radius, no shift first: 1 for radius 0, 5 for 1, 13 for 2 (``eval.test_shift``'s views)."""
+    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)
+               if abs(dy) + abs(dx) <= radius]
+    return sorted(offsets, key=lambda o: (abs(o[0]) + abs(o[1]), o))
+
+
+def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``images`` moved by ``dy`` rows and ``dx`` columns, the vacated border black: the
+    training shift's crop (``shift_crop``) with one offset for all images."""
+    padding = max(abs(dy), abs(dx))
+    if padding == 0:
+        return images
+    offsets = torch.tensor([[padding - dy, padding - dx]], device=images.device)
+    return shift_crop(images, offsets.expand(len(images), 2), padding)
+
+
 def _resized_crop_boxes(count: int, size, scale, gen: torch.Generator) -> torch.Tensor:
     """[count, 4] boxes (top, left, height, width) in pixels, as RandomResizedCrop.get_params:
     the first of ten tries that fits, else the whole image (torchvision's fallback for square

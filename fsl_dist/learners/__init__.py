@@ -35,18 +35,24 @@ __all__ = ["INNER_LR", "LEARNERS", "STAT_KEYS", "Adapted", "Learner", "MamlFamil
 
 
 def build_learner(model: nn.Module, algorithm: AlgorithmConfig, sections: dict,
-                  evaluation_steps: int, **extra) -> Learner:
+                  evaluation_steps: int, test_shift: int = 0, **extra) -> Learner:
     """The learner of ``algorithm.name`` around ``model``; ``sections``: the families' own
-    config sections by name (``Config`` attributes)."""
+    config sections by name (``Config`` attributes); ``test_shift``: ``eval.test_shift``."""
     family = LEARNERS[algorithm.name]
     if family is MamlFamily:
+        if test_shift:
+            raise ConfigError(f"test_shift {test_shift}: {algorithm.name} adapts by gradient "
+                              "steps; test-time shifts are for protonet and ridge")
         return MamlFamily(model, algorithm, evaluation_steps, **extra)
-    return family(model, sections[family.section], **extra)
+    learner = family(model, sections[family.section], **extra)
+    learner.test_shift = test_shift
+    return learner
 
 
 def learner_from_config(cfg: Config, model: nn.Module, **extra) -> Learner:
     sections = {name: getattr(cfg, name) for name in SECTIONS}
-    return build_learner(model, cfg.algorithm, sections, cfg.evaluation_inner_steps(), **extra)
+    return build_learner(model, cfg.algorithm, sections, cfg.evaluation_inner_steps(),
+                         cfg.eval.test_shift, **extra)
 
 
 def learner_from_description(description: dict, evaluation: dict, model: nn.Module) -> Learner:
@@ -56,7 +62,8 @@ def learner_from_description(description: dict, evaluation: dict, model: nn.Modu
     algorithm = _section(AlgorithmConfig, description["algorithm"])
     sections = {name: _section(cls, description.get(name) or {}) for name, cls in
                 SECTIONS.items()}
-    return build_learner(model, algorithm, sections, evaluation["inner_steps"])
+    return build_learner(model, algorithm, sections, evaluation["inner_steps"],
+                         evaluation.get("test_shift", 0))  # absent: written before it existed
 
 
 def _section(cls, values: dict):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fsl_dist.data.augment import shift_offsets, shifted
 from fsl_dist.meta.precision import autocast_factory
 
 from .base import Adapted, Learner, nan
@@ -30,16 +31,21 @@ class FittedHead:
     def logits(self, x: Tensor) -> Tensor:
         learner = self.learner
         with learner.evaluation_mode():
-            query = learner.features(x, self.precision)
+            query = learner.test_features(x, self.precision)
         return learner.score(self.head, query).float()
 
 
 class FeatureHeadLearner(Learner):
     """A family that fits a head to the support set's features in closed form (no inner
     gradient steps) and scores the query features with it: ProtoNet, the ridge head. The
-    model's ``features`` body is the embedding; its own head is unused, so any N works."""
+    model's ``features`` body is the embedding; its own head is unused, so any N works.
+
+    ``test_shift`` (``eval.test_shift``): at evaluation and prediction an image's features are
+    the mean of its shifted copies' (``shift_offsets``), each copy its own forward, so that
+    batch norm sees each copy as the set it is; training is unchanged."""
 
     fixed_way = False
+    test_shift = 0
 
     def __init__(self, model: nn.Module):
         super().__init__(model, evaluation_steps=0)
@@ -62,13 +68,23 @@ class FeatureHeadLearner(Learner):
         # losses in float32 at least, as the MAML family's (float64 stays float64)
         return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
+    def test_features(self, x: Tensor, precision: str) -> Tensor:
+        """``features`` at evaluation and prediction: with ``test_shift``, averaged over the
+        shifted copies of ``x``."""
+        if not self.test_shift:
+            return self.features(x, precision)
+        views = [self.features(shifted(x, dy, dx), precision)
+                 for dy, dx in shift_offsets(self.test_shift)]
+        return torch.stack(views).mean(0)
+
     def evaluation_mode(self):
         return _mode(self.model, training=False)
 
-    def _task_logits(self, tasks, t: int, precision: str) -> Tensor:
+    def _task_logits(self, tasks, t: int, precision: str, embed=None) -> Tensor:
+        embed = embed or self.features
         n_way = int(tasks["support_y"][t].max()) + 1
-        support = self.features(tasks["support_x"][t], precision)
-        query = self.features(tasks["query_x"][t], precision)
+        support = embed(tasks["support_x"][t], precision)
+        query = embed(tasks["query_x"][t], precision)
         return self.score(self.fit(support, tasks["support_y"][t], n_way), query)
 
     def meta_backward(self, tasks: Mapping[str, Tensor], *, step: int, precision: str,
@@ -93,7 +109,7 @@ class FeatureHeadLearner(Learner):
         accs, losses = [], []
         with self.evaluation_mode():
             for t in range(len(tasks["support_x"])):
-                logits = self._task_logits(tasks, t, precision)
+                logits = self._task_logits(tasks, t, precision, self.test_features)
                 losses.append(F.cross_entropy(logits, tasks["query_y"][t]))
                 accs.append((logits.argmax(-1) == tasks["query_y"][t]).float().mean())
         return {"acc_after_per_task": torch.stack(accs), "acc_before": nan(),
@@ -102,7 +118,7 @@ class FeatureHeadLearner(Learner):
     @torch.no_grad()
     def adapt(self, support_x: Tensor, support_y: Tensor, *, precision: str) -> Adapted:
         with self.evaluation_mode():
-            support = self.features(support_x, precision)
+            support = self.test_features(support_x, precision)
         head = self.fit(support, support_y, int(support_y.max()) + 1)
         if not all(torch.isfinite(h).all() for h in _tensors_of(head)):
             raise FloatingPointError("the head fitted to the support set is not finite")
