@@ -569,11 +569,11 @@ class Trainer:
         self.stop.quit_line = self._quit_line
         quiet_wandb_client()  # from now: the signal may come in the middle of W&B's writes
         self.stop.install(signals)  # and SIGTERM when a launcher dies (PR_SET_PDEATHSIG)
-        if self.stop.launcher is not None and self.dist.world_size == 1:
+        if self.dist.world_size == 1:
             self.stop.on_first = self._stop_now_if_safe
 
     def _stop_now_if_safe(self, _frame) -> None:
-        """One process under a launcher: accelerate's (>= 1.16) passes a signal on and kills
+        """One process. Under a launcher: accelerate's (>= 1.16) passes a signal on and kills
         5 s later, less than a step of the README's ResNet-BOIL on a 2-core CPU (4-8 s
         measured) or a validation of 200 episodes. A signal that comes while a step draws its
         tasks or computes its meta-gradient (most of a step; parameters and optimizer still
@@ -582,10 +582,14 @@ class Trainer:
         exits 75; a validation cut short is marked pending and done first on resume. During
         the held-out evaluation at the end (the last step checkpointed, the model exported) it
         says so and exits 75 (--resume auto evaluates again). During the update, and between
-        steps, the step finishes and fit() stops."""
+        steps, the step finishes and fit() stops. Without a launcher only that held-out
+        evaluation stops at once (nothing else reads the stop flag in it, and it can take
+        minutes); a step or a validation finishes first."""
         if self.stop.signum == signal.SIGUSR1 or self.phase not in ("tasks", "validation",
                                                                     "evaluation"):
             return  # SLURM's warning (no launcher kills then), starting, the update, or after
+        if self.stop.launcher is None and self.phase != "evaluation":
+            return  # no launcher to kill it: the step or validation ends, then fit() stops
         if self.phase == "evaluation":
             line = (f"stopped by a signal during the held-out evaluation of step "
                     f"{self.state.step} of {self.cfg.train.steps}; the model is exported and "
@@ -747,7 +751,8 @@ class Trainer:
     def _enter(self, phase: str) -> None:
         """Set the phase a stop signal's handler reads; the random state is saved first where a
         stop in that phase checkpoints the last finished step (see _stop_now_if_safe)."""
-        if phase in ("tasks", "validation") and self.stop.on_first is not None:
+        stops_in_it = self.stop.on_first is not None and self.stop.launcher is not None
+        if phase in ("tasks", "validation") and stops_in_it:
             self._saved_rng = ckpt.rng_state()
         self.phase = phase
 

@@ -9,6 +9,7 @@ import json
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from faulting import (
 from faults import BY_KEY
 
 from fsl_dist.data import shards as shard_sets
+from fsl_dist.exits import EXIT_RESUMABLE
 
 from launching import ROOT, child_env, command, run
 
@@ -223,6 +225,29 @@ def test_a_stop_during_the_final_evaluation_says_so_and_the_resume_evaluates_aga
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "eval.json").read_text())["episodes"] == 10
     assert metric_steps(run_dir) == [1, 2]
+
+
+def test_kill_during_the_final_evaluation_of_a_plain_process_stops_it_there(shards, tmp_path):
+    """`python launch/train.py` with no launcher: nothing read the stop flag during the held-out
+    evaluation, so `kill` waited for all of it (minutes for a 20-way evaluation)."""
+    run_dir = tmp_path / "run"
+    trainer = subprocess.Popen(command("train.py", train_args(run_dir, shards, "eval.episodes=2000",
+                                                              steps=2), 0),
+                               cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (run_dir / "model.yaml").is_file(), what="the exported model")
+        time.sleep(0.3)
+        trainer.send_signal(signal.SIGTERM)
+        stdout, stderr = trainer.communicate(timeout=30)  # the whole evaluation takes minutes
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    fault = BY_KEY["stop_in_final_evaluation"]
+    assert trainer.returncode == EXIT_RESUMABLE, stdout + stderr[-3000:]  # no launcher's 130
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    assert f"{fault.seen} of step 2 of 2" in stdout, stdout + stderr[-3000:]
+    assert not (run_dir / "eval.json").exists()
 
 
 def test_evaluating_a_run_still_training_says_so(shards, tmp_path):
