@@ -6,8 +6,9 @@ Model (cnn or resnet), meta-batch, intra-op threads, tasks in flight, checkpoint
 the allocator: tuned (fsl_dist's cpu_malloc.SETTINGS), defaults (glibc's values, fixed),
 dynamic (no mallopt at all: glibc's adapting mmap threshold, as the peers run) or capped
 (the mmap threshold at its 32 MiB ceiling, the heap trimmed above 64 MiB free: where glibc's
-dynamic threshold ends up). One process, one arena as plan_memory sets; three probes of three
-repeats each (fsl_dist.memory_plan.Prober). Log section 14.
+dynamic threshold ends up). Then optionally the arenas: one (default, as plan_memory sets) or
+glibc (an arena per thread, glibc's default). One process; three probes of three repeats each
+(fsl_dist.memory_plan.Prober). Log section 14.
 """
 
 import ctypes
@@ -37,6 +38,7 @@ SETTINGS = {
 
 def main() -> None:
     model_name, meta_batch, threads, in_flight, level, setting = sys.argv[1:7]
+    arenas = sys.argv[7] if len(sys.argv) > 7 else "one"  # "one" as plan_memory sets, or "glibc"
     torch.set_num_threads(int(threads))
     torch.manual_seed(0)
     libc = _libc()
@@ -48,7 +50,8 @@ def main() -> None:
     tasks = synthetic_tasks(case, "cpu")
     cfg = case_config(case, 10.0)
     state = bench_state(cfg, model)
-    single_arena()
+    if arenas == "one":
+        single_arena()
     gc.collect()
     release_free_memory()
     start = status_bytes("VmRSS")
@@ -56,7 +59,8 @@ def main() -> None:
     plan = Plan(False, int(in_flight), level, None)
     for _ in range(3):
         probe = prober([plan])[0]
-        print(f"{model_name} mb{meta_batch} {threads} threads, {plan.name}, {setting}: "
+        print(f"{model_name} mb{meta_batch} {threads} threads, {plan.name}, {setting}, "
+              f"{arenas} arena(s): "
               f"peak {(probe.peak - start) / MIB:.1f} MiB above the start "
               f"({start / MIB:.0f} MiB), {probe.seconds:.3f} s", flush=True)
 
