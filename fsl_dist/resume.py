@@ -70,6 +70,7 @@ KINDS = {
     "eval.episodes": BOOKKEEPING, "eval.val_episodes": BOOKKEEPING,
     "eval.inner_steps": BOOKKEEPING, "eval.part": BOOKKEEPING, "eval.batch_size": BOOKKEEPING,
     "eval.seed": BOOKKEEPING, "eval.final_val": BOOKKEEPING, "eval.n_way": BOOKKEEPING,
+    "eval.test_shift": BOOKKEEPING,
     "protonet.scale": TRAINED, "protonet.learn_scale": TRAINED,
     "ridge.lam": TRAINED, "ridge.learn_lambda": TRAINED, "ridge.scale": TRAINED,
     "ridge.learn_scale": TRAINED,

@@ -303,10 +303,13 @@ def test_natural_image_configs_augment_and_omniglot_configs_do_not():
     assert natural
     for name in natural:
         assert cfglib.load_config(name).data.augment == "lee2019", name
-    shifted = "results/vinyals_protonet_20w1s_shift"  # a RESULTS recipe: shifts, no jitter
+    # RESULTS recipes: shifts, no jitter (the second adds test-time shifts)
+    shifted = ("results/vinyals_protonet_20w1s_shift", "results/vinyals_protonet_20w1s_shift_tta")
     for name in names:
-        if cfglib.load_config(name).data.dataset == "omniglot" and name != shifted:
+        if cfglib.load_config(name).data.dataset == "omniglot" and name not in shifted:
             assert cfglib.load_config(name).data.augment == "none", name
-    shift = cfglib.load_config(shifted).data
-    assert (shift.augment, shift.augment_jitter, shift.augment_flip) == ("lee2019", [0] * 3, False)
+    for name in shifted:
+        shift = cfglib.load_config(name).data
+        assert (shift.augment, shift.augment_jitter, shift.augment_flip) == ("lee2019", [0] * 3,
+                                                                             False), name
     assert cfglib.load_config("mamlpp/miniimagenet_cnn_maml_5w1s").data.augment == "none"
