@@ -46,7 +46,8 @@ beat the twin). If the twin does not fit, memory is short and only glibc-default
 searched. Then the lightest plan, unless one has fit already; if it does not fit either, the
 run is refused (``MemoryPlanError``) naming what it needs. Otherwise every other candidate is
 probed and the one with the shortest probe step among those that fit is taken (each probe runs
-twice: the first warms up, the time is the second's, the peak the higher). Several processes:
+twice: the first warms up and scores before adaptation as a logging step does, the time is the
+second's, which does not, as most steps do not; the peak the higher). Several processes:
 every rank probes the same candidates and each peak and time is the maximum over ranks (one
 collective per round), so every rank takes the same plan, or refuses alike. On a resume the
 plan is made again: the machine, the processes or the budget may have changed, and no plan
@@ -353,7 +354,9 @@ class Prober:
     def probe(self, plan: Plan) -> tuple[float, float, float, float]:
         """(peak bytes, seconds of the last repeat, bytes before, bytes after) of ``plan``'s
         meta-gradient; the first repeat warms up, the peak is the highest of all (the tuned
-        allocator's may creep)."""
+        allocator's may creep). The first repeat also scores the query set before adaptation,
+        as a logging step does (its peak counts); the later ones do not, as most training
+        steps do not (their time counts)."""
         if plan.malloc is not None:
             tune_cpu_malloc(plan.malloc == "tuned")
         peak, seconds = 0.0, 0.0
@@ -362,9 +365,9 @@ class Prober:
             release_free_memory()
             reset_peak(self.device)
             before = read_peak(self.device)
-            for _ in range(self.repeats):
+            for repeat in range(self.repeats):
                 started = time.perf_counter()
-                self.step(plan)
+                self.step(plan, acc_before=repeat == 0)
                 peak = max(peak, read_peak(self.device))
                 seconds = time.perf_counter() - started
                 for p in self.state.trainable():
@@ -374,13 +377,14 @@ class Prober:
             after = held_bytes(self.device)
         return peak, seconds, before, after
 
-    def step(self, plan: Plan) -> None:
+    def step(self, plan: Plan, acc_before: bool = True) -> None:
         state, learner = self.state, self.state.learner
         fp16 = self.precision == "fp16"
         chosen, learner.plan = learner.plan, plan
         try:
             with collect_batch_stats():  # collected statistics are dropped
                 learner.meta_backward(self.tasks, step=state.step, precision=self.precision,
+                                      acc_before=acc_before,
                                       loss_scale=state.outer_scaler.scale if fp16 else 1.0,
                                       inner_loss_scale=state.inner_scaler.scale if fp16
                                       else None)

@@ -267,6 +267,25 @@ def test_a_probe_leaves_the_weights_the_random_state_and_the_gradients_as_they_w
     assert all(p.grad is None for p in model.parameters()) and not state.optimizer.state
 
 
+def test_a_probe_peaks_with_the_score_before_adaptation_and_times_the_step_without_it():
+    """A logging step scores the query set before adapting (its peak must fit); most steps do
+    not (their time is the plan's): the first repeat does, the timed ones do not."""
+    cfg = config("algorithm.inner_steps=1", "model.width=8")
+    model = build_model("cnn", cfg.task.n_way, width=8)
+    tasks = make_tasks(tasks=2, n_way=cfg.task.n_way, size=28, dtype=torch.float32)
+    state = TrainState(model, learner_from_config(cfg, model),
+                       torch.optim.Adam(model.parameters()), InnerLossScaler(), InnerLossScaler())
+    seen, original = [], state.learner.meta_backward
+
+    def recording(*args, acc_before=True, **kwargs):
+        seen.append(acc_before)
+        return original(*args, acc_before=acc_before, **kwargs)
+
+    state.learner.meta_backward = recording
+    Prober(state, tasks, cfg, "no", Distributed(), repeats=3)([Plan(False, 1, "none", None)])
+    assert seen == [True, False, False]
+
+
 def test_the_bench_row_under_a_budget_computes_the_loop_meta_gradient(tiny):
     from fsl_dist.bench import peers
     from fsl_dist.bench.measure import meta_gradient
