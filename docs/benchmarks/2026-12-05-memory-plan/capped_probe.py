@@ -1,0 +1,81 @@
+"""Section 16: what a data-segment cap (RLIMIT_DATA) does to a process, measured in three parts.
+
+Runs with ``capped_probe.diff`` applied to main at 12f5bc8 (``capped_at`` and ``out_of_memory``
+in fsl_dist/memory_plan.py); one intra-op thread.
+
+    python capped_probe.py onednn    # a oneDNN kernel made under the cap, then new ones
+    python capped_probe.py holes     # free heap chunks a stopped allocation loop leaves
+    python capped_probe.py holes --own-thread
+"""
+
+import gc
+import sys
+import threading
+
+import torch
+
+from fsl_dist import cpu_malloc
+from fsl_dist.memory_plan import capped_at, status_bytes
+
+MiB = 2**20
+
+
+def state() -> str:
+    return (f"rss {status_bytes('VmRSS') / MiB:.1f} data {status_bytes('VmData') / MiB:.1f} "
+            f"free {cpu_malloc.heap_free_bytes() / MiB:.1f} MiB")
+
+
+def onednn() -> None:
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+    x, y = torch.randn(75, 64, 28, 28), torch.randn(10, 64, 14, 14)
+    conv(y)  # a kernel for this shape, made without the cap
+    try:
+        with capped_at(status_bytes("VmRSS") - 2**30, 0.0):  # no room at all
+            conv(x)
+    except RuntimeError as error:
+        print("capped:", str(error)[:80])
+    for name, t in (("same shape", x), ("shape made before", y),
+                    ("new shape", torch.randn(5, 64, 28, 28))):
+        try:
+            conv(t)
+            print(name, "ok")
+        except RuntimeError as error:
+            print(name, "FAILS:", str(error)[:60])
+
+
+def allocate_until_refused(autograd: bool) -> None:
+    held, weight = [], torch.randn(64, 64, requires_grad=True)
+    try:
+        with capped_at(status_bytes("VmRSS") + 100 * MiB, 0.0):
+            while True:
+                t = torch.ones(1_000_000 + 1000 * len(held))
+                held.append((t * weight.sum()).relu() if autograd else t)
+    except RuntimeError:
+        pass
+
+
+def holes(own_thread: bool) -> None:
+    gc.collect()
+    cpu_malloc.release_free_memory()
+    print("start", state())
+    for autograd in (False, True):
+        for _ in range(2):
+            if own_thread:
+                thread = threading.Thread(target=allocate_until_refused, args=(autograd,))
+                thread.start()
+                thread.join()
+            else:
+                allocate_until_refused(autograd)
+            gc.collect()
+            cpu_malloc.release_free_memory()
+            print("autograd" if autograd else "plain", "after the refusal", state())
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    cpu_malloc.single_arena()
+    cpu_malloc.tune_cpu_malloc(True)
+    if sys.argv[1] == "onednn":
+        onednn()
+    else:
+        holes("--own-thread" in sys.argv)
