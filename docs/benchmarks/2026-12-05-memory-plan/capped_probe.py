@@ -6,6 +6,8 @@ in fsl_dist/memory_plan.py); one intra-op thread.
     python capped_probe.py onednn    # a oneDNN kernel made under the cap, then new ones
     python capped_probe.py holes     # free heap chunks a stopped allocation loop leaves
     python capped_probe.py holes --own-thread
+    python capped_probe.py meta      # Conv-4 meta-batch-32 meta-gradients refused midway, in a
+                                     # thread of their own, as the probe ran them
 """
 
 import gc
@@ -15,7 +17,10 @@ import threading
 import torch
 
 from fsl_dist import cpu_malloc
+from fsl_dist.bench.cases import model_options, synthetic_tasks
+from fsl_dist.bench.peers import METHODS
 from fsl_dist.memory_plan import capped_at, status_bytes
+from fsl_dist.models import build_model
 
 MiB = 2**20
 
@@ -71,11 +76,43 @@ def holes(own_thread: bool) -> None:
             print("autograd" if autograd else "plain", "after the refusal", state())
 
 
+def meta() -> None:
+    case = {"model": "cnn", "algorithm": "maml", "n_way": 5, "k_shot": 1, "n_query": 15,
+            "inner_steps": 1, "meta_batch": 32}
+    model = build_model("cnn", 5, **model_options(case))
+    step = METHODS["loop, serial"][1](model, synthetic_tasks(case, "cpu"), case)
+
+    def refused_midway():
+        try:
+            step()
+            step()
+        except RuntimeError:
+            pass
+        gc.collect()
+    cpu_malloc.tune_cpu_malloc(False)
+    step()  # the twin: kernels made, library code paged in
+    cpu_malloc.tune_cpu_malloc(True)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = None
+        gc.collect()
+        cpu_malloc.release_free_memory()
+        thread = threading.Thread(target=refused_midway)
+        thread.start()
+        with capped_at(status_bytes("VmRSS") + 60 * MiB, 0.0):  # a step needs about 140
+            thread.join()
+        gc.collect()
+        cpu_malloc.release_free_memory()
+        print("meta-gradient after the refusal", state())
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     cpu_malloc.single_arena()
     cpu_malloc.tune_cpu_malloc(True)
     if sys.argv[1] == "onednn":
         onednn()
+    elif sys.argv[1] == "meta":
+        meta()
     else:
         holes("--own-thread" in sys.argv)
