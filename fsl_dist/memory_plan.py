@@ -269,8 +269,13 @@ def _try_default(plans: list[Plan], measure, budget: float):
 
 
 def refusal(budget_gb: float, probes: list[Probe]) -> str:
-    """The one line of a budget that no plan fits, naming the smallest measured need."""
-    smallest = min(reversed(probes), key=lambda p: p.peak)  # a tie: the lighter, probed later
+    """The one line of a budget that no plan fits, naming the smallest need measured, each
+    plan's by its latest probe: a plan that fit once may have failed its confirmation in the
+    heap later probes left, and its first need, within the budget, would read as a contradiction.
+    """
+    latest = {p.plan: (i, p) for i, p in enumerate(probes)}
+    # a tie: the plan probed later (the lighter)
+    smallest = min(latest.values(), key=lambda ip: (ip[1].peak, -ip[0]))[1]
     return (f"no way to run a meta-step fits train.memory_budget_gb={budget_gb:g}: the smallest "
             f"plan ({smallest.plan.name}) needs {smallest.peak / GB:.3g} GB per process "
             f"({smallest.before / GB:.3g} GB held before the step, measured on a probe step; "

@@ -169,6 +169,16 @@ def test_nothing_fits_after_two_probes_and_the_refusal_names_the_smallest_need()
     assert "raise the budget" in line and "\n" not in line
 
 
+def test_the_refusal_names_each_plan_by_what_its_latest_probe_needed():
+    # MIDDLE_FAST fit at first (0.9 GB), then failed its confirmation (1.1 GB): that is its need
+    probes = [Probe(MIDDLE_FAST, 0.9 * GB, 1.0), Probe(LIGHTEST, 1.25 * GB, 4.0),
+              Probe(MIDDLE_FAST, 1.1 * GB, 1.0)]
+    assert f"({MIDDLE_FAST.name}) needs 1.1 GB per process" in refusal(1.0, probes)
+    # equal needs: the plan probed later
+    tie = [Probe(MIDDLE_SLOW, 1.2 * GB, 1.0), Probe(LIGHTEST, 1.2 * GB, 4.0)]
+    assert f"({LIGHTEST.name}) needs 1.2 GB" in refusal(1.0, tie)
+
+
 def test_the_budget_must_be_positive_or_null():
     assert config().train.memory_budget_gb is None
     assert config("train.memory_budget_gb=1.5").train.memory_budget_gb == 1.5
