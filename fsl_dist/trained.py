@@ -231,12 +231,14 @@ def read_trained(path: str | Path, device: str | torch.device, *,
     weights = folder / WEIGHTS if checkpoint is None else find_checkpoint(folder, checkpoint)
     if checkpoint is None:
         _check_files(folder)
-    description = _description(folder, cfg, weights)
+    saved = None if checkpoint is None else ckpt.load_checkpoint(weights)
+    description = _description(folder, cfg, weights, saved)
     if with_config:
         check_shards(description, cfg, folder)
     model = build_described(description["model"])
-    state, extras = _tensors(weights, checkpoint is not None, set(model.state_dict()))
-    _load(model, state, folder, weights)
+    state, extras = _tensors(weights, saved, set(model.state_dict()))
+    described_by = folder / (DESCRIPTION if (folder / DESCRIPTION).is_file() else CONFIG)
+    _load(model, state, described_by, weights)
     model = model.to(device).eval()
     evaluation = description.get("evaluation") or _evaluation_from_config(folder, cfg)
     learner = learner_from_description(description, evaluation, model)
@@ -259,12 +261,19 @@ def _config(folder: Path) -> Config:
     return load_config(config)
 
 
-def _description(folder: Path, cfg: Optional[Config], weights: Path) -> dict:
-    """model.yaml, or for a checkpoint of a run that has not written one yet, what it would."""
+def _description(folder: Path, cfg: Optional[Config], weights: Path,
+                 saved: Optional[dict]) -> dict:
+    """model.yaml, or for a checkpoint (``saved``) of a run that has not written one yet, what
+    it would."""
     description = folder / DESCRIPTION
     if description.is_file():
         return _upgraded(yaml.safe_load(description.read_text()))
-    return describe(cfg, load_manifest(cfg.data.shards), ckpt.step_of(weights))
+    described = describe(cfg, load_manifest(cfg.data.shards), ckpt.step_of(weights))
+    head = saved["model"].get("classifier.weight")
+    if head is not None and head.shape[0] != described["model"]["n_way"]:
+        # fsl-pretrain's checkpoint: its head spans the train classes, not a task's N
+        return as_pretrained(described, head.shape[0])
+    return described
 
 
 def _upgraded(description: dict) -> dict:
@@ -287,10 +296,10 @@ def _check_files(folder: Path) -> None:
                                     "latest evaluates a run that is still training)")
 
 
-def _tensors(weights: Path, checkpoint: bool, model_keys: set) -> tuple[dict, dict]:
-    """(the model's state dict, {extra name: state dict}) of a weights file or checkpoint."""
-    if checkpoint:
-        saved = ckpt.load_checkpoint(weights)
+def _tensors(weights: Path, saved: Optional[dict], model_keys: set) -> tuple[dict, dict]:
+    """(the model's state dict, {extra name: state dict}) of a weights file, or of a loaded
+    checkpoint (``saved``)."""
+    if saved is not None:
         return saved["model"], saved  # a checkpoint holds each extra under its name
     state, extras = {}, {}
     for key, value in load_file(str(weights)).items():
@@ -302,12 +311,12 @@ def _tensors(weights: Path, checkpoint: bool, model_keys: set) -> tuple[dict, di
     return state, extras
 
 
-def _load(model: torch.nn.Module, state: dict, folder: Path, weights: Path) -> None:
+def _load(model: torch.nn.Module, state: dict, described_by: Path, weights: Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise TrainedModelError(f"{weights} does not fit the model {folder / DESCRIPTION} "
-                                f"describes: {str(error).splitlines()[0]}") from error
+        raise TrainedModelError(f"{weights} does not fit the model {described_by} describes: "
+                                f"{' '.join(str(error).split())[:300]}") from error
 
 
 def _evaluation_from_config(folder: Path, cfg: Optional[Config]) -> dict:

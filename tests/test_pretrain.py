@@ -196,3 +196,23 @@ def test_the_default_evaluation_repeats_the_runs_own_centroid_evaluation(one_pro
     assert (default["mean"], default["std"], default["episodes"]) == (
         own["mean"], own["std"], own["episodes"])
     assert "test accuracy (centroid)" in result.stderr
+
+
+def test_a_checkpoint_of_a_run_that_never_exported_is_evaluated_as_its_export(one_process,
+                                                                             tmp_path):
+    """A pre-training stopped before it exported (no model.yaml): ``--checkpoint`` of the step
+    it would have exported gives the exported model's evaluation (its head spans the train
+    classes, which the run's config alone does not say)."""
+    stripped = tmp_path / "run"
+    shutil.copytree(one_process, stripped)
+    for name in ("model.safetensors", "model.yaml"):
+        (stripped / name).unlink()
+    step = json.loads((one_process / "pretrain.json").read_text())["step"]
+    run("evaluate.py", ["--run-dir", str(stripped), "--checkpoint", str(step), "--quiet",
+                        "--out", "checkpoint.json"])
+    result, own = (json.loads(path.read_text())
+                   for path in (stripped / "checkpoint.json", one_process / "eval.json"))
+    assert result["method"] == "centroid"
+    assert (result["mean"], result["std"], result["episodes"]) == (
+        own["mean"], own["std"], own["episodes"])
+
