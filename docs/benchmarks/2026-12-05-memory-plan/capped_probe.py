@@ -7,9 +7,11 @@ in fsl_dist/memory_plan.py); one intra-op thread.
     python capped_probe.py holes     # free heap chunks a stopped allocation loop leaves
     python capped_probe.py holes --own-thread
     python capped_probe.py meta      # Conv-4 meta-batch-32 meta-gradients refused midway, in a
-                                     # thread of their own, as the probe ran them
+                                     # thread of their own, as the probe ran them; where holes
+                                     # stay, the in-use blocks at the top of the heap, named
 """
 
+import ctypes
 import gc
 import sys
 import threading
@@ -76,25 +78,62 @@ def holes(own_thread: bool) -> None:
             print("autograd" if autograd else "plain", "after the refusal", state())
 
 
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def top_of_heap(count: int = 8) -> list[str]:
+    """The last ``count`` in-use chunks of glibc's main heap (walked from its start, one thread
+    running), each with the symbol its first word points to (a C++ object's vtable names its
+    class)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_long]
+    libc.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    start = next(int(line.split("-")[0], 16) for line in open("/proc/self/maps")
+                 if line.rstrip().endswith("[heap]"))
+    end, chunks, address = libc.sbrk(0), [], start
+    while address < end - 16:
+        size = ctypes.c_uint64.from_address(address + 8).value & ~7
+        if size == 0:
+            break
+        chunks.append((address, size))
+        address += size
+    in_use = [(a, size) for (a, size), (b, _) in zip(chunks, chunks[1:])
+              if ctypes.c_uint64.from_address(b + 8).value & 1]  # the next one's PREV_INUSE
+    named = []
+    for a, size in in_use[-count:]:
+        info = _DlInfo()
+        word = ctypes.c_uint64.from_address(a + 16).value
+        found = libc.dladdr(ctypes.c_void_p(word), ctypes.byref(info)) and info.dli_sname
+        named.append(f"{a - start:>11} {size:>9} {info.dli_sname.decode() if found else ''}")
+    return named
+
+
 def meta() -> None:
     case = {"model": "cnn", "algorithm": "maml", "n_way": 5, "k_shot": 1, "n_query": 15,
             "inner_steps": 1, "meta_batch": 32}
     model = build_model("cnn", 5, **model_options(case))
     step = METHODS["loop, serial"][1](model, synthetic_tasks(case, "cpu"), case)
 
+    def clear():
+        for p in model.parameters():
+            p.grad = None
+
     def refused_midway():
         try:
             step()
+            clear()
             step()
         except RuntimeError:
             pass
+        clear()
         gc.collect()
     cpu_malloc.tune_cpu_malloc(False)
     step()  # the twin: kernels made, library code paged in
+    clear()
     cpu_malloc.tune_cpu_malloc(True)
-    for _ in range(3):
-        for p in model.parameters():
-            p.grad = None
+    for _ in range(8):
         gc.collect()
         cpu_malloc.release_free_memory()
         thread = threading.Thread(target=refused_midway)
@@ -104,6 +143,9 @@ def meta() -> None:
         gc.collect()
         cpu_malloc.release_free_memory()
         print("meta-gradient after the refusal", state())
+        if cpu_malloc.heap_free_bytes() > 30 * MiB:
+            print("  in use at the top of the heap (offset, bytes, symbol of the first word):")
+            print("\n".join("  " + line for line in top_of_heap()))
 
 
 if __name__ == "__main__":
