@@ -9,6 +9,9 @@ in fsl_dist/memory_plan.py); one intra-op thread.
     python capped_probe.py meta      # Conv-4 meta-batch-32 meta-gradients refused midway, in a
                                      # thread of their own, as the probe ran them; where holes
                                      # stay, the in-use blocks at the top of the heap, named
+    python capped_probe.py rounds [--hold-accumulators]
+                                     # 24 such refusals, the heap's free MiB after each; with
+                                     # the parameters' AccumulateGrad nodes held meanwhile
 """
 
 import ctypes
@@ -148,6 +151,47 @@ def meta() -> None:
             print("\n".join("  " + line for line in top_of_heap()))
 
 
+def rounds(hold_accumulators: bool) -> None:
+    """A parameter keeps a weak reference to its AccumulateGrad node, which the step makes anew
+    when the last graph's has gone; the node and its reference count are one block, freed only
+    with the last weak reference. Held from before the cap, the nodes are not made again
+    inside the step, at the top of the heap."""
+    case = {"model": "cnn", "algorithm": "maml", "n_way": 5, "k_shot": 1, "n_query": 15,
+            "inner_steps": 1, "meta_batch": 32}
+    model = build_model("cnn", 5, **model_options(case))
+    step = METHODS["loop, serial"][1](model, synthetic_tasks(case, "cpu"), case)
+
+    def refused_midway():
+        try:
+            step()
+            model.zero_grad(set_to_none=True)
+            step()
+        except RuntimeError:
+            pass
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+    cpu_malloc.tune_cpu_malloc(False)
+    step()
+    model.zero_grad(set_to_none=True)
+    cpu_malloc.tune_cpu_malloc(True)
+    free = []
+    for _ in range(24):
+        gc.collect()
+        cpu_malloc.release_free_memory()
+        held = ([p.view_as(p).grad_fn.next_functions[0][0] for p in model.parameters()]
+                if hold_accumulators else [])
+        thread = threading.Thread(target=refused_midway)
+        thread.start()
+        with capped_at(status_bytes("VmRSS") + 60 * MiB, 0.0):
+            thread.join()
+        del held
+        gc.collect()
+        cpu_malloc.release_free_memory()
+        free.append(f"{cpu_malloc.heap_free_bytes() / MiB:.1f}")
+    print("accumulators held:" if hold_accumulators else "accumulators not held:",
+          "heap free MiB after each refusal:", " ".join(free))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     cpu_malloc.single_arena()
@@ -156,5 +200,7 @@ if __name__ == "__main__":
         onednn()
     elif sys.argv[1] == "meta":
         meta()
+    elif sys.argv[1] == "rounds":
+        rounds("--hold-accumulators" in sys.argv)
     else:
         holes("--own-thread" in sys.argv)
