@@ -113,38 +113,47 @@ def top_of_heap(count: int = 8) -> list[str]:
     return named
 
 
-def meta() -> None:
+def conv4_after_its_twin():
+    """Conv-4 at meta-batch 32 and its meta-gradient, run once with glibc's defaults (the twin:
+    kernels made, library code paged in), then the tuned allocator set."""
     case = {"model": "cnn", "algorithm": "maml", "n_way": 5, "k_shot": 1, "n_query": 15,
             "inner_steps": 1, "meta_batch": 32}
     model = build_model("cnn", 5, **model_options(case))
     step = METHODS["loop, serial"][1](model, synthetic_tasks(case, "cpu"), case)
+    cpu_malloc.tune_cpu_malloc(False)
+    step()
+    model.zero_grad(set_to_none=True)
+    cpu_malloc.tune_cpu_malloc(True)
+    return model, step
 
-    def clear():
-        for p in model.parameters():
-            p.grad = None
 
-    def refused_midway():
+def refuse_midway(model, step) -> None:
+    """Two meta-gradients in a thread of its own under a cap that refuses the second midway
+    (a step needs about 140 MiB), gradients cleared and garbage collected in that thread; the
+    heap trimmed after."""
+    def run():
         try:
             step()
-            clear()
+            model.zero_grad(set_to_none=True)
             step()
         except RuntimeError:
             pass
-        clear()
+        model.zero_grad(set_to_none=True)
         gc.collect()
-    cpu_malloc.tune_cpu_malloc(False)
-    step()  # the twin: kernels made, library code paged in
-    clear()
-    cpu_malloc.tune_cpu_malloc(True)
+    gc.collect()
+    cpu_malloc.release_free_memory()
+    thread = threading.Thread(target=run)
+    thread.start()
+    with capped_at(status_bytes("VmRSS") + 60 * MiB, 0.0):
+        thread.join()
+    gc.collect()
+    cpu_malloc.release_free_memory()
+
+
+def meta() -> None:
+    model, step = conv4_after_its_twin()
     for _ in range(8):
-        gc.collect()
-        cpu_malloc.release_free_memory()
-        thread = threading.Thread(target=refused_midway)
-        thread.start()
-        with capped_at(status_bytes("VmRSS") + 60 * MiB, 0.0):  # a step needs about 140
-            thread.join()
-        gc.collect()
-        cpu_malloc.release_free_memory()
+        refuse_midway(model, step)
         print("meta-gradient after the refusal", state())
         if cpu_malloc.heap_free_bytes() > 30 * MiB:
             print("  in use at the top of the heap (offset, bytes, symbol of the first word):")
@@ -156,37 +165,13 @@ def rounds(hold_accumulators: bool) -> None:
     when the last graph's has gone; the node and its reference count are one block, freed only
     with the last weak reference. Held from before the cap, the nodes are not made again
     inside the step, at the top of the heap."""
-    case = {"model": "cnn", "algorithm": "maml", "n_way": 5, "k_shot": 1, "n_query": 15,
-            "inner_steps": 1, "meta_batch": 32}
-    model = build_model("cnn", 5, **model_options(case))
-    step = METHODS["loop, serial"][1](model, synthetic_tasks(case, "cpu"), case)
-
-    def refused_midway():
-        try:
-            step()
-            model.zero_grad(set_to_none=True)
-            step()
-        except RuntimeError:
-            pass
-        model.zero_grad(set_to_none=True)
-        gc.collect()
-    cpu_malloc.tune_cpu_malloc(False)
-    step()
-    model.zero_grad(set_to_none=True)
-    cpu_malloc.tune_cpu_malloc(True)
+    model, step = conv4_after_its_twin()
     free = []
     for _ in range(24):
-        gc.collect()
-        cpu_malloc.release_free_memory()
         held = ([p.view_as(p).grad_fn.next_functions[0][0] for p in model.parameters()]
                 if hold_accumulators else [])
-        thread = threading.Thread(target=refused_midway)
-        thread.start()
-        with capped_at(status_bytes("VmRSS") + 60 * MiB, 0.0):
-            thread.join()
+        refuse_midway(model, step)
         del held
-        gc.collect()
-        cpu_malloc.release_free_memory()
         free.append(f"{cpu_malloc.heap_free_bytes() / MiB:.1f}")
     print("accumulators held:" if hold_accumulators else "accumulators not held:",
           "heap free MiB after each refusal:", " ".join(free))
