@@ -86,3 +86,35 @@ def release_free_memory() -> None:
     process's RSS is what it holds; nothing where glibc is not the allocator."""
     if reason_to_leave_alone() is None:
         _libc().malloc_trim(ctypes.c_size_t(0))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    """glibc's ``mallinfo2()`` (2.33 on), or None (another allocator, an older glibc)."""
+    if reason_to_leave_alone() is not None:
+        return None
+    libc = _libc()
+    if not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2()
+
+
+def heap_free_bytes() -> int | None:
+    """Bytes free inside glibc's heap (``mallinfo2``'s ``fordblks``): memory the allocator can
+    hand out again without growing the process's data segment, resident or not (the free pages
+    ``release_free_memory`` handed back stay mapped). None without glibc 2.33's ``mallinfo2``."""
+    info = _mallinfo2()
+    return None if info is None else int(info.fordblks)
+
+
+def grow_heap_by_default_steps() -> None:
+    """glibc's default top pad (128 KiB) instead of SETTINGS' 1 GiB: the heap's address space
+    then grows with what is used, so that a data-segment limit stops the allocation that goes
+    past it rather than the first that reserves a GiB (``memory_plan.capped_at``)."""
+    _libc().mallopt(ctypes.c_int(M_TOP_PAD), ctypes.c_int(DEFAULTS[2][1]))

@@ -36,28 +36,38 @@ left, so a plan chosen among others is probed once more, last, right before trai
 taken only if it fits again (else the next fastest).
 
 Search: the default plan first; if it fits, nothing else is probed. On CPU the default's
-allocator is tuned, whose step grows up to 3x its twin's, and a probe should not go far over
-the budget (docs/benchmarks/2026-12-05-memory-plan.md), so the default's twin with glibc's
-defaults (the same arithmetic) is probed before it, and the tuned default
-only if the twin fits with room for the tuned step's larger growth (``TUNED_GROWTH``); if the
-twin fits and the tuned default does not, the twin is taken. If the twin fits without that
-room, every other candidate is searched as below (a lighter plan with the tuned allocator may
-beat the twin). If the twin does not fit, memory is short and only glibc-defaults plans are
-searched. Then the lightest plan, unless one has fit already; if it does not fit either, the
-run is refused (``MemoryPlanError``) naming what it needs. Otherwise every other candidate is
-probed and the one with the shortest probe step among those that fit is taken (each probe runs
-twice: the first warms up and scores before adaptation as a logging step does, the time is the
-second's, which does not, as most steps do not; the peak the higher). Several processes:
-every rank probes the same candidates and each peak and time is the maximum over ranks (one
-collective per round), so every rank takes the same plan, or refuses alike. On a resume the
-plan is made again: the machine, the processes or the budget may have changed, and no plan
-changes the meta-gradient beyond rounding.
+allocator is tuned, whose step grows up to 3x its twin's, so the default's twin with glibc's
+defaults (the same arithmetic; a lighter step that makes the kernels and pages in the library
+code) is probed before it. **Capped** (one process, every plan one task at a time in the loop,
+and ``can_cap``: one intra-op thread), every probe after the twin is capped at the budget
+(``capped_at``: an allocation that would take the process past it fails, and the probe ends
+as stopped instead of going over). If the twin fits, the tuned default is probed: capped, or
+uncapped only if the twin fits with room for the tuned step's larger growth
+(``TUNED_GROWTH``). If the tuned default fits, it is the plan; if it was stopped or not
+risked, every other candidate is searched, the twin included (a lighter plan with the tuned
+allocator may beat it); if it ran and did not fit, the twin, probed again. If the twin does
+not fit, memory is short and only glibc-defaults plans are searched. Then the lightest plan,
+unless one has fit already; if it does not fit either, the run is refused
+(``MemoryPlanError``) naming what it needs. Otherwise every other candidate is probed and the
+one with the shortest probe step among those that fit is taken (each probe runs twice: the
+first warms up and scores before adaptation as a logging step does, the time is the
+second's, which does not, as most steps do not; the peak the higher). Uncapped, a probe of a
+plan that does not fit goes past the budget by what it needs beyond it
+(docs/benchmarks/2026-12-05-memory-plan.md, section 17). Several processes: every rank probes
+the same candidates and each peak and time is the maximum over ranks (one collective per
+round), so every rank takes the same plan, or refuses alike. On a resume the plan is made
+again: the machine, the processes or the budget may have changed, and no plan changes the
+meta-gradient beyond rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import math
+import platform
 import resource
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,6 +77,8 @@ import torch
 
 from fsl_dist import checkpoint as ckpt
 from fsl_dist.cpu_malloc import (
+    grow_heap_by_default_steps,
+    heap_free_bytes,
     reason_to_leave_alone,
     release_free_memory,
     single_arena,
@@ -119,20 +131,28 @@ class Probe:
     code its kernels run stays resident)."""
 
     plan: Plan
-    peak: float
+    peak: float  # math.inf: stopped at the budget (``capped_at``), the need unmeasured
     seconds: float
     before: float = 0.0
     after: float = 0.0
+    heap_free: float = 0.0  # glibc's free heap bytes when the step began (see capped_at)
 
     @property
     def growth(self) -> float:
         """What the step itself adds to what the process holds once it has run a step."""
         return self.peak - max(self.before, self.after)
 
+    @property
+    def stopped(self) -> bool:
+        return math.isinf(self.peak)
+
     def as_dict(self, budget: float) -> dict:
-        return {"plan": self.plan.name, "peak_gb": round(self.peak / GB, 4),
+        return {"plan": self.plan.name,
+                "peak_gb": None if self.stopped else round(self.peak / GB, 4),
+                "stopped_at_budget": self.stopped,
                 "before_gb": round(self.before / GB, 4), "after_gb": round(self.after / GB, 4),
-                "seconds": round(self.seconds, 4),
+                "heap_free_gb": round(self.heap_free / GB, 4),
+                "seconds": None if self.stopped else round(self.seconds, 4),
                 "fits": self.peak <= budget}
 
 
@@ -195,41 +215,42 @@ def _lightness(plan: Plan) -> tuple:
 
 
 def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
-           budget: float) -> tuple[Optional[Plan], list[Probe]]:
-    """(the chosen plan or None, every probe) for ``budget`` bytes; ``measure`` probes a round
-    of plans (``candidates``' order: default first, lightest last).
+           budget: float, capped: bool = False) -> tuple[Optional[Plan], list[Probe]]:
+    """(the chosen plan or None, every probe) for ``budget`` bytes; ``measure(plans, capped)``
+    probes a round of plans (``candidates``' order: default first, lightest last); ``capped``:
+    every probe after the first (the default's twin, which makes the kernels) is stopped at the
+    budget (``capped_at``) instead of going past it.
 
     The default first (``_try_default``); if it does not fit, the lightest, then the rest. A
     plan chosen among others is probed once more, last, in the state training starts from
     (what earlier probes left in the heap included), and taken only if it fits again."""
-    chosen, probes, pool = _try_default(plans, measure, budget)
+    chosen, probes, pool = _try_default(plans, measure, budget, capped)
     if chosen is not None:
         return chosen, probes
-    if len(pool) == 1:  # the twin alone, probed: it is the plan if it fit
-        return (pool[0] if probes[-1].plan == pool[0] and probes[-1].peak <= budget
-                else None), probes
     probed, lightest = {p.plan for p in probes}, pool[-1]
     if lightest not in probed and not any(p.peak <= budget for p in probes):
-        probes += measure([lightest])  # if even it does not fit, nothing will
+        probes += measure([lightest], capped=capped)  # if even it does not fit, nothing will
         if probes[-1].peak > budget:
             return None, probes
         probed.add(lightest)
-    probes += measure([p for p in pool if p not in probed])
+    rest = [p for p in pool if p not in probed]
+    if rest:
+        probes += measure(rest, capped=capped)
     order = {plan: i for i, plan in enumerate(pool)}
     latest = {p.plan: p for p in probes}  # a plan's last probe: what it needs now
     fitting = sorted((p for p in latest.values() if p.peak <= budget and p.plan in order),
                      key=lambda p: (p.seconds, order[p.plan]))
     for probe in fitting:
         if probes[-1].plan != probe.plan:
-            probes += measure([probe.plan])  # the confirmation
+            probes += measure([probe.plan], capped=capped)  # the confirmation
         if probes[-1].peak <= budget:
             return probe.plan, probes
     return None, probes
 
 
-# A tuned step grew up to 2.9x its twin's (above what the process held) in the measured pairs
-# (docs/benchmarks/2026-12-05-memory-plan.md, sections 3 and 11); the default's probe may
-# not go far over the budget, so it is risked only with room for this much.
+# Where tuned probes cannot be capped (``can_cap``): a tuned step grew up to 2.9x its twin's
+# (above what the process held) in the measured pairs (docs/benchmarks/2026-12-05-memory-plan.md,
+# sections 3 and 11), so the default's probe is risked only with room for this much.
 TUNED_GROWTH = 3.0
 
 
@@ -240,32 +261,38 @@ def room_for_tuned(twin: Probe, budget: float) -> bool:
     return max(twin.before, twin.after) + TUNED_GROWTH * twin.growth <= budget
 
 
-def _try_default(plans: list[Plan], measure, budget: float):
+def _try_default(plans: list[Plan], measure, budget: float, capped: bool = False):
     """(the default, or its twin, if either fits; the probes; the plans left to search).
 
     A default with the tuned allocator goes after its glibc-defaults twin (the same
-    arithmetic), and is probed only when the twin fits with room to spare for the tuned
-    step's larger growth (``room_for_tuned``): a probe may not exceed the budget by much.
-    Without that room every other plan is searched, the twin included (lighter tuned plans
-    may be faster than the twin). If the twin does not fit, memory is short, and only
-    glibc-defaults plans are searched."""
+    arithmetic; a lighter step, which makes the kernels and pages in the library code). If the
+    twin fits, the tuned default is probed: capped at the budget where ``capped`` (right after
+    the twin, whose heap holds few free chunks, the cap is all but exact), otherwise only with
+    room to spare for the tuned step's larger growth (``room_for_tuned``). If it is stopped, or
+    not risked, every other plan is searched, the twin included (a lighter tuned plan may beat
+    it); if it ran and did not fit, the twin, probed again. If the twin does not fit, memory is
+    short, and only glibc-defaults plans are searched."""
     default = plans[0]
     if default.malloc != "tuned":
         probes = measure([default])
         return (default if probes[-1].peak <= budget else None), probes, plans
     twin = replace(default, malloc="defaults")
     probes = measure([twin])
+    short = [twin] + [p for p in plans if p.malloc != "tuned" and p != twin]
+    if probes[-1].peak > budget:
+        return None, probes, short
+    others = [p for p in plans if p != default]
+    if not capped and not room_for_tuned(probes[-1], budget):
+        return None, probes, others
+    probes += measure([default], capped=capped)
     if probes[-1].peak <= budget:
-        if not room_for_tuned(probes[-1], budget):
-            # A lighter tuned plan may still fit and be faster than the twin: search the rest.
-            return None, probes, [p for p in plans if p != default]
-        probes += measure([default])
-        if probes[-1].peak <= budget:
-            return default, probes, plans
-        probes += measure([twin])  # again, in the heap the tuned probe left
-        if probes[-1].peak <= budget:
-            return twin, probes, plans
-    return None, probes, [twin] + [p for p in plans if p.malloc != "tuned" and p != twin]
+        return default, probes, plans
+    if probes[-1].stopped:
+        return None, probes, others
+    probes += measure([twin], capped=capped)  # again, in the heap the tuned probe left
+    if probes[-1].peak <= budget:
+        return twin, probes, plans
+    return None, probes, short
 
 
 def refusal(budget_gb: float, probes: list[Probe]) -> str:
@@ -276,8 +303,10 @@ def refusal(budget_gb: float, probes: list[Probe]) -> str:
     latest = {p.plan: (i, p) for i, p in enumerate(probes)}
     # a tie: the plan probed later (the lighter)
     smallest = min(latest.values(), key=lambda ip: (ip[1].peak, -ip[0]))[1]
+    need = ("needs more than the budget (its probe step was stopped at it)" if smallest.stopped
+            else f"needs {smallest.peak / GB:.3g} GB per process")
     return (f"no way to run a meta-step fits train.memory_budget_gb={budget_gb:g}: the smallest "
-            f"plan ({smallest.plan.name}) needs {smallest.peak / GB:.3g} GB per process "
+            f"plan ({smallest.plan.name}) {need} "
             f"({smallest.before / GB:.3g} GB held before the step, measured on a probe step; "
             f"{PROBE_MARGIN:.1%} of the budget is kept free for what a probe does not see); "
             f"raise the budget, or make a task lighter "
@@ -338,49 +367,192 @@ def update_bytes(state) -> float:
     return float(size * (1 if state.optimizer.state else 3))
 
 
+def can_cap(device: torch.device) -> bool:
+    """Whether probes can be stopped at the budget (``capped_at``): on CPU with
+    one intra-op thread, with glibc 2.33 or later (``mallinfo2``) as an allocator fsl_dist may
+    set, on Linux 4.7 or later (where ``RLIMIT_DATA`` counts private mappings, not only the
+    heap's break). Not with more threads: an allocation refused in a thread of an OpenMP team
+    cannot reach the caller, and a process was seen to abort (docs/benchmarks/
+    2026-12-05-memory-plan.md, section 16); on one, everything runs in the caller's thread."""
+    if device.type != "cpu" or torch.get_num_threads() != 1 or heap_free_bytes() is None:
+        return False
+    try:
+        version = tuple(int(part) for part in platform.release().split(".")[:2])
+    except ValueError:
+        return False
+    return version >= (4, 7)
+
+
+@contextlib.contextmanager
+def capped_at(budget: float, slack: float, tuned: bool = True):
+    """Within: the process's resident set may not grow past ``budget`` + ``slack`` bytes; an
+    allocation that would take it there fails, and torch raises (``out_of_memory``).
+
+    The kernel caps the data segment (``RLIMIT_DATA``: the heap and the private mappings) at
+    what it holds now plus what the resident set has left under ``budget``. The resident set
+    grows about as much as the data segment does, so a step whose peak fits the budget is not
+    stopped. The heap's free chunks are the exception: mapped but not resident
+    (``release_free_memory`` handed their pages back), they refill without growing the data
+    segment. ``slack`` of them is allowed for and the rest taken from the room, which holds
+    the step within ``budget`` + ``slack`` while they are fewer than the room (a step that
+    cannot reuse them may be stopped short of the budget). Not counted: library code a step
+    pages in (file pages). The heap grows by glibc's default top pad meanwhile (the tuned
+    1 GiB would reach the cap at once), and after by the tuned one again where ``tuned``.
+
+    For the caller to make sure of: no other thread allocates meanwhile (a refused allocation
+    in a thread of an OpenMP team or a communication thread can abort the process: one
+    intra-op thread, one process), and no oneDNN kernel is made under the cap (one that fails
+    to allocate breaks every later new kernel: a step of the same kind runs uncapped first)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    holes = max(0.0, (heap_free_bytes() or 0) - slack)
+    room = max(0.0, budget - status_bytes("VmRSS") - holes)
+    limit = int(status_bytes("VmData") + room)
+    for ceiling in (soft, hard):
+        if ceiling != resource.RLIM_INFINITY:
+            limit = min(limit, ceiling)
+    grow_heap_by_default_steps()
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+        if tuned:
+            tune_cpu_malloc(True)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation the process was refused (the cap of ``capped_at``):
+    torch's CPU allocator, C++'s ``new``, Python's own, or a thread that could not start."""
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(sign in text for sign in (
+        "can't allocate memory", "Cannot allocate memory", "bad_alloc",
+        "can't start new thread"))
+
+
+def accumulators(params) -> list:
+    """The autograd nodes that accumulate ``params``' gradients, made now if no graph holds
+    them. Held, a step reuses them instead of making new ones: a parameter keeps only a weak
+    reference to its node, whose block stays allocated as long as the parameter lives, so a
+    node made late in a refused step would pin the top of the heap and every free chunk below
+    it (docs/benchmarks/2026-12-05-memory-plan.md, section 16)."""
+    return [p.view_as(p).grad_fn.next_functions[0][0] for p in params if p.requires_grad]
+
+
+def _capped_in_own_thread(measure: Callable[[], tuple[float, float]],
+                          cap: tuple[float, float], tuned: bool) -> tuple[float, float]:
+    """``measure()`` under ``capped_at(*cap, tuned)``, in a thread of its own: (peak, seconds), or
+    (inf, inf) when an allocation was refused.
+
+    The thread starts before the cap (one that cannot start leaves its starter waiting), and
+    ends after it: its cache of small freed blocks (glibc's tcache, per thread) then goes back to
+    the heap. Kept in a long-lived thread, the blocks last freed, at the top of the heap, would
+    keep it from shrinking: 80-100 MB of free chunks measured after a stopped probe, which later
+    probes pay for (docs/benchmarks/2026-12-05-memory-plan.md, section 16). So the step's
+    tensors are freed in the thread too, the refusal's traceback with them."""
+    go, outcome = threading.Event(), {}
+    threads = torch.get_num_threads()
+
+    def run():
+        # OpenMP's thread count is per thread: a new one starts from the machine's, and oneDNN
+        # would make kernels for it (under the cap) instead of using the caller's.
+        torch.set_num_threads(threads)
+        go.wait()
+        try:
+            outcome["measured"] = measure()
+        except (RuntimeError, MemoryError) as error:
+            if out_of_memory(error):
+                outcome["measured"] = (math.inf, math.inf)
+            else:
+                outcome["error"] = error  # a bug: raised again below, with its traceback
+        gc.collect()  # what the step left in reference cycles, freed in this thread too
+    thread = threading.Thread(target=run, name="fsl_dist-probe")
+    thread.start()
+    try:
+        with capped_at(*cap, tuned=tuned):
+            go.set()
+            while thread.is_alive() and "measured" not in outcome and "error" not in outcome:
+                thread.join(0.05)
+    finally:
+        go.set()
+        thread.join()
+    if "error" in outcome:
+        raise outcome.pop("error")
+    return outcome["measured"]
+
+
 class Prober:
     """Runs probe steps of ``state``'s model on ``tasks`` (this rank's first batch); each
-    round's peaks and times are the maxima over ranks."""
+    round's peaks and times are the maxima over ranks. ``cap``: (budget, slack) bytes at which
+    a capped round's probes are stopped (``capped_at``; a stopped probe's peak is
+    ``math.inf``), or None: never capped.
 
-    def __init__(self, state, tasks: dict, cfg, precision: str, dist, repeats: int = 2):
+    A capped probe should only run kernels made before the cap: a convolution kernel of oneDNN
+    that fails to allocate while it is being made breaks every later new kernel in the process
+    (measured). The search caps every probe after the first, the default's twin, whose
+    convolutions are those of every plan on one thread (one task at a time; a checkpoint level
+    recomputes the same ones)."""
+
+    def __init__(self, state, tasks: dict, cfg, precision: str, dist, repeats: int = 2,
+                 cap: Optional[tuple[float, float]] = None):
         self.state, self.tasks, self.cfg, self.precision = state, tasks, cfg, precision
-        self.dist, self.repeats = dist, repeats
+        self.dist, self.repeats, self.cap = dist, repeats, cap
         self.device = dist.device
 
-    def __call__(self, plans: list[Plan]) -> list[Probe]:
-        measured = [self.probe(plan) for plan in plans]
+    def __call__(self, plans: list[Plan], capped: bool = False) -> list[Probe]:
+        measured = [self.probe(plan, capped) for plan in plans]
         n = len(plans)
         flat = self.dist.max_over_ranks([value for m in zip(*measured) for value in m])
-        peaks, seconds, before, after = (flat[i * n:(i + 1) * n] for i in range(4))
+        columns = [flat[i * n:(i + 1) * n] for i in range(5)]
         extra = update_bytes(self.state)
-        return [Probe(plan, peak + extra, secs, base, held)
-                for plan, peak, secs, base, held in zip(plans, peaks, seconds, before, after)]
+        return [Probe(plan, peak + extra, secs, base, held, free)
+                for plan, peak, secs, base, held, free in zip(plans, *columns)]
 
-    def probe(self, plan: Plan) -> tuple[float, float, float, float]:
-        """(peak bytes, seconds of the last repeat, bytes before, bytes after) of ``plan``'s
-        meta-gradient; the first repeat warms up, the peak is the highest of all (the tuned
-        allocator's may creep). The first repeat also scores the query set before adaptation,
-        as a logging step does (its peak counts); the later ones do not, as most training
-        steps do not (their time counts)."""
+    def probe(self, plan: Plan, capped: bool = False) -> tuple[float, float, float, float, float]:
+        """(peak bytes, seconds of the last repeat, bytes before, bytes after, free heap bytes
+        before) of ``plan``'s meta-gradient; the first repeat warms up, the peak is the highest
+        of all (the tuned allocator's may creep). The first repeat also scores the query set
+        before adaptation, as a logging step does (its peak counts); the later ones do not, as
+        most training steps do not (their time counts). ``capped``: the probe is capped at
+        ``self.cap`` (``math.inf`` when stopped there)."""
         if plan.malloc is not None:
             tune_cpu_malloc(plan.malloc == "tuned")
-        peak, seconds = 0.0, 0.0
+        capping = capped and self.cap is not None
+        if capping:  # so that nothing made before the cap reserves the tuned 1 GiB of heap
+            grow_heap_by_default_steps()
         with kept(self.state):
             gc.collect()
             release_free_memory()
             reset_peak(self.device)
             before = read_peak(self.device)
-            for repeat in range(self.repeats):
-                started = time.perf_counter()
-                self.step(plan, acc_before=repeat == 0)
-                peak = max(peak, read_peak(self.device))
-                seconds = time.perf_counter() - started
-                for p in self.state.trainable():
-                    p.grad = None
+            heap_free = float(heap_free_bytes() or 0) if self.device.type == "cpu" else 0.0
+            # made before the cap and held through it (see accumulators)
+            held = accumulators(self.state.trainable()) if capping else []
+            if capping:
+                peak, seconds = _capped_in_own_thread(lambda: self.repeat(plan), self.cap,
+                                                      plan.malloc == "tuned")
+            else:
+                peak, seconds = self.repeat(plan)
+            for p in self.state.trainable():
+                p.grad = None
+            del held
             gc.collect()
             release_free_memory()
             after = held_bytes(self.device)
-        return peak, seconds, before, after
+        return peak, seconds, before, after, heap_free
+
+    def repeat(self, plan: Plan) -> tuple[float, float]:
+        """(peak bytes, seconds of the last) of ``self.repeats`` probe steps of ``plan``."""
+        peak, seconds = 0.0, 0.0
+        for repeat in range(self.repeats):
+            started = time.perf_counter()
+            self.step(plan, acc_before=repeat == 0)
+            peak = max(peak, read_peak(self.device))
+            seconds = time.perf_counter() - started
+            for p in self.state.trainable():
+                p.grad = None
+        return peak, seconds
 
     def step(self, plan: Plan, acc_before: bool = True) -> None:
         state, learner = self.state, self.state.learner
@@ -457,7 +629,16 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     # A margin for what a probe step does not see: a Conv-4 training step peaked 1.8 MB
     # (0.15%) above its probe at 1.14 GB (docs/benchmarks/2026-12-05-memory-plan.md, 10).
     usable = budget * (1 - PROBE_MARGIN)
-    chosen, probes = search(plans, Prober(state, tasks, cfg, precision, dist), usable)
+    # A capped probe may refill the heap's free chunks up to the margin (capped_at), so that it
+    # stays within the budget itself. One process only: another rank's messages can reach this
+    # one's communication threads meanwhile, whose allocations must not fail; and only plans of
+    # one task at a time in the loop: they start no worker threads (one that cannot start under
+    # the cap leaves its starter waiting) and run the twin's kernels (section 16).
+    cap = ((usable, budget - usable) if plans[0].malloc == "tuned" and dist.world_size == 1
+           and all(not p.vectorize and p.in_flight == 1 for p in plans) and can_cap(device)
+           else None)
+    chosen, probes = search(plans, Prober(state, tasks, cfg, precision, dist, cap=cap), usable,
+                            capped=cap is not None)
     if chosen is None:
         if plans[0].malloc is not None:
             tune_cpu_malloc(plans[0].malloc == "tuned")
@@ -469,12 +650,15 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     probe = next(p for p in reversed(probes) if p.plan == chosen)  # its confirmation
     tried = {p.plan for p in probes}  # the chosen plan is probed again last, to confirm it
     fit = len({p.plan for p in probes if p.peak <= usable})
+    stopped = len({p.plan for p in probes if p.stopped})
     dist.print(f"memory plan: {chosen.name}; peak {probe.peak / GB:.3g} GB of the {budget_gb:g} "
                f"GB budget per process, {probe.before / GB:.3g} GB of it held before the step "
-               f"({len(tried)} of {len(plans)} plans probed, {fit} fit)")
+               f"({len(tried)} of {len(plans)} plans probed, {fit} fit"
+               + (f", {stopped} stopped at the budget)" if stopped else ")"))
     record = {"budget_gb": budget_gb, "plan": chosen.as_dict(), "name": chosen.name,
               "peak_gb": round(probe.peak / GB, 4), "before_gb": round(probe.before / GB, 4),
               "peak_before_planning_gb": round(started / GB, 4),
               "measure": "cuda max_memory_allocated" if device.type == "cuda" else "VmHWM",
+              "tuned_probes_capped": cap is not None,
               "probes": [p.as_dict(usable) for p in probes]}
     return chosen, record

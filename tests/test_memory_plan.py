@@ -2,10 +2,14 @@
 plans, the candidates, and that every plan gives the default's meta-gradient (one at a time and
 side by side: bitwise; vmap in chunks: within 1e-6) while a probe leaves the run as it was."""
 
+import math
+import resource
+
 import pytest
 import torch
 
 from fsl_dist.config import ConfigError, load_config
+from fsl_dist.cpu_malloc import heap_free_bytes, tune_cpu_malloc
 from fsl_dist.distributed import Distributed
 from fsl_dist.learners import learner_from_config
 from fsl_dist.memory_plan import (
@@ -13,11 +17,15 @@ from fsl_dist.memory_plan import (
     Plan,
     Probe,
     Prober,
+    can_cap,
     candidates,
+    capped_at,
+    out_of_memory,
     plan_arguments,
     refusal,
     room_for_tuned,
     search,
+    status_bytes,
 )
 from fsl_dist.meta import InnerLoopSpec, meta_backward
 from fsl_dist.meta.precision import InnerLossScaler
@@ -48,7 +56,7 @@ def measured(table):
     rounds it was asked for."""
     rounds = []
 
-    def measure(plans):
+    def measure(plans, capped=False):
         rounds.append(list(plans))
         return [Probe(p, table[p][0] * GB, table[p][1]) for p in plans]
     return measure, rounds
@@ -74,7 +82,7 @@ def test_a_twin_with_no_room_for_the_tuned_default_leads_to_the_search_without_i
              LIGHTEST: (0.6, 4.0)}
     rounds = []
 
-    def measure(plans):
+    def measure(plans, capped=False):
         rounds.append(list(plans))
         return [twin if p == TWIN else Probe(p, table[p][0] * GB, table[p][1]) for p in plans]
     chosen, probes = search(PLANS, measure, 1.0 * GB)
@@ -119,7 +127,8 @@ def test_a_plan_that_no_longer_fits_when_probed_again_gives_way_to_the_next():
              LIGHTEST: (1.0, 4.0)}
     first = {}
 
-    def measure(plans):  # MIDDLE_FAST needs more the second time (what earlier probes left)
+    # MIDDLE_FAST needs more the second time (what earlier probes left)
+    def measure(plans, capped=False):
         out = []
         for p in plans:
             peak, seconds = table[p]
@@ -137,7 +146,7 @@ def test_a_twin_that_fits_no_more_after_the_tuned_probe_leads_to_the_search():
              MIDDLE_SLOW: (0.7, 2.5), LIGHTEST: (0.6, 4.0)}
     seen = set()
 
-    def measure(plans):  # the twin needs more after the tuned default's probe
+    def measure(plans, capped=False):  # the twin needs more after the tuned default's probe
         out = [Probe(p, (1.1 if p == TWIN and DEFAULT in seen else table[p][0]) * GB,
                      table[p][1]) for p in plans]
         seen.update(plans)
@@ -177,6 +186,157 @@ def test_the_refusal_names_each_plan_by_what_its_latest_probe_needed():
     # equal needs: the plan probed later
     tie = [Probe(MIDDLE_SLOW, 1.2 * GB, 1.0), Probe(LIGHTEST, 1.2 * GB, 4.0)]
     assert f"({LIGHTEST.name}) needs 1.2 GB" in refusal(1.0, tie)
+
+
+# Where the tuned default's probe is capped at the budget (capped_at), the twin's room is not
+# needed to risk it: a probe that would go past the budget is stopped (peak inf).
+STOPPED = math.inf
+
+
+def test_capped_the_tuned_default_is_probed_after_any_twin_that_fits_and_only_it_capped():
+    twin = Probe(TWIN, 0.8 * GB, 1.1, before=0.5 * GB)  # no room for 3x its growth in 1 GB
+    rounds = []
+
+    def measure(plans, capped=False):
+        rounds.append((list(plans), capped))
+        return [twin if p == TWIN else Probe(p, 0.95 * GB, 0.9) for p in plans]
+    chosen, probes = search(PLANS, measure, 1.0 * GB, capped=True)
+    assert chosen == DEFAULT and rounds == [([TWIN], False), ([DEFAULT], True)]
+
+
+def test_capped_a_stopped_tuned_default_leads_to_the_search_with_the_twin_in_it():
+    table = {TWIN: (0.8, 1.1), DEFAULT: (STOPPED, 0.0), TUNED_OTHER: (0.9, 0.7),
+             MIDDLE_FAST: (0.85, 1.5), MIDDLE_SLOW: (0.7, 2.5), LIGHTEST: (0.6, 4.0)}
+    measure, rounds = measured(table)
+    chosen, probes = search(PLANS, measure, 1.0 * GB, capped=True)
+    assert chosen == TUNED_OTHER
+    assert rounds == [[TWIN], [DEFAULT], [TUNED_OTHER, MIDDLE_FAST, MIDDLE_SLOW, LIGHTEST],
+                      [TUNED_OTHER]]
+    table[TUNED_OTHER] = (1.1, 0.7)  # then the twin, the fastest left, confirmed
+    chosen, probes = search(PLANS, measured(table)[0], 1.0 * GB, capped=True)
+    assert chosen == TWIN and probes[-1].plan == TWIN
+
+
+def test_capped_a_tuned_default_that_ran_past_the_budget_gives_way_to_its_twin():
+    # not stopped (its heap's free chunks refilled) but over: as uncapped, the twin again
+    measure, rounds = measured({TWIN: (0.3, 1.1), DEFAULT: (1.01, 1.0)})
+    assert search(PLANS, measure, 1.0 * GB, capped=True)[0] == TWIN
+    assert rounds == [[TWIN], [DEFAULT], [TWIN]]
+
+
+def test_capped_a_twin_that_does_not_fit_still_keeps_tuned_plans_out():
+    table = {TWIN: (3.0, 1.0), MIDDLE_FAST: (1.9, 1.5), MIDDLE_SLOW: (1.5, 2.5),
+             LIGHTEST: (1.0, 4.0)}
+    measure, rounds = measured(table)
+    chosen, probes = search(PLANS, measure, 2.0 * GB, capped=True)
+    assert chosen == MIDDLE_FAST and not any(p.plan.malloc == "tuned" for p in probes)
+
+
+def test_a_refusal_where_every_plan_was_stopped_says_so_instead_of_a_need():
+    line = refusal(1.0, [Probe(TUNED_OTHER, STOPPED, 0.0, before=0.5 * GB),
+                         Probe(LIGHTEST, STOPPED, 0.0, before=0.5 * GB)])
+    assert (f"({LIGHTEST.name}) needs more than the budget (its probe step was stopped at it) "
+            f"(0.5 GB held before the step" in line and "inf" not in line)
+
+
+def test_capped_every_round_after_the_twin_is_capped():
+    table = {TWIN: (0.8, 1.1), DEFAULT: (STOPPED, 0.0), TUNED_OTHER: (0.9, 0.7),
+             MIDDLE_FAST: (0.85, 1.5), MIDDLE_SLOW: (0.7, 2.5), LIGHTEST: (0.6, 4.0)}
+    capped_rounds = []
+
+    def measure(plans, capped=False):
+        capped_rounds.append(capped)
+        return [Probe(p, table[p][0] * GB, table[p][1]) for p in plans]
+    assert search(PLANS, measure, 1.0 * GB, capped=True)[0] == TUNED_OTHER
+    assert capped_rounds == [False, True, True, True]  # twin, default, the rest, confirmation
+    capped_rounds.clear()
+    assert search(PLANS, measure, 1.0 * GB)[0] == TUNED_OTHER
+    assert not any(capped_rounds)
+
+
+def test_a_stopped_probe_records_no_peak_and_is_never_the_smallest_need():
+    stopped = Probe(TUNED_OTHER, STOPPED, 0.0, before=0.5 * GB)
+    record = stopped.as_dict(1.0 * GB)
+    assert record["peak_gb"] is None and record["seconds"] is None
+    assert record["stopped_at_budget"] and not record["fits"]
+    line = refusal(1.0, [stopped, Probe(LIGHTEST, 1.25 * GB, 4.0)])
+    assert f"({LIGHTEST.name}) needs 1.25 GB" in line
+
+
+MiB = 2**20
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, where probes can be capped (can_cap); skips where they cannot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if not can_cap(torch.device("cpu")):
+            pytest.skip("needs Linux >= 4.7 and glibc >= 2.33 (RLIMIT_DATA, mallinfo2) with "
+                        "the allocator fsl_dist's to set")
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_probes_are_capped_on_one_intra_op_thread_only(one_thread):
+    assert can_cap(torch.device("cpu"))
+    torch.set_num_threads(2)  # a refused allocation in an OpenMP team's thread may abort
+    assert not can_cap(torch.device("cpu"))
+
+
+def test_capped_at_refuses_an_allocation_past_the_budget_and_then_lifts_the_cap(one_thread):
+    limit_before = resource.getrlimit(resource.RLIMIT_DATA)
+    budget = status_bytes("VmRSS") + heap_free_bytes() + 64 * MiB  # 64 MiB of room
+    try:
+        with capped_at(budget, slack=0.0):
+            within = torch.ones(32 * MiB // 4)  # its own mapping (over glibc's threshold)
+            with pytest.raises(RuntimeError) as refused:
+                torch.ones(256 * MiB // 4)
+            assert out_of_memory(refused.value)
+            del within
+        assert resource.getrlimit(resource.RLIMIT_DATA) == limit_before
+        assert torch.ones(256 * MiB // 4).sum() == 256 * MiB // 4  # no cap any more
+    finally:
+        tune_cpu_malloc(False)  # capped_at leaves the tuned settings on; this process: glibc's
+    assert not out_of_memory(RuntimeError("shape mismatch")) and out_of_memory(MemoryError())
+
+
+def test_a_capped_probe_is_stopped_and_leaves_the_run_as_it_was(one_thread):
+    """With no room at all, a capped probe is stopped, and the process goes on as it was."""
+    cfg = config("algorithm.inner_steps=1", "model.width=32")
+    torch.manual_seed(0)
+    model = build_model("cnn", cfg.task.n_way, width=32)
+    # 600 query images: an activation of the first block (60 MB) is a mapping of its own, which
+    # the cap refuses however many free chunks the heap of this test process holds
+    tasks = make_tasks(tasks=1, n_way=cfg.task.n_way, n_query=120, size=28,
+                       dtype=torch.float32)
+    state = TrainState(model, learner_from_config(cfg, model),
+                       torch.optim.Adam(model.parameters()), InnerLossScaler(), InnerLossScaler())
+    weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    rng, limit_before = torch.get_rng_state(), resource.getrlimit(resource.RLIMIT_DATA)
+    budget = status_bytes("VmRSS") - GB  # no room at all
+    try:
+        prober = Prober(state, tasks, cfg, "no", Distributed(), repeats=1, cap=(budget, 0.0))
+        # the twin first, uncapped: the kernels are made (one made under the cap could break)
+        twin, uncapped = prober([Plan(False, 1, "none", "defaults"),
+                                 Plan(False, 1, "none", "tuned")])
+        tuned, defaults = prober([Plan(False, 1, "none", "tuned"),
+                                  Plan(False, 1, "none", "defaults")], capped=True)
+    finally:
+        tune_cpu_malloc(False)
+    assert not twin.stopped and not uncapped.stopped  # only a capped round is capped
+    assert tuned.stopped and not tuned.peak <= budget and tuned.before > 0
+    assert defaults.stopped  # in a capped round every plan is capped
+    assert resource.getrlimit(resource.RLIMIT_DATA) == limit_before
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(weights[n], p) for n, p in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and not state.optimizer.state
+    # kernels of new shapes can still be made: none was being made when the cap struck
+    # (the twin made them uncapped; a oneDNN convolution kernel that fails to allocate breaks
+    # every later one)
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, cfg.task.n_way)
 
 
 def test_the_budget_must_be_positive_or_null():

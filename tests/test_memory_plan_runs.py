@@ -130,6 +130,46 @@ def test_the_whole_run_stays_within_the_budget_measured_from_outside(shards, gen
     assert 0 < peak <= budget * 1e9, (peak, budget, plan_of(run_dir))
 
 
+# Conv-4 at full width, 15 queries per class, one thread (where the tuned default's probe is
+# capped).
+HEAVY = ["model.width=64", "task.q_query=15", "train.cpu_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def heavy_generous(shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("heavy") / "run"
+    run("train.py", args(run_dir, shards, *HEAVY, "train.memory_budget_gb=100"))
+    return plan_of(run_dir)
+
+
+def test_a_tuned_probe_past_the_budget_is_stopped_at_it_and_training_goes_on(
+        shards, heavy_generous, tmp_path):
+    twin, default = heavy_generous["probes"]  # both fit a budget of 100 GB
+    assert default["plan"] == heavy_generous["name"] and "tuned" in default["plan"]
+    # Room for the twin, not for the tuned default: its peak was 10-30 MB above the twin's,
+    # and the cap also leaves out the heap's free chunks (capped_at), tens of MB here.
+    budget = round((twin["peak_gb"] + 0.02) / 0.995, 4)
+    run_dir = tmp_path / "run"
+    result, peak = watch_peak(command("train.py", args(run_dir, shards, *HEAVY,
+                                                       f"train.memory_budget_gb={budget}"), 0),
+                              "test accuracy")
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = plan_of(run_dir)
+    probes = plan["probes"]
+    stopped = [i for i, p in enumerate(probes) if p["stopped_at_budget"]]
+    assert stopped and probes[stopped[0]]["plan"] == default["plan"], probes
+    assert probes[stopped[0]]["peak_gb"] is None and not probes[stopped[0]]["fits"]
+    assert plan["tuned_probes_capped"] and plan["name"] != default["plan"]
+    assert plan["peak_gb"] <= budget * 0.995
+    line = next(line for line in result.stdout.splitlines() if line.startswith("memory plan:"))
+    assert "stopped at the budget)" in line
+    # the stop left the heap's free chunks as they were, not pinned under a block it made
+    free_before, free_after = (probes[i]["heap_free_gb"] for i in (stopped[0], stopped[0] + 1))
+    assert free_after <= free_before + 0.005, probes
+    # the whole run, the stopped probe included, measured from outside
+    assert 0 < peak <= budget * 1e9, (peak, budget, plan)
+
+
 def test_a_budget_nothing_fits_ends_in_one_line_and_writes_nothing(shards, tmp_path):
     run_dir = tmp_path / "run"
     result = run("train.py", args(run_dir, shards, "train.memory_budget_gb=0.05"), check=False)

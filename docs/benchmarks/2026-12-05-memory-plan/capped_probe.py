@@ -1,7 +1,8 @@
 """Section 16: what a data-segment cap (RLIMIT_DATA) does to a process, measured in three parts.
 
-Runs with ``capped_probe.diff`` applied to main at 12f5bc8 (``capped_at`` and ``out_of_memory``
-in fsl_dist/memory_plan.py); one intra-op thread.
+Written against ``capped_probe.diff`` applied to main at 12f5bc8 (``capped_at`` and
+``out_of_memory`` in fsl_dist/memory_plan.py); main has both since section 17. One intra-op
+thread.
 
     python capped_probe.py onednn    # a oneDNN kernel made under the cap, then new ones
     python capped_probe.py holes     # free heap chunks a stopped allocation loop leaves
