@@ -1,22 +1,38 @@
-import os, time, torch, sys
+"""Section 17, point 6: can a probe step run in a forked copy of a process whose OpenMP pool
+has run? On this machine (torch's libgomp, two threads) the child hangs at its first parallel
+region; run it under a timeout:
+
+    timeout 60 python fork_probe.py
+"""
+
+import os
+import time
+
+import torch
+
 torch.set_num_threads(2)
-x = torch.randn(64, 3, 28, 28)
+images = torch.randn(64, 3, 28, 28)
 conv = torch.nn.Conv2d(3, 64, 3)
-def work():
-    t = time.perf_counter()
+
+
+def work() -> float:
+    started = time.perf_counter()
     for _ in range(50):
-        y = conv(x).relu().sum(); y.backward()
-    return time.perf_counter() - t
+        conv(images).relu().sum().backward()
+    return time.perf_counter() - started
+
+
 print("parent", work(), torch.get_num_threads(), flush=True)
-for i in range(3):
-    r, w = os.pipe()
+for _ in range(3):
+    read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.close(r)
-        s = work()
-        os.write(w, f"{s:.3f} {torch.get_num_threads()}".encode()); os._exit(0)
-    os.close(w)
-    t0 = time.time()
-    data = os.read(r, 100); _, st = os.waitpid(pid, 0)
-    print("child", data, st, time.time() - t0, flush=True)
+        os.close(read)
+        os.write(write, f"{work():.3f} {torch.get_num_threads()}".encode())
+        os._exit(0)
+    os.close(write)
+    started = time.time()
+    answer = os.read(read, 100)
+    _, status = os.waitpid(pid, 0)
+    print("child", answer, status, time.time() - started, flush=True)
 print("parent again", work())
