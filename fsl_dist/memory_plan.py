@@ -53,11 +53,12 @@ one with the shortest probe step among those that fit is taken (each probe runs 
 first warms up and scores before adaptation as a logging step does, the time is the
 second's, which does not, as most steps do not; the peak the higher). Uncapped, a probe of a
 plan that does not fit goes past the budget by what it needs beyond it
-(docs/benchmarks/2026-12-05-memory-plan.md, section 17). Several processes: every rank probes
-the same candidates and each peak and time is the maximum over ranks (one collective per
-round), so every rank takes the same plan, or refuses alike. On a resume the plan is made
-again: the machine, the processes or the budget may have changed, and no plan changes the
-meta-gradient beyond rounding.
+(docs/benchmarks/2026-12-05-memory-plan.md, section 17); one that runs out of the device's or
+the machine's memory is stopped by that error, as one over the budget. Several processes:
+every rank probes the same candidates and each peak and time is the maximum over ranks (one
+collective per round), so every rank takes the same plan, or refuses alike. On a resume the
+plan is made again: the machine, the processes or the budget may have changed, and no plan
+changes the meta-gradient beyond rounding.
 """
 
 from __future__ import annotations
@@ -421,9 +422,10 @@ def capped_at(budget: float, slack: float, tuned: bool = True):
 
 
 def out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is an allocation the process was refused (the cap of ``capped_at``):
-    torch's CPU allocator, C++'s ``new``, Python's own, or a thread that could not start."""
-    if isinstance(error, MemoryError):
+    """Whether ``error`` is an allocation the process was refused (the cap of ``capped_at``, or
+    the device's or machine's memory ran out): torch's CPU allocator, CUDA's, C++'s ``new``,
+    Python's own, or a thread that could not start."""
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and any(sign in text for sign in (
@@ -533,14 +535,26 @@ class Prober:
                 peak, seconds = _capped_in_own_thread(lambda: self.repeat(plan), self.cap,
                                                       plan.malloc == "tuned")
             else:
-                peak, seconds = self.repeat(plan)
+                peak, seconds = self.uncapped(plan)
             for p in self.state.trainable():
                 p.grad = None
             del held
             gc.collect()
             release_free_memory()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # what a stopped probe left cached
             after = held_bytes(self.device)
         return peak, seconds, before, after, heap_free
+
+    def uncapped(self, plan: Plan) -> tuple[float, float]:
+        """``repeat(plan)``, or (inf, inf), stopped, where the device's or the machine's memory
+        ran out: a plan that needs more than there is does not fit, as one over the budget."""
+        try:
+            return self.repeat(plan)
+        except (RuntimeError, MemoryError) as error:
+            if not out_of_memory(error):
+                raise
+        return math.inf, math.inf  # out of the except block: its frames' tensors are freed
 
     def repeat(self, plan: Plan) -> tuple[float, float]:
         """(peak bytes, seconds of the last) of ``self.repeats`` probe steps of ``plan``."""

@@ -303,6 +303,31 @@ def test_capped_at_refuses_an_allocation_past_the_budget_and_then_lifts_the_cap(
     assert not out_of_memory(RuntimeError("shape mismatch")) and out_of_memory(MemoryError())
 
 
+def test_an_uncapped_probe_out_of_memory_is_stopped_and_any_other_error_raised(monkeypatch):
+    """Uncapped (a GPU, several threads), a plan that needs more than the device or machine
+    has is stopped as one over the budget, not the end of the run; a bug still raises."""
+    cfg = config("algorithm.inner_steps=1", "model.width=8")
+    model = build_model("cnn", cfg.task.n_way, width=8)
+    tasks = make_tasks(tasks=1, n_way=cfg.task.n_way, n_query=2, size=28, dtype=torch.float32)
+    state = TrainState(model, learner_from_config(cfg, model),
+                       torch.optim.Adam(model.parameters()), InnerLossScaler(), InnerLossScaler())
+    real = state.learner.meta_backward
+
+    def short_of_memory(*args, **kwargs):
+        real(*args, **kwargs)  # the gradients are there when memory runs out
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(state.learner, "meta_backward", short_of_memory)
+    prober = Prober(state, tasks, cfg, "no", Distributed(), repeats=1)
+    (stopped,) = prober([Plan(False, 1, "none", None)])
+    assert stopped.stopped and all(p.grad is None for p in model.parameters())
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr(state.learner, "meta_backward", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        prober([Plan(False, 1, "none", None)])
+
+
 def test_a_capped_probe_is_stopped_and_leaves_the_run_as_it_was(one_thread):
     """With no room at all, a capped probe is stopped, and the process goes on as it was."""
     cfg = config("algorithm.inner_steps=1", "model.width=32")
