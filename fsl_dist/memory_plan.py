@@ -45,7 +45,8 @@ as stopped instead of going over). If the twin fits, the tuned default is probed
 uncapped only if the twin fits with room for the tuned step's larger growth
 (``TUNED_GROWTH``). If the tuned default fits, it is the plan; if it was stopped or not
 risked, every other candidate is searched, the twin included (a lighter plan with the tuned
-allocator may beat it); if it ran and did not fit, the twin, probed again. If the twin does
+allocator may beat it; uncapped, each tuned one only after its own twin, with the same room:
+``_probe_rest``); if it ran and did not fit, the twin, probed again. If the twin does
 not fit, memory is short and only glibc-defaults plans are searched. Then the lightest plan,
 unless one has fit already; if it does not fit either, the run is refused
 (``MemoryPlanError``) naming what it needs. Otherwise every other candidate is probed and the
@@ -222,9 +223,10 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
     every probe after the first (the default's twin, which makes the kernels) is stopped at the
     budget (``capped_at``) instead of going past it.
 
-    The default first (``_try_default``); if it does not fit, the lightest, then the rest. A
-    plan chosen among others is probed once more, last, in the state training starts from
-    (what earlier probes left in the heap included), and taken only if it fits again."""
+    The default first (``_try_default``); if it does not fit, the lightest, then the rest
+    (``_probe_rest``). A plan chosen among others is probed once more, last, in the state
+    training starts from (what earlier probes left in the heap included), and taken only if it
+    fits again."""
     chosen, probes, pool = _try_default(plans, measure, budget, capped)
     if chosen is not None:
         return chosen, probes
@@ -234,9 +236,7 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
         if probes[-1].peak > budget:
             return None, probes
         probed.add(lightest)
-    rest = [p for p in pool if p not in probed]
-    if rest:
-        probes += measure(rest, capped=capped)
+    probes += _probe_rest([p for p in pool if p not in probed], probes, measure, budget, capped)
     order = {plan: i for i, plan in enumerate(pool)}
     latest = {p.plan: p for p in probes}  # a plan's last probe: what it needs now
     fitting = sorted((p for p in latest.values() if p.peak <= budget and p.plan in order),
@@ -247,6 +247,22 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
         if probes[-1].peak <= budget:
             return probe.plan, probes
     return None, probes
+
+
+def _probe_rest(rest: list[Plan], probes: list[Probe], measure, budget: float,
+                capped: bool) -> list[Probe]:
+    """The probes of ``rest``. Uncapped, a tuned plan is probed after its glibc-defaults twin
+    and only where the twin fits with room for the tuned step's growth (``room_for_tuned``),
+    as the default is: a probe of a plan that does not fit would go past the budget."""
+    if capped:
+        return measure(rest, capped=True) if rest else []
+    first = [p for p in rest if p.malloc != "tuned"]
+    done = measure(first) if first else []
+    latest = {p.plan: p for p in probes + done}
+    twins = {p: latest.get(replace(p, malloc="defaults")) for p in rest if p.malloc == "tuned"}
+    roomy = [p for p, twin in twins.items()
+             if twin is not None and twin.peak <= budget and room_for_tuned(twin, budget)]
+    return done + (measure(roomy) if roomy else [])
 
 
 # Where tuned probes cannot be capped (``can_cap``): a tuned step grew up to 2.9x its twin's

@@ -45,6 +45,7 @@ def config(*overrides):
 DEFAULT = Plan(False, 2, "none", "tuned")
 TWIN = Plan(False, 2, "none", "defaults")  # the default's arithmetic, glibc's allocator
 TUNED_OTHER = Plan(False, 1, "steps", "tuned")
+OTHER_TWIN = Plan(False, 1, "steps", "defaults")  # TUNED_OTHER's arithmetic, glibc's allocator
 MIDDLE_FAST = Plan(False, 2, "steps", "defaults")
 MIDDLE_SLOW = Plan(False, 1, "none", "defaults")
 LIGHTEST = Plan(False, 1, "blocks", "defaults")
@@ -78,18 +79,26 @@ def test_a_twin_with_no_room_for_the_tuned_default_leads_to_the_search_without_i
     # held 0.5 GB before the step, the twin's step adds 0.3: the tuned one may add 3x that
     twin = Probe(TWIN, 0.8 * GB, 1.1, before=0.5 * GB)
     assert not room_for_tuned(twin, 1.0 * GB) and room_for_tuned(twin, 1.4 * GB)
-    table = {TUNED_OTHER: (0.9, 0.6), MIDDLE_FAST: (0.85, 1.5), MIDDLE_SLOW: (0.7, 2.5),
-             LIGHTEST: (0.6, 4.0)}
+    # TUNED_OTHER's own twin adds 0.1 GB to the 0.5 held: room for the tuned one
+    table = {TUNED_OTHER: (0.9, 0.6), OTHER_TWIN: (0.6, 1.2), MIDDLE_FAST: (0.85, 1.5),
+             MIDDLE_SLOW: (0.7, 2.5), LIGHTEST: (0.6, 4.0)}
     rounds = []
 
     def measure(plans, capped=False):
         rounds.append(list(plans))
-        return [twin if p == TWIN else Probe(p, table[p][0] * GB, table[p][1]) for p in plans]
-    chosen, probes = search(PLANS, measure, 1.0 * GB)
-    # a lighter tuned plan beats the twin; the tuned default is never probed, and the lightest
-    # is not probed first (a plan has fit already)
+        return [twin if p == TWIN else Probe(p, table[p][0] * GB, table[p][1], before=0.5 * GB)
+                for p in plans]
+    plans = PLANS[:-1] + [OTHER_TWIN, LIGHTEST]
+    chosen, probes = search(plans, measure, 1.0 * GB)
+    # a lighter tuned plan beats the twin, probed after its own twin (last: its probe confirms
+    # it); the tuned default is never probed, nor the lightest first (a plan has fit already)
     assert chosen == TUNED_OTHER and DEFAULT not in {p.plan for p in probes}
-    assert rounds == [[TWIN], [TUNED_OTHER, MIDDLE_FAST, MIDDLE_SLOW, LIGHTEST], [TUNED_OTHER]]
+    assert rounds == [[TWIN], [MIDDLE_FAST, MIDDLE_SLOW, OTHER_TWIN, LIGHTEST], [TUNED_OTHER]]
+    # its own twin without room (adds 0.2 of 0.5 left): the tuned plan is not probed either
+    table[OTHER_TWIN] = (0.7, 1.2)
+    rounds.clear()
+    assert search(plans, measure, 1.0 * GB)[0] == TWIN
+    assert TUNED_OTHER not in {plan for round_ in rounds for plan in round_}
     # nothing else fits: the twin, probed again last
     table = {p: (1.5, 0.5) for p in table}
     rounds.clear()
@@ -250,7 +259,7 @@ def test_capped_every_round_after_the_twin_is_capped():
     assert search(PLANS, measure, 1.0 * GB, capped=True)[0] == TUNED_OTHER
     assert capped_rounds == [False, True, True, True]  # twin, default, the rest, confirmation
     capped_rounds.clear()
-    assert search(PLANS, measure, 1.0 * GB)[0] == TUNED_OTHER
+    assert search(PLANS, measure, 1.0 * GB)[0] == TWIN  # uncapped: TUNED_OTHER's twin unprobed
     assert not any(capped_rounds)
 
 
