@@ -419,7 +419,8 @@ def capped_at(budget: float, slack: float, tuned: bool = True):
     For the caller to make sure of: no other thread allocates meanwhile (a refused allocation
     in a thread of an OpenMP team or a communication thread can abort the process: one
     intra-op thread, one process), and no oneDNN kernel is made under the cap (one that fails
-    to allocate breaks every later new kernel: a step of the same kind runs uncapped first)."""
+    to allocate breaks every later new kernel: a step with the same convolutions runs uncapped
+    first, as the default's twin does for every plan the search caps)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     holes = max(0.0, (heap_free_bytes() or 0) - slack)
     room = max(0.0, budget - status_bytes("VmRSS") - holes)
