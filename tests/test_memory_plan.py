@@ -17,6 +17,7 @@ from fsl_dist.memory_plan import (
     Plan,
     Probe,
     Prober,
+    _twin_as_it_fit,
     can_cap,
     candidates,
     capped_at,
@@ -261,6 +262,26 @@ def test_capped_every_round_after_the_twin_is_capped():
     capped_rounds.clear()
     assert search(PLANS, measure, 1.0 * GB)[0] == TWIN  # uncapped: TUNED_OTHER's twin unprobed
     assert not any(capped_rounds)
+
+
+def test_after_a_capped_search_found_nothing_the_twin_is_probed_uncapped_in_a_heap_as_it_was():
+    asked = []
+
+    def prober(plans, capped=False):
+        asked.append((list(plans), capped))
+        return [Probe(TWIN, 0.85 * GB, 1.0)]
+    stopped = Probe(TWIN, STOPPED, 0.0)
+    as_it_was = [Probe(TWIN, 0.8 * GB, 1.0, heap_free=100 * GB), stopped]  # heap no fuller now
+    assert _twin_as_it_fit(list(as_it_was), prober, 1.0 * GB, 0.0) == TWIN
+    assert asked == [([TWIN], False)]
+    assert _twin_as_it_fit(list(as_it_was), prober, 0.84 * GB, 0.0) is None  # not again
+    fuller = [Probe(TWIN, 0.8 * GB, 1.0, heap_free=0.0), stopped]  # free chunks since
+    fit_first_only = [Probe(TWIN, 1.1 * GB, 1.0, heap_free=100 * GB), stopped]
+    asked.clear()
+    assert _twin_as_it_fit(fuller, prober, 1.0 * GB, 0.0) is None
+    assert _twin_as_it_fit(fit_first_only, prober, 1.0 * GB, 0.0) is None
+    assert _twin_as_it_fit(as_it_was[:1], prober, 1.0 * GB, 0.0) is None  # nothing stopped
+    assert asked == []
 
 
 def test_a_stopped_probe_records_no_peak_and_is_never_the_smallest_need():

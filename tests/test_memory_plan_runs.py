@@ -6,6 +6,7 @@ anything of the run is written; two ranks plan alike."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import threading
 import time
@@ -89,31 +90,35 @@ def test_streamed_tasks_are_read_again_after_the_probe(shards, tmp_path):
 
 def watch_peak(cmd: list[str], last_line: str) -> tuple[subprocess.CompletedProcess, int]:
     """Run ``cmd``, polling its VmHWM (bytes) from outside every 20 ms until it prints a line
-    holding ``last_line``: the highest seen. (Python's own teardown after that, once every
-    result is written, is not the plan's: measured 0.13 GB more in this process.)"""
+    holding ``last_line``: the highest read before that line came. (Python's own teardown
+    after it, once every result is written, is not the plan's: measured 0.13 GB more in this
+    process; a reading taken between the line and the loop's next check could see it.)"""
     process = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    lines, done = [], threading.Event()
+    lines, done, came = [], threading.Event(), []
 
     def read():
         for line in process.stdout:
             lines.append(line)
             if last_line in line:
+                came.append(time.monotonic())
                 done.set()
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    status, peak = Path(f"/proc/{process.pid}/status"), 0
+    status, readings = Path(f"/proc/{process.pid}/status"), []
     while process.poll() is None and not done.is_set():
         try:
             for line in status.read_text().splitlines():
                 if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
+                    readings.append((time.monotonic(), int(line.split()[1]) * 1024))
         except (OSError, ValueError):
             pass  # exited between poll() and the read
         time.sleep(0.02)
     err = process.stderr.read()
     process.wait(timeout=60)
     reader.join(timeout=60)
+    cut = came[0] if came else math.inf
+    peak = max((value for at, value in readings if at < cut), default=0)
     return subprocess.CompletedProcess(cmd, process.returncode, "".join(lines), err), peak
 
 
@@ -146,28 +151,36 @@ def test_a_tuned_probe_past_the_budget_is_stopped_at_it_and_training_goes_on(
         shards, heavy_generous, tmp_path):
     twin, default = heavy_generous["probes"]  # both fit a budget of 100 GB
     assert default["plan"] == heavy_generous["name"] and "tuned" in default["plan"]
-    # Room for the twin, not for the tuned default: its peak was 10-30 MB above the twin's,
-    # and the cap also leaves out the heap's free chunks (capped_at), tens of MB here.
-    budget = round((twin["peak_gb"] + 0.02) / 0.995, 4)
-    run_dir = tmp_path / "run"
-    result, peak = watch_peak(command("train.py", args(run_dir, shards, *HEAVY,
-                                                       f"train.memory_budget_gb={budget}"), 0),
-                              "test accuracy")
-    assert result.returncode == 0, result.stderr[-3000:]
-    plan = plan_of(run_dir)
+    # Budgets with room for the twin, not for the tuned default under the cap (which leaves out
+    # the heap's free chunks, capped_at: about 50 MiB here). Peaks move 10-20 MB from process
+    # to process, so a budget may miss the twin too (a refusal, as it should) or let the tuned
+    # default fit: the next, larger one is tried. Every run stays within its budget.
+    trained = None
+    for margin in (0.02, 0.03, 0.035):
+        budget = round((twin["peak_gb"] + margin) / 0.995, 4)
+        run_dir = tmp_path / f"run-{margin}"
+        result, peak = watch_peak(command("train.py", args(run_dir, shards, *HEAVY,
+                                                           f"train.memory_budget_gb={budget}"),
+                                          0), "test accuracy")
+        assert result.returncode in (0, EXIT_NO_PLAN), result.stderr[-3000:]
+        if result.returncode == 0:
+            # the whole run, the stopped probes included, measured from outside
+            assert 0 < peak <= budget * 1e9, (peak, budget, result.stdout[-2000:])
+        if result.returncode == 0 and plan_of(run_dir)["name"] != default["plan"]:
+            trained = result, plan_of(run_dir), budget
+            break
+    assert trained is not None, "no budget left the tuned default stopped and the twin fitting"
+    result, plan, budget = trained
     probes = plan["probes"]
     stopped = [i for i, p in enumerate(probes) if p["stopped_at_budget"]]
     assert stopped and probes[stopped[0]]["plan"] == default["plan"], probes
     assert probes[stopped[0]]["peak_gb"] is None and not probes[stopped[0]]["fits"]
-    assert plan["tuned_probes_capped"] and plan["name"] != default["plan"]
-    assert plan["peak_gb"] <= budget * 0.995
+    assert plan["tuned_probes_capped"] and plan["peak_gb"] <= budget * 0.995
     line = next(line for line in result.stdout.splitlines() if line.startswith("memory plan:"))
     assert "stopped at the budget)" in line
     # the stop left the heap's free chunks as they were, not pinned under a block it made
     free_before, free_after = (probes[i]["heap_free_gb"] for i in (stopped[0], stopped[0] + 1))
     assert free_after <= free_before + 0.005, probes
-    # the whole run, the stopped probe included, measured from outside
-    assert 0 < peak <= budget * 1e9, (peak, budget, plan)
 
 
 def test_a_budget_nothing_fits_ends_in_one_line_and_writes_nothing(shards, tmp_path):
