@@ -630,22 +630,23 @@ def apply_to_spec(spec: InnerLoopSpec, plan: Optional[Plan]) -> InnerLoopSpec:
                                                   checkpoint=plan.checkpoint)
 
 
-def _twin_as_it_fit(probes: list[Probe], prober: Prober, usable: float,
-                    slack: float) -> Optional[Plan]:
-    """After a capped search that found nothing: the default's twin, if its first probe (the
-    one uncapped) fit and the heap holds no more free chunks now than then, probed again
-    uncapped; None otherwise.
+def _twin_as_it_fit(probes: list[Probe], prober, usable: float, slack: float,
+                    device: torch.device) -> Optional[Plan]:
+    """After a capped search that found nothing: the default's twin, probed again uncapped if
+    its first probe (the one uncapped) grew the process by little enough to fit now and the
+    heap holds no more free chunks than then; None otherwise.
 
     The cap leaves the heap's free chunks out of its room (``capped_at``), so a plan can be
     stopped short of the budget: the twin's confirmation was, in a training process whose heap
-    held 50 MiB free before planning (docs/benchmarks/2026-12-05-memory-plan.md, section 18).
-    In a heap as it was, the twin's step needs what it needed then."""
+    held 50 MiB free before planning (docs/benchmarks/2026-12-05-memory-plan.md, section 19).
+    In a heap as it was, the twin's step grows the process as much as it did then."""
     twin = probes[0]
     if twin.peak > usable or not any(p.stopped for p in probes):
         return None
     gc.collect()
     release_free_memory()
-    if (heap_free_bytes() or 0) > twin.heap_free + slack:
+    fuller = (heap_free_bytes() or 0) > twin.heap_free + slack
+    if fuller or held_bytes(device) + twin.growth > usable:
         return None
     probes += prober([twin.plan])
     return twin.plan if probes[-1].peak <= usable else None
@@ -692,7 +693,7 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     prober = Prober(state, tasks, cfg, precision, dist, cap=cap)
     chosen, probes = search(plans, prober, usable, capped=cap is not None)
     if chosen is None and cap is not None:
-        chosen = _twin_as_it_fit(probes, prober, usable, budget - usable)
+        chosen = _twin_as_it_fit(probes, prober, usable, budget - usable, device)
     if chosen is None:
         if plans[0].malloc is not None:
             tune_cpu_malloc(plans[0].malloc == "tuned")

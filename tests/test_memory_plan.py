@@ -4,6 +4,7 @@ side by side: bitwise; vmap in chunks: within 1e-6) while a probe leaves the run
 
 import math
 import resource
+from dataclasses import replace
 
 import pytest
 import torch
@@ -265,23 +266,24 @@ def test_capped_every_round_after_the_twin_is_capped():
 
 
 def test_after_a_capped_search_found_nothing_the_twin_is_probed_uncapped_in_a_heap_as_it_was():
-    asked = []
+    asked, cpu = [], torch.device("cpu")
 
     def prober(plans, capped=False):
         asked.append((list(plans), capped))
         return [Probe(TWIN, 0.85 * GB, 1.0)]
+    held = status_bytes("VmRSS")  # what this process holds, as the twin's next step starts
     stopped = Probe(TWIN, STOPPED, 0.0)
-    as_it_was = [Probe(TWIN, 0.8 * GB, 1.0, heap_free=100 * GB), stopped]  # heap no fuller now
-    assert _twin_as_it_fit(list(as_it_was), prober, 1.0 * GB, 0.0) == TWIN
+    # its first step grew the process by 0.2 GB, in a heap no fuller than now
+    as_it_was = [Probe(TWIN, 0.3 * GB, 1.0, before=0.05 * GB, after=0.1 * GB,
+                       heap_free=100 * GB), stopped]
+    assert _twin_as_it_fit(list(as_it_was), prober, held + 0.3 * GB, 0.0, cpu) == TWIN
     assert asked == [([TWIN], False)]
-    assert _twin_as_it_fit(list(as_it_was), prober, 0.84 * GB, 0.0) is None  # not again
-    fuller = [Probe(TWIN, 0.8 * GB, 1.0, heap_free=0.0), stopped]  # free chunks since
-    fit_first_only = [Probe(TWIN, 1.1 * GB, 1.0, heap_free=100 * GB), stopped]
     asked.clear()
-    assert _twin_as_it_fit(fuller, prober, 1.0 * GB, 0.0) is None
-    assert _twin_as_it_fit(fit_first_only, prober, 1.0 * GB, 0.0) is None
-    assert _twin_as_it_fit(as_it_was[:1], prober, 1.0 * GB, 0.0) is None  # nothing stopped
-    assert asked == []
+    assert _twin_as_it_fit(list(as_it_was), prober, held + 0.1 * GB, 0.0, cpu) is None
+    fuller = [replace(as_it_was[0], heap_free=0.0), stopped]  # free chunks since
+    assert _twin_as_it_fit(fuller, prober, held + 0.3 * GB, 0.0, cpu) is None
+    assert _twin_as_it_fit(as_it_was[:1], prober, held + 0.3 * GB, 0.0, cpu) is None
+    assert asked == []  # not probed: it would not fit, or the heap is fuller, or none stopped
 
 
 def test_a_stopped_probe_records_no_peak_and_is_never_the_smallest_need():
