@@ -47,7 +47,10 @@ uncapped only if the twin fits with room for the tuned step's larger growth
 risked, every other candidate is searched, the twin included (a lighter plan with the tuned
 allocator may beat it; uncapped, each tuned one only after its own twin, with the same room:
 ``_probe_rest``); if it ran and did not fit, the twin, probed again. If the twin does
-not fit, memory is short and only glibc-defaults plans are searched. Then the lightest plan,
+not fit, memory is short and only glibc-defaults plans are searched. **Checked** (one process
+on more intra-op threads, where ``capping_works``): a tuned plan of one task at a time whose
+twin fit without that room, the tuned default included, is measured capped on one thread
+first and run on all only if it fit there (``Prober.checked``). Then the lightest plan,
 unless one has fit already; if it does not fit either, the run is refused
 (``MemoryPlanError``) naming what it needs. Otherwise every other candidate is probed and the
 one with the shortest probe step among those that fit is taken (each probe runs twice: the
@@ -138,6 +141,7 @@ class Probe:
     before: float = 0.0
     after: float = 0.0
     heap_free: float = 0.0  # glibc's free heap bytes when the step began (see capped_at)
+    threads: int = 0  # intra-op threads it ran on where fewer than the run's (a check); 0: all
 
     @property
     def growth(self) -> float:
@@ -155,6 +159,7 @@ class Probe:
                 "before_gb": round(self.before / GB, 4), "after_gb": round(self.after / GB, 4),
                 "heap_free_gb": round(self.heap_free / GB, 4),
                 "seconds": None if self.stopped else round(self.seconds, 4),
+                "intra_op_threads": self.threads or torch.get_num_threads(),
                 "fits": self.peak <= budget}
 
 
@@ -216,53 +221,75 @@ def _lightness(plan: Plan) -> tuple:
 # ---------------------------------------------------------------- the choice
 
 
+Check = Callable[[Plan, Probe], list[Probe]]
+
+
 def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
-           budget: float, capped: bool = False) -> tuple[Optional[Plan], list[Probe]]:
+           budget: float, capped: bool = False,
+           check: Optional[Check] = None) -> tuple[Optional[Plan], list[Probe]]:
     """(the chosen plan or None, every probe) for ``budget`` bytes; ``measure(plans, capped)``
     probes a round of plans (``candidates``' order: default first, lightest last); ``capped``:
     every probe after the first (the default's twin, which makes the kernels) is stopped at the
-    budget (``capped_at``) instead of going past it.
+    budget (``capped_at``) instead of going past it. ``check(plan, its twin's probe)``
+    (uncapped only; ``Prober.checked``): the probes of a tuned plan of one task at a time
+    whose twin fit without room for it, checked capped on one thread before it runs on all;
+    a probe on fewer threads than the run's (``Probe.threads``) is never a plan's measure.
 
     The default first (``_try_default``); if it does not fit, the lightest, then the rest
     (``_probe_rest``). A plan chosen among others is probed once more, last, in the state
     training starts from (what earlier probes left in the heap included), and taken only if it
     fits again."""
-    chosen, probes, pool = _try_default(plans, measure, budget, capped)
+    chosen, probes, pool = _try_default(plans, measure, budget, capped, check)
     if chosen is not None:
         return chosen, probes
     probed, lightest = {p.plan for p in probes}, pool[-1]
-    if lightest not in probed and not any(p.peak <= budget for p in probes):
+    if lightest not in probed and not any(p.peak <= budget for p in _on_all_threads(probes)):
         probes += measure([lightest], capped=capped)  # if even it does not fit, nothing will
         if probes[-1].peak > budget:
             return None, probes
         probed.add(lightest)
-    probes += _probe_rest([p for p in pool if p not in probed], probes, measure, budget, capped)
+    probes += _probe_rest([p for p in pool if p not in probed], probes, measure, budget, capped,
+                          check)
     order = {plan: i for i, plan in enumerate(pool)}
-    latest = {p.plan: p for p in probes}  # a plan's last probe: what it needs now
+    latest = {p.plan: p for p in _on_all_threads(probes)}  # a plan's last: what it needs now
     fitting = sorted((p for p in latest.values() if p.peak <= budget and p.plan in order),
                      key=lambda p: (p.seconds, order[p.plan]))
     for probe in fitting:
-        if probes[-1].plan != probe.plan:
+        if probes[-1].plan != probe.plan or probes[-1].threads:
             probes += measure([probe.plan], capped=capped)  # the confirmation
         if probes[-1].peak <= budget:
             return probe.plan, probes
     return None, probes
 
 
+def _on_all_threads(probes: list[Probe]) -> list[Probe]:
+    return [p for p in probes if not p.threads]
+
+
+def _checkable(plan: Plan, check: Optional[Check]) -> bool:
+    return check is not None and plan.malloc == "tuned" and not plan.vectorize \
+        and plan.in_flight == 1
+
+
 def _probe_rest(rest: list[Plan], probes: list[Probe], measure, budget: float,
-                capped: bool) -> list[Probe]:
+                capped: bool, check: Optional[Check] = None) -> list[Probe]:
     """The probes of ``rest``. Uncapped, a tuned plan is probed after its glibc-defaults twin
     and only where the twin fits with room for the tuned step's growth (``room_for_tuned``),
-    as the default is: a probe of a plan that does not fit would go past the budget."""
+    as the default is: a probe of a plan that does not fit would go past the budget. Where
+    the twin fits without that room, a tuned plan of one task at a time is ``check``ed."""
     if capped:
         return measure(rest, capped=True) if rest else []
     first = [p for p in rest if p.malloc != "tuned"]
     done = measure(first) if first else []
-    latest = {p.plan: p for p in probes + done}
+    latest = {p.plan: p for p in _on_all_threads(probes + done)}
     twins = {p: latest.get(replace(p, malloc="defaults")) for p in rest if p.malloc == "tuned"}
-    roomy = [p for p, twin in twins.items()
-             if twin is not None and twin.peak <= budget and room_for_tuned(twin, budget)]
-    return done + (measure(roomy) if roomy else [])
+    fitting = {p: twin for p, twin in twins.items() if twin is not None and twin.peak <= budget}
+    roomy = [p for p, twin in fitting.items() if room_for_tuned(twin, budget)]
+    done += measure(roomy) if roomy else []
+    for plan, twin in fitting.items():
+        if plan not in roomy and _checkable(plan, check):
+            done += check(plan, twin)
+    return done
 
 
 # Where tuned probes cannot be capped (``can_cap``): a tuned step grew up to 2.9x its twin's
@@ -278,7 +305,8 @@ def room_for_tuned(twin: Probe, budget: float) -> bool:
     return max(twin.before, twin.after) + TUNED_GROWTH * twin.growth <= budget
 
 
-def _try_default(plans: list[Plan], measure, budget: float, capped: bool = False):
+def _try_default(plans: list[Plan], measure, budget: float, capped: bool = False,
+                 check: Optional[Check] = None):
     """(the default, or its twin, if either fits; the probes; the plans left to search).
 
     A default with the tuned allocator goes after its glibc-defaults twin (the same
@@ -288,18 +316,24 @@ def _try_default(plans: list[Plan], measure, budget: float, capped: bool = False
     room to spare for the tuned step's larger growth (``room_for_tuned``). If it is stopped, or
     not risked, every other plan is searched, the twin included (a lighter tuned plan may beat
     it); if it ran and did not fit, the twin, probed again. If the twin does not fit, memory is
-    short, and only glibc-defaults plans are searched."""
+    short, and only glibc-defaults plans are searched, and those ``check`` takes (the tuned
+    default among them, also where the twin fits without room for it)."""
     default = plans[0]
     if default.malloc != "tuned":
         probes = measure([default])
         return (default if probes[-1].peak <= budget else None), probes, plans
     twin = replace(default, malloc="defaults")
     probes = measure([twin])
-    short = [twin] + [p for p in plans if p.malloc != "tuned" and p != twin]
+    short = [twin] + [p for p in plans
+                      if (p.malloc != "tuned" or _checkable(p, check)) and p != twin]
     if probes[-1].peak > budget:
         return None, probes, short
     others = [p for p in plans if p != default]
     if not capped and not room_for_tuned(probes[-1], budget):
+        if _checkable(default, check):
+            probes += check(default, probes[-1])
+            if probes[-1].peak <= budget and not probes[-1].threads:
+                return default, probes, plans
         return None, probes, others
     probes += measure([default], capped=capped)
     if probes[-1].peak <= budget:
@@ -385,13 +419,19 @@ def update_bytes(state) -> float:
 
 
 def can_cap(device: torch.device) -> bool:
-    """Whether probes can be stopped at the budget (``capped_at``): on CPU with
-    one intra-op thread, with glibc 2.33 or later (``mallinfo2``) as an allocator fsl_dist may
-    set, on Linux 4.7 or later (where ``RLIMIT_DATA`` counts private mappings, not only the
-    heap's break). Not with more threads: an allocation refused in a thread of an OpenMP team
-    cannot reach the caller, and a process was seen to abort (docs/benchmarks/
-    2026-12-05-memory-plan.md, section 16); on one, everything runs in the caller's thread."""
-    if device.type != "cpu" or torch.get_num_threads() != 1 or heap_free_bytes() is None:
+    """Whether probes on the run's intra-op threads can be stopped at the budget
+    (``capped_at``): where ``capping_works`` and on one thread. Not with more: an allocation
+    refused in a thread of an OpenMP team cannot reach the caller, and a process was seen to
+    abort (docs/benchmarks/2026-12-05-memory-plan.md, section 16); on one, everything runs in
+    the caller's thread. With more, a probe can still be capped on one (``Prober.checked``)."""
+    return torch.get_num_threads() == 1 and capping_works(device)
+
+
+def capping_works(device: torch.device) -> bool:
+    """Whether ``capped_at`` can stop a step on one intra-op thread: on CPU, with glibc 2.33 or
+    later (``mallinfo2``) as an allocator fsl_dist may set, on Linux 4.7 or later (where
+    ``RLIMIT_DATA`` counts private mappings, not only the heap's break)."""
+    if device.type != "cpu" or heap_free_bytes() is None:
         return False
     try:
         version = tuple(int(part) for part in platform.release().split(".")[:2])
@@ -459,9 +499,11 @@ def accumulators(params) -> list:
     return [p.view_as(p).grad_fn.next_functions[0][0] for p in params if p.requires_grad]
 
 
-def _capped_in_own_thread(measure: Callable[[], tuple[float, float]],
-                          cap: tuple[float, float], tuned: bool) -> tuple[float, float]:
-    """``measure()`` under ``capped_at(*cap, tuned)``, in a thread of its own: (peak, seconds), or
+def _in_own_thread(measure: Callable[[], tuple[float, float]],
+                   cap: Optional[tuple[float, float]], tuned: bool,
+                   threads: int = 0) -> tuple[float, float]:
+    """``measure()`` under ``capped_at(*cap, tuned)`` (``cap`` None: uncapped), in a thread of
+    its own on ``threads`` intra-op threads (0: the caller's count): (peak, seconds), or
     (inf, inf) when an allocation was refused.
 
     The thread starts before the cap (one that cannot start leaves its starter waiting), and
@@ -471,7 +513,7 @@ def _capped_in_own_thread(measure: Callable[[], tuple[float, float]],
     probes pay for (docs/benchmarks/2026-12-05-memory-plan.md, section 16). So the step's
     tensors are freed in the thread too, the refusal's traceback with them."""
     go, outcome = threading.Event(), {}
-    threads = torch.get_num_threads()
+    threads = threads or torch.get_num_threads()
 
     def run():
         # OpenMP's thread count is per thread: a new one starts from the machine's, and oneDNN
@@ -489,7 +531,7 @@ def _capped_in_own_thread(measure: Callable[[], tuple[float, float]],
     thread = threading.Thread(target=run, name="fsl_dist-probe")
     thread.start()
     try:
-        with capped_at(*cap, tuned=tuned):
+        with capped_at(*cap, tuned=tuned) if cap else contextlib.nullcontext():
             go.set()
             while thread.is_alive() and "measured" not in outcome and "error" not in outcome:
                 thread.join(0.05)
@@ -518,23 +560,51 @@ class Prober:
         self.state, self.tasks, self.cfg, self.precision = state, tasks, cfg, precision
         self.dist, self.repeats, self.cap = dist, repeats, cap
         self.device = dist.device
+        self.more_on_all_threads: Optional[float] = None  # see checked
 
-    def __call__(self, plans: list[Plan], capped: bool = False) -> list[Probe]:
-        measured = [self.probe(plan, capped) for plan in plans]
+    def __call__(self, plans: list[Plan], capped: bool = False, threads: int = 0) -> list[Probe]:
+        measured = [self.probe(plan, capped, threads) for plan in plans]
         n = len(plans)
         flat = self.dist.max_over_ranks([value for m in zip(*measured) for value in m])
         columns = [flat[i * n:(i + 1) * n] for i in range(5)]
         extra = update_bytes(self.state)
-        return [Probe(plan, peak + extra, secs, base, held, free)
+        return [Probe(plan, peak + extra, secs, base, held, free, threads)
                 for plan, peak, secs, base, held, free in zip(plans, *columns)]
 
-    def probe(self, plan: Plan, capped: bool = False) -> tuple[float, float, float, float, float]:
+    def checked(self, plan: Plan, twin: Probe) -> list[Probe]:
+        """The probes of a tuned ``plan`` of one task at a time where probes on the run's
+        threads cannot be capped (``can_cap``): capped on one intra-op thread, the check, and
+        only if that fit, uncapped on all (its time, and its peak there). ``twin``: the probe
+        of ``plan``'s glibc-defaults twin, which fit.
+
+        The first check is preceded by the twin's step on one thread, uncapped: it makes the
+        kernels for one thread (a kernel made under the cap could break every later one; plans
+        of one task at a time run the same convolutions), and what the twin needed more on all
+        threads than on one lowers the checks' cap, so that a check that fits on one thread
+        fits on all."""
+        probes = []
+        if self.more_on_all_threads is None:
+            probes += self([twin.plan], threads=1)
+            self.more_on_all_threads = max(0.0, twin.peak - probes[-1].peak)
+        probes += self([plan], capped=True, threads=1)
+        if probes[-1].peak > self.cap_on(1)[0]:
+            return probes
+        return probes + self([plan])
+
+    def cap_on(self, threads: int) -> tuple[float, float]:
+        """``self.cap``, lowered on fewer threads than the run's by ``more_on_all_threads``."""
+        budget, slack = self.cap
+        return (budget - (self.more_on_all_threads or 0.0) if threads else budget), slack
+
+    def probe(self, plan: Plan, capped: bool = False,
+              threads: int = 0) -> tuple[float, float, float, float, float]:
         """(peak bytes, seconds of the last repeat, bytes before, bytes after, free heap bytes
         before) of ``plan``'s meta-gradient; the first repeat warms up, the peak is the highest
         of all (the tuned allocator's may creep). The first repeat also scores the query set
         before adaptation, as a logging step does (its peak counts); the later ones do not, as
         most training steps do not (their time counts). ``capped``: the probe is capped at
-        ``self.cap`` (``math.inf`` when stopped there)."""
+        ``cap_on(threads)`` (``math.inf`` when stopped there); ``threads``: fewer intra-op
+        threads than the run's to run on, in a thread of its own (0: the run's)."""
         if plan.malloc is not None:
             tune_cpu_malloc(plan.malloc == "tuned")
         capping = capped and self.cap is not None
@@ -548,9 +618,10 @@ class Prober:
             heap_free = float(heap_free_bytes() or 0) if self.device.type == "cpu" else 0.0
             # made before the cap and held through it (see accumulators)
             held = accumulators(self.state.trainable()) if capping else []
-            if capping:
-                peak, seconds = _capped_in_own_thread(lambda: self.repeat(plan), self.cap,
-                                                      plan.malloc == "tuned")
+            if capping or threads:
+                cap = self.cap_on(threads) if capping else None
+                peak, seconds = _in_own_thread(lambda: self.repeat(plan), cap,
+                                               plan.malloc == "tuned", threads)
             else:
                 peak, seconds = self.uncapped(plan)
             for p in self.state.trainable():
@@ -676,6 +747,8 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
         # One arena, so that what a probe's worker threads freed goes back to the kernel
         # between probes (measured: 86 MiB left behind by a Conv-4 probe with arenas per
         # thread, 43 with one); kept for training, whose memory the probes then measured.
+        # Set at the start too (trainer.configure_cpu): threads that allocated before keep
+        # their arenas, and a probe's thread may be given one, whose top is never trimmed.
         single_arena()
     plans = candidates(cfg, state.model, device, tasks["support_x"].shape[0],
                        pixels_per_task(tasks))
@@ -690,8 +763,14 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     cap = ((usable, budget - usable) if plans[0].malloc == "tuned" and dist.world_size == 1
            and all(not p.vectorize and p.in_flight == 1 for p in plans) and can_cap(device)
            else None)
-    prober = Prober(state, tasks, cfg, precision, dist, cap=cap)
-    chosen, probes = search(plans, prober, usable, capped=cap is not None)
+    # More intra-op threads, one process: tuned plans of one task at a time checked capped on
+    # one thread (Prober.checked), where they would otherwise not be risked.
+    checks = (cap is None and plans[0].malloc == "tuned" and dist.world_size == 1
+              and capping_works(device))
+    prober = Prober(state, tasks, cfg, precision, dist,
+                    cap=cap or ((usable, budget - usable) if checks else None))
+    chosen, probes = search(plans, prober, usable, capped=cap is not None,
+                            check=prober.checked if checks else None)
     if chosen is None and cap is not None:
         chosen = _twin_as_it_fit(probes, prober, usable, budget - usable, device)
     if chosen is None:
@@ -704,7 +783,7 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     release_free_memory()  # training starts from what the process holds, not the probes' heap
     probe = next(p for p in reversed(probes) if p.plan == chosen)  # its confirmation
     tried = {p.plan for p in probes}  # the chosen plan is probed again last, to confirm it
-    fit = len({p.plan for p in probes if p.peak <= usable})
+    fit = len({p.plan for p in probes if p.peak <= usable and not p.threads})
     stopped = len({p.plan for p in probes if p.stopped})
     dist.print(f"memory plan: {chosen.name}; peak {probe.peak / GB:.3g} GB of the {budget_gb:g} "
                f"GB budget per process, {probe.before / GB:.3g} GB of it held before the step "

@@ -27,7 +27,7 @@ from fsl_dist import resume as resume_record
 from fsl_dist import runfolder
 from fsl_dist.backbone import start_from
 from fsl_dist.config import Config, ConfigError, OptimConfig, to_dict
-from fsl_dist.cpu_malloc import tune_cpu_malloc
+from fsl_dist.cpu_malloc import single_arena, tune_cpu_malloc
 from fsl_dist.data.augment import Augment
 from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
 from fsl_dist.data.shards import verify_shards
@@ -160,6 +160,10 @@ def configure_cpu(cfg: Config, dist) -> None:
             outcome = tune_cpu_malloc()
             if outcome != "tuned":  # "tuned" is the usual outcome: a line only when it is not
                 dist.print(f"cpu malloc: {outcome}")
+            if cfg.train.memory_budget_gb is not None:
+                # Before any worker thread allocates: a probe's thread then shares the main
+                # arena, whose heap malloc_trim hands back (memory_plan.plan_memory).
+                single_arena()
 
 
 def build_state(cfg: Config, device: torch.device, inputs: dict) -> TrainState:

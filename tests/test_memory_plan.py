@@ -22,6 +22,7 @@ from fsl_dist.memory_plan import (
     can_cap,
     candidates,
     capped_at,
+    capping_works,
     out_of_memory,
     plan_arguments,
     refusal,
@@ -295,6 +296,64 @@ def test_a_stopped_probe_records_no_peak_and_is_never_the_smallest_need():
     assert f"({LIGHTEST.name}) needs 1.25 GB" in line
 
 
+def checked_on_one_thread(table):
+    """A ``check`` as Prober.checked's: (peak GB, seconds) of the one-thread check, then of the
+    run on all threads when the check fit; and a log of the plans checked with their twins."""
+    asked = []
+
+    def check(plan, twin):
+        asked.append((plan, twin.plan))
+        on_one, on_all = table[plan]
+        probes = [Probe(plan, on_one * GB, 9.9, threads=1)]
+        return probes + ([Probe(plan, on_all[0] * GB, on_all[1])] if on_one <= 1.0 else [])
+    return check, asked
+
+
+def test_with_more_threads_a_tuned_plan_one_at_a_time_is_checked_where_memory_is_short():
+    # the twin misses: uncapped, no tuned plan would be risked; checked, one fits on one thread
+    table = {TWIN: (1.2, 1.0), OTHER_TWIN: (0.8, 1.2), MIDDLE_FAST: (1.1, 1.5),
+             MIDDLE_SLOW: (0.7, 2.5), LIGHTEST: (0.6, 4.0)}
+    measure, rounds = measured(table)
+    check, asked = checked_on_one_thread({TUNED_OTHER: (0.9, (0.95, 0.6))})
+    plans = PLANS[:-1] + [OTHER_TWIN, LIGHTEST]
+    chosen, probes = search(plans, measure, 1.0 * GB, check=check)
+    assert chosen == TUNED_OTHER and asked == [(TUNED_OTHER, OTHER_TWIN)]
+    assert rounds == [[TWIN], [LIGHTEST], [MIDDLE_FAST, MIDDLE_SLOW, OTHER_TWIN]]
+    # its time is the run on all threads (9.9 s on one would lose to the others)
+    assert probes[-1].plan == TUNED_OTHER and not probes[-1].threads
+    # stopped on one thread: never run on all, nor taken; the check is not its measure
+    check, asked = checked_on_one_thread({TUNED_OTHER: (STOPPED, None)})
+    chosen, probes = search(plans, measured(table)[0], 1.0 * GB, check=check)
+    assert chosen == OTHER_TWIN and [p.threads for p in probes if p.plan == TUNED_OTHER] == [1]
+    # fit on one thread, over the budget on all: not taken either
+    check, _ = checked_on_one_thread({TUNED_OTHER: (0.9, (1.05, 0.6))})
+    assert search(plans, measured(table)[0], 1.0 * GB, check=check)[0] == OTHER_TWIN
+    # a twin that does not fit: the tuned plan is not checked
+    table[OTHER_TWIN] = (1.1, 1.2)
+    check, asked = checked_on_one_thread({TUNED_OTHER: (0.9, (0.95, 0.6))})
+    assert search(plans, measured(table)[0], 1.0 * GB, check=check)[0] == MIDDLE_SLOW
+    assert asked == []
+
+
+def test_with_more_threads_a_tuned_default_one_at_a_time_is_checked_after_a_twin_without_room():
+    default, twin = Plan(False, 1, "none", "tuned"), Plan(False, 1, "none", "defaults")
+    lightest = Plan(False, 1, "steps", "defaults")
+    plans = [default, Plan(False, 1, "steps", "tuned"), twin, lightest]
+    twin_probe = Probe(twin, 0.8 * GB, 1.1, before=0.5 * GB)  # no room for 3x its growth
+    rounds = []
+
+    def measure(plans, capped=False):
+        rounds.append(list(plans))
+        return [twin_probe if p == twin else Probe(p, 0.7 * GB, 2.0) for p in plans]
+    check, asked = checked_on_one_thread({default: (0.9, (0.95, 0.9))})
+    chosen, probes = search(plans, measure, 1.0 * GB, check=check)
+    assert chosen == default and rounds == [[twin]] and asked == [(default, twin)]
+    # a process with more threads and no check (several processes): the search without it
+    rounds.clear()
+    chosen, probes = search(plans, measure, 1.0 * GB)
+    assert default not in {p.plan for p in probes}
+
+
 MiB = 2**20
 
 
@@ -393,6 +452,46 @@ def test_a_capped_probe_is_stopped_and_leaves_the_run_as_it_was(one_thread):
     # kernels of new shapes can still be made: none was being made when the cap struck
     # (the twin made them uncapped; a oneDNN convolution kernel that fails to allocate breaks
     # every later one)
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, cfg.task.n_way)
+
+
+def test_with_two_threads_a_check_runs_on_one_capped_and_then_on_both_only_if_it_fit():
+    """Prober.checked: the twin's step on one thread first (its kernels), then the tuned plan
+    capped on one thread; only a check that fit runs on the run's two threads. The caller's
+    threads, the cap and the run are as before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        if not capping_works(torch.device("cpu")):
+            pytest.skip("needs Linux >= 4.7 and glibc >= 2.33 (RLIMIT_DATA, mallinfo2) with "
+                        "the allocator fsl_dist's to set")
+        cfg = config("algorithm.inner_steps=1", "model.width=32")
+        torch.manual_seed(0)
+        model = build_model("cnn", cfg.task.n_way, width=32)
+        tasks = make_tasks(tasks=1, n_way=cfg.task.n_way, n_query=120, size=28,
+                           dtype=torch.float32)  # an activation of 60 MB: see the test above
+        state = TrainState(model, learner_from_config(cfg, model),
+                           torch.optim.Adam(model.parameters()), InnerLossScaler(),
+                           InnerLossScaler())
+        weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
+        rng, limit_before = torch.get_rng_state(), resource.getrlimit(resource.RLIMIT_DATA)
+        tuned, defaults = Plan(False, 1, "none", "tuned"), Plan(False, 1, "none", "defaults")
+        prober = Prober(state, tasks, cfg, "no", Distributed(), repeats=1,
+                        cap=(status_bytes("VmRSS") + 10 * GB, 0.0))  # room for anything
+        (twin,) = prober([defaults])
+        fit = prober.checked(tuned, twin)
+        assert [(p.plan, p.threads) for p in fit] == [(defaults, 1), (tuned, 1), (tuned, 0)]
+        assert not any(p.stopped for p in fit) and prober.more_on_all_threads >= 0
+        prober.cap = (status_bytes("VmRSS") - GB, 0.0)  # no room at all
+        (stopped,) = prober.checked(tuned, twin)  # the kernels for one thread: made already
+        assert stopped.stopped and stopped.threads == 1
+    finally:
+        tune_cpu_malloc(False)
+        torch.set_num_threads(threads)
+    assert resource.getrlimit(resource.RLIMIT_DATA) == limit_before
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(weights[n], p) for n, p in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and not state.optimizer.state
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, cfg.task.n_way)
 
 

@@ -177,6 +177,39 @@ def test_a_capped_search_in_a_training_process_ends_in_a_plan_or_a_refusal(
         assert probes[i + 1]["heap_free_gb"] <= probes[i]["heap_free_gb"] + 0.005, probes
 
 
+def test_on_two_threads_tuned_plans_one_at_a_time_are_checked_on_one_first(shards, tmp_path):
+    """Two intra-op threads, where a probe cannot be capped: with a budget 30 MB above the
+    twin's need (no room for the tuned default), a tuned plan of one task at a time is
+    checked capped on one thread, and runs on both only where that check fit."""
+    two = [*HEAVY[:-1], "train.cpu_threads=2"]
+    generous = tmp_path / "generous"
+    run("train.py", args(generous, shards, *two, "train.memory_budget_gb=100"))
+    twin = plan_of(generous)["probes"][0]
+    assert twin["intra_op_threads"] == 2 and "2 tasks at a time" in twin["plan"]
+    budget = round((twin["peak_gb"] + 0.03) / 0.995, 4)
+    run_dir = tmp_path / "run"
+    result = run("train.py", args(run_dir, shards, *two, f"train.memory_budget_gb={budget}"),
+                 check=False)
+    assert result.returncode in (0, EXIT_NO_PLAN) and "Traceback" not in result.stderr, \
+        result.stderr[-3000:]
+    if result.returncode == EXIT_NO_PLAN:
+        assert result.stderr.strip().splitlines()[-1].startswith("error: no way to run a meta-step")
+        return
+    plan = plan_of(run_dir)
+    probes = plan["probes"]
+    assert not plan["tuned_probes_capped"] and plan["peak_gb"] <= budget * 0.995
+    checks = [i for i, p in enumerate(probes) if p["intra_op_threads"] == 1]
+    # the first: the twin of the tuned plan, uncapped on one thread (its kernels); then checks
+    assert checks and "glibc defaults" in probes[checks[0]]["plan"], probes
+    for i in checks[1:]:
+        assert "1 task at a time" in probes[i]["plan"] and "tuned" in probes[i]["plan"]
+        then = probes[i + 1] if i + 1 < len(probes) else None
+        ran_on_two = then is not None and then["plan"] == probes[i]["plan"]
+        assert probes[i]["fits"] or not ran_on_two, probes  # stopped or over: not run on two
+        assert not ran_on_two or then["intra_op_threads"] == 2
+    assert plan["probes"][-1]["intra_op_threads"] == 2  # the chosen plan's, on both threads
+
+
 def test_a_budget_nothing_fits_ends_in_one_line_and_writes_nothing(shards, tmp_path):
     run_dir = tmp_path / "run"
     result = run("train.py", args(run_dir, shards, "train.memory_budget_gb=0.05"), check=False)

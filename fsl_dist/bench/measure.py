@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import fsl_dist
-from fsl_dist.cpu_malloc import tune_cpu_malloc
+from fsl_dist.cpu_malloc import single_arena, tune_cpu_malloc
 from fsl_dist.models import build_model
 from fsl_dist.numerics import gradient_of
 
@@ -128,6 +128,8 @@ def run_row(spec: dict) -> dict:
     """Measure one (case, method) in this process."""
     if spec["device"] == "cpu" and tunes_malloc(spec["method"]):
         tune_cpu_malloc()
+        if "budget_mib" in spec:  # as launch/train.py with a budget (trainer.configure_cpu)
+            single_arena()
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
