@@ -53,8 +53,8 @@ twin fit without that room, the tuned default included, is measured capped on on
 first and run on all only if it fit there (``Prober.checked``). Then the lightest plan,
 unless one has fit already; if it does not fit either, the run is refused
 (``MemoryPlanError``) naming what it needs. Otherwise every other candidate is probed and the
-one with the shortest probe step among those that fit is taken (each probe runs twice: the
-first warms up and scores before adaptation as a logging step does, the time is the
+one with the shortest probe step among those that fit is taken (each probe but a check runs
+twice: the first warms up and scores before adaptation as a logging step does, the time is the
 second's, which does not, as most steps do not; the peak the higher). Uncapped, a probe of a
 plan that does not fit goes past the budget by what it needs beyond it
 (docs/benchmarks/2026-12-05-memory-plan.md, section 17); one that runs out of the device's or
@@ -276,7 +276,9 @@ def _probe_rest(rest: list[Plan], probes: list[Probe], measure, budget: float,
     """The probes of ``rest``. Uncapped, a tuned plan is probed after its glibc-defaults twin
     and only where the twin fits with room for the tuned step's growth (``room_for_tuned``),
     as the default is: a probe of a plan that does not fit would go past the budget. Where
-    the twin fits without that room, a tuned plan of one task at a time is ``check``ed."""
+    the twin fits without that room, a tuned plan of one task at a time is ``check``ed, until
+    one fits on all threads (the rest are expected slower, and a stopped check can leave free
+    chunks pinned that later probes pay for: docs/benchmarks/2026-12-05-memory-plan.md, 20)."""
     if capped:
         return measure(rest, capped=True) if rest else []
     first = [p for p in rest if p.malloc != "tuned"]
@@ -286,9 +288,11 @@ def _probe_rest(rest: list[Plan], probes: list[Probe], measure, budget: float,
     fitting = {p: twin for p, twin in twins.items() if twin is not None and twin.peak <= budget}
     roomy = [p for p, twin in fitting.items() if room_for_tuned(twin, budget)]
     done += measure(roomy) if roomy else []
-    for plan, twin in fitting.items():
+    for plan, twin in fitting.items():  # in candidates' order: expected fastest first
         if plan not in roomy and _checkable(plan, check):
             done += check(plan, twin)
+            if done[-1].peak <= budget and not done[-1].threads:
+                break  # the rest, finer levels, are expected slower; a stop can pin the heap
     return done
 
 
@@ -577,11 +581,13 @@ class Prober:
         only if that fit, uncapped on all (its time, and its peak there). ``twin``: the probe
         of ``plan``'s glibc-defaults twin, which fit.
 
-        The first check is preceded by the twin's step on one thread, uncapped: it makes the
-        kernels for one thread (a kernel made under the cap could break every later one; plans
-        of one task at a time run the same convolutions), and what the twin needed more on all
-        threads than on one lowers the checks' cap, so that a check that fits on one thread
-        fits on all."""
+        One step each (the run on all threads repeats as every probe does). The first check
+        follows the twin's step on one thread, uncapped: it makes the kernels for one thread (a
+        kernel made under the cap could break every later one; plans of one task at a time run
+        the same convolutions), and what the twin needed more on all threads than on one lowers
+        the checks' cap. A sign, not a bound: the same step measured from 11 MB lighter to 30 MB
+        heavier on one thread than on two (docs/benchmarks/2026-12-05-memory-plan.md, section
+        20), so the run on all threads is measured itself before the search may take it."""
         probes = []
         if self.more_on_all_threads is None:
             probes += self([twin.plan], threads=1)
@@ -620,7 +626,10 @@ class Prober:
             held = accumulators(self.state.trainable()) if capping else []
             if capping or threads:
                 cap = self.cap_on(threads) if capping else None
-                peak, seconds = _in_own_thread(lambda: self.repeat(plan), cap,
+                # on fewer threads one step: its peak is what it runs for, and on one thread of
+                # many a step is that many times slower
+                steps = 1 if threads else self.repeats
+                peak, seconds = _in_own_thread(lambda: self.repeat(plan, steps), cap,
                                                plan.malloc == "tuned", threads)
             else:
                 peak, seconds = self.uncapped(plan)
@@ -644,10 +653,11 @@ class Prober:
                 raise
         return math.inf, math.inf  # out of the except block: its frames' tensors are freed
 
-    def repeat(self, plan: Plan) -> tuple[float, float]:
-        """(peak bytes, seconds of the last) of ``self.repeats`` probe steps of ``plan``."""
+    def repeat(self, plan: Plan, repeats: int = 0) -> tuple[float, float]:
+        """(peak bytes, seconds of the last) of ``repeats`` (0: ``self.repeats``) probe steps
+        of ``plan``."""
         peak, seconds = 0.0, 0.0
-        for repeat in range(self.repeats):
+        for repeat in range(repeats or self.repeats):
             started = time.perf_counter()
             self.step(plan, acc_before=repeat == 0)
             peak = max(peak, read_peak(self.device))

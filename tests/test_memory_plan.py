@@ -335,6 +335,21 @@ def test_with_more_threads_a_tuned_plan_one_at_a_time_is_checked_where_memory_is
     assert asked == []
 
 
+def test_checks_end_at_the_first_tuned_plan_that_fits_on_all_threads():
+    # finer levels after it are expected slower, and a stopped check can pin free heap chunks
+    none, steps = Plan(False, 1, "none", "tuned"), TUNED_OTHER
+    none_twin = Plan(False, 1, "none", "defaults")
+    plans = [DEFAULT, none, steps, TWIN, none_twin, OTHER_TWIN, LIGHTEST]
+    table = {TWIN: (1.2, 1.0), none_twin: (0.7, 2.0), OTHER_TWIN: (0.7, 2.2), LIGHTEST: (0.6, 4.0)}
+    check, asked = checked_on_one_thread({none: (0.9, (0.95, 0.5)), steps: (0.8, (0.85, 0.6))})
+    chosen, _ = search(plans, measured(table)[0], 1.0 * GB, check=check)
+    assert chosen == none and asked == [(none, none_twin)]
+    # stopped on one thread: the next level is checked
+    check, asked = checked_on_one_thread({none: (STOPPED, None), steps: (0.8, (0.85, 0.6))})
+    chosen, _ = search(plans, measured(table)[0], 1.0 * GB, check=check)
+    assert chosen == steps and asked == [(none, none_twin), (steps, OTHER_TWIN)]
+
+
 def test_with_more_threads_a_tuned_default_one_at_a_time_is_checked_after_a_twin_without_room():
     default, twin = Plan(False, 1, "none", "tuned"), Plan(False, 1, "none", "defaults")
     lightest = Plan(False, 1, "steps", "defaults")
