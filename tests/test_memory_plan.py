@@ -2,6 +2,7 @@
 plans, the candidates, and that every plan gives the default's meta-gradient (one at a time and
 side by side: bitwise; vmap in chunks: within 1e-6) while a probe leaves the run as it was."""
 
+import contextlib
 import math
 import resource
 from dataclasses import replace
@@ -372,18 +373,33 @@ def test_with_more_threads_a_tuned_default_one_at_a_time_is_checked_after_a_twin
 MiB = 2**20
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread, where probes can be capped (can_cap); skips where they cannot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+@contextlib.contextmanager
+def cappable_on(threads: int):
+    """``threads`` intra-op threads, in a process where ``capped_at`` works (on one thread);
+    skips where it does not."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        if not can_cap(torch.device("cpu")):
+        if not capping_works(torch.device("cpu")):
             pytest.skip("needs Linux >= 4.7 and glibc >= 2.33 (RLIMIT_DATA, mallinfo2) with "
                         "the allocator fsl_dist's to set")
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, where probes can be capped (can_cap)."""
+    with cappable_on(1):
+        yield
+
+
+@pytest.fixture
+def two_threads():
+    """Two, where a probe can be capped on one thread only (Prober.checked)."""
+    with cappable_on(2):
+        yield
 
 
 def test_probes_are_capped_on_one_intra_op_thread_only(one_thread):
@@ -470,16 +486,12 @@ def test_a_capped_probe_is_stopped_and_leaves_the_run_as_it_was(one_thread):
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, cfg.task.n_way)
 
 
-def test_with_two_threads_a_check_runs_on_one_capped_and_then_on_both_only_if_it_fit():
+def test_with_two_threads_a_check_runs_on_one_capped_and_then_on_both_only_if_it_fit(
+        two_threads):
     """Prober.checked: the twin's step on one thread first (its kernels), then the tuned plan
     capped on one thread; only a check that fit runs on the run's two threads. The caller's
     threads, the cap and the run are as before."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
-        if not capping_works(torch.device("cpu")):
-            pytest.skip("needs Linux >= 4.7 and glibc >= 2.33 (RLIMIT_DATA, mallinfo2) with "
-                        "the allocator fsl_dist's to set")
         cfg = config("algorithm.inner_steps=1", "model.width=32")
         torch.manual_seed(0)
         model = build_model("cnn", cfg.task.n_way, width=32)
@@ -500,9 +512,9 @@ def test_with_two_threads_a_check_runs_on_one_capped_and_then_on_both_only_if_it
         prober.cap = (status_bytes("VmRSS") - GB, 0.0)  # no room at all
         (stopped,) = prober.checked(tuned, twin)  # the kernels for one thread: made already
         assert stopped.stopped and stopped.threads == 1
+        assert torch.get_num_threads() == 2
     finally:
         tune_cpu_malloc(False)
-        torch.set_num_threads(threads)
     assert resource.getrlimit(resource.RLIMIT_DATA) == limit_before
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(weights[n], p) for n, p in model.state_dict().items())

@@ -147,6 +147,19 @@ def heavy_generous(shards, tmp_path_factory):
     return plan_of(run_dir)
 
 
+def trained_or_refused(run_dir: Path, shards: Path, settings: list[str], budget: float):
+    """(the run's result, its memory plan) of a training run with ``budget`` GB, which must
+    train or refuse in one line (plan None), never with a traceback."""
+    result = run("train.py", args(run_dir, shards, *settings, f"train.memory_budget_gb={budget}"),
+                 check=False)
+    assert result.returncode in (0, EXIT_NO_PLAN) and "Traceback" not in result.stderr, \
+        result.stderr[-3000:]
+    if result.returncode == EXIT_NO_PLAN:
+        assert result.stderr.strip().splitlines()[-1].startswith("error: no way to run a meta-step")
+        return result, None
+    return result, plan_of(run_dir)
+
+
 def test_a_capped_search_in_a_training_process_ends_in_a_plan_or_a_refusal(
         shards, heavy_generous, tmp_path):
     """A budget with room for the twin, not for the tuned default: a real training process
@@ -157,15 +170,9 @@ def test_a_capped_search_in_a_training_process_ends_in_a_plan_or_a_refusal(
     twin, default = heavy_generous["probes"]  # both fit a budget of 100 GB
     assert default["plan"] == heavy_generous["name"] and "tuned" in default["plan"]
     budget = round((twin["peak_gb"] + 0.02) / 0.995, 4)
-    run_dir = tmp_path / "run"
-    result = run("train.py", args(run_dir, shards, *HEAVY, f"train.memory_budget_gb={budget}"),
-                 check=False)
-    assert result.returncode in (0, EXIT_NO_PLAN) and "Traceback" not in result.stderr, \
-        result.stderr[-3000:]
-    if result.returncode == EXIT_NO_PLAN:
-        assert result.stderr.strip().splitlines()[-1].startswith("error: no way to run a meta-step")
+    result, plan = trained_or_refused(tmp_path / "run", shards, HEAVY, budget)
+    if plan is None:
         return
-    plan = plan_of(run_dir)
     assert plan["tuned_probes_capped"] and plan["peak_gb"] <= budget * 0.995
     probes = plan["probes"]
     stopped = [i for i, p in enumerate(probes) if p["stopped_at_budget"]]
@@ -187,15 +194,9 @@ def test_on_two_threads_tuned_plans_one_at_a_time_are_checked_on_one_first(shard
     twin = plan_of(generous)["probes"][0]
     assert twin["intra_op_threads"] == 2 and "2 tasks at a time" in twin["plan"]
     budget = round((twin["peak_gb"] + 0.03) / 0.995, 4)
-    run_dir = tmp_path / "run"
-    result = run("train.py", args(run_dir, shards, *two, f"train.memory_budget_gb={budget}"),
-                 check=False)
-    assert result.returncode in (0, EXIT_NO_PLAN) and "Traceback" not in result.stderr, \
-        result.stderr[-3000:]
-    if result.returncode == EXIT_NO_PLAN:
-        assert result.stderr.strip().splitlines()[-1].startswith("error: no way to run a meta-step")
+    _, plan = trained_or_refused(tmp_path / "run", shards, two, budget)
+    if plan is None:
         return
-    plan = plan_of(run_dir)
     probes = plan["probes"]
     assert not plan["tuned_probes_capped"] and plan["peak_gb"] <= budget * 0.995
     checks = [i for i, p in enumerate(probes) if p["intra_op_threads"] == 1]
