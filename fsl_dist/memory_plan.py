@@ -255,7 +255,7 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
     fitting = sorted((p for p in latest.values() if p.peak <= budget and p.plan in order),
                      key=lambda p: (p.seconds, order[p.plan]))
     for probe in fitting:
-        if probes[-1].plan != probe.plan or probes[-1].threads:
+        if probes[-1].plan != probe.plan or not _on_all_threads(probes[-1:]):
             probes += measure([probe.plan], capped=capped)  # the confirmation
         if probes[-1].peak <= budget:
             return probe.plan, probes
@@ -264,6 +264,10 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
 
 def _on_all_threads(probes: list[Probe]) -> list[Probe]:
     return [p for p in probes if not p.threads]
+
+
+def _fit_on_all_threads(probe: Probe, budget: float) -> bool:
+    return probe.peak <= budget and not probe.threads
 
 
 def _checkable(plan: Plan, check: Optional[Check]) -> bool:
@@ -291,7 +295,7 @@ def _probe_rest(rest: list[Plan], probes: list[Probe], measure, budget: float,
     for plan, twin in fitting.items():  # in candidates' order: expected fastest first
         if plan not in roomy and _checkable(plan, check):
             done += check(plan, twin)
-            if done[-1].peak <= budget and not done[-1].threads:
+            if _fit_on_all_threads(done[-1], budget):
                 break  # the rest, finer levels, are expected slower; a stop can pin the heap
     return done
 
@@ -336,7 +340,7 @@ def _try_default(plans: list[Plan], measure, budget: float, capped: bool = False
     if not capped and not room_for_tuned(probes[-1], budget):
         if _checkable(default, check):
             probes += check(default, probes[-1])
-            if probes[-1].peak <= budget and not probes[-1].threads:
+            if _fit_on_all_threads(probes[-1], budget):
                 return default, probes, plans
         return None, probes, others
     probes += measure([default], capped=capped)
@@ -770,18 +774,17 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     # one's communication threads meanwhile, whose allocations must not fail; and only plans of
     # one task at a time in the loop: they start no worker threads (one that cannot start under
     # the cap leaves its starter waiting) and run the twin's kernels (section 16).
-    cap = ((usable, budget - usable) if plans[0].malloc == "tuned" and dist.world_size == 1
-           and all(not p.vectorize and p.in_flight == 1 for p in plans) and can_cap(device)
-           else None)
+    alone_tuned = plans[0].malloc == "tuned" and dist.world_size == 1
+    capped = (alone_tuned and all(not p.vectorize and p.in_flight == 1 for p in plans)
+              and can_cap(device))
     # More intra-op threads, one process: tuned plans of one task at a time checked capped on
     # one thread (Prober.checked), where they would otherwise not be risked.
-    checks = (cap is None and plans[0].malloc == "tuned" and dist.world_size == 1
-              and capping_works(device))
+    checks = alone_tuned and not capped and capping_works(device)
     prober = Prober(state, tasks, cfg, precision, dist,
-                    cap=cap or ((usable, budget - usable) if checks else None))
-    chosen, probes = search(plans, prober, usable, capped=cap is not None,
+                    cap=(usable, budget - usable) if capped or checks else None)
+    chosen, probes = search(plans, prober, usable, capped=capped,
                             check=prober.checked if checks else None)
-    if chosen is None and cap is not None:
+    if chosen is None and capped:
         chosen = _twin_as_it_fit(probes, prober, usable, budget - usable, device)
     if chosen is None:
         if plans[0].malloc is not None:
@@ -803,6 +806,6 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
               "peak_gb": round(probe.peak / GB, 4), "before_gb": round(probe.before / GB, 4),
               "peak_before_planning_gb": round(started / GB, 4),
               "measure": "cuda max_memory_allocated" if device.type == "cuda" else "VmHWM",
-              "tuned_probes_capped": cap is not None,
+              "tuned_probes_capped": capped,
               "probes": [p.as_dict(usable) for p in probes]}
     return chosen, record
