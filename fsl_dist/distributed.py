@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import logging
 import os
-import sys
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -26,6 +24,7 @@ from accelerate.tracking import TensorBoardTracker, on_main_process
 from accelerate.utils import InitProcessGroupKwargs
 
 from fsl_dist.progress import line_stream
+from fsl_dist.signals import leave
 
 # A rank that dies leaves the others blocked in a collective; accelerate's launcher (torchrun)
 # then ends the job, and this timeout is the backstop when no launcher watches.
@@ -245,19 +244,15 @@ class Distributed:
         elif torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 
-    def exit(self, status: int) -> int:
+    def exit(self, status: int) -> NoReturn:
         """End this process with `status`; call after `end()`, once everything is written.
 
-        One process returns `status` to its caller. A rank of a multi-process run leaves at once
-        (os._exit): interpreter teardown after destroy_process_group can abort (SIGABRT,
-        "terminate called without an active exception", from a C++ thread still joinable; seen
-        on a two-machine gloo run in CI), which turns a finished run into a failed job (README,
-        "A multi-node job"). Nothing is lost by skipping teardown: checkpoints and results are
+        Every rank leaves without interpreter teardown (signals.leave, which runs Python's exit
+        handlers first). On several ranks, teardown after destroy_process_group can abort
+        (SIGABRT, "terminate called without an active exception", from a C++ thread still
+        joinable; seen on a two-machine gloo run in CI), which turns a finished run into a
+        failed job (README, "A multi-node job"); on one, C++'s static destructors page in CUDA
+        library code, a peak above the run's own. Nothing is lost: checkpoints and results are
         renamed into place, metrics files are closed after each write, and W&B was finished by
         `end()`."""
-        if self.world_size == 1:
-            return status
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+        leave(status)

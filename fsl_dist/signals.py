@@ -36,14 +36,16 @@ registered, such as the run folder's lock.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import os
 import signal
 import stat
 import sys
+import threading
 from types import FrameType
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 from fsl_dist.launchers import cmdline, is_launcher
 from fsl_dist.progress import below_progress_bar, line_stream
@@ -167,6 +169,24 @@ def quit_now(line: str, status: int = EXIT_INTERRUPTED, *, stdout: bool = False)
             below_progress_bar()
             print(line, file=line_stream(sys.stdout) if stdout else sys.stderr)
         logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+def leave(status: int) -> NoReturn:
+    """End a process whose results are all written, with `status`: waits for its other
+    non-daemon threads and runs Python's exit handlers (logging's flush, W&B's service stop,
+    temporary folders), then ends without the interpreter's teardown and C++'s static
+    destructors. Those page in code of CUDA's libraries even on a CPU run (libcublasLt's), about
+    0.13 GB more resident set at exit than the run ever held, and took about a second: a memory
+    budget, `/usr/bin/time` and SLURM's MaxRSS would count that peak as the run's."""
+    try:
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
+        atexit._run_exitfuncs()  # CPython's: what interpreter shutdown runs first
         sys.stdout.flush()
         sys.stderr.flush()
     finally:

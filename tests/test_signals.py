@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,6 +66,32 @@ def test_stop_request_counts_interrupts_and_keeps_the_first_signal():
 
 
 # ------------------------------------------------------------------ real processes
+
+LEAVING = """
+import atexit, sys, threading, time
+from fsl_dist.signals import leave
+out = sys.argv[1]
+atexit.register(lambda: open(out, "a").write("exit handler\\n"))
+class Teardown:  # an object the interpreter's teardown would finalize
+    def __del__(self, open=open):  # open itself may be gone by then
+        open(out, "a").write("teardown\\n")
+keep = Teardown()
+worker = threading.Thread(target=lambda: (time.sleep(0.3), open(out, "a").write("thread\\n")))
+worker.start()
+print("buffered, not flushed", end="")
+leave(3)
+"""
+
+
+@pytest.mark.integration
+def test_leave_waits_for_threads_runs_exit_handlers_and_skips_teardown(tmp_path):
+    out = tmp_path / "order.txt"
+    result = subprocess.run([sys.executable, "-c", LEAVING, str(out)], cwd=ROOT,
+                            env=child_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "buffered, not flushed" and not result.stderr
+    assert out.read_text() == "thread\nexit handler\n"  # no "teardown": no finalizers ran
+
 
 @pytest.fixture(scope="module")
 def shards(packed):
