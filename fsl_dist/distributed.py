@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-from typing import NoReturn, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -244,15 +244,17 @@ class Distributed:
         elif torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 
-    def exit(self, status: int) -> NoReturn:
+    def exit(self, status: int) -> int:
         """End this process with `status`; call after `end()`, once everything is written.
 
-        Every rank leaves without interpreter teardown (signals.leave, which runs Python's exit
-        handlers first). On several ranks, teardown after destroy_process_group can abort
-        (SIGABRT, "terminate called without an active exception", from a C++ thread still
-        joinable; seen on a two-machine gloo run in CI), which turns a finished run into a
-        failed job (README, "A multi-node job"); on one, C++'s static destructors page in CUDA
-        library code, a peak above the run's own. Nothing is lost: checkpoints and results are
-        renamed into place, metrics files are closed after each write, and W&B was finished by
-        `end()`."""
+        One process returns `status` to its caller (a command's ``command()`` then ends with
+        signals.leave; a caller in Python goes on). A rank of a multi-process run leaves at once
+        (signals.leave, which runs Python's exit handlers first): interpreter teardown after
+        destroy_process_group can abort (SIGABRT, "terminate called without an active
+        exception", from a C++ thread still joinable; seen on a two-machine gloo run in CI),
+        which turns a finished run into a failed job (README, "A multi-node job"). Nothing is
+        lost by skipping teardown: checkpoints and results are renamed into place, metrics files
+        are closed after each write, and W&B was finished by `end()`."""
+        if self.world_size == 1:
+            return status
         leave(status)

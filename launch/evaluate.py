@@ -5,9 +5,7 @@
     accelerate launch --multi_gpu --num_processes 2 launch/evaluate.py --run-dir runs/cnn_maml-0
 """
 
-import sys
-
-from fsl_dist.cli.evaluate import main
+from fsl_dist.cli.evaluate import command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -6,10 +6,8 @@
     accelerate launch launch/pretrain.py --config configs/pretrain/omniglot_cnn.yaml --resume auto
 """  # noqa: E501 (the usage lines)
 
-import sys
-
 # Importing the module installs its early Ctrl-C handler, before it imports torch.
-from fsl_dist.cli.pretrain import main
+from fsl_dist.cli.pretrain import command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -6,10 +6,8 @@
     accelerate launch launch/train.py --config configs/cnn_maml.yaml --resume auto
 """  # noqa: E501 (the usage lines)
 
-import sys
-
 # Importing the module installs its early Ctrl-C handler, before it imports torch.
-from fsl_dist.cli.train import main
+from fsl_dist.cli.train import command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -28,6 +28,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from fsl_dist.config import ConfigError
 from fsl_dist.cpu_malloc import tune_cpu_malloc
@@ -37,6 +38,7 @@ from fsl_dist.finetune import METHODS
 from fsl_dist.io import WriteFailure, check_writable
 from fsl_dist.resume import describe
 from fsl_dist.runs import evaluate_held_out
+from fsl_dist.signals import leave
 from fsl_dist.trained import is_pretrained, read_trained
 from fsl_dist.trainer import resolve_precision
 
@@ -202,5 +204,12 @@ def main(argv=None) -> int:
     return dist.exit(0)
 
 
+def command() -> NoReturn:
+    """`fsl-evaluate` (installed) and launch/evaluate.py: main(), then the process
+    ends without the interpreter's teardown (signals.leave: C++'s static destructors page in
+    CUDA library code at exit)."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

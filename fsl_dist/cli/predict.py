@@ -20,11 +20,13 @@ import io
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from fsl_dist.data.folder import FolderSourceError, list_classes
 from fsl_dist.exits import EXIT_BAD_INPUT, exit_code, report
 from fsl_dist.io import atomic_write_text, check_writable
 from fsl_dist.predict import PredictError, Prediction, load_model
+from fsl_dist.signals import leave
 from fsl_dist.trained import is_pretrained
 
 FORMATS = (".csv", ".json")
@@ -212,5 +214,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def command() -> NoReturn:
+    """`fsl-predict` (installed): main(), then the process
+    ends without the interpreter's teardown (signals.leave: C++'s static destructors page in
+    CUDA library code at exit)."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -16,10 +16,11 @@ Options, overrides and exit codes are fsl-train's: the run folder (runs/<config 
 from __future__ import annotations
 
 import os
-import sys
+from typing import NoReturn
 
 # Importing fsl_dist.cli.train installs the early Ctrl-C handler before torch is imported.
 from fsl_dist.cli import train
+from fsl_dist.signals import leave
 
 
 def debug_overrides() -> list[str]:
@@ -38,5 +39,12 @@ def main(argv=None) -> int:
                       description=__doc__)
 
 
+def command() -> NoReturn:
+    """`fsl-pretrain` (installed) and launch/pretrain.py: main(), then the process
+    ends without the interpreter's teardown (signals.leave: C++'s static destructors page in
+    CUDA library code at exit)."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

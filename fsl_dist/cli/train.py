@@ -19,8 +19,9 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from fsl_dist.signals import catch_ctrl_c_while_starting, quit_now, stop_line
+from fsl_dist.signals import catch_ctrl_c_while_starting, leave, quit_now, stop_line
 
 # Before the slow imports (torch, accelerate: seconds): a Ctrl-C while the run starts prints one
 # line instead of a KeyboardInterrupt traceback. Trainer.stop_on_signals takes over for training.
@@ -146,5 +147,12 @@ def summarise(outcome: dict, result, cfg, run_dir: Path, dist) -> int:
     return 0
 
 
+def command() -> NoReturn:
+    """`fsl-train` (installed) and launch/train.py: main(), then the process
+    ends without the interpreter's teardown (signals.leave: C++'s static destructors page in
+    CUDA library code at exit)."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()
