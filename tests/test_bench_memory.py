@@ -1,7 +1,9 @@
 """launch/bench_memory.py's summary of how the peak grows with the inner steps (the rows
-themselves take minutes each: docs/benchmarks/2026-12-05-memory-per-task.md)."""
+themselves take minutes each: docs/benchmarks/2026-12-05-memory-per-task.md), and
+launch/bench.py's lines for rows under a memory budget."""
 
 from fsl_dist.bench.memory import growth_lines
+from fsl_dist.bench.report import plan_lines
 
 
 def row(level, steps, above):
@@ -44,3 +46,23 @@ def test_a_peer_row_computes_the_same_meta_gradient_as_the_none_row():
         except Unavailable:  # not installed here: launch/install_bench_peers.sh
             continue
         assert ((grad - reference).norm() / reference.norm()).item() < 1e-5, peer
+
+
+def test_rows_under_a_budget_get_a_line_with_what_planning_left_added_to_their_peak():
+    case = {"model": "cnn", "algorithm": "maml", "n_way": 5, "k_shot": 1, "n_query": 15,
+            "inner_steps": 1}
+    record = {"name": "loop, 1 task at a time, checkpoint none, cpu malloc tuned",
+              "budget_mib_above_rss": 200.0}
+    rows = [{**case, "meta_batch": 8, "method": "torchopt", "peak_mem_mib": 200.0},
+            {**case, "meta_batch": 8, "method": "loop, memory plan", "peak_mem_mib": 150.0,
+             "memory_plan": {**record, "planning_left_mib": 50.0}},
+            {**case, "meta_batch": 32, "method": "loop, memory plan", "peak_mem_mib": 150.0,
+             "memory_plan": {**record, "planning_left_mib": 50.5}},
+            {**case, "meta_batch": 64, "method": "loop, memory plan", "error": "timed out",
+             "memory_plan": {**record, "planning_left_mib": 0.0}}]
+    assert plan_lines(rows).splitlines() == [
+        f"- cnn maml, 5w1s15q, meta-batch 8: {record['name']}; 150.0 + 50.0 MiB left by "
+        "planning = 200.0 MiB, within the budget of 200.0 MiB",
+        f"- cnn maml, 5w1s15q, meta-batch 32: {record['name']}; 150.0 + 50.5 MiB left by "
+        "planning = 200.5 MiB, OVER the budget of 200.0 MiB"]
+    assert plan_lines(rows[:1]) == ""

@@ -106,6 +106,25 @@ def _summary_cells(key, methods: dict, with_rounds: bool) -> list[str]:
             f"{loop / no_reuse:.2f}x" if loop and no_reuse else "-"]
 
 
+def plan_lines(rows) -> str:
+    """One line per row measured under a budget ("loop, memory plan"): the plan chosen, and
+    the row's peak with what planning left in the process (the peak column counts from after
+    planning) against the budget, both above the RSS before planning."""
+    lines = []
+    for r in rows:
+        record = r.get("memory_plan")
+        if record is None or "peak_mem_mib" not in r:
+            continue
+        budget, left = record["budget_mib_above_rss"], record["planning_left_mib"]
+        total = r["peak_mem_mib"] + left
+        lines.append(
+            f"- {model_label(r)} {r['algorithm']}, {task_name(r)}, meta-batch {r['meta_batch']}: "
+            f"{record['name']}; {r['peak_mem_mib']:.1f} + {left:.1f} MiB left by planning = "
+            f"{total:.1f} MiB, {'within' if total <= budget else 'OVER'} the budget of "
+            f"{budget:.1f} MiB")
+    return "\n".join(lines)
+
+
 def ceiling_line(ceiling: dict) -> str:
     """``float32 X GFLOP/s, bfloat16 Y GFLOP/s (NxN matrix product, median of R)``, naming a
     dtype's own size where it was measured smaller (runs saved before ``sizes`` have one)."""
@@ -134,7 +153,9 @@ def report(header, rows) -> str:
             f"Timed: median of {header['steps']} steps after the meta-gradient check and "
             f"{header['warmup']} warm-up step(s)"
             f"{rounds_note(header.get('rounds', 1), header['warmup'])}.\n\n{markdown(rows)}\n\n"
-            f"Per case, the default path against the best peer:\n\n{case_summary(rows)}")
+            f"Per case, the default path against the best peer:\n\n{case_summary(rows)}"
+            + (f"\n\nUnder a memory budget (peaks above the RSS before planning):\n{plans}"
+               if (plans := plan_lines(rows)) else ""))
 
 
 # --- resuming a saved run -----------------------------------------------------------------------
