@@ -205,9 +205,7 @@ def main(argv=None) -> int:
 
 
 def command() -> NoReturn:
-    """`fsl-evaluate` (installed) and launch/evaluate.py: main(), then the process
-    ends without the interpreter's teardown (signals.leave: C++'s static destructors page in
-    CUDA library code at exit)."""
+    """`fsl-evaluate`: main(), then the end of the process (signals.leave says why)."""
     leave(main())
 
 

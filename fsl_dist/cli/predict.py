@@ -215,9 +215,7 @@ def main(argv=None) -> int:
 
 
 def command() -> NoReturn:
-    """`fsl-predict` (installed): main(), then the process
-    ends without the interpreter's teardown (signals.leave: C++'s static destructors page in
-    CUDA library code at exit)."""
+    """`fsl-predict`: main(), then the end of the process (signals.leave says why)."""
     leave(main())
 
 

@@ -40,9 +40,7 @@ def main(argv=None) -> int:
 
 
 def command() -> NoReturn:
-    """`fsl-pretrain` (installed) and launch/pretrain.py: main(), then the process
-    ends without the interpreter's teardown (signals.leave: C++'s static destructors page in
-    CUDA library code at exit)."""
+    """`fsl-pretrain`: main(), then the end of the process (signals.leave says why)."""
     leave(main())
 
 

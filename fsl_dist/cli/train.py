@@ -148,9 +148,7 @@ def summarise(outcome: dict, result, cfg, run_dir: Path, dist) -> int:
 
 
 def command() -> NoReturn:
-    """`fsl-train` (installed) and launch/train.py: main(), then the process
-    ends without the interpreter's teardown (signals.leave: C++'s static destructors page in
-    CUDA library code at exit)."""
+    """`fsl-train`: main(), then the end of the process (signals.leave says why)."""
     leave(main())
 
 
