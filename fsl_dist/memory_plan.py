@@ -52,7 +52,9 @@ on more intra-op threads, where ``capping_works``): a tuned plan of one task at 
 twin fit without that room, the tuned default included, is measured capped on one thread
 first and run on all only if it fit there (``Prober.checked``). Then the lightest plan,
 unless one has fit already; if it does not fit either, the run is refused
-(``MemoryPlanError``) naming what it needs. Otherwise every other candidate is probed and the
+(``MemoryPlanError``) naming what it needs. Otherwise the other candidates are probed a
+checkpoint level at a time, coarsest first, leaving out a finer level where a coarser one of the
+same path and allocator fit (tuned: any tuned plan), since it recomputes more; and the
 one with the shortest probe step among those that fit is taken (each probe but a check runs
 twice: the first warms up and scores before adaptation as a logging step does, the time is the
 second's, which does not, as most steps do not; the peak the higher). Uncapped, a probe of a
@@ -277,27 +279,58 @@ def _checkable(plan: Plan, check: Optional[Check]) -> bool:
 
 def _probe_rest(rest: list[Plan], probes: list[Probe], measure, budget: float,
                 capped: bool, check: Optional[Check] = None) -> list[Probe]:
-    """The probes of ``rest``. Uncapped, a tuned plan is probed after its glibc-defaults twin
-    and only where the twin fits with room for the tuned step's growth (``room_for_tuned``),
-    as the default is: a probe of a plan that does not fit would go past the budget. Where
-    the twin fits without that room, a tuned plan of one task at a time is ``check``ed, until
-    one fits on all threads (the rest are expected slower, and a stopped check can leave free
-    chunks pinned that later probes pay for: docs/benchmarks/2026-12-05-memory-plan.md, 20)."""
+    """The probes of ``rest``, level by level, coarsest first (``_not_finer_than_a_fit``).
+    Capped, each level's plans are probed in one round. Uncapped, the glibc-defaults plans
+    first; then, level by level, a tuned plan is probed after its glibc-defaults twin (probed
+    now if the first pass left it out) and only where the twin fits with room for the tuned
+    step's growth (``room_for_tuned``), as the default is: a probe of a plan that does not fit
+    would go past the budget. Where the twin fits without that room, a tuned plan of one task
+    at a time is ``check``ed."""
     if capped:
-        return measure(rest, capped=True) if rest else []
-    first = [p for p in rest if p.malloc != "tuned"]
-    done = measure(first) if first else []
-    latest = {p.plan: p for p in _on_all_threads(probes + done)}
-    twins = {p: latest.get(replace(p, malloc="defaults")) for p in rest if p.malloc == "tuned"}
-    fitting = {p: twin for p, twin in twins.items() if twin is not None and twin.peak <= budget}
-    roomy = [p for p, twin in fitting.items() if room_for_tuned(twin, budget)]
-    done += measure(roomy) if roomy else []
-    for plan, twin in fitting.items():  # in candidates' order: expected fastest first
-        if plan not in roomy and _checkable(plan, check):
-            done += check(plan, twin)
-            if _fit_on_all_threads(done[-1], budget):
-                break  # the rest, finer levels, are expected slower; a stop can pin the heap
+        return _by_level(rest, probes, measure, budget, capped=True)
+    done = _by_level([p for p in rest if p.malloc != "tuned"], probes, measure, budget)
+    for level in CHECKPOINT_LEVELS:
+        latest = {p.plan: p for p in _on_all_threads(probes + done)}
+        wanted = [p for p in rest if p.malloc == "tuned" and p.checkpoint == level
+                  and _not_finer_than_a_fit(p, latest, budget)]
+        unprobed = [twin for twin in (replace(p, malloc="defaults") for p in wanted)
+                    if twin not in latest and twin in rest]
+        done += measure(unprobed) if unprobed else []
+        latest = {p.plan: p for p in _on_all_threads(probes + done)}
+        twins = {p: latest.get(replace(p, malloc="defaults")) for p in wanted}
+        fitting = {p: twin for p, twin in twins.items() if twin is not None and twin.peak <= budget}
+        roomy = [p for p, twin in fitting.items() if room_for_tuned(twin, budget)]
+        done += measure(roomy) if roomy else []
+        done += [probe for plan, twin in fitting.items()
+                 if plan not in roomy and _checkable(plan, check) for probe in check(plan, twin)]
     return done
+
+
+def _by_level(plans: list[Plan], probes: list[Probe], measure, budget: float,
+              capped: bool = False) -> list[Probe]:
+    """The probes of ``plans``, one round per checkpoint level, coarsest first, each round
+    without the plans ``_not_finer_than_a_fit`` leaves out."""
+    done: list[Probe] = []
+    for level in CHECKPOINT_LEVELS:
+        latest = {p.plan: p for p in _on_all_threads(probes + done)}
+        round_ = [p for p in plans
+                  if p.checkpoint == level and _not_finer_than_a_fit(p, latest, budget)]
+        done += measure(round_, capped=capped) if round_ else []
+    return done
+
+
+def _not_finer_than_a_fit(plan: Plan, latest: dict, budget: float) -> bool:
+    """False where a coarser checkpoint level already fit on all threads: of the same path and
+    allocator, or (a tuned plan) any tuned plan. A finer level recomputes more, so it is
+    expected slower, and its probe can leave more in the process: a blocks probe left 9 MB,
+    which training then carried (docs/benchmarks/2026-12-05-memory-plan.md, section 23)."""
+    level = CHECKPOINT_LEVELS.index(plan.checkpoint)
+    return not any(
+        probe.peak <= budget and CHECKPOINT_LEVELS.index(other.checkpoint) < level
+        and other.malloc == plan.malloc
+        and (plan.malloc == "tuned" or (other.vectorize, other.in_flight)
+             == (plan.vectorize, plan.in_flight))
+        for other, probe in latest.items())
 
 
 # Where tuned probes cannot be capped (``can_cap``): a tuned step grew up to 2.9x its twin's

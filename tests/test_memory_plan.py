@@ -98,7 +98,9 @@ def test_a_twin_with_no_room_for_the_tuned_default_leads_to_the_search_without_i
     # a lighter tuned plan beats the twin, probed after its own twin (last: its probe confirms
     # it); the tuned default is never probed, nor the lightest first (a plan has fit already)
     assert chosen == TUNED_OTHER and DEFAULT not in {p.plan for p in probes}
-    assert rounds == [[TWIN], [MIDDLE_FAST, MIDDLE_SLOW, OTHER_TWIN, LIGHTEST], [TUNED_OTHER]]
+    # level by level: MIDDLE_FAST, OTHER_TWIN and LIGHTEST are finer than a plan of their path
+    # that fit (TWIN, MIDDLE_SLOW), so OTHER_TWIN is probed only as TUNED_OTHER's twin
+    assert rounds == [[TWIN], [MIDDLE_SLOW], [OTHER_TWIN], [TUNED_OTHER]]
     # its own twin without room (adds 0.2 of 0.5 left): the tuned plan is not probed either
     table[OTHER_TWIN] = (0.7, 1.2)
     rounds.clear()
@@ -128,8 +130,9 @@ def test_a_twin_that_does_not_fit_keeps_every_tuned_plan_from_being_probed():
     measure, rounds = measured(table)
     chosen, probes = search(PLANS, measure, 2.0 * GB)
     assert chosen == MIDDLE_FAST
-    # the chosen plan is probed again, last: training starts from the heap the probes left
-    assert rounds == [[TWIN], [LIGHTEST], [MIDDLE_FAST, MIDDLE_SLOW], [MIDDLE_FAST]]
+    # the chosen plan's probe is the last (training starts from the heap the probes left): a
+    # round per level, and MIDDLE_FAST, probed last, is not probed again
+    assert rounds == [[TWIN], [LIGHTEST], [MIDDLE_SLOW], [MIDDLE_FAST]]
     assert not any(p.plan.malloc == "tuned" for p in probes)
     # the fastest no longer fits: the next fastest that does
     chosen, _ = search(PLANS, measured(table)[0], 1.6 * GB)
@@ -137,22 +140,22 @@ def test_a_twin_that_does_not_fit_keeps_every_tuned_plan_from_being_probed():
 
 
 def test_a_plan_that_no_longer_fits_when_probed_again_gives_way_to_the_next():
-    table = {TWIN: (3.0, 1.0), MIDDLE_FAST: (1.9, 1.5), MIDDLE_SLOW: (1.5, 2.5),
+    table = {TWIN: (3.0, 1.0), MIDDLE_FAST: (1.9, 1.5), MIDDLE_SLOW: (1.5, 1.2),
              LIGHTEST: (1.0, 4.0)}
     first = {}
 
-    # MIDDLE_FAST needs more the second time (what earlier probes left)
+    # MIDDLE_SLOW, the fastest here, needs more the second time (what later probes left)
     def measure(plans, capped=False):
         out = []
         for p in plans:
             peak, seconds = table[p]
-            if p == MIDDLE_FAST and first.setdefault(p, 0):
+            if p == MIDDLE_SLOW and first.setdefault(p, 0):
                 peak = 2.1
             first[p] = 1
             out.append(Probe(p, peak * GB, seconds))
         return out
     chosen, probes = search(PLANS, measure, 2.0 * GB)
-    assert chosen == MIDDLE_SLOW and [p.plan for p in probes[-2:]] == [MIDDLE_FAST, MIDDLE_SLOW]
+    assert chosen == MIDDLE_FAST and [p.plan for p in probes[-2:]] == [MIDDLE_SLOW, MIDDLE_FAST]
 
 
 def test_a_twin_that_fits_no_more_after_the_tuned_probe_leads_to_the_search():
@@ -224,8 +227,9 @@ def test_capped_a_stopped_tuned_default_leads_to_the_search_with_the_twin_in_it(
     measure, rounds = measured(table)
     chosen, probes = search(PLANS, measure, 1.0 * GB, capped=True)
     assert chosen == TUNED_OTHER
-    assert rounds == [[TWIN], [DEFAULT], [TUNED_OTHER, MIDDLE_FAST, MIDDLE_SLOW, LIGHTEST],
-                      [TUNED_OTHER]]
+    # level by level; MIDDLE_FAST and LIGHTEST are finer than TWIN and MIDDLE_SLOW, which fit;
+    # TUNED_OTHER, probed last, needs no confirmation
+    assert rounds == [[TWIN], [DEFAULT], [MIDDLE_SLOW], [TUNED_OTHER]]
     table[TUNED_OTHER] = (1.1, 0.7)  # then the twin, the fastest left, confirmed
     chosen, probes = search(PLANS, measured(table)[0], 1.0 * GB, capped=True)
     assert chosen == TWIN and probes[-1].plan == TWIN
@@ -262,7 +266,7 @@ def test_capped_every_round_after_the_twin_is_capped():
         capped_rounds.append(capped)
         return [Probe(p, table[p][0] * GB, table[p][1]) for p in plans]
     assert search(PLANS, measure, 1.0 * GB, capped=True)[0] == TUNED_OTHER
-    assert capped_rounds == [False, True, True, True]  # twin, default, the rest, confirmation
+    assert capped_rounds == [False, True, True, True]  # twin, default, a round per level
     capped_rounds.clear()
     assert search(PLANS, measure, 1.0 * GB)[0] == TWIN  # uncapped: TUNED_OTHER's twin unprobed
     assert not any(capped_rounds)
@@ -324,7 +328,7 @@ def test_with_more_threads_a_tuned_plan_one_at_a_time_is_checked_where_memory_is
     plans = PLANS[:-1] + [OTHER_TWIN, LIGHTEST]
     chosen, probes = search(plans, measure, 1.0 * GB, check=check)
     assert chosen == TUNED_OTHER and asked == [(TUNED_OTHER, OTHER_TWIN)]
-    assert rounds == [[TWIN], [LIGHTEST], [MIDDLE_FAST, MIDDLE_SLOW, OTHER_TWIN]]
+    assert rounds == [[TWIN], [LIGHTEST], [MIDDLE_SLOW], [MIDDLE_FAST], [OTHER_TWIN]]
     # its time is the run on all threads (9.9 s on one would lose to the others)
     assert probes[-1].plan == TUNED_OTHER and not probes[-1].threads
     # stopped on one thread: never run on all, nor taken; the check is not its measure
@@ -354,6 +358,34 @@ def test_checks_end_at_the_first_tuned_plan_that_fits_on_all_threads():
     check, asked = checked_on_one_thread({none: (STOPPED, None), steps: (0.8, (0.85, 0.6))})
     chosen, _ = search(plans, measured(table)[0], 1.0 * GB, check=check)
     assert chosen == steps and asked == [(none, none_twin), (steps, OTHER_TWIN)]
+
+
+def test_no_finer_level_is_probed_where_a_coarser_one_of_its_path_fit():
+    # the shape of the two-thread Conv-4 meta-batch-32 row (log, sections 20 and 23): the twin
+    # fits without room for the tuned default; one at a time fits, and its tuned plan's check
+    plans = [Plan(False, n, level, malloc) for malloc in ("tuned", "defaults")
+             for level in ("none", "steps", "blocks") for n in (2, 1)]
+    one_tuned, one_twin = Plan(False, 1, "none", "tuned"), Plan(False, 1, "none", "defaults")
+    rounds = []
+
+    def measure(plans, capped=False):
+        rounds.append(list(plans))
+        return [Probe(p, 0.99 * GB if p.in_flight == 2 else 0.95 * GB, 2.0 * p.in_flight,
+                      before=0.9 * GB) for p in plans]
+    check, asked = checked_on_one_thread({one_tuned: (0.97, (0.98, 1.5))})
+    chosen, probes = search(plans, measure, 1.0 * GB, check=check)
+    assert chosen == one_tuned and asked == [(one_tuned, one_twin)]
+    assert rounds == [[TWIN], [one_twin]]  # no steps or blocks plan, of either allocator
+    # the tuned plan one at a time stopped: the next level's tuned plan is wanted, and its
+    # twin, left out as finer than a plan that fit, is probed for it first
+    steps_tuned = replace(one_tuned, checkpoint="steps")
+    check, asked = checked_on_one_thread({one_tuned: (STOPPED, None),
+                                          steps_tuned: (0.97, (0.98, 1.7))})
+    rounds.clear()
+    chosen, _ = search(plans, measure, 1.0 * GB, check=check)
+    assert chosen == steps_tuned
+    assert rounds == [[TWIN], [one_twin], [Plan(False, 2, "steps", "defaults"),
+                                           replace(one_twin, checkpoint="steps")]]
 
 
 def test_with_more_threads_a_tuned_default_one_at_a_time_is_checked_after_a_twin_without_room():
