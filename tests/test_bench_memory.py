@@ -2,6 +2,7 @@
 themselves take minutes each: docs/benchmarks/2026-12-05-memory-per-task.md), and
 launch/bench.py's lines for rows under a memory budget."""
 
+from fsl_dist.bench.measure import pool_rounds
 from fsl_dist.bench.memory import growth_lines
 from fsl_dist.bench.report import plan_lines
 
@@ -66,3 +67,18 @@ def test_rows_under_a_budget_get_a_line_with_what_planning_left_added_to_their_p
         f"- cnn maml, 5w1s15q, meta-batch 32: {record['name']}; 150.0 + 50.5 MiB left by "
         "planning = 200.5 MiB, OVER the budget of 200.0 MiB"]
     assert plan_lines(rows[:1]) == ""
+    # pooled rounds: each round planned for its own budget, a line each
+    rounds = [{**record, "planning_left_mib": 40.0, "peak_mem_mib": 150.0},
+              {**record, "budget_mib_above_rss": 180.0, "planning_left_mib": 40.0,
+               "peak_mem_mib": 145.0}]
+    pooled = pool_rounds([{"tasks_per_s": 8.0, "peak_mem_mib": r["peak_mem_mib"],
+                           "step_times": [1.0], "warmup": 1, "memory_plan": {
+                               k: v for k, v in r.items() if k != "peak_mem_mib"}}
+                          for r in rounds], 8)
+    assert pooled["peak_mem_mib"] == 150.0 and pooled["memory_plan_rounds"] == rounds
+    assert plan_lines([{**case, "meta_batch": 8, "method": "loop, memory plan",
+                        **pooled}]).splitlines() == [
+        f"- cnn maml, 5w1s15q, meta-batch 8, round 1: {record['name']}; 150.0 + 40.0 MiB left "
+        "by planning = 190.0 MiB, within the budget of 200.0 MiB",
+        f"- cnn maml, 5w1s15q, meta-batch 8, round 2: {record['name']}; 145.0 + 40.0 MiB left "
+        "by planning = 185.0 MiB, OVER the budget of 180.0 MiB"]

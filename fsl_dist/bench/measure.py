@@ -225,7 +225,8 @@ def run_in_subprocess(spec: dict, timeout: float) -> dict:
 
 def pool_rounds(results: list[dict], meta_batch: int) -> dict:
     """One row from a method's rounds: the median over every timed step of every round, the
-    highest peak memory, and each round's own median (how far the machine drifted)."""
+    highest peak memory, each round's own median (how far the machine drifted), and under a
+    budget each round's plan record with its peak (``memory_plan_rounds``)."""
     if len(results) == 1 or "tasks_per_s" not in results[0]:
         return results[0]
     failed = [r for r in results if "tasks_per_s" not in r]
@@ -233,8 +234,12 @@ def pool_rounds(results: list[dict], meta_batch: int) -> dict:
         return failed[0]
     times = [t for r in results for t in r["step_times"]]
     median = statistics.median(times)
-    return {"s_per_step": median, "tasks_per_s": meta_batch / median,
-            "peak_mem_mib": max(r["peak_mem_mib"] for r in results),
-            "steps": len(times), "warmup": results[0]["warmup"], "step_times": times,
-            "rounds": len(results),
-            "round_tasks_per_s": [r["tasks_per_s"] for r in results]}
+    pooled = {"s_per_step": median, "tasks_per_s": meta_batch / median,
+              "peak_mem_mib": max(r["peak_mem_mib"] for r in results),
+              "steps": len(times), "warmup": results[0]["warmup"], "step_times": times,
+              "rounds": len(results),
+              "round_tasks_per_s": [r["tasks_per_s"] for r in results]}
+    if "memory_plan" in results[0]:  # each round planned for its own budget, in its own heap
+        pooled["memory_plan_rounds"] = [{**r["memory_plan"], "peak_mem_mib": r["peak_mem_mib"]}
+                                        for r in results]
+    return pooled

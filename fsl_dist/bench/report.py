@@ -107,21 +107,26 @@ def _summary_cells(key, methods: dict, with_rounds: bool) -> list[str]:
 
 
 def plan_lines(rows) -> str:
-    """One line per row measured under a budget ("loop, memory plan"): the plan chosen, and
-    the row's peak with what planning left in the process (the peak column counts from after
-    planning) against the budget, both above the RSS before planning."""
+    """One line per row measured under a budget ("loop, memory plan"), and per round where it
+    ran in rounds: the plan chosen, and the row's peak with what planning left in the process
+    (the peak column counts from after planning) against the budget, both above the RSS before
+    planning."""
     lines = []
     for r in rows:
-        record = r.get("memory_plan")
-        if record is None or "peak_mem_mib" not in r:
+        if "peak_mem_mib" not in r:
             continue
-        budget, left = record["budget_mib_above_rss"], record["planning_left_mib"]
-        total = r["peak_mem_mib"] + left
-        lines.append(
-            f"- {model_label(r)} {r['algorithm']}, {task_name(r)}, meta-batch {r['meta_batch']}: "
-            f"{record['name']}; {r['peak_mem_mib']:.1f} + {left:.1f} MiB left by planning = "
-            f"{total:.1f} MiB, {'within' if total <= budget else 'OVER'} the budget of "
-            f"{budget:.1f} MiB")
+        records = r.get("memory_plan_rounds") or (
+            [{**r["memory_plan"], "peak_mem_mib": r["peak_mem_mib"]}] if "memory_plan" in r
+            else [])
+        for index, record in enumerate(records):
+            budget, left = record["budget_mib_above_rss"], record["planning_left_mib"]
+            total = record["peak_mem_mib"] + left
+            where = f", round {index + 1}" if len(records) > 1 else ""
+            lines.append(
+                f"- {model_label(r)} {r['algorithm']}, {task_name(r)}, meta-batch "
+                f"{r['meta_batch']}{where}: {record['name']}; {record['peak_mem_mib']:.1f} + "
+                f"{left:.1f} MiB left by planning = {total:.1f} MiB, "
+                f"{'within' if total <= budget else 'OVER'} the budget of {budget:.1f} MiB")
     return "\n".join(lines)
 
 
