@@ -4,7 +4,9 @@ times, then of two more steps, in one process (log section 20):
     OMP_NUM_THREADS=2 PYTHONPATH=/work/main python per_step_peaks.py MODEL META_BATCH BUDGET_MIB
 
 BUDGET_MIB: the peak a step may add above the RSS before planning, as the bench row's budget.
-Peaks are absolute (VmHWM, reset before each step), GB.
+Peaks are absolute (VmHWM, reset before each step), GB. With a fourth argument, REPEATS such as
+``2,4,6`` (section 23): the chosen plan probed twice with each number of repeat steps, then
+eight training steps.
 """
 
 import sys
@@ -21,7 +23,8 @@ from fsl_dist.memory_plan import GB, Plan, Prober
 from fsl_dist.models import build_model
 
 
-def main(model_name: str, meta_batch: int, budget_mib: float) -> None:
+def main(model_name: str, meta_batch: int, budget_mib: float,
+         repeats: list[int]) -> None:
     tune_cpu_malloc()
     single_arena()
     torch.manual_seed(0)
@@ -41,13 +44,21 @@ def main(model_name: str, meta_batch: int, budget_mib: float) -> None:
         backward()
         optimizer.step()
         return round(peak_rss() / 1e9, 4)
-    print("training steps", [step() for _ in range(6)])
     plan = Plan(**record["plan"])
     cfg = case_config(case, record["budget_gb"])
+    if repeats:
+        for n in repeats:
+            prober = Prober(bench_state(cfg, model), tasks, cfg, "no", Distributed(), repeats=n)
+            print(f"probed, {n} repeats", [round(prober([plan])[0].peak / GB, 4)
+                                           for _ in range(2)])
+        print("training steps", [step() for _ in range(8)])
+        return
+    print("training steps", [step() for _ in range(6)])
     prober = Prober(bench_state(cfg, model), tasks, cfg, "no", Distributed())
     print("probed again", [round(prober([plan])[0].peak / GB, 4) for _ in range(3)])
     print("training steps after", [step() for _ in range(2)])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]),
+         [int(n) for n in sys.argv[4].split(",")] if len(sys.argv) > 4 else [])
