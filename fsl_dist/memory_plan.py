@@ -253,7 +253,7 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
     probes += _probe_rest([p for p in pool if p not in probed], probes, measure, budget, capped,
                           check)
     order = {plan: i for i, plan in enumerate(pool)}
-    latest = {p.plan: p for p in _on_all_threads(probes)}  # a plan's last: what it needs now
+    latest = _latest(probes)
     fitting = sorted((p for p in latest.values() if p.peak <= budget and p.plan in order),
                      key=lambda p: (p.seconds, order[p.plan]))
     for probe in fitting:
@@ -266,6 +266,11 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
 
 def _on_all_threads(probes: list[Probe]) -> list[Probe]:
     return [p for p in probes if not p.threads]
+
+
+def _latest(probes: list[Probe]) -> dict:
+    """Each plan's last probe on all threads: what it needs now."""
+    return {p.plan: p for p in _on_all_threads(probes)}
 
 
 def _fit_on_all_threads(probe: Probe, budget: float) -> bool:
@@ -290,13 +295,13 @@ def _probe_rest(rest: list[Plan], probes: list[Probe], measure, budget: float,
         return _by_level(rest, probes, measure, budget, capped=True)
     done = _by_level([p for p in rest if p.malloc != "tuned"], probes, measure, budget)
     for level in CHECKPOINT_LEVELS:
-        latest = {p.plan: p for p in _on_all_threads(probes + done)}
+        latest = _latest(probes + done)
         wanted = [p for p in rest if p.malloc == "tuned" and p.checkpoint == level
                   and _not_finer_than_a_fit(p, latest, budget)]
         unprobed = [twin for twin in (replace(p, malloc="defaults") for p in wanted)
                     if twin not in latest and twin in rest]
         done += measure(unprobed) if unprobed else []
-        latest = {p.plan: p for p in _on_all_threads(probes + done)}
+        latest = _latest(probes + done)
         twins = {p: latest.get(replace(p, malloc="defaults")) for p in wanted}
         fitting = {p: twin for p, twin in twins.items() if twin is not None and twin.peak <= budget}
         roomy = [p for p, twin in fitting.items() if room_for_tuned(twin, budget)]
@@ -312,7 +317,7 @@ def _by_level(plans: list[Plan], probes: list[Probe], measure, budget: float,
     without the plans ``_not_finer_than_a_fit`` leaves out."""
     done: list[Probe] = []
     for level in CHECKPOINT_LEVELS:
-        latest = {p.plan: p for p in _on_all_threads(probes + done)}
+        latest = _latest(probes + done)
         round_ = [p for p in plans
                   if p.checkpoint == level and _not_finer_than_a_fit(p, latest, budget)]
         done += measure(round_, capped=capped) if round_ else []
