@@ -836,12 +836,14 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     tried = {p.plan for p in probes}  # the chosen plan is probed again last, to confirm it
     fit = len({p.plan for p in probes if p.peak <= usable and not p.threads})
     stopped = len({p.plan for p in probes if p.stopped})
-    dist.print(f"memory plan: {chosen.name}; peak {probe.peak / GB:.3g} GB of the {budget_gb:g} "
-               f"GB budget per process, {probe.before / GB:.3g} GB of it held before the step "
+    # the line prints the numbers run.json keeps, so the two never differ by a rounding step
+    peak_gb, before_gb = round(probe.peak / GB, 4), round(probe.before / GB, 4)
+    dist.print(f"memory plan: {chosen.name}; peak {peak_gb:.3g} GB of the {budget_gb:g} "
+               f"GB budget per process, {before_gb:.3g} GB of it held before the step "
                f"({len(tried)} of {len(plans)} plans probed, {fit} fit"
                + (f", {stopped} stopped at the budget)" if stopped else ")"))
     record = {"budget_gb": budget_gb, "plan": chosen.as_dict(), "name": chosen.name,
-              "peak_gb": round(probe.peak / GB, 4), "before_gb": round(probe.before / GB, 4),
+              "peak_gb": peak_gb, "before_gb": before_gb,
               "peak_before_planning_gb": round(started / GB, 4),
               "measure": "cuda max_memory_allocated" if device.type == "cuda" else "VmHWM",
               "tuned_probes_capped": capped,
