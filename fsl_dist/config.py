@@ -252,7 +252,8 @@ class RidgeConfig:
     """The ridge penalty lambda of W = X^T (X X^T + lambda I)^-1 Y (X the support features, Y
     their one-hot labels); 50: MetaOptNet's ridge head."""
     learn_lambda: bool = False
-    """Learn lambda with the model, from `lam` (R2D2 learns it)."""
+    """Learn lambda with the model, from `lam` (the R2D2 paper learns it; its released
+    scripts, and the shipped configs, keep it fixed)."""
     scale: float = 1.0
     """The logits are scale x (query features . W)."""
     learn_scale: bool = True

@@ -11,7 +11,8 @@ the size of the support set rather than of the features:
 and a query's logits are ``scale * (x W)``. The solve is differentiable, so the query
 cross-entropy trains the body through it. ``ridge.learn_scale`` learns the scale (R2D2's alpha;
 its beta, a shift common to every class's logit, leaves the softmax unchanged and so gets no
-gradient: left out), ``ridge.learn_lambda`` the penalty (R2D2 learns it; MetaOptNet fixes 50).
+gradient: left out), ``ridge.learn_lambda`` the penalty (the R2D2 paper learns it, its
+released scripts keep it fixed; MetaOptNet fixes 50).
 Training, evaluation and prediction are ``FeatureHeadLearner``'s (features.py).
 """
 
