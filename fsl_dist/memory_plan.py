@@ -33,9 +33,11 @@ with its first step by the library code that step's kernels run, which stays res
 pages, 38-47 MiB measured on CPU; any first step pays it, planned or not), and later probes
 may need more after a tuned one left its heap fragmented; training starts from what the probes
 left, so a plan chosen among others is probed once more, last, right before training, and
-taken only if it fits again (else the next fastest). Before training the code pages the probes
-paged in are handed back (``code_pages``): training pages in again only the code it runs, not
-the other plans' (section 24 of the log: 37 MiB handed back, 25 of it paged in again).
+taken only if it fits again (else the next fastest). Before each uncapped probe, and before
+training, the library code pages earlier probes paged in are handed back (``code_pages``), so
+that a probe's peak, as training's, holds only the code of its own plan (log section 24: 37 MiB
+handed back, 25 of it paged in again by training). A capped probe keeps them: its cap cannot see
+file pages coming back.
 
 Search: the default plan first; if it fits, nothing else is probed. On CPU the default's
 allocator is tuned, whose step grows up to 3x its twin's, so the default's twin with glibc's
@@ -596,7 +598,8 @@ class Prober:
     """Runs probe steps of ``state``'s model on ``tasks`` (this rank's first batch); each
     round's peaks and times are the maxima over ranks. ``cap``: (budget, slack) bytes at which
     a capped round's probes are stopped (``capped_at``; a stopped probe's peak is
-    ``math.inf``), or None: never capped.
+    ``math.inf``), or None: never capped. ``code``: the library pages resident before the
+    first probe; those paged in since are handed back before each uncapped probe.
 
     A capped probe should only run kernels made before the cap: a convolution kernel of oneDNN
     that fails to allocate while it is being made breaks every later new kernel in the process
@@ -605,9 +608,10 @@ class Prober:
     recomputes the same ones)."""
 
     def __init__(self, state, tasks: dict, cfg, precision: str, dist, repeats: int = 2,
-                 cap: Optional[tuple[float, float]] = None):
+                 cap: Optional[tuple[float, float]] = None,
+                 code: Optional[ResidentCode] = None):
         self.state, self.tasks, self.cfg, self.precision = state, tasks, cfg, precision
-        self.dist, self.repeats, self.cap = dist, repeats, cap
+        self.dist, self.repeats, self.cap, self.code = dist, repeats, cap, code
         self.device = dist.device
         self.more_on_all_threads: Optional[float] = None  # see checked
 
@@ -664,6 +668,10 @@ class Prober:
         with kept(self.state):
             gc.collect()
             release_free_memory()
+            if self.code is not None and not capping:
+                # Earlier probes' code would count in this one's peak, not in training's (its
+                # pages come back as it runs them). Capped, it stays: the cap cannot see it.
+                self.code.release()
             reset_peak(self.device)
             before = read_peak(self.device)
             heap_free = float(heap_free_bytes() or 0) if self.device.type == "cpu" else 0.0
@@ -823,7 +831,7 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     # one thread (Prober.checked), where they would otherwise not be risked.
     checks = alone_tuned and not capped and capping_works(device)
     prober = Prober(state, tasks, cfg, precision, dist,
-                    cap=(usable, budget - usable) if capped or checks else None)
+                    cap=(usable, budget - usable) if capped or checks else None, code=code)
     chosen, probes = search(plans, prober, usable, capped=capped,
                             check=prober.checked if checks else None)
     if chosen is None and capped:

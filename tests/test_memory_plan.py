@@ -657,6 +657,37 @@ def test_a_probe_leaves_the_weights_the_random_state_and_the_gradients_as_they_w
     assert all(p.grad is None for p in model.parameters()) and not state.optimizer.state
 
 
+class CountedReleases:
+    """Stands in for ResidentCode: counts the hand-backs a Prober asks for."""
+
+    def __init__(self):
+        self.releases = 0
+
+    def release(self) -> int:
+        self.releases += 1
+        return 0
+
+
+def test_an_uncapped_probe_hands_back_earlier_probes_code_and_a_capped_one_keeps_it(one_thread):
+    """Earlier probes' library pages would count in an uncapped probe's peak but not in
+    training's; a capped probe keeps them, since its cap cannot see pages coming back."""
+    cfg = config("algorithm.inner_steps=1", "model.width=8")
+    model = build_model("cnn", cfg.task.n_way, width=8)
+    tasks = make_tasks(tasks=2, n_way=cfg.task.n_way, size=28, dtype=torch.float32)
+    state = TrainState(model, learner_from_config(cfg, model),
+                       torch.optim.Adam(model.parameters()), InnerLossScaler(), InnerLossScaler())
+    code = CountedReleases()
+    prober = Prober(state, tasks, cfg, "no", Distributed(), repeats=1,
+                    cap=(status_bytes("VmRSS") + 10 * GB, 0.0), code=code)  # room for anything
+    try:
+        prober([Plan(False, 1, "none", "defaults"), Plan(False, 1, "steps", "defaults")])
+        assert code.releases == 2
+        prober([Plan(False, 1, "none", "tuned")], capped=True)
+        assert code.releases == 2
+    finally:
+        tune_cpu_malloc(False)
+
+
 def test_a_probe_peaks_with_the_score_before_adaptation_and_times_the_step_without_it():
     """A logging step scores the query set before adapting (its peak must fit); most steps do
     not (their time is the plan's): the first repeat does, the timed ones do not."""
