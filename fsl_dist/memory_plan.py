@@ -108,6 +108,7 @@ from fsl_dist.models.layers import collect_batch_stats
 
 GB = 1e9  # as data.memory_budget_gb
 PROBE_MARGIN = 0.005  # of the budget, kept free of the probed peak (plan_memory)
+THREADS_MARGIN = 0.02  # the same, on CPU with several intra-op threads (probe_margin)
 
 
 class MemoryPlanError(Exception):
@@ -397,7 +398,18 @@ def _try_default(plans: list[Plan], measure, budget: float, capped: bool = False
     return None, probes, short
 
 
-def refusal(budget_gb: float, probes: list[Probe]) -> str:
+def probe_margin(device: torch.device) -> float:
+    """The share of the budget kept free of a probed peak, for what a probe step does not see.
+    On one thread a training step peaked 1.8 MB (0.15%) above its probe at 1.14 GB; on CPU with
+    several intra-op threads the same step's peak spreads by tens of MB within one process, and
+    training went up to 21 MB above its probe near 1 GB (docs/benchmarks/2026-12-05-memory-plan.md,
+    sections 10, 20, 24)."""
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        return THREADS_MARGIN
+    return PROBE_MARGIN
+
+
+def refusal(budget_gb: float, probes: list[Probe], margin: float = PROBE_MARGIN) -> str:
     """The one line of a budget that no plan fits, naming the smallest need measured, each
     plan's by its latest probe: a plan that fit once may have failed its confirmation in the
     heap later probes left, and its first need, within the budget, would read as a contradiction.
@@ -410,7 +422,7 @@ def refusal(budget_gb: float, probes: list[Probe]) -> str:
     return (f"no way to run a meta-step fits train.memory_budget_gb={budget_gb:g}: the smallest "
             f"plan ({smallest.plan.name}) {need} "
             f"({smallest.before / GB:.3g} GB held before the step, measured on a probe step; "
-            f"{PROBE_MARGIN:.1%} of the budget is kept free for what a probe does not see); "
+            f"{margin:.1%} of the budget is kept free for what a probe does not see); "
             f"raise the budget, or make a task lighter "
             f"(task.q_query, model.width, fewer algorithm.inner_steps, algorithm.first_order)")
 
@@ -816,9 +828,8 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     plans = candidates(cfg, state.model, device, tasks["support_x"].shape[0],
                        pixels_per_task(tasks))
     code = ResidentCode() if device.type == "cpu" else None  # CPU: the budget is the RSS
-    # A margin for what a probe step does not see: a Conv-4 training step peaked 1.8 MB
-    # (0.15%) above its probe at 1.14 GB (docs/benchmarks/2026-12-05-memory-plan.md, 10).
-    usable = budget * (1 - PROBE_MARGIN)
+    margin = probe_margin(device)
+    usable = budget * (1 - margin)
     # A capped probe may refill the heap's free chunks up to the margin (capped_at), so that it
     # stays within the budget itself. One process only: another rank's messages can reach this
     # one's communication threads meanwhile, whose allocations must not fail; and only plans of
@@ -839,7 +850,7 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     if chosen is None:
         if plans[0].malloc is not None:
             tune_cpu_malloc(plans[0].malloc == "tuned")
-        refuse(refusal(budget_gb, probes))
+        refuse(refusal(budget_gb, probes, margin))
     if chosen.malloc is not None:
         tune_cpu_malloc(chosen.malloc == "tuned")
     gc.collect()

@@ -27,6 +27,7 @@ from fsl_dist.memory_plan import (
     capping_works,
     out_of_memory,
     plan_arguments,
+    probe_margin,
     refusal,
     room_for_tuned,
     search,
@@ -557,6 +558,21 @@ def test_with_two_threads_a_check_runs_on_one_capped_and_then_on_both_only_if_it
     assert all(torch.equal(weights[n], p) for n, p in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and not state.optimizer.state
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, cfg.task.n_way)
+
+
+def test_several_intra_op_threads_keep_a_wider_margin_of_the_budget_free():
+    """Their step's peak spreads by tens of MB around its probe (log sections 20, 24)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert probe_margin(torch.device("cpu")) == 0.005
+        torch.set_num_threads(2)
+        assert probe_margin(torch.device("cpu")) == 0.02
+        assert probe_margin(torch.device("cuda")) == 0.005  # the device's memory, not the heap's
+    finally:
+        torch.set_num_threads(threads)
+    line = refusal(1.0, [Probe(Plan(False, 1, "blocks", None), 1.2 * GB, 1.0)], 0.02)
+    assert "2.0% of the budget is kept free" in line
 
 
 def test_the_budget_must_be_positive_or_null():
