@@ -70,6 +70,23 @@ def test_worker_threads_give_bitwise_the_serial_result(algorithm):
     assert torch.get_num_threads() == threads  # restored after the workers ran
 
 
+def test_worker_threads_share_the_models_weights_instead_of_copying_them():
+    """A worker thread's replica has its own modules (``functional_call`` swaps tensors into a
+    module while a task runs) but the model's own parameter tensors, never used (every call
+    passes its own): side-by-side tasks do not hold the weights once more per thread."""
+    from fsl_dist.meta.objective import _REPLICAS
+    model, tasks = tiny_model(torch.float32), make_tasks(tasks=4, dtype=torch.float32)
+    assert not list(model.buffers())  # a model with buffers runs without replicas
+    before = [p.detach().clone() for p in model.parameters()]
+    backward_grads(model, tasks, 0.4, "maml", workers=2)
+    replicas = _REPLICAS[model]
+    assert len(replicas) == 2
+    for replica in replicas:
+        assert all(a is not b for a, b in zip(replica.modules(), model.modules(), strict=True))
+        assert all(a is b for a, b in zip(replica.parameters(), model.parameters(), strict=True))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 def test_gradient_accumulates_like_backward_and_acc_before_is_optional():
     model, tasks = tiny_model(), make_tasks()
     once, stats = backward_grads(model, tasks, 0.4, "maml", acc_before=False)

@@ -322,14 +322,20 @@ def _run_tasks(model, tasks, params, lrs, plan: _Plan, vectorize: bool):
 
 # Structural copies of a model, one per worker thread: ``functional_call`` swaps the tensors it
 # is given into the module while it runs, so two threads must not share a module. The copies'
-# own parameters are never used (every call passes all of them).
+# own parameters are never used (every call passes all of them), so they are the model's own.
 _REPLICAS: "weakref.WeakKeyDictionary[nn.Module, list[nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _structural_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that holds the model's own parameter tensors, not copies
+    of them: a replica for a worker thread then costs the modules, not the weights again."""
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
 
 
 def _replicas(model: nn.Module, count: int) -> list[nn.Module]:
     copies = _REPLICAS.get(model, [])
     while len(copies) < count:
-        copies.append(copy.deepcopy(model))
+        copies.append(_structural_copy(model))
     _REPLICAS[model] = copies
     for replica in copies[:count]:
         replica.train(model.training)  # DropBlock's mode follows the model's
