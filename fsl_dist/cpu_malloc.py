@@ -12,6 +12,14 @@ Applied by the trainer and the evaluator when they run on CPU, unless ``train.tu
 is false, and never over a choice the user made: any ``MALLOC_*_`` variable, malloc settings in
 ``GLIBC_TUNABLES`` or an ``LD_PRELOAD`` (tcmalloc, jemalloc: another allocator) leaves the
 process as it is.
+
+A training process on CPU also starts under START_TUNABLES (``restart_under_start_tunables``,
+called by the training commands before torch is imported): glibc reads them only when a
+program starts. Without a per-thread cache (tcache) and fastbins, the small chunks that glibc
+2.36's ``posix_memalign`` splits off around every tensor are merged back at once, so a freed
+activation's hole stays large enough for the next tensor of its size, and the heap grows much
+less beyond what a meta-step holds, at the same speed (measured: BENCHMARKS.md, "Memory";
+docs/benchmarks/2026-12-05-memory-plan.md, section 27).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import sys
 
 # mallopt() parameter numbers from glibc's <malloc.h>
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -43,16 +52,60 @@ def _libc():
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
-def reason_to_leave_alone() -> str | None:
-    """Why this process's allocator is not fsl_dist's to set, or None when it is."""
+# glibc's malloc variables are MALLOC_*_ but for these two
+GLIBC_ARENA_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_ARENA_TEST")
+# glibc tunables for the start of a CPU training process (the module's docstring says why).
+START_TUNABLES = "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"
+# Holds the GLIBC_TUNABLES value fsl_dist set, so that it is not taken for the user's choice.
+SET_BY_FSL_DIST = "FSL_DIST_GLIBC_TUNABLES"
+
+
+def reason_to_leave_alone(env=None) -> str | None:
+    """Why the allocator of this process (or of one started with ``env``) is not fsl_dist's to
+    set, or None when it is."""
+    env = os.environ if env is None else env
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "not Linux with glibc"
-    chosen = sorted(k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_"))
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    chosen = sorted(k for k in env if k.startswith("MALLOC_") and k.endswith("_")
+                    or k in GLIBC_ARENA_VARIABLES)
+    if "glibc.malloc." in env.get("GLIBC_TUNABLES", "") and not started_tuned(env):
         chosen.append("GLIBC_TUNABLES")
-    if os.environ.get("LD_PRELOAD"):
+    if env.get("LD_PRELOAD"):
         chosen.append("LD_PRELOAD")
     return "the environment sets " + ", ".join(chosen) if chosen else None
+
+
+def started_tuned(env=None) -> bool:
+    """Whether this process (or one started with ``env``) runs under fsl_dist's START_TUNABLES."""
+    env = os.environ if env is None else env
+    return bool(env.get(SET_BY_FSL_DIST)) and env.get(SET_BY_FSL_DIST) == env.get("GLIBC_TUNABLES")
+
+
+def start_environment(env=None) -> dict | None:
+    """``env`` (this process's by default) with START_TUNABLES added to ``GLIBC_TUNABLES``, for
+    a CPU process to start; None where the allocator is not fsl_dist's to set or they are there
+    already."""
+    env = dict(os.environ if env is None else env)
+    if started_tuned(env) or reason_to_leave_alone(env) is not None:
+        return None
+    value = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), START_TUNABLES)))
+    env.update({"GLIBC_TUNABLES": value, SET_BY_FSL_DIST: value})
+    return env
+
+
+def restart_under_start_tunables() -> None:
+    """Run this program again in this process (``execve``: the same PID, arguments and
+    descriptors) under ``start_environment()``; returns at once where that is None, and when
+    the kernel refuses (the process then goes on as it is)."""
+    env = start_environment()
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:
+        return
 
 
 def tune_cpu_malloc(tuned: bool = True) -> str:

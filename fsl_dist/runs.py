@@ -3,7 +3,8 @@
     runs/<config name>-<seed>/
         config.yaml          the resolved config (load_config reads it back)
         run.json             world size, device, precision, package versions, git commit, W&B id,
-                             the data (data set, channels, image size, shard format version)
+                             the data (data set, channels, image size, shard format version),
+                             on CPU the GLIBC_TUNABLES the process started with
         metrics.jsonl        one JSON row per logged step
         checkpoints/         step-NNNNNNNN.pt, the newest few
         wandb/               W&B's own files (offline-run-*/run-<id>.wandb without an API key)
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
 import sys
@@ -175,6 +177,8 @@ def write_run_info(cfg: Config, run_dir: Path, dist, precision: str,
         "data": data_facts(manifest),
         **(history or {}),
     }
+    if device.type == "cpu":  # the allocator's start-up settings (fsl_dist/cpu_malloc.py)
+        info["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
     if memory_plan is not None:
         info["memory_plan"] = memory_plan
     atomic_write_json(run_dir / "run.json", info)

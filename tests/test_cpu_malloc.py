@@ -1,5 +1,6 @@
 """The CPU allocator settings (fsl_dist/cpu_malloc.py): they take effect, they cut the page
-faults of a real second-order meta-step, and they never override the user's own choice.
+faults of a real second-order meta-step, and they never override the user's own choice; a
+training command on CPU starts again under the start-up tunables, which take effect too.
 Page faults are counted by the kernel (getrusage), not timed: no speed is asserted here."""
 
 import json
@@ -9,6 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from fsl_dist.cpu_malloc import (
+    START_TUNABLES,
+    reason_to_leave_alone,
+    start_environment,
+    started_tuned,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +74,73 @@ def test_tuning_cuts_the_page_faults_of_a_meta_step():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 @pytest.mark.parametrize("variable, value", [("MALLOC_TRIM_THRESHOLD_", "131072"),
+                                             ("MALLOC_ARENA_MAX", "2"),
                                              ("GLIBC_TUNABLES", "glibc.malloc.top_pad=0")])
 def test_the_users_own_malloc_settings_are_left_alone(variable, value):
     result = run_steps("tune", "outcome only", **{variable: value})
     assert result["outcome"] == f"left as is: the environment sets {variable}"
+
+
+# A training command's first step (fsl_dist/cli/starting.py), then glibc's per-thread cache seen
+# from inside: of 40 freed 1000-byte chunks, how many went back to the heap (tcache keeps 7).
+RESTART = r"""
+import ctypes, json, os, sys
+from fsl_dist.cli.starting import restart_for_cpu_training
+from fsl_dist.cpu_malloc import _MallInfo2
+print(json.dumps({"pid": os.getpid(), "tunables": os.environ.get("GLIBC_TUNABLES"),
+                  "argv": sys.argv[1:]}), flush=True)
+restart_for_cpu_training(sys.argv[1:])
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+libc.mallinfo2.restype = _MallInfo2
+chunks = [libc.malloc(1000) for _ in range(40)]
+guards = [libc.malloc(1000) for _ in range(40)]  # keep the freed chunks apart
+before = libc.mallinfo2().uordblks
+for chunk in chunks:
+    libc.free(chunk)
+print(json.dumps({"freed": round((before - libc.mallinfo2().uordblks) / 1008)}))
+"""
+
+
+def restart(*argv: str, **env_extra) -> list[dict]:
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith(("MALLOC_", "FSL_DIST_")) or k in ("LD_PRELOAD", "GLIBC_TUNABLES"))}
+    env.update(env_extra, PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true")
+    out = subprocess.run([sys.executable, "-c", RESTART, *argv], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's tunables: Linux only")
+def test_a_cpu_training_command_starts_again_under_the_start_tunables():
+    first, again, heap = restart("--config", "cnn_maml", "train.steps=3", "--quiet")
+    assert first["tunables"] is None and again["tunables"] == START_TUNABLES
+    assert again["pid"] == first["pid"] and again["argv"] == first["argv"]
+    assert heap["freed"] == 40  # no per-thread cache keeps any of them
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's tunables: Linux only")
+@pytest.mark.parametrize("argv, env_extra", [
+    (["--config", "cnn_maml", "train.tune_cpu_malloc=false"], {}),
+    (["--config", "cnn_maml"], {"MALLOC_ARENA_MAX": "2"}),
+    (["--config", "cnn_maml"], {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=3"}),
+    (["--config", "no_such_config"], {}),  # the command itself says what is wrong
+])
+def test_no_restart_when_the_setting_is_off_or_the_user_chose(argv, env_extra):
+    first, heap = restart(*argv, **env_extra)
+    assert first["tunables"] == env_extra.get("GLIBC_TUNABLES")
+    assert heap["freed"] == (37 if env_extra.get("GLIBC_TUNABLES") else 33)
+
+
+def test_start_tunables_are_fsl_dists_own_and_join_the_users_other_tunables():
+    env = start_environment({"PATH": "/usr/bin"})
+    assert env["GLIBC_TUNABLES"] == START_TUNABLES and started_tuned(env)
+    assert reason_to_leave_alone(env) is None  # not taken for the user's choice
+    assert start_environment(env) is None  # there already
+    joined = start_environment({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"})
+    assert joined["GLIBC_TUNABLES"] == f"glibc.cpu.hwcaps=-AVX512F:{START_TUNABLES}"
+    assert started_tuned(joined)
+    for variable, value in (("MALLOC_TRIM_THRESHOLD_", "131072"), ("LD_PRELOAD", "libjemalloc.so"),
+                            ("GLIBC_TUNABLES", "glibc.malloc.top_pad=0")):
+        assert start_environment({variable: value}) is None

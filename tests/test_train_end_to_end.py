@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from fsl_dist.config import load_config
+from fsl_dist.cpu_malloc import START_TUNABLES
 from fsl_dist.wandb_offline import find_run_files, read_run
 
 from launching import ROOT, config_args, run
@@ -34,6 +35,8 @@ def test_system_trains_evaluates_and_leaves_its_run_folder(name, shards, tmp_pat
     assert load_config(run_dir / "config.yaml").name == name
     info = json.loads((run_dir / "run.json").read_text())
     assert info["world_size"] == 1 and info["precision"] == "no" and info["packages"]["torch"]
+    # the README's command on CPU: the process started again under the start-up tunables
+    assert info.get("glibc_tunables") == (START_TUNABLES if info["device"] == "cpu" else None)
     model = yaml.safe_load((run_dir / "model.yaml").read_text())
     assert (model["model"]["name"] == name.split("_")[0]
             and model["algorithm"]["name"] == name.split("_")[1])

@@ -22,6 +22,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from fsl_dist.cpu_malloc import START_TUNABLES
+
 from launching import ROOT, child_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -108,6 +110,11 @@ def trained(installed, omniglot_source) -> Path:
                   "futurama", "--out", "shards/omniglot-futurama")
     installed.run("fsl-train", "--config", "cnn_maml", *TINY)
     return installed.work / "runs" / "cnn_maml-0"
+
+
+def test_installed_fsl_train_on_cpu_ran_under_the_start_tunables(trained):
+    info = json.loads((trained / "run.json").read_text())
+    assert info.get("glibc_tunables") == (START_TUNABLES if info["device"] == "cpu" else None)
 
 
 def test_the_venv_imports_the_installed_package_with_its_configs(installed):

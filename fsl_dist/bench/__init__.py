@@ -49,7 +49,8 @@ and BOIL), ``loop, glibc malloc defaults`` and ``<peer>, tuned malloc``.
 
 Allocator: on CPU, fsl_dist's rows run with the allocator settings launch/train.py applies
 (``fsl_dist/cpu_malloc.py``: glibc keeps freed activations instead of returning them to the
-kernel), the peers' rows as the libraries ship, in glibc's defaults. The lever rows
+kernel) and start as a CPU training process does, under ``cpu_malloc.START_TUNABLES``; the
+peers' rows as the libraries ship, in glibc's defaults. The lever rows
 ``loop, glibc malloc defaults`` (fsl_dist without the settings) and ``<peer>, tuned malloc``
 (the peer with them) show what the settings buy each side. A ``MALLOC_*_`` variable, malloc
 settings in ``GLIBC_TUNABLES`` or ``LD_PRELOAD`` in the environment reach every row and turn

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import fsl_dist
-from fsl_dist.cpu_malloc import single_arena, tune_cpu_malloc
+from fsl_dist.cpu_malloc import single_arena, start_environment, tune_cpu_malloc
 from fsl_dist.models import build_model
 from fsl_dist.numerics import gradient_of
 
@@ -207,9 +207,11 @@ def run_in_subprocess(spec: dict, timeout: float) -> dict:
     # Run from the folder that holds this fsl_dist: ``-m`` imports from the working folder
     # first, so the row measures the code of the run that started it (a clone's, say).
     package_root = Path(fsl_dist.__file__).resolve().parents[1]
+    # fsl_dist's rows start as a CPU training process does (cli/starting.py), the peers as shipped
+    env = start_environment() if spec["device"] == "cpu" and tunes_malloc(spec["method"]) else None
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                             cwd=package_root)
+                             cwd=package_root, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if out.returncode != 0:

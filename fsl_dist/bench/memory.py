@@ -6,14 +6,14 @@
 Each row runs in a fresh process (``python -m fsl_dist.bench.memory --row ...``): the
 benchmark's ResNet-12 (64-160-320-640) at 84x84 RGB, one synthetic 5-way task (the shot and
 query given), second order, MAML, float32, ``meta_backward`` as the trainer calls it, with the
-trainer's allocator settings. Peak: the process's RSS high-water mark (VmHWM), in absolute
-terms and above the RSS just before the task. Time: the one task (no warm-up, so it includes
-first-call costs, alike for every level), wall and CPU (the process's user + system time: with
-one intra-op thread, the figure that shared load disturbs least). Each row saves its
-meta-gradient; the table gives its relative difference (norm of the difference over the norm)
-from the ``none`` row of the same steps. Levels ``learn2learn``, ``higher`` and ``torchopt``
-are the peers' second-order MAML on the same model and task, with glibc's allocator as their
-users have it (launch/install_bench_peers.sh installs them).
+trainer's allocator settings, started as a CPU training process is. Peak: the process's RSS
+high-water mark (VmHWM), in absolute terms and above the RSS just before the task. Time: the one
+task (no warm-up, so it includes first-call costs, alike for every level), wall and CPU (the
+process's user + system time: with one intra-op thread, the figure that shared load disturbs
+least). Each row saves its meta-gradient; the table gives its relative difference (norm of the
+difference over the norm) from the ``none`` row of the same steps. Levels ``learn2learn``,
+``higher`` and ``torchopt`` are the peers' second-order MAML on the same model and task, with
+glibc's allocator as their users have it (launch/install_bench_peers.sh installs them).
 """
 
 import argparse
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from fsl_dist.cpu_malloc import tune_cpu_malloc
+from fsl_dist.cpu_malloc import start_environment, tune_cpu_malloc
 from fsl_dist.meta import InnerLoopSpec, meta_backward
 from fsl_dist.models import build_model
 
@@ -90,7 +90,9 @@ def _child(level, steps, k_shot, n_query, grad_out, tune_malloc) -> dict:
     command = [sys.executable, "-m", "fsl_dist.bench.memory", "--row", level, str(steps),
                "--shot", str(k_shot), "--query", str(n_query), "--grad-out", grad_out]
     command += [] if tune_malloc else ["--glibc-malloc-defaults"]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    # started as a CPU training process is (cli/starting.py), unless the row is glibc's defaults
+    env = start_environment() if tune_malloc else None
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode:
         return {"level": level, "steps": steps, "failed": done.stderr.strip()[-300:]}
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -18,9 +18,14 @@ from __future__ import annotations
 import os
 from typing import NoReturn
 
+from fsl_dist.cli.starting import restart_for_cpu_training
+
+if __name__ == "__main__":  # python -m (fsl-pretrain and launch/pretrain.py do it first)
+    restart_for_cpu_training()
+
 # Importing fsl_dist.cli.train installs the early Ctrl-C handler before torch is imported.
-from fsl_dist.cli import train
-from fsl_dist.signals import leave
+from fsl_dist.cli import train  # noqa: E402
+from fsl_dist.signals import leave  # noqa: E402
 
 
 def debug_overrides() -> list[str]:

@@ -14,14 +14,17 @@ resnet_maml, resnet_boil, miniimagenet/cnn_boil_5w1s, ...): a file that exists w
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
 
+from fsl_dist.cli.starting import parse_args, restart_for_cpu_training
 from fsl_dist.signals import catch_ctrl_c_while_starting, leave, quit_now, stop_line
+
+if __name__ == "__main__":  # python -m (fsl-train and launch/train.py do it first)
+    restart_for_cpu_training()
 
 # Before the slow imports (torch, accelerate: seconds): a Ctrl-C while the run starts prints one
 # line instead of a KeyboardInterrupt traceback. Trainer.stop_on_signals takes over for training.
@@ -43,33 +46,6 @@ def debug_overrides() -> list[str]:
     return ["train.steps=6", f"train.meta_batch_size={2 * world}", "train.log_every=1",
             "train.eval_every=6", "train.checkpoint_every=6", "eval.val_episodes=10",
             "eval.episodes=20", "eval.batch_size=10", "logging.wandb=false"]
-
-
-def parse_args(argv=None, description: str = __doc__) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True,
-                        help="YAML config file, or a shipped config's name (e.g. "
-                        "configs/resnet_boil.yaml or resnet_boil)")
-    parser.add_argument("--run-dir", help="run folder (default runs/<config name>-<seed>)")
-    parser.add_argument("--resume", help="'auto' (newest checkpoint in the run folder that loads, "
-                        "if any) or a checkpoint path")
-    parser.add_argument("--allow-config-change", action="store_true",
-                        help="with --resume: continue although the config changes what is "
-                        "trained (algorithm, task, model, data, seed, optimiser); run.json "
-                        "records each change and the step it took effect")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="the run folder holds an old run: move it aside (to "
-                        "<run-dir>.old-<time>) and start afresh")
-    parser.add_argument("--traceback", action="store_true",
-                        help="show the traceback of expected failures too (bad input, full disk)")
-    parser.add_argument("--debug", action="store_true",
-                        help="few steps, anomaly detection, deterministic, W&B off")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress (a bar on a terminal, also through accelerate "
-                        "launch; plain lines every 30 s in a log)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
 
 def main(argv=None, trainer_class=Trainer, debug=debug_overrides, description=__doc__) -> int:
