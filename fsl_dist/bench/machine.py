@@ -50,5 +50,6 @@ def machine_line(device, threads) -> str:
     if device.type == "cpu":  # part of what a row measured, so part of what --resume compares
         reason = reason_to_leave_alone()
         line += ", fsl_dist rows " + (f"in the allocator as is ({reason})" if reason
-                                      else "with fsl_dist's glibc malloc settings")
+                                      else "with fsl_dist's glibc malloc settings and start "
+                                      "tunables")
     return line
