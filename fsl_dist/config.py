@@ -315,7 +315,9 @@ class TrainConfig:
     """Threads per process on CPU; null: the machine's cores divided among local processes."""
     tune_cpu_malloc: bool = True
     """On CPU, keep glibc's allocator from returning freed activations to the kernel: faster
-    meta-steps for a higher peak RSS (fsl_dist/cpu_malloc.py; numbers in BENCHMARKS.md)."""
+    meta-steps for a higher peak RSS; and start fsl-train / fsl-pretrain again at once under
+    glibc tunables that let freed activations' memory be reused (tcache and fastbins off: a
+    lower peak at the same speed). fsl_dist/cpu_malloc.py; numbers in BENCHMARKS.md."""
     memory_budget_gb: Optional[float] = None
     """Peak memory per process (GB = 10^9; on CPU the resident set, on CUDA the tensors
     allocated on the device). Before the first step the trainer measures probe steps and takes
