@@ -98,7 +98,7 @@ def restart_under_start_tunables() -> None:
     descriptors) under ``start_environment()``; returns at once where that is None, and when
     the kernel refuses (the process then goes on as it is)."""
     env = start_environment()
-    if env is None:
+    if env is None or not sys.executable:
         return
     sys.stdout.flush()
     sys.stderr.flush()
