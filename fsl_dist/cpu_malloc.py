@@ -20,6 +20,12 @@ program starts. Without a per-thread cache (tcache) and fastbins, the small chun
 activation's hole stays large enough for the next tensor of its size, and the heap grows much
 less beyond what a meta-step holds, at the same speed (measured: BENCHMARKS.md, "Memory";
 docs/benchmarks/2026-12-05-memory-plan.md, section 27).
+
+Or, with ``train.cpu_allocator: tcmalloc``, it starts under gperftools' tcmalloc instead
+(``LD_PRELOAD``, found where torch's own CPU launcher looks: ``tcmalloc_path``), which took
+one task at a time on two threads to a lower peak and a faster step than the tuned glibc
+(section 28 of that log). glibc's settings then do not apply: every function here that sets or
+reads them leaves a process fsl_dist started with tcmalloc as it is.
 """
 
 from __future__ import annotations
@@ -58,6 +64,12 @@ GLIBC_ARENA_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_ARENA_TEST")
 START_TUNABLES = "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"
 # Holds the GLIBC_TUNABLES value fsl_dist set, so that it is not taken for the user's choice.
 SET_BY_FSL_DIST = "FSL_DIST_GLIBC_TUNABLES"
+# The same for the LD_PRELOAD of tcmalloc (train.cpu_allocator: tcmalloc).
+PRELOADED_BY_FSL_DIST = "FSL_DIST_LD_PRELOAD"
+# gperftools' tcmalloc, the minimal build first (no heap profiler).
+TCMALLOC_FILES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+# tcmalloc reports every allocation over 1 GiB on stderr by default; a long 84x84 run makes some.
+TCMALLOC_REPORT = ("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(2**40))
 
 
 def reason_to_leave_alone(env=None) -> str | None:
@@ -66,6 +78,8 @@ def reason_to_leave_alone(env=None) -> str | None:
     env = os.environ if env is None else env
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "not Linux with glibc"
+    if preloaded_tcmalloc(env):
+        return "fsl_dist started it with tcmalloc (train.cpu_allocator)"
     chosen = sorted(k for k in env if k.startswith("MALLOC_") and k.endswith("_")
                     or k in GLIBC_ARENA_VARIABLES)
     if "glibc.malloc." in env.get("GLIBC_TUNABLES", "") and not started_tuned(env):
@@ -81,23 +95,73 @@ def started_tuned(env=None) -> bool:
     return bool(env.get(SET_BY_FSL_DIST)) and env.get(SET_BY_FSL_DIST) == env.get("GLIBC_TUNABLES")
 
 
-def start_environment(env=None) -> dict | None:
-    """``env`` (this process's by default) with START_TUNABLES added to ``GLIBC_TUNABLES``, for
-    a CPU process to start; None where the allocator is not fsl_dist's to set or they are there
-    already."""
+def preloaded_tcmalloc(env=None) -> bool:
+    """Whether this process (or one started with ``env``) runs under the tcmalloc fsl_dist
+    preloaded."""
+    env = os.environ if env is None else env
+    return bool(env.get(PRELOADED_BY_FSL_DIST)) and \
+        env.get(PRELOADED_BY_FSL_DIST) == env.get("LD_PRELOAD")
+
+
+def loaded_tcmalloc() -> str | None:
+    """The path of the tcmalloc this process runs with (whoever preloaded it), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if "libtcmalloc" in line:
+                    return line.split()[-1]
+    except OSError:
+        pass
+    return None
+
+
+def tcmalloc_dirs(env=None) -> list[str]:
+    """Where ``tcmalloc_path`` looks, in order: the environments' own lib folders, then the
+    system's (as torch.backends.xeon.run_cpu does)."""
+    env = os.environ if env is None else env
+    prefixes = [env.get("VIRTUAL_ENV"), env.get("CONDA_PREFIX"), sys.prefix,
+                os.path.expanduser("~/.local")]
+    dirs = [os.path.join(p, "lib") for p in prefixes if p]
+    dirs += ["/usr/local/lib", "/usr/local/lib64", f"/usr/lib/{platform.machine()}-linux-gnu",
+             "/usr/lib", "/usr/lib64"]
+    return list(dict.fromkeys(dirs))
+
+
+def tcmalloc_path(env=None) -> str | None:
+    """The first of TCMALLOC_FILES in ``tcmalloc_dirs``, or None."""
+    for name in TCMALLOC_FILES:
+        for folder in tcmalloc_dirs(env):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def start_environment(env=None, allocator: str = "glibc") -> dict | None:
+    """``env`` (this process's by default) for a CPU process to start with: START_TUNABLES
+    added to ``GLIBC_TUNABLES``, or with ``allocator`` "tcmalloc" that preloaded
+    (``tcmalloc_path``); None where the allocator is not fsl_dist's to set, where it is set
+    already, or where tcmalloc is asked for and not found (the trainer reports that)."""
     env = dict(os.environ if env is None else env)
     if started_tuned(env) or reason_to_leave_alone(env) is not None:
         return None
+    if allocator == "tcmalloc":
+        path = tcmalloc_path(env)
+        if path is None:
+            return None
+        env.update({"LD_PRELOAD": path, PRELOADED_BY_FSL_DIST: path})
+        env.setdefault(*TCMALLOC_REPORT)
+        return env
     value = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), START_TUNABLES)))
     env.update({"GLIBC_TUNABLES": value, SET_BY_FSL_DIST: value})
     return env
 
 
-def restart_under_start_tunables() -> None:
+def restart_under_start_tunables(allocator: str = "glibc") -> None:
     """Run this program again in this process (``execve``: the same PID, arguments and
-    descriptors) under ``start_environment()``; returns at once where that is None, and when
-    the kernel refuses (the process then goes on as it is)."""
-    env = start_environment()
+    descriptors) under ``start_environment(allocator=allocator)``; returns at once where that
+    is None, and when the kernel refuses (the process then goes on as it is)."""
+    env = start_environment(allocator=allocator)
     if env is None or not sys.executable:
         return
     sys.stdout.flush()
@@ -108,10 +172,28 @@ def restart_under_start_tunables() -> None:
         return
 
 
+def tcmalloc_missing() -> str | None:
+    """Why this process does not run under the tcmalloc ``train.cpu_allocator`` asks for, in a
+    line that says what to do; None where it does, or where the allocator is the user's."""
+    if preloaded_tcmalloc() or reason_to_leave_alone() is not None:
+        return None
+    path = tcmalloc_path()
+    if path is None:
+        return (f"`train.cpu_allocator` = 'tcmalloc': none of {', '.join(TCMALLOC_FILES)} in "
+                f"{', '.join(tcmalloc_dirs())}; install it (apt install libtcmalloc-minimal4, "
+                f"or conda install gperftools) or set train.cpu_allocator=glibc")
+    return (f"`train.cpu_allocator` = 'tcmalloc': this process did not start with it; train "
+            f"with fsl-train, fsl-pretrain or launch/train.py (they preload it), or start "
+            f"Python with LD_PRELOAD={path}")
+
+
 def tune_cpu_malloc(tuned: bool = True) -> str:
     """Apply SETTINGS (``tuned``) or glibc's DEFAULTS to this process; returns what happened,
     for the log: ``"tuned"`` (or ``"defaults"``), or why not. Idempotent; affects allocations
-    from now on (forked children inherit it)."""
+    from now on (forked children inherit it); "tcmalloc" where fsl_dist started the process
+    with tcmalloc (nothing to set)."""
+    if preloaded_tcmalloc():
+        return "tcmalloc"
     reason = reason_to_leave_alone()
     if reason:
         return f"left as is: {reason}"
@@ -136,8 +218,13 @@ def single_arena() -> bool:
 
 def release_free_memory() -> None:
     """Hand the heap's free pages back to the kernel (glibc's ``malloc_trim(0)``), so that the
-    process's RSS is what it holds; nothing where glibc is not the allocator."""
-    if reason_to_leave_alone() is None:
+    process's RSS is what it holds; under fsl_dist's tcmalloc its
+    ``MallocExtension_ReleaseFreeMemory``; nothing under another allocator."""
+    if preloaded_tcmalloc():
+        release = getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)
+        if release is not None:
+            release()
+    elif reason_to_leave_alone() is None:
         _libc().malloc_trim(ctypes.c_size_t(0))
 
 

@@ -69,6 +69,9 @@ every rank probes the same candidates and each peak and time is the maximum over
 collective per round), so every rank takes the same plan, or refuses alike. On a resume the
 plan is made again: the machine, the processes or the budget may have changed, and no plan
 changes the meta-gradient beyond rounding.
+
+Under the tcmalloc of ``train.cpu_allocator`` (nothing to switch, nothing to cap):
+``anchored_search``, which risks no probe it expects past the budget.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ from fsl_dist.code_pages import ResidentCode
 from fsl_dist.cpu_malloc import (
     grow_heap_by_default_steps,
     heap_free_bytes,
+    preloaded_tcmalloc,
     reason_to_leave_alone,
     release_free_memory,
     single_arena,
@@ -265,6 +269,43 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
     for probe in fitting:
         if probes[-1].plan != probe.plan or not _on_all_threads(probes[-1:]):
             probes += measure([probe.plan], capped=capped)  # the confirmation
+        if probes[-1].peak <= budget:
+            return probe.plan, probes
+    return None, probes
+
+
+def anchored_search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
+                    budget: float) -> tuple[Optional[Plan], list[Probe]]:
+    """``search`` for an allocator fsl_dist does not switch and cannot cap (tcmalloc): no probe
+    is risked that is expected past the budget. One task at a time at the configured level
+    first (the anchor); a plan of n tasks in flight at that level only where n times the
+    anchor's growth fits (tcmalloc's peak grows about with the tasks held: 116 and 208 MiB for
+    1 and 2, docs/benchmarks/2026-12-05-memory-plan.md, section 28); where the anchor does not
+    fit, the finer levels of one task at a time, coarsest first, until one fits. The fastest
+    that fit, probed once more (``search``'s confirmation)."""
+    anchor = next((p for p in plans if not p.vectorize and p.in_flight == 1
+                   and p.checkpoint == plans[0].checkpoint), None)
+    if anchor is None:
+        return search(plans, measure, budget)
+    probes = measure([anchor])
+    first = probes[-1]
+    if first.peak <= budget:
+        held = max(first.before, first.after)
+        wider = [p for p in plans if p.checkpoint == anchor.checkpoint and p != anchor
+                 and held + p.in_flight * first.growth <= budget]
+        probes += measure(wider) if wider else []
+    else:
+        for plan in plans:
+            if plan.in_flight == 1 and not plan.vectorize and plan != anchor:
+                probes += measure([plan])
+                if probes[-1].peak <= budget:
+                    break
+    order = {plan: i for i, plan in enumerate(plans)}
+    fitting = sorted((p for p in _latest(probes).values() if p.peak <= budget),
+                     key=lambda p: (p.seconds, order[p.plan]))
+    for probe in fitting:
+        if probes[-1].plan != probe.plan:
+            probes += measure([probe.plan])  # the confirmation
         if probes[-1].peak <= budget:
             return probe.plan, probes
     return None, probes
@@ -843,8 +884,11 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     checks = alone_tuned and not capped and capping_works(device)
     prober = Prober(state, tasks, cfg, precision, dist,
                     cap=(usable, budget - usable) if capped or checks else None, code=code)
-    chosen, probes = search(plans, prober, usable, capped=capped,
-                            check=prober.checked if checks else None)
+    if device.type == "cpu" and preloaded_tcmalloc():
+        chosen, probes = anchored_search(plans, prober, usable)
+    else:
+        chosen, probes = search(plans, prober, usable, capped=capped,
+                                check=prober.checked if checks else None)
     if chosen is None and capped:
         chosen = _twin_as_it_fit(probes, prober, usable, budget - usable, device)
     if chosen is None:

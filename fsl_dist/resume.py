@@ -65,6 +65,7 @@ KINDS = {
     "train.eval_every": BOOKKEEPING, "train.log_every": BOOKKEEPING,
     "train.memory_budget_gb": BOOKKEEPING,  # re-planned at every start; same meta-gradient
     "train.cpu_threads": BOOKKEEPING, "train.tune_cpu_malloc": BOOKKEEPING,
+    "train.cpu_allocator": BOOKKEEPING,
     "train.max_skipped_steps": BOOKKEEPING, "train.loss_warn_factor": BOOKKEEPING,
     # evaluation reads the weights, never changes them
     "eval.episodes": BOOKKEEPING, "eval.val_episodes": BOOKKEEPING,

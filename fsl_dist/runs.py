@@ -29,6 +29,7 @@ import yaml
 from fsl_dist import checkpoint as ckpt
 from fsl_dist import runfolder
 from fsl_dist.config import Config, ConfigError, save_config
+from fsl_dist.cpu_malloc import loaded_tcmalloc
 from fsl_dist.data.episodes import TaskSpec, make_tasks
 from fsl_dist.data.shards import (
     ShardError,
@@ -179,6 +180,9 @@ def write_run_info(cfg: Config, run_dir: Path, dist, precision: str,
     }
     if device.type == "cpu":  # the allocator's start-up settings (fsl_dist/cpu_malloc.py)
         info["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
+        tcmalloc, preload = loaded_tcmalloc(), os.environ.get("LD_PRELOAD")
+        info["cpu_allocator"] = (f"tcmalloc {tcmalloc}" if tcmalloc else
+                                 f"LD_PRELOAD {preload}" if preload else "glibc")
     if memory_plan is not None:
         info["memory_plan"] = memory_plan
     atomic_write_json(run_dir / "run.json", info)

@@ -27,7 +27,7 @@ from fsl_dist import resume as resume_record
 from fsl_dist import runfolder
 from fsl_dist.backbone import start_from
 from fsl_dist.config import Config, ConfigError, OptimConfig, to_dict
-from fsl_dist.cpu_malloc import single_arena, tune_cpu_malloc
+from fsl_dist.cpu_malloc import single_arena, tcmalloc_missing, tune_cpu_malloc
 from fsl_dist.data.augment import Augment
 from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
 from fsl_dist.data.shards import verify_shards
@@ -157,8 +157,11 @@ def configure_cpu(cfg: Config, dist) -> None:
         threads = cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // dist.local_world_size)
         torch.set_num_threads(threads)
         if cfg.train.tune_cpu_malloc:
+            missing = tcmalloc_missing() if cfg.train.cpu_allocator == "tcmalloc" else None
+            if missing:
+                raise ConfigError(missing)
             outcome = tune_cpu_malloc()
-            if outcome != "tuned":  # "tuned" is the usual outcome: a line only when it is not
+            if outcome not in ("tuned", "tcmalloc"):  # the usual outcomes: a line only otherwise
                 dist.print(f"cpu malloc: {outcome}")
             if cfg.train.memory_budget_gb is not None:
                 # Before any worker thread allocates: a probe's thread then shares the main

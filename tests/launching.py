@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fsl_dist.cpu_malloc import tcmalloc_path
 from fsl_dist.slurm import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +55,16 @@ def run(script: str, args: list[str], *, processes: int = 0, timeout: float = 30
 def config_args(name: str, run_dir: Path, shards: Path, *extra: str) -> list[str]:
     return ["--config", str(ROOT / "configs" / f"{name}.yaml"), "--run-dir", str(run_dir),
             f"data.shards={shards}", *SMALL, WIDTH[name.split("_")[0]], *extra]
+
+
+def require_tcmalloc() -> str:
+    """gperftools' tcmalloc (train.cpu_allocator=tcmalloc), or a skip; a failure instead with
+    FSL_REQUIRE_TCMALLOC=1 (.ci/run installs it)."""
+    import pytest
+    path = tcmalloc_path()
+    if path is None:
+        why = "tcmalloc is not installed (apt install libtcmalloc-minimal4)"
+        if os.environ.get("FSL_REQUIRE_TCMALLOC") == "1":
+            pytest.fail(f"FSL_REQUIRE_TCMALLOC=1 but {why}")
+        pytest.skip(why)
+    return path

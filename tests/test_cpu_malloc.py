@@ -11,12 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from fsl_dist import cpu_malloc
 from fsl_dist.cpu_malloc import (
     START_TUNABLES,
+    preloaded_tcmalloc,
     reason_to_leave_alone,
     start_environment,
     started_tuned,
+    tcmalloc_path,
 )
+
+from launching import require_tcmalloc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,9 +91,9 @@ def test_the_users_own_malloc_settings_are_left_alone(variable, value):
 RESTART = r"""
 import ctypes, json, os, sys
 from fsl_dist.cli.starting import restart_for_cpu_training
-from fsl_dist.cpu_malloc import _MallInfo2
+from fsl_dist.cpu_malloc import _MallInfo2, loaded_tcmalloc
 print(json.dumps({"pid": os.getpid(), "tunables": os.environ.get("GLIBC_TUNABLES"),
-                  "argv": sys.argv[1:]}), flush=True)
+                  "argv": sys.argv[1:], "tcmalloc": loaded_tcmalloc()}), flush=True)
 restart_for_cpu_training(sys.argv[1:])
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
@@ -144,3 +149,41 @@ def test_start_tunables_are_fsl_dists_own_and_join_the_users_other_tunables():
     for variable, value in (("MALLOC_TRIM_THRESHOLD_", "131072"), ("LD_PRELOAD", "libjemalloc.so"),
                             ("GLIBC_TUNABLES", "glibc.malloc.top_pad=0")):
         assert start_environment({variable: value}) is None
+
+
+def test_with_cpu_allocator_tcmalloc_a_cpu_training_command_starts_again_under_it():
+    require_tcmalloc()
+    first, again, _ = restart("--config", "cnn_maml", "train.cpu_allocator=tcmalloc")
+    assert first["tcmalloc"] is None
+    assert again["tcmalloc"] == os.path.realpath(tcmalloc_path())  # maps name the file
+    assert again["pid"] == first["pid"] and again["argv"] == first["argv"]
+    assert again["tunables"] is None  # glibc's are for glibc's malloc
+
+
+def test_start_environment_preloads_tcmalloc_only_where_asked_and_found(monkeypatch):
+    found = "/opt/lib/libtcmalloc_minimal.so.4"
+    monkeypatch.setattr(cpu_malloc, "tcmalloc_path", lambda env=None: found)
+    env = start_environment({"PATH": "/usr/bin"}, allocator="tcmalloc")
+    assert env["LD_PRELOAD"] == found and preloaded_tcmalloc(env)
+    assert "GLIBC_TUNABLES" not in env
+    assert reason_to_leave_alone(env).startswith("fsl_dist started it with tcmalloc")
+    assert start_environment(env, allocator="tcmalloc") is None  # there already
+    # the user's own preload, allocator settings or report threshold are theirs
+    assert start_environment({"LD_PRELOAD": "/x/libjemalloc.so.2"}, allocator="tcmalloc") is None
+    assert start_environment({"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "5"},
+                             allocator="tcmalloc")["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "5"
+    monkeypatch.setattr(cpu_malloc, "tcmalloc_path", lambda env=None: None)
+    assert start_environment({"PATH": "/usr/bin"}, allocator="tcmalloc") is None
+
+
+def test_tcmalloc_asked_for_and_missing_is_one_line_that_says_what_to_do(monkeypatch):
+    for variable in ("LD_PRELOAD", cpu_malloc.PRELOADED_BY_FSL_DIST):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(cpu_malloc, "tcmalloc_path", lambda env=None: None)
+    line = cpu_malloc.tcmalloc_missing()
+    assert "`train.cpu_allocator` = 'tcmalloc'" in line
+    assert "apt install libtcmalloc-minimal4" in line
+    assert "train.cpu_allocator=glibc" in line and "\n" not in line
+    monkeypatch.setattr(cpu_malloc, "tcmalloc_path", lambda env=None: "/opt/libtcmalloc.so.4")
+    line = cpu_malloc.tcmalloc_missing()
+    assert "did not start with it" in line and "LD_PRELOAD=/opt/libtcmalloc.so.4" in line

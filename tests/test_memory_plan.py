@@ -21,6 +21,7 @@ from fsl_dist.memory_plan import (
     Probe,
     Prober,
     _twin_as_it_fit,
+    anchored_search,
     can_cap,
     candidates,
     capped_at,
@@ -183,6 +184,40 @@ def test_without_the_tuned_allocator_the_default_is_probed_alone_first():
     plans = [TWIN, MIDDLE_FAST, LIGHTEST]  # train.tune_cpu_malloc=false, or a GPU (None)
     measure, rounds = measured({TWIN: (1.0, 1.0)})
     assert search(plans, measure, 1.0 * GB)[0] == TWIN and rounds == [[TWIN]]
+
+
+# tcmalloc (train.cpu_allocator): the allocator is fixed and probes cannot be capped
+TWO, ONE = Plan(False, 2, "none"), Plan(False, 1, "none")
+TWO_STEPS, ONE_STEPS, ONE_BLOCKS = Plan(False, 2, "steps"), Plan(False, 1, "steps"), \
+    Plan(False, 1, "blocks")
+FIXED = [TWO, ONE, TWO_STEPS, ONE_STEPS, ONE_BLOCKS]  # candidates' order
+
+
+def test_under_tcmalloc_more_tasks_in_flight_are_probed_only_with_room_for_their_growth():
+    measure, rounds = measured({ONE: (0.4, 2.0), TWO: (0.75, 1.5)})
+    assert anchored_search(FIXED, measure, 1.0 * GB)[0] == TWO  # 2 x 0.4 fits: risked, faster
+    assert rounds == [[ONE], [TWO]]
+    measure, rounds = measured({ONE: (0.6, 2.0)})
+    assert anchored_search(FIXED, measure, 1.0 * GB)[0] == ONE  # 2 x 0.6 would not: not risked
+    assert rounds == [[ONE]]
+
+
+def test_under_tcmalloc_the_growth_is_counted_above_what_the_process_holds():
+    def measure(plans, capped=False):
+        rounds.append(list(plans))
+        return [Probe(p, 0.9 * GB, 1.0, before=0.5 * GB, after=0.6 * GB) for p in plans]
+    rounds = []
+    assert anchored_search(FIXED, measure, 1.0 * GB)[0] == ONE
+    assert rounds == [[ONE]]  # 0.6 held + 2 x 0.3 growth > 1.0
+
+
+def test_under_tcmalloc_a_one_task_plan_that_does_not_fit_leads_to_finer_levels_in_turn():
+    measure, rounds = measured({ONE: (1.5, 1.0), ONE_STEPS: (1.2, 1.2), ONE_BLOCKS: (0.9, 1.5)})
+    assert anchored_search(FIXED, measure, 1.0 * GB)[0] == ONE_BLOCKS
+    assert rounds == [[ONE], [ONE_STEPS], [ONE_BLOCKS]]  # nothing of 2 tasks risked
+    measure, rounds = measured({ONE: (1.5, 1.0), ONE_STEPS: (1.2, 1.2), ONE_BLOCKS: (1.1, 1.5)})
+    chosen, probes = anchored_search(FIXED, measure, 1.0 * GB)
+    assert chosen is None and "needs 1.1 GB" in refusal(1.0, probes)
 
 
 def test_nothing_fits_after_two_probes_and_the_refusal_names_the_smallest_need():

@@ -18,7 +18,7 @@ from faulting import assert_fault
 from fsl_dist.exits import EXIT_NO_PLAN
 from fsl_dist.memory_plan import THREADS_MARGIN
 
-from launching import ROOT, child_env, command, run
+from launching import ROOT, child_env, command, require_tcmalloc, run
 
 pytestmark = pytest.mark.integration
 
@@ -200,6 +200,32 @@ def test_on_two_threads_tuned_plans_one_at_a_time_are_checked_on_one_first(shard
         assert probes[i]["fits"] or not ran_on_two, probes  # stopped or over: not run on two
         assert not ran_on_two or then["intra_op_threads"] == 2
     assert plan["probes"][-1]["intra_op_threads"] == 2  # the chosen plan's, on both threads
+
+
+def test_under_tcmalloc_no_probe_expected_past_the_budget_is_risked(shards, tmp_path):
+    """train.cpu_allocator=tcmalloc on two threads, where nothing can be capped: one task at a
+    time is probed first, and two only where twice its growth fits; with room for less, the
+    run trains one task at a time, within the budget measured from outside."""
+    require_tcmalloc()
+    two = [*HEAVY[:-1], "train.cpu_threads=2", "train.cpu_allocator=tcmalloc",
+           "eval.batch_size=1"]
+    generous = tmp_path / "generous"
+    run("train.py", args(generous, shards, *two, "train.memory_budget_gb=100"))
+    info = json.loads((generous / "run.json").read_text())
+    assert info["cpu_allocator"].startswith("tcmalloc /")
+    probes = info["memory_plan"]["probes"]
+    assert [p["plan"] for p in probes[:2]] == ["loop, 1 task at a time, checkpoint none",
+                                               "loop, 2 tasks at a time, checkpoint none"]
+    anchor = probes[0]
+    held = max(anchor["before_gb"], anchor["after_gb"])
+    budget = round((held + 1.6 * (anchor["peak_gb"] - held)) / (1 - THREADS_MARGIN), 4)
+    run_dir = tmp_path / "run"
+    result, peak = watch_peak(command("train.py", args(run_dir, shards, *two,
+                                                       f"train.memory_budget_gb={budget}"), 0))
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = plan_of(run_dir)
+    assert [p["plan"] for p in plan["probes"]] == [anchor["plan"]], plan
+    assert 0 < peak <= budget * 1e9, (peak, budget, plan)
 
 
 def test_a_budget_nothing_fits_ends_in_one_line_and_writes_nothing(shards, tmp_path):

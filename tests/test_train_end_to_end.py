@@ -37,6 +37,7 @@ def test_system_trains_evaluates_and_leaves_its_run_folder(name, shards, tmp_pat
     assert info["world_size"] == 1 and info["precision"] == "no" and info["packages"]["torch"]
     # the README's command on CPU: the process started again under the start-up tunables
     assert info.get("glibc_tunables") == (START_TUNABLES if info["device"] == "cpu" else None)
+    assert info.get("cpu_allocator") == ("glibc" if info["device"] == "cpu" else None)
     model = yaml.safe_load((run_dir / "model.yaml").read_text())
     assert (model["model"]["name"] == name.split("_")[0]
             and model["algorithm"]["name"] == name.split("_")[1])

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import fsl_dist.bench
+from fsl_dist.cpu_malloc import TCMALLOC_FILES, tcmalloc_dirs, tcmalloc_path
 from fsl_dist.io import atomic_write_text
 
 from .cases import cases, parse_task
@@ -76,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the 'loop, memory plan' row's budget: the peak memory a step may "
                              "add (MiB); default: the lightest peer's peak measured before it "
                              "in the same case (list the peers first in --methods)")
+    parser.add_argument("--cpu-allocator", default="glibc", choices=["glibc", "tcmalloc"],
+                        help="the malloc fsl_dist's rows start with, as train.cpu_allocator "
+                             "(the peers start as shipped)")
     parser.add_argument("--row-timeout", type=float, default=3600, help="seconds per row")
     parser.add_argument("--json", type=Path,
                         help="also write the rows here (after every case, complete at the end)")
@@ -92,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resume and not args.json:
         parser.error("--resume needs --json (the file of the run to continue)")
+    if args.cpu_allocator == "tcmalloc" and tcmalloc_path() is None:
+        parser.error(f"--cpu-allocator tcmalloc: none of {', '.join(TCMALLOC_FILES)} in "
+                     f"{', '.join(tcmalloc_dirs())}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     if args.report and not (args.json and args.json.exists()):
@@ -150,7 +157,8 @@ class CaseRunner:
             return {"unavailable": self.unavailable[method]}
         args = self.args
         spec = {"case": case, "method": method, "device": args.device, "threads": args.threads,
-                "steps": steps, "warmup": args.warmup, "grad_out": grad_out}
+                "steps": steps, "warmup": args.warmup, "grad_out": grad_out,
+                "cpu_allocator": args.cpu_allocator}
         if method == "loop, memory plan":
             budget = args.plan_budget_mib or self.lightest_peer()
             if budget is None:
@@ -171,7 +179,7 @@ def run_header(args, earlier) -> dict:
     """The run's machine, peers, ceiling and timing: a resumed run keeps its saved ceiling (one
     machine and one ceiling for every row), a new one measures it."""
     device = torch.device(args.device)
-    machine = machine_line(device, args.threads)
+    machine = machine_line(device, args.threads, args.cpu_allocator)
     if earlier:
         check_same_machine(earlier, args.json, machine)
         ceiling = earlier["ceiling_gflop_per_s"]

@@ -208,7 +208,8 @@ def run_in_subprocess(spec: dict, timeout: float) -> dict:
     # first, so the row measures the code of the run that started it (a clone's, say).
     package_root = Path(fsl_dist.__file__).resolve().parents[1]
     # fsl_dist's rows start as a CPU training process does (cli/starting.py), the peers as shipped
-    env = start_environment() if spec["device"] == "cpu" and tunes_malloc(spec["method"]) else None
+    env = (start_environment(allocator=spec.get("cpu_allocator", "glibc"))
+           if spec["device"] == "cpu" and tunes_malloc(spec["method"]) else None)
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                              cwd=package_root, env=env)

@@ -1,5 +1,6 @@
 """What a training command (fsl-train, fsl-pretrain) does before it imports torch: read its
-arguments, and on CPU start again under glibc's start-up tunables.
+arguments, and on CPU start again under glibc's start-up tunables (or tcmalloc:
+``train.cpu_allocator``).
 
 glibc reads its tunables only when a program starts (fsl_dist/cpu_malloc.py, START_TUNABLES says
 why they help), and a launcher such as accelerate's starts the training processes with the
@@ -73,19 +74,20 @@ def on_cpu(env=None) -> bool:
 
 
 def restart_for_cpu_training(argv=None) -> None:
-    """Run this process again under ``cpu_malloc.start_environment()`` when it trains on CPU
-    with ``train.tune_cpu_malloc``; returns where it does not (a GPU, the setting off, the
-    user's own allocator settings, already restarted) and where the arguments or the config
-    are wrong, which the command then reports as it always does."""
+    """Run this process again under ``cpu_malloc.start_environment()`` (with
+    ``train.cpu_allocator``) when it trains on CPU with ``train.tune_cpu_malloc``; returns
+    where it does not (a GPU, the setting off, the user's own allocator settings, already
+    restarted, tcmalloc asked for and not found) and where the arguments or the config are
+    wrong, which the command then reports as it always does."""
     if not on_cpu():
         return
     try:
         args = train_parser("", _Silent, add_help=False).parse_intermixed_args(argv)
-        tuned = load_config(args.config, args.overrides).train.tune_cpu_malloc
+        train = load_config(args.config, args.overrides).train
     except Exception:  # noqa: BLE001 (any failure here is the command's to report)
         return
-    if tuned:
-        restart_under_start_tunables()
+    if train.tune_cpu_malloc:
+        restart_under_start_tunables(train.cpu_allocator)
 
 
 def train_command() -> NoReturn:
