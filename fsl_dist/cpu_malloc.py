@@ -68,8 +68,12 @@ SET_BY_FSL_DIST = "FSL_DIST_GLIBC_TUNABLES"
 PRELOADED_BY_FSL_DIST = "FSL_DIST_LD_PRELOAD"
 # gperftools' tcmalloc, the minimal build first (no heap profiler).
 TCMALLOC_FILES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
-# tcmalloc reports every allocation over 1 GiB on stderr by default; a long 84x84 run makes some.
-TCMALLOC_REPORT = ("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(2**40))
+# tcmalloc's settings where the user has none of their own: no report on stderr of every
+# allocation over 1 GiB (an 84x84 run makes some); freed pages kept for the next step rather than
+# handed back a few at a time and faulted in again (as glibc's SETTINGS do; planning hands them
+# back itself, release_free_memory).
+TCMALLOC_SETTINGS = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**40),
+                     "TCMALLOC_RELEASE_RATE": "0"}
 
 
 def reason_to_leave_alone(env=None) -> str | None:
@@ -150,7 +154,8 @@ def start_environment(env=None, allocator: str = "glibc") -> dict | None:
         if path is None:
             return None
         env.update({"LD_PRELOAD": path, PRELOADED_BY_FSL_DIST: path})
-        env.setdefault(*TCMALLOC_REPORT)
+        for variable, value in TCMALLOC_SETTINGS.items():
+            env.setdefault(variable, value)
         return env
     value = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), START_TUNABLES)))
     env.update({"GLIBC_TUNABLES": value, SET_BY_FSL_DIST: value})

@@ -165,7 +165,7 @@ def test_start_environment_preloads_tcmalloc_only_where_asked_and_found(monkeypa
     monkeypatch.setattr(cpu_malloc, "tcmalloc_path", lambda env=None: found)
     env = start_environment({"PATH": "/usr/bin"}, allocator="tcmalloc")
     assert env["LD_PRELOAD"] == found and preloaded_tcmalloc(env)
-    assert "GLIBC_TUNABLES" not in env
+    assert "GLIBC_TUNABLES" not in env and env["TCMALLOC_RELEASE_RATE"] == "0"
     assert reason_to_leave_alone(env).startswith("fsl_dist started it with tcmalloc")
     assert start_environment(env, allocator="tcmalloc") is None  # there already
     # the user's own preload, allocator settings or report threshold are theirs
