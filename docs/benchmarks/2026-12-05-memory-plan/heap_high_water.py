@@ -7,7 +7,8 @@ trim_or_channels_last.py (section 23).
     PYTHONPATH=/work/main OMP_NUM_THREADS=2 python heap_high_water.py MODEL METHOD THREADS \
         META_BATCH MALLOC STEPS VARIANT
 
-METHOD: a bench method, or ckpt:LEVEL (one task at a time at a checkpoint level). MALLOC: tuned
+METHOD: a bench method, or ckpt:LEVEL (one task at a time at a checkpoint level), or ckptN:LEVEL
+(N tasks side by side; section 28). MALLOC: one (one arena, glibc's settings), tuned
 (one arena and fsl_dist's settings, as under a budget), tunedmulti (the settings with glibc's
 arenas: the default path), force / forcemulti (the same set by mallopt directly, for a process
 started with GLIBC_TUNABLES, which tune_cpu_malloc leaves alone), mmN (tuned, then the mmap
@@ -38,6 +39,9 @@ TUNED = ((M_MMAP_THRESHOLD, 32 * 2**20), (-1, 2**31 - 1), (-2, 2**30))
 
 
 def set_allocator(malloc: str) -> None:
+    if malloc == "one":
+        single_arena()
+        return
     if malloc in ("tuned", "force") or malloc.startswith("mm"):
         if malloc == "force":
             assert LIBC.mallopt(M_ARENA_MAX, 1) == 1
@@ -95,8 +99,9 @@ def main(argv):
     if variant == "cl":
         model = model.to(memory_format=torch.channels_last)
     tasks = synthetic_tasks(case, torch.device("cpu"))
-    if method.startswith("ckpt:"):
-        backward = fsl_dist_method(vectorize=False, workers=1, checkpoint=method[5:])(
+    if method.startswith("ckpt"):
+        workers, level = method[4:].split(":") if method[4] != ":" else ("1", method[5:])
+        backward = fsl_dist_method(vectorize=False, workers=int(workers), checkpoint=level)(
             model, tasks, case)
     else:
         backward = METHODS[method][1](model, tasks, case)
