@@ -262,6 +262,14 @@ def search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
         probed.add(lightest)
     probes += _probe_rest([p for p in pool if p not in probed], probes, measure, budget, capped,
                           check)
+    return _fastest_confirmed(pool, probes, measure, budget, capped)
+
+
+def _fastest_confirmed(pool: list[Plan], probes: list[Probe], measure, budget: float,
+                       capped: bool = False) -> tuple[Optional[Plan], list[Probe]]:
+    """The fastest plan of ``pool`` whose latest probe fit, probed once more unless that probe
+    was the last (the confirmation, in the state training starts from); the next fastest where
+    it no longer fits."""
     order = {plan: i for i, plan in enumerate(pool)}
     latest = _latest(probes)
     fitting = sorted((p for p in latest.values() if p.peak <= budget and p.plan in order),
@@ -300,15 +308,7 @@ def anchored_search(plans: list[Plan], measure: Callable[[list[Plan]], list[Prob
                 probes += measure([plan])
                 if probes[-1].peak <= budget:
                     break
-    order = {plan: i for i, plan in enumerate(plans)}
-    fitting = sorted((p for p in _latest(probes).values() if p.peak <= budget),
-                     key=lambda p: (p.seconds, order[p.plan]))
-    for probe in fitting:
-        if probes[-1].plan != probe.plan:
-            probes += measure([probe.plan])  # the confirmation
-        if probes[-1].peak <= budget:
-            return probe.plan, probes
-    return None, probes
+    return _fastest_confirmed(plans, probes, measure, budget)
 
 
 def _on_all_threads(probes: list[Probe]) -> list[Probe]:
