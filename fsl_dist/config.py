@@ -318,13 +318,14 @@ class TrainConfig:
     meta-steps for a higher peak RSS; and start fsl-train / fsl-pretrain again at once under
     glibc tunables that let freed activations' memory be reused (tcache and fastbins off: a
     lower peak at the same speed). fsl_dist/cpu_malloc.py; numbers in BENCHMARKS.md."""
-    cpu_allocator: str = "glibc"
+    cpu_allocator: str = "auto"
     """With `train.tune_cpu_malloc`, the malloc a CPU training process runs with: glibc (tuned
-    as above) or tcmalloc (gperftools', which fsl-train / fsl-pretrain / launch/train.py
-    preload when they start again; measured faster and lighter than the tuned glibc for one
-    task at a time on two threads, BENCHMARKS.md "Memory"). Install it with `apt install
-    libtcmalloc-minimal4` (Debian, Ubuntu) or `conda install gperftools`; training stops with
-    one line when it is asked for and not found."""
+    as above), tcmalloc (gperftools', which fsl-train / fsl-pretrain / launch/train.py preload
+    when they start again; measured faster and lighter than the tuned glibc for one task at a
+    time on two threads, BENCHMARKS.md "Memory"), or auto: tcmalloc where
+    `train.memory_budget_gb` is set and the library is found, glibc otherwise. Install it with
+    `apt install libtcmalloc-minimal4` (Debian, Ubuntu) or `conda install gperftools`; training
+    stops with one line when tcmalloc is asked for by name and not found."""
     memory_budget_gb: Optional[float] = None
     """Peak memory per process (GB = 10^9; on CPU the resident set, on CUDA the tensors
     allocated on the device). Before the first step the trainer measures probe steps and takes
@@ -467,7 +468,7 @@ CHOICES = {
     "algorithm.learn_inner_lr": (False, True, "per_step"),
     "algorithm.checkpoint": ("none", "steps", "blocks"),
     "algorithm.meta_gradient": ("unrolled", "implicit"),
-    "train.cpu_allocator": ("glibc", "tcmalloc"),
+    "train.cpu_allocator": ("auto", "glibc", "tcmalloc"),
     "eval.part": ("val", "test"),
     "optim.schedule": ("constant", "cosine", "step"),
     "pretrain.optimizer": ("adam", "sgd"),

@@ -21,11 +21,12 @@ activation's hole stays large enough for the next tensor of its size, and the he
 less beyond what a meta-step holds, at the same speed (measured: BENCHMARKS.md, "Memory";
 docs/benchmarks/2026-12-05-memory-plan.md, section 27).
 
-Or, with ``train.cpu_allocator: tcmalloc``, it starts under gperftools' tcmalloc instead
-(``LD_PRELOAD``, found where torch's own CPU launcher looks: ``tcmalloc_path``), which took
-one task at a time on two threads to a lower peak and a faster step than the tuned glibc
-(section 28 of that log). glibc's settings then do not apply: every function here that sets or
-reads them leaves a process fsl_dist started with tcmalloc as it is.
+Or, with ``train.cpu_allocator: tcmalloc`` (and by default, ``auto``, where a memory budget
+is set), it starts under gperftools' tcmalloc instead (``LD_PRELOAD``, found where torch's own
+CPU launcher looks: ``tcmalloc_path``), which took one task at a time on two threads to a lower
+peak and a faster step than the tuned glibc (section 28 of that log). glibc's settings then do
+not apply: every function here that sets or reads them leaves a process fsl_dist started with
+tcmalloc as it is.
 """
 
 from __future__ import annotations
@@ -139,6 +140,16 @@ def tcmalloc_path(env=None) -> str | None:
             if os.path.isfile(path):
                 return path
     return None
+
+
+def chosen_allocator(allocator: str, budgeted: bool, env=None) -> str:
+    """The malloc a CPU training process starts with for ``train.cpu_allocator`` =
+    ``allocator``: "auto" is tcmalloc where a memory budget is set (``budgeted``: the budget
+    rows ran lighter and faster under it, BENCHMARKS.md "Memory") and ``tcmalloc_path`` finds
+    it, glibc otherwise."""
+    if allocator != "auto":
+        return allocator
+    return "tcmalloc" if budgeted and tcmalloc_path(env) is not None else "glibc"
 
 
 def start_environment(env=None, allocator: str = "glibc") -> dict | None:

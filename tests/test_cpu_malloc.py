@@ -14,6 +14,7 @@ import pytest
 from fsl_dist import cpu_malloc
 from fsl_dist.cpu_malloc import (
     START_TUNABLES,
+    chosen_allocator,
     preloaded_tcmalloc,
     reason_to_leave_alone,
     start_environment,
@@ -121,6 +122,7 @@ def restart(*argv: str, **env_extra) -> list[dict]:
 def test_a_cpu_training_command_starts_again_under_the_start_tunables():
     first, again, heap = restart("--config", "cnn_maml", "train.steps=3", "--quiet")
     assert first["tunables"] is None and again["tunables"] == START_TUNABLES
+    assert again["tcmalloc"] is None  # auto, without a memory budget: glibc
     assert again["pid"] == first["pid"] and again["argv"] == first["argv"]
     assert heap["freed"] == 40  # no per-thread cache keeps any of them
 
@@ -158,6 +160,43 @@ def test_with_cpu_allocator_tcmalloc_a_cpu_training_command_starts_again_under_i
     assert again["tcmalloc"] == os.path.realpath(tcmalloc_path())  # maps name the file
     assert again["pid"] == first["pid"] and again["argv"] == first["argv"]
     assert again["tunables"] is None  # glibc's are for glibc's malloc
+
+
+def test_by_default_a_budgeted_cpu_training_command_starts_again_under_tcmalloc():
+    require_tcmalloc()
+    first, again, _ = restart("--config", "cnn_maml", "train.memory_budget_gb=2")
+    assert first["tcmalloc"] is None
+    assert again["tcmalloc"] == os.path.realpath(tcmalloc_path())
+    assert again["pid"] == first["pid"] and again["argv"] == first["argv"]
+
+
+def test_auto_is_tcmalloc_only_with_a_memory_budget_and_where_found(monkeypatch):
+    monkeypatch.setattr(cpu_malloc, "tcmalloc_path", lambda env=None: "/opt/libtcmalloc.so.4")
+    assert chosen_allocator("auto", budgeted=True) == "tcmalloc"
+    assert chosen_allocator("auto", budgeted=False) == "glibc"
+    assert chosen_allocator("glibc", budgeted=True) == "glibc"  # named: as named
+    assert chosen_allocator("tcmalloc", budgeted=False) == "tcmalloc"
+    monkeypatch.setattr(cpu_malloc, "tcmalloc_path", lambda env=None: None)
+    assert chosen_allocator("auto", budgeted=True) == "glibc"  # not found: no error, glibc
+    assert chosen_allocator("tcmalloc", budgeted=True) == "tcmalloc"  # trainer: missing
+
+
+def test_the_bench_machine_line_says_which_rows_run_under_tcmalloc(monkeypatch):
+    import torch
+
+    from fsl_dist.bench import machine
+
+    for module in (cpu_malloc, machine):
+        monkeypatch.setattr(module, "tcmalloc_path", lambda env=None: "/opt/libtcmalloc.so.4")
+    monkeypatch.setattr(machine, "reason_to_leave_alone", lambda: None)
+    cpu = torch.device("cpu")
+    assert machine.machine_line(cpu, 2, "auto").endswith(
+        "start tunables, memory-plan rows under tcmalloc (/opt/libtcmalloc.so.4)")
+    assert machine.machine_line(cpu, 2, "tcmalloc").endswith(
+        "fsl_dist rows under tcmalloc (/opt/libtcmalloc.so.4)")
+    for module in (cpu_malloc, machine):
+        monkeypatch.setattr(module, "tcmalloc_path", lambda env=None: None)
+    assert machine.machine_line(cpu, 2, "auto").endswith("glibc malloc settings and start tunables")
 
 
 def test_start_environment_preloads_tcmalloc_only_where_asked_and_found(monkeypatch):

@@ -27,6 +27,9 @@ TINY = ["model.width=8", "task.k_shot=1", "task.q_query=2", "train.meta_batch_si
         "eval.episodes=10", "eval.val_episodes=4", "eval.batch_size=10", "eval.inner_steps=1",
         "logging.wandb=false"]
 TIMES = ("perf/", "lr")  # wall-clock columns differ between any two runs
+# The tests of glibc's plans (its settings switched, its probes capped) ask for it by name: by
+# default (auto) a budgeted run starts under tcmalloc where it is found.
+GLIBC = ["train.cpu_allocator=glibc"]
 
 
 def args(run_dir: Path, shards: Path, *extra: str) -> list[str]:
@@ -59,7 +62,7 @@ def unbudgeted(shards, tmp_path_factory):
 @pytest.fixture(scope="module")
 def generous(shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("generous") / "run"
-    result = run("train.py", args(run_dir, shards, "train.memory_budget_gb=100"))
+    result = run("train.py", args(run_dir, shards, *GLIBC, "train.memory_budget_gb=100"))
     return run_dir, result
 
 
@@ -81,11 +84,31 @@ def test_a_budget_the_default_fits_probes_it_after_its_twin_and_trains_bitwise_a
             == json.loads((unbudgeted / "eval.json").read_text())["mean"])
 
 
+def test_by_default_a_budgeted_run_starts_under_tcmalloc_and_trains_bitwise_as_glibc(
+        shards, tmp_path):
+    # The allocator places tensors, it does not change the arithmetic. One intra-op thread:
+    # tcmalloc's search starts from one task at a time, bitwise the default only there.
+    require_tcmalloc()
+    one = ["train.cpu_threads=1"]
+    plain, budgeted = tmp_path / "plain", tmp_path / "budgeted"
+    run("train.py", args(plain, shards, *one))
+    result = run("train.py", args(budgeted, shards, *one, "train.memory_budget_gb=100"))
+    info = json.loads((budgeted / "run.json").read_text())
+    assert info["cpu_allocator"].startswith("tcmalloc /"), info["cpu_allocator"]
+    assert json.loads((plain / "run.json").read_text())["cpu_allocator"] == "glibc"
+    assert info["memory_plan"]["probes"][0]["plan"] == "loop, 1 task at a time, checkpoint none"
+    assert result.stdout.count("memory plan:") == 1
+    assert rows(budgeted) == rows(plain)
+    assert (budgeted / "model.safetensors").read_bytes() == (
+        plain / "model.safetensors").read_bytes()
+
+
 def test_streamed_tasks_are_read_again_after_the_probe(shards, tmp_path):
     # Stream mode: the probe's batch is the first step's, the stream reopened at that step.
     plain, budgeted = tmp_path / "plain", tmp_path / "budgeted"
     run("train.py", args(plain, shards, "data.mode=stream"))
-    run("train.py", args(budgeted, shards, "data.mode=stream", "train.memory_budget_gb=100"))
+    run("train.py", args(budgeted, shards, "data.mode=stream", *GLIBC,
+                         "train.memory_budget_gb=100"))
     assert rows(budgeted) == rows(plain)
 
 
@@ -121,7 +144,7 @@ def test_the_whole_run_stays_within_the_budget_measured_from_outside(shards, gen
     # update, validation, the held-out evaluation, checkpoints), none for a mistaken plan.
     budget = plan_of(generous[0])["peak_gb"] + 0.1
     run_dir = tmp_path / "run"
-    result, peak = watch_peak(command("train.py", args(run_dir, shards,
+    result, peak = watch_peak(command("train.py", args(run_dir, shards, *GLIBC,
                                                        f"train.memory_budget_gb={budget}"), 0))
     assert result.returncode == 0, result.stderr[-3000:]
     assert 0 < peak <= budget * 1e9, (peak, budget, plan_of(run_dir))
@@ -129,7 +152,7 @@ def test_the_whole_run_stays_within_the_budget_measured_from_outside(shards, gen
 
 # Conv-4 at full width, 15 queries per class, one thread (where the tuned default's probe is
 # capped).
-HEAVY = ["model.width=64", "task.q_query=15", "train.cpu_threads=1"]
+HEAVY = ["model.width=64", "task.q_query=15", "train.cpu_threads=1", *GLIBC]
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +202,7 @@ def test_on_two_threads_tuned_plans_one_at_a_time_are_checked_on_one_first(shard
     """Two intra-op threads, where a probe cannot be capped: with a budget 30 MB above the
     twin's need (no room for the tuned default), a tuned plan of one task at a time is
     checked capped on one thread, and runs on both only where that check fit."""
-    two = [*HEAVY[:-1], "train.cpu_threads=2"]
+    two = [*HEAVY[:2], "train.cpu_threads=2", *GLIBC]
     generous = tmp_path / "generous"
     run("train.py", args(generous, shards, *two, "train.memory_budget_gb=100"))
     twin = plan_of(generous)["probes"][0]
@@ -203,12 +226,12 @@ def test_on_two_threads_tuned_plans_one_at_a_time_are_checked_on_one_first(shard
 
 
 def test_under_tcmalloc_no_probe_expected_past_the_budget_is_risked(shards, tmp_path):
-    """train.cpu_allocator=tcmalloc on two threads, where nothing can be capped: one task at a
-    time is probed first, and two only where twice its growth fits; with room for less, the
-    run trains one task at a time, within the budget measured from outside."""
+    """With a budget, by default (train.cpu_allocator=auto) under tcmalloc on two threads,
+    where nothing can be capped: one task at a time is probed first, and two only where twice
+    its growth fits; with room for less, the run trains one task at a time, within the budget
+    measured from outside."""
     require_tcmalloc()
-    two = [*HEAVY[:-1], "train.cpu_threads=2", "train.cpu_allocator=tcmalloc",
-           "eval.batch_size=1"]
+    two = [*HEAVY[:2], "train.cpu_threads=2", "eval.batch_size=1"]
     generous = tmp_path / "generous"
     run("train.py", args(generous, shards, *two, "train.memory_budget_gb=100"))
     info = json.loads((generous / "run.json").read_text())

@@ -54,7 +54,9 @@ peers' rows as the libraries ship, in glibc's defaults. The lever rows
 ``loop, glibc malloc defaults`` (fsl_dist without the settings) and ``<peer>, tuned malloc``
 (the peer with them) show what the settings buy each side. A ``MALLOC_*_`` variable, malloc
 settings in ``GLIBC_TUNABLES`` or ``LD_PRELOAD`` in the environment reach every row and turn
-fsl_dist's settings off (the machine line says which).
+fsl_dist's settings off (the machine line says which). ``--cpu-allocator`` picks fsl_dist's
+malloc as ``train.cpu_allocator`` does: by default (auto) the ``loop, memory plan`` rows start
+under tcmalloc where it is found, as a training run with a memory budget does.
 
 Run it with launch/bench.py (or ``python -m fsl_dist.bench``)::
 

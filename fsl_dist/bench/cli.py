@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import fsl_dist.bench
-from fsl_dist.cpu_malloc import TCMALLOC_FILES, tcmalloc_dirs, tcmalloc_path
+from fsl_dist.cpu_malloc import TCMALLOC_FILES, chosen_allocator, tcmalloc_dirs, tcmalloc_path
 from fsl_dist.io import atomic_write_text
 
 from .cases import cases, parse_task
@@ -77,9 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the 'loop, memory plan' row's budget: the peak memory a step may "
                              "add (MiB); default: the lightest peer's peak measured before it "
                              "in the same case (list the peers first in --methods)")
-    parser.add_argument("--cpu-allocator", default="glibc", choices=["glibc", "tcmalloc"],
+    parser.add_argument("--cpu-allocator", default="auto", choices=["auto", "glibc", "tcmalloc"],
                         help="the malloc fsl_dist's rows start with, as train.cpu_allocator "
-                             "(the peers start as shipped)")
+                             "(auto: tcmalloc for the memory-plan rows where it is found, glibc "
+                             "for the rest; the peers start as shipped)")
     parser.add_argument("--row-timeout", type=float, default=3600, help="seconds per row")
     parser.add_argument("--json", type=Path,
                         help="also write the rows here (after every case, complete at the end)")
@@ -158,13 +159,13 @@ class CaseRunner:
         args = self.args
         spec = {"case": case, "method": method, "device": args.device, "threads": args.threads,
                 "steps": steps, "warmup": args.warmup, "grad_out": grad_out,
-                "cpu_allocator": args.cpu_allocator}
+                "cpu_allocator": chosen_allocator(args.cpu_allocator, False)}
         if method == "loop, memory plan":
             budget = args.plan_budget_mib or self.lightest_peer()
             if budget is None:
                 return {"unavailable": "no peer's peak measured before it in this case: list "
                                        "the peers first, or give --plan-budget-mib"}
-            spec["budget_mib"] = budget
+            spec.update(budget_mib=budget, cpu_allocator=chosen_allocator(args.cpu_allocator, True))
         result = run_in_subprocess(spec, timeout=args.row_timeout)
         if "unavailable" in result:
             self.unavailable[method] = result["unavailable"]

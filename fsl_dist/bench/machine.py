@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from fsl_dist.cpu_malloc import reason_to_leave_alone, tcmalloc_path
+from fsl_dist.cpu_malloc import chosen_allocator, reason_to_leave_alone, tcmalloc_path
 from fsl_dist.meta.precision import cpu_flags
 
 # CPU features that change the speed of these rows by large factors: two machines with the same
@@ -43,14 +43,16 @@ def cpu_description() -> str:
     return f"{name} ({' '.join(present) or 'none of ' + '/'.join(SPEED_FLAGS)})"
 
 
-def machine_line(device, threads, allocator: str = "glibc") -> str:
+def machine_line(device, threads, allocator: str = "auto") -> str:
     cpu = torch.cuda.get_device_name() if device.type == "cuda" else cpu_description()
     line = (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
             f"{platform.python_version()}, device {device.type}, {threads} threads")
     if device.type == "cpu":  # part of what a row measured, so part of what --resume compares
         reason = reason_to_leave_alone()
+        tuned_glibc = "with fsl_dist's glibc malloc settings and start tunables"
         line += ", fsl_dist rows " + (
             f"in the allocator as is ({reason})" if reason else
             f"under tcmalloc ({tcmalloc_path()})" if allocator == "tcmalloc" else
-            "with fsl_dist's glibc malloc settings and start tunables")
+            f"{tuned_glibc}, memory-plan rows under tcmalloc ({tcmalloc_path()})"
+            if chosen_allocator(allocator, True) == "tcmalloc" else tuned_glibc)
     return line

@@ -16,7 +16,7 @@ import os
 from typing import NoReturn
 
 from fsl_dist.config import load_config
-from fsl_dist.cpu_malloc import restart_under_start_tunables
+from fsl_dist.cpu_malloc import chosen_allocator, restart_under_start_tunables
 
 # Device nodes of the GPU drivers torch can use (NVIDIA's CUDA, AMD's ROCm).
 GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd")
@@ -87,7 +87,8 @@ def restart_for_cpu_training(argv=None) -> None:
     except Exception:  # noqa: BLE001 (any failure here is the command's to report)
         return
     if train.tune_cpu_malloc:
-        restart_under_start_tunables(train.cpu_allocator)
+        budgeted = train.memory_budget_gb is not None
+        restart_under_start_tunables(chosen_allocator(train.cpu_allocator, budgeted))
 
 
 def train_command() -> NoReturn:
