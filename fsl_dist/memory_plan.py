@@ -70,8 +70,9 @@ collective per round), so every rank takes the same plan, or refuses alike. On a
 plan is made again: the machine, the processes or the budget may have changed, and no plan
 changes the meta-gradient beyond rounding.
 
-Under the tcmalloc of ``train.cpu_allocator`` (nothing to switch, nothing to cap):
-``anchored_search``, which risks no probe it expects past the budget.
+Under the tcmalloc of ``train.cpu_allocator`` (on CPU the default under a budget, where
+installed; nothing to switch, nothing to cap): ``anchored_search``, which risks no probe it
+expects past the budget.
 """
 
 from __future__ import annotations
