@@ -29,7 +29,7 @@ from fsl_dist.backbone import start_from
 from fsl_dist.config import Config, ConfigError, OptimConfig, to_dict
 from fsl_dist.cpu_malloc import single_arena, tcmalloc_missing, tune_cpu_malloc
 from fsl_dist.data.augment import Augment
-from fsl_dist.data.episodes import MemoryTasks, TaskSpec, make_tasks, rank_slice
+from fsl_dist.data.episodes import MemoryTasks, StreamTasks, TaskSpec, make_tasks, rank_slice
 from fsl_dist.data.shards import verify_shards
 from fsl_dist.distributed import launcher_precision
 from fsl_dist.evaluate import evaluate
@@ -212,30 +212,24 @@ def build_task_sources(cfg: Config, dist) -> dict:
 
 
 class TrainBatches:
-    """This rank's tasks of each step. Memory mode: task i of step s is a pure function of
-    (seed, s, i), so a resumed run meets exactly the tasks it would have met. Stream mode: the
-    stream is reseeded from the resumed step (reproducible, but not the uninterrupted stream)."""
+    """This rank's tasks of each step, on the device. Memory mode: task i of step s is a pure
+    function of (seed, s, i), so a resumed run meets exactly the tasks it would have met.
+    Stream mode: the stream is reseeded from the resumed step (reproducible, but not the
+    uninterrupted stream)."""
 
-    def __init__(self, source, my_tasks: range, device: torch.device):
+    def __init__(self, source: MemoryTasks | StreamTasks, my_tasks: range,
+                 device: torch.device):
         self.source, self.my_tasks, self.device = source, my_tasks, device
-        self._stream = None
 
     def at(self, step: int) -> dict:
-        if isinstance(self.source, MemoryTasks):
-            tasks = self.source.batch(step, self.my_tasks)
-        else:
-            if self._stream is None:
-                self.source.set_epoch(step)
-                self._stream = iter(self.source)
-            tasks = next(self._stream)
+        tasks = self.source.rank_batch(step, self.my_tasks)
         return {k: v.to(self.device, non_blocking=True) for k, v in tasks.items()}
 
     def peek(self, step: int) -> dict:
-        """``at(step)``, and the next ``at(step)`` gives the same batch (a probe step's)."""
-        fresh = self._stream is None
+        """``at(step)`` before a start's first step, and that step's ``at(step)`` gives the
+        same batch (a probe step's)."""
         tasks = self.at(step)
-        if fresh:
-            self._stream = None  # reseeded from the same step again
+        self.source.rewind()
         return tasks
 
 

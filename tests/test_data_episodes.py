@@ -227,6 +227,28 @@ def test_stream_with_workers_and_rotation(packed):
         check_stream_batch(batch, spec, 3, lookup)
 
 
+def same_batch(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_rank_batch_reads_a_rewound_step_again_and_the_next_step_after_it(packed, mode):
+    # The trainer's one call for both modes (TrainBatches), its probe's rewind included.
+    out = packed("futurama")
+    sampler = episodes.make_tasks(out, "train", TaskSpec(5, 1, 2), seed=3, mode=mode,
+                                  tasks_per_batch=2, batches=4, rank=1, world=2)
+    mine = rank_slice(4, 1, 2)
+    first = sampler.rank_batch(2, mine)
+    sampler.rewind()
+    assert same_batch(sampler.rank_batch(2, mine), first)
+    assert not same_batch(sampler.rank_batch(3, mine), first)
+    if mode == "memory":
+        assert same_batch(sampler.rank_batch(2, mine), first)  # a pure function of its step
+    else:
+        with pytest.raises(ValueError, match="hold 2 tasks, not 3"):
+            sampler.rank_batch(4, range(3))
+
+
 def test_shards_divide_among_ranks_and_workers():
     entries = [(f"s{i}", 32) for i in range(12)]
     shares = [episodes.assign_shards(entries, r, 2, w, 3, min_classes=5)

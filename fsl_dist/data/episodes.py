@@ -247,6 +247,13 @@ class MemoryTasks:
             support, query = augment_tasks(self.spec.augment, support, query, keys)
         return assemble(support, query, sampled.labels)
 
+    def rank_batch(self, step: int, my_tasks: range) -> dict:
+        """This rank's tasks ``my_tasks`` of ``step``: the trainer's one call for either mode."""
+        return self.batch(step, my_tasks)
+
+    def rewind(self) -> None:
+        """Nothing to rewind: every batch is a pure function of its step."""
+
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         image = self.pool.images.shape[1:]
         picked = self._flat_pool().index_select(0, rows.reshape(-1))
@@ -327,9 +334,27 @@ class StreamTasks(IterableDataset):
         self.rank, self.world = rank, world
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
+        self._opened = None  # rank_batch's stream
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def rank_batch(self, step: int, my_tasks: range) -> dict:
+        """The next meta-batch of this rank's stream, ``my_tasks`` long (the trainer's one call
+        for either mode). The first call, and the first after ``rewind``, opens the stream
+        reseeded from ``step``: a resumed run's stream is reproducible, not the uninterrupted
+        one."""
+        if len(my_tasks) != self.tasks_per_batch:
+            raise ValueError(f"this stream's meta-batches hold {self.tasks_per_batch} tasks, "
+                             f"not {len(my_tasks)}")
+        if self._opened is None:
+            self.set_epoch(step)
+            self._opened = iter(self)
+        return next(self._opened)
+
+    def rewind(self) -> None:
+        """The next ``rank_batch(step)`` opens the stream again from that step."""
+        self._opened = None
 
     def __len__(self) -> int:
         return self.batches
