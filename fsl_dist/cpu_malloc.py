@@ -261,10 +261,31 @@ def _mallinfo2():
     return libc.mallinfo2()
 
 
+# gperftools' counters of its page heap: free and resident, free and handed back (still mapped)
+TCMALLOC_FREE_PROPERTIES = (b"tcmalloc.pageheap_free_bytes", b"tcmalloc.pageheap_unmapped_bytes")
+
+
+def _tcmalloc_free_bytes() -> int | None:
+    get = getattr(ctypes.CDLL(None), "MallocExtension_GetNumericProperty", None)
+    if get is None:
+        return None
+    get.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)]
+    total = 0
+    for name in TCMALLOC_FREE_PROPERTIES:
+        value = ctypes.c_size_t()
+        if not get(name, ctypes.byref(value)):
+            return None
+        total += value.value
+    return total
+
+
 def heap_free_bytes() -> int | None:
-    """Bytes free inside glibc's heap (``mallinfo2``'s ``fordblks``): memory the allocator can
-    hand out again without growing the process's data segment, resident or not (the free pages
-    ``release_free_memory`` handed back stay mapped). None without glibc 2.33's ``mallinfo2``."""
+    """Bytes free inside the heap: memory the allocator can hand out again without growing the
+    process's data segment, resident or not (the free pages ``release_free_memory`` handed back
+    stay mapped). glibc's ``mallinfo2`` ``fordblks`` (None before glibc 2.33); under fsl_dist's
+    tcmalloc its page heap's free and unmapped bytes; None under another allocator."""
+    if preloaded_tcmalloc():
+        return _tcmalloc_free_bytes()
     info = _mallinfo2()
     return None if info is None else int(info.fordblks)
 

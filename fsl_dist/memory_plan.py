@@ -71,8 +71,9 @@ plan is made again: the machine, the processes or the budget may have changed, a
 changes the meta-gradient beyond rounding.
 
 Under the tcmalloc of ``train.cpu_allocator`` (on CPU the default under a budget, where
-installed; nothing to switch, nothing to cap): ``anchored_search``, which risks no probe it
-expects past the budget.
+installed; nothing to switch): ``anchored_search``, which in one process probes the lightest
+plan first and stops every other probe of one task at a time at the budget (capped, on one
+thread where the run has more), and risks no other probe it expects past the budget.
 """
 
 from __future__ import annotations
@@ -284,32 +285,55 @@ def _fastest_confirmed(pool: list[Plan], probes: list[Probe], measure, budget: f
 
 
 def anchored_search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
-                    budget: float) -> tuple[Optional[Plan], list[Probe]]:
-    """``search`` for an allocator fsl_dist does not switch and cannot cap (tcmalloc): no probe
-    is risked that is expected past the budget. One task at a time at the configured level
-    first (the anchor); a plan of n tasks in flight at that level only where n times the
-    anchor's growth fits (tcmalloc's peak grows about with the tasks held: 116 and 208 MiB for
-    1 and 2, docs/benchmarks/2026-12-05-memory-plan.md, section 28); where the anchor does not
-    fit, the finer levels of one task at a time, coarsest first, until one fits. The fastest
-    that fit, probed once more (``search``'s confirmation)."""
-    anchor = next((p for p in plans if not p.vectorize and p.in_flight == 1
-                   and p.checkpoint == plans[0].checkpoint), None)
+                    budget: float, check: Optional[Check] = None,
+                    capped: bool = False) -> tuple[Optional[Plan], list[Probe]]:
+    """``search`` for an allocator fsl_dist does not switch (tcmalloc). One task at a time at
+    the configured level first (the anchor); a plan of n tasks in flight at that level only
+    where n times the anchor's growth fits (tcmalloc's peak grows about with the tasks held:
+    116 and 208 MiB for 1 and 2, docs/benchmarks/2026-12-05-memory-plan.md, section 28); where
+    the anchor does not fit, the finer levels of one task at a time, coarsest first, until one
+    fits. The fastest that fit, probed once more (``search``'s confirmation; ``capped``: capped).
+
+    ``check(plan, lighter)``: ``plan``'s probes stopped at the budget (capped on the run's one
+    thread, or checked on one thread first: ``Prober.checked``) after ``lighter``'s probe. Given,
+    the lightest plan of one task at a time (the finest level) is probed first, uncapped: it
+    makes the kernels every such plan runs, with the least memory; the anchor and the finer
+    levels then go through ``check``, so a heavy anchor (84x84, several inner steps) is stopped
+    at the budget instead of running past it. Without (several processes), all uncapped."""
+    one_at_a_time = [p for p in plans if not p.vectorize and p.in_flight == 1]
+    anchor = next((p for p in one_at_a_time if p.checkpoint == plans[0].checkpoint), None)
     if anchor is None:
         return search(plans, measure, budget)
-    probes = measure([anchor])
-    first = probes[-1]
-    if first.peak <= budget:
+    lightest = max(one_at_a_time, key=lambda p: CHECKPOINT_LEVELS.index(p.checkpoint))
+    probes: list[Probe] = []
+    lighter = None
+    if check is not None and lightest != anchor:
+        probes += measure([lightest])
+        lighter = probes[-1]
+        if lighter.peak > budget:
+            return None, probes  # no plan is lighter
+
+    def on_all_threads(plan: Plan) -> Optional[Probe]:
+        """``plan``'s probe on the run's threads; None where its check stopped it first."""
+        if lighter is not None and plan == lightest:
+            return lighter
+        probes.extend(check(plan, lighter) if lighter is not None else measure([plan]))
+        last = probes[-1]
+        return last if last.plan == plan and not last.threads else None
+
+    first = on_all_threads(anchor)
+    if first is not None and first.peak <= budget:
         held = max(first.before, first.after)
         wider = [p for p in plans if p.checkpoint == anchor.checkpoint and p != anchor
                  and held + p.in_flight * first.growth <= budget]
         probes += measure(wider) if wider else []
     else:
-        for plan in plans:
-            if plan.in_flight == 1 and not plan.vectorize and plan != anchor:
-                probes += measure([plan])
-                if probes[-1].peak <= budget:
+        for plan in one_at_a_time:
+            if plan != anchor:
+                probe = on_all_threads(plan)
+                if probe is not None and probe.peak <= budget:
                     break
-    return _fastest_confirmed(plans, probes, measure, budget)
+    return _fastest_confirmed(plans, probes, measure, budget, capped=capped)
 
 
 def _on_all_threads(probes: list[Probe]) -> list[Probe]:
@@ -679,10 +703,11 @@ class Prober:
                 for plan, peak, secs, base, held, free in zip(plans, *columns)]
 
     def checked(self, plan: Plan, twin: Probe) -> list[Probe]:
-        """The probes of a tuned ``plan`` of one task at a time where probes on the run's
-        threads cannot be capped (``can_cap``): capped on one intra-op thread, the check, and
-        only if that fit, uncapped on all (its time, and its peak there). ``twin``: the probe
-        of ``plan``'s glibc-defaults twin, which fit.
+        """The probes of a ``plan`` of one task at a time (tuned, or under tcmalloc) where probes
+        on the run's threads cannot be capped (``can_cap``): capped on one intra-op thread, the
+        check, and only if that fit, uncapped on all (its time, and its peak there). ``twin``:
+        the probe of a lighter plan with the same convolutions, which fit (``plan``'s
+        glibc-defaults twin; under tcmalloc the lightest plan, ``anchored_search``).
 
         One step each (the run on all threads repeats as every probe does). The first check
         follows the twin's step on one thread, uncapped: it makes the kernels for one thread (a
@@ -883,10 +908,17 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     # More intra-op threads, one process: tuned plans of one task at a time checked capped on
     # one thread (Prober.checked), where they would otherwise not be risked.
     checks = alone_tuned and not capped and capping_works(device)
+    # tcmalloc, one process: every probe but the lightest stopped at the budget (anchored_search)
+    tcmalloc = device.type == "cpu" and preloaded_tcmalloc()
+    guarded = tcmalloc and dist.world_size == 1 and capping_works(device)
     prober = Prober(state, tasks, cfg, precision, dist,
-                    cap=(usable, budget - usable) if capped or checks else None, code=code)
-    if device.type == "cpu" and preloaded_tcmalloc():
-        chosen, probes = anchored_search(plans, prober, usable)
+                    cap=(usable, budget - usable) if capped or checks or guarded else None,
+                    code=code)
+    if tcmalloc:
+        one_thread = guarded and can_cap(device)
+        check = (None if not guarded else prober.checked if not one_thread
+                 else lambda plan, lighter: prober([plan], capped=True))
+        chosen, probes = anchored_search(plans, prober, usable, check=check, capped=one_thread)
     else:
         chosen, probes = search(plans, prober, usable, capped=capped,
                                 check=prober.checked if checks else None)
