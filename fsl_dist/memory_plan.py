@@ -71,9 +71,9 @@ plan is made again: the machine, the processes or the budget may have changed, a
 changes the meta-gradient beyond rounding.
 
 Under the tcmalloc of ``train.cpu_allocator`` (on CPU the default under a budget, where
-installed; nothing to switch): ``anchored_search``, which in one process probes the lightest
-plan first and stops every other probe of one task at a time at the budget (capped, on one
-thread where the run has more), and risks no other probe it expects past the budget.
+installed; nothing to switch): ``anchored_search``, which in one process on one intra-op
+thread probes the lightest plan first and stops every other probe of one task at a time at
+the budget, and risks no other probe it expects past the budget.
 """
 
 from __future__ import annotations
@@ -295,11 +295,12 @@ def anchored_search(plans: list[Plan], measure: Callable[[list[Plan]], list[Prob
     fits. The fastest that fit, probed once more (``search``'s confirmation; ``capped``: capped).
 
     ``check(plan, lighter)``: ``plan``'s probes stopped at the budget (capped on the run's one
-    thread, or checked on one thread first: ``Prober.checked``) after ``lighter``'s probe. Given,
+    intra-op thread) after ``lighter``'s probe. Given,
     the lightest plan of one task at a time (the finest level) is probed first, uncapped: it
     makes the kernels every such plan runs, with the least memory; the anchor and the finer
     levels then go through ``check``, so a heavy anchor (84x84, several inner steps) is stopped
-    at the budget instead of running past it. Without (several processes), all uncapped."""
+    at the budget instead of running past it. Without (several threads or processes), the
+    anchor's probe runs uncapped, as the glibc search's first does."""
     one_at_a_time = [p for p in plans if not p.vectorize and p.in_flight == 1]
     anchor = next((p for p in one_at_a_time if p.checkpoint == plans[0].checkpoint), None)
     if anchor is None:
@@ -703,11 +704,10 @@ class Prober:
                 for plan, peak, secs, base, held, free in zip(plans, *columns)]
 
     def checked(self, plan: Plan, twin: Probe) -> list[Probe]:
-        """The probes of a ``plan`` of one task at a time (tuned, or under tcmalloc) where probes
-        on the run's threads cannot be capped (``can_cap``): capped on one intra-op thread, the
-        check, and only if that fit, uncapped on all (its time, and its peak there). ``twin``:
-        the probe of a lighter plan with the same convolutions, which fit (``plan``'s
-        glibc-defaults twin; under tcmalloc the lightest plan, ``anchored_search``).
+        """The probes of a tuned ``plan`` of one task at a time where probes on the run's
+        threads cannot be capped (``can_cap``): capped on one intra-op thread, the check, and
+        only if that fit, uncapped on all (its time, and its peak there). ``twin``: the probe
+        of ``plan``'s glibc-defaults twin, which fit.
 
         One step each (the run on all threads repeats as every probe does). The first check
         follows the twin's step on one thread, uncapped: it makes the kernels for one thread (a
@@ -908,17 +908,18 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
     # More intra-op threads, one process: tuned plans of one task at a time checked capped on
     # one thread (Prober.checked), where they would otherwise not be risked.
     checks = alone_tuned and not capped and capping_works(device)
-    # tcmalloc, one process: every probe but the lightest stopped at the budget (anchored_search)
+    # tcmalloc, one process on one intra-op thread: every probe but the lightest stopped at the
+    # budget (anchored_search). Not checked on one thread of several: with the lightest probe's
+    # code resident the checks ran 20-30 MB heavier than the run on two, and took Conv-4 at the
+    # peers' peak to blocks (docs/benchmarks/2026-12-05-memory-plan.md, section 30).
     tcmalloc = device.type == "cpu" and preloaded_tcmalloc()
-    guarded = tcmalloc and dist.world_size == 1 and capping_works(device)
+    guarded = tcmalloc and dist.world_size == 1 and can_cap(device)
     prober = Prober(state, tasks, cfg, precision, dist,
                     cap=(usable, budget - usable) if capped or checks or guarded else None,
                     code=code)
     if tcmalloc:
-        one_thread = guarded and can_cap(device)
-        check = (None if not guarded else prober.checked if not one_thread
-                 else lambda plan, lighter: prober([plan], capped=True))
-        chosen, probes = anchored_search(plans, prober, usable, check=check, capped=one_thread)
+        check = (lambda plan, lighter: prober([plan], capped=True)) if guarded else None
+        chosen, probes = anchored_search(plans, prober, usable, check=check, capped=guarded)
     else:
         chosen, probes = search(plans, prober, usable, capped=capped,
                                 check=prober.checked if checks else None)
