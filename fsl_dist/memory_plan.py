@@ -294,13 +294,13 @@ def anchored_search(plans: list[Plan], measure: Callable[[list[Plan]], list[Prob
     the anchor does not fit, the finer levels of one task at a time, coarsest first, until one
     fits. The fastest that fit, probed once more (``search``'s confirmation; ``capped``: capped).
 
-    ``check(plan, lighter)``: ``plan``'s probes stopped at the budget (capped on the run's one
-    intra-op thread) after ``lighter``'s probe. Given,
-    the lightest plan of one task at a time (the finest level) is probed first, uncapped: it
-    makes the kernels every such plan runs, with the least memory; the anchor and the finer
-    levels then go through ``check``, so a heavy anchor (84x84, several inner steps) is stopped
-    at the budget instead of running past it. Without (several threads or processes), the
-    anchor's probe runs uncapped, as the glibc search's first does."""
+    ``check(plan, lighter)``: ``plan``'s probe stopped at the budget (capped on the run's one
+    intra-op thread) after ``lighter``'s probe. Given, the lightest plan of one task at a time
+    (the finest level) is probed first, uncapped: it makes the kernels every such plan runs,
+    with the least memory; the anchor and the finer levels then go through ``check``, so a
+    heavy anchor (84x84, several inner steps) is stopped at the budget instead of running past
+    it. Without (several threads or processes), the anchor's probe runs uncapped, as the glibc
+    search's first does."""
     one_at_a_time = [p for p in plans if not p.vectorize and p.in_flight == 1]
     anchor = next((p for p in one_at_a_time if p.checkpoint == plans[0].checkpoint), None)
     if anchor is None:
