@@ -98,19 +98,21 @@ def test_unresumable_outcomes(tmp_path, status, stop_requested, run_dir, expecte
 def test_only_the_training_processes_are_signalled(tmp_path):
     """Descendants running the training script are found; the launcher and helpers (like W&B's
     service process) are not."""
-    helper = ("import subprocess,sys,time; "
+    # The helper says when its own child has started: between fork and exec a child still
+    # shows its parent's command line, the training script's (a CI run caught that instant).
+    ready = tmp_path / "ready"
+    helper = ("import pathlib,subprocess,sys,time; "
               "p=subprocess.Popen([sys.executable,'-c','import time; time.sleep(30)']); "
-              "time.sleep(30)")
+              "pathlib.Path(sys.argv[2]).write_text('ready'); time.sleep(30)")
     launcher = subprocess.Popen([sys.executable, "-c",
                                  "import subprocess,sys; "
-                                 "subprocess.call([sys.executable,'-c',sys.argv[1],sys.argv[2]])",
-                                 helper, str(FAKE_TRAIN)])
+                                 "subprocess.call([sys.executable,'-c',*sys.argv[1:]])",
+                                 helper, str(FAKE_TRAIN), str(ready)])
     try:
         deadline = time.monotonic() + 10
-        found = []
-        while time.monotonic() < deadline and not found:
-            found = worker_pids(launcher.pid, FAKE_TRAIN)
+        while time.monotonic() < deadline and not ready.exists():
             time.sleep(0.05)
+        found = worker_pids(launcher.pid, FAKE_TRAIN)
         assert len(found) == 1 and found[0] != launcher.pid
         argv = Path(f"/proc/{found[0]}/cmdline").read_bytes().split(b"\0")
         assert str(FAKE_TRAIN).encode() in argv
