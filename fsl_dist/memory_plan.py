@@ -284,23 +284,20 @@ def _fastest_confirmed(pool: list[Plan], probes: list[Probe], measure, budget: f
     return None, probes
 
 
-def anchored_search(plans: list[Plan], measure: Callable[[list[Plan]], list[Probe]],
-                    budget: float, check: Optional[Check] = None,
+def anchored_search(plans: list[Plan], measure: Callable[..., list[Probe]], budget: float,
                     capped: bool = False) -> tuple[Optional[Plan], list[Probe]]:
     """``search`` for an allocator fsl_dist does not switch (tcmalloc). One task at a time at
     the configured level first (the anchor); a plan of n tasks in flight at that level only
     where n times the anchor's growth fits (tcmalloc's peak grows about with the tasks held:
     116 and 208 MiB for 1 and 2, docs/benchmarks/2026-12-05-memory-plan.md, section 28); where
     the anchor does not fit, the finer levels of one task at a time, coarsest first, until one
-    fits. The fastest that fit, probed once more (``search``'s confirmation; ``capped``: capped).
+    fits. The fastest that fit, probed once more (``search``'s confirmation).
 
-    ``check(plan, lighter)``: ``plan``'s probe stopped at the budget (capped on the run's one
-    intra-op thread) after ``lighter``'s probe. Given, the lightest plan of one task at a time
+    ``capped`` (one process on one intra-op thread): the lightest plan of one task at a time
     (the finest level) is probed first, uncapped: it makes the kernels every such plan runs,
-    with the least memory; the anchor and the finer levels then go through ``check``, so a
-    heavy anchor (84x84, several inner steps) is stopped at the budget instead of running past
-    it. Without (several threads or processes), the anchor's probe runs uncapped, as the glibc
-    search's first does."""
+    with the least memory; the anchor, the finer levels and the confirmation are then capped at
+    the budget, so a heavy anchor (84x84, several inner steps) is stopped there instead of
+    running past it. Not capped, the anchor's probe runs first, as the glibc search's does."""
     one_at_a_time = [p for p in plans if not p.vectorize and p.in_flight == 1]
     anchor = next((p for p in one_at_a_time if p.checkpoint == plans[0].checkpoint), None)
     if anchor is None:
@@ -308,32 +305,29 @@ def anchored_search(plans: list[Plan], measure: Callable[[list[Plan]], list[Prob
     lightest = max(one_at_a_time, key=lambda p: CHECKPOINT_LEVELS.index(p.checkpoint))
     probes: list[Probe] = []
     lighter = None
-    if check is not None and lightest != anchor:
+    if capped and lightest != anchor:
         probes += measure([lightest])
         lighter = probes[-1]
         if lighter.peak > budget:
             return None, probes  # no plan is lighter
 
-    def on_all_threads(plan: Plan) -> Optional[Probe]:
-        """``plan``'s probe on the run's threads; None where its check stopped it first."""
+    def probed(plan: Plan) -> Probe:
+        """``plan``'s probe: capped once the lightest plan's has made the kernels."""
         if lighter is not None and plan == lightest:
             return lighter
-        probes.extend(check(plan, lighter) if lighter is not None else measure([plan]))
-        last = probes[-1]
-        return last if last.plan == plan and not last.threads else None
+        probes.extend(measure([plan], capped=lighter is not None))
+        return probes[-1]
 
-    first = on_all_threads(anchor)
-    if first is not None and first.peak <= budget:
+    first = probed(anchor)
+    if first.peak <= budget:
         held = max(first.before, first.after)
         wider = [p for p in plans if p.checkpoint == anchor.checkpoint and p != anchor
                  and held + p.in_flight * first.growth <= budget]
         probes += measure(wider) if wider else []
     else:
         for plan in one_at_a_time:
-            if plan != anchor:
-                probe = on_all_threads(plan)
-                if probe is not None and probe.peak <= budget:
-                    break
+            if plan != anchor and probed(plan).peak <= budget:
+                break
     return _fastest_confirmed(plans, probes, measure, budget, capped=capped)
 
 
@@ -918,8 +912,7 @@ def plan_memory(state, tasks: dict, cfg, precision: str, dist) -> tuple[Plan, di
                     cap=(usable, budget - usable) if capped or checks or guarded else None,
                     code=code)
     if tcmalloc:
-        check = (lambda plan, lighter: prober([plan], capped=True)) if guarded else None
-        chosen, probes = anchored_search(plans, prober, usable, check=check, capped=guarded)
+        chosen, probes = anchored_search(plans, prober, usable, capped=guarded)
     else:
         chosen, probes = search(plans, prober, usable, capped=capped,
                                 check=prober.checked if checks else None)

@@ -220,56 +220,43 @@ def test_under_tcmalloc_a_one_task_plan_that_does_not_fit_leads_to_finer_levels_
     assert chosen is None and "needs 1.1 GB" in refusal(1.0, probes)
 
 
-def capped_check(table, rounds):
-    """A ``check`` as on one capped thread: (peak, seconds) from ``table``, a peak past the
-    budget (1 GB) read as stopped there (inf)."""
-    def check(plan, lighter):
-        rounds.append(("check", plan, lighter.plan))
-        peak = table[plan][0] * GB
-        return [Probe(plan, peak if peak <= GB else math.inf, table[plan][1])]
-    return check
+def capped_measured(table):
+    """``measured``, with each round's ``capped`` logged and a capped peak past the budget
+    (1 GB) read as stopped there (inf)."""
+    rounds = []
+
+    def measure(plans, capped=False):
+        rounds.append((list(plans), capped))
+        peaks = [table[p][0] * GB for p in plans]
+        return [Probe(p, math.inf if capped and peak > GB else peak, table[p][1])
+                for p, peak in zip(plans, peaks)]
+    return measure, rounds
 
 
-def test_under_tcmalloc_with_a_check_the_lightest_plan_goes_first_and_the_rest_are_stopped():
-    # One process: the finest level first, uncapped; the heavy anchor and steps are checked
-    # (stopped at the budget), never run past it uncapped.
-    table = {ONE: (3.0, 1.0), ONE_STEPS: (1.2, 1.2), ONE_BLOCKS: (0.9, 1.5)}
-    measure, rounds = measured(table)
-    chosen, probes = anchored_search(FIXED, measure, 1.0 * GB, check=capped_check(table, rounds))
+def test_under_tcmalloc_capped_the_lightest_plan_goes_first_and_the_rest_are_stopped():
+    # One thread, one process: the finest level first, uncapped; the heavy anchor and steps
+    # capped (stopped at the budget), never run past it.
+    measure, rounds = capped_measured({ONE: (3.0, 1.0), ONE_STEPS: (1.2, 1.2),
+                                       ONE_BLOCKS: (0.9, 1.5)})
+    chosen, probes = anchored_search(FIXED, measure, 1.0 * GB, capped=True)
     assert chosen == ONE_BLOCKS
-    assert rounds == [[ONE_BLOCKS], ("check", ONE, ONE_BLOCKS), ("check", ONE_STEPS, ONE_BLOCKS),
-                      [ONE_BLOCKS]]  # the last: its confirmation
+    assert rounds == [([ONE_BLOCKS], False), ([ONE], True), ([ONE_STEPS], True),
+                      ([ONE_BLOCKS], True)]  # the last: its confirmation
     assert all(p.peak <= GB or p.peak == math.inf for p in probes)
 
 
-def test_under_tcmalloc_with_a_check_an_anchor_that_fits_still_widens_by_its_growth():
-    table = {ONE_BLOCKS: (0.3, 3.0), ONE: (0.4, 2.0), TWO: (0.75, 1.5)}
-    measure, rounds = measured(table)
-    chosen, _ = anchored_search(FIXED, measure, 1.0 * GB, check=capped_check(table, rounds))
-    assert chosen == TWO and rounds == [[ONE_BLOCKS], ("check", ONE, ONE_BLOCKS), [TWO]]
+def test_under_tcmalloc_capped_an_anchor_that_fits_still_widens_by_its_growth():
+    measure, rounds = capped_measured({ONE_BLOCKS: (0.3, 3.0), ONE: (0.4, 2.0), TWO: (0.75, 1.5)})
+    chosen, _ = anchored_search(FIXED, measure, 1.0 * GB, capped=True)
+    assert chosen == TWO
+    assert rounds == [([ONE_BLOCKS], False), ([ONE], True), ([TWO], False)]
 
 
-def test_under_tcmalloc_with_a_check_nothing_is_risked_when_the_lightest_does_not_fit():
-    table = {ONE_BLOCKS: (1.3, 3.0)}
-    measure, rounds = measured(table)
-    chosen, probes = anchored_search(FIXED, measure, 1.0 * GB, check=capped_check(table, rounds))
-    assert chosen is None and rounds == [[ONE_BLOCKS]]
+def test_under_tcmalloc_capped_nothing_is_risked_when_the_lightest_does_not_fit():
+    measure, rounds = capped_measured({ONE_BLOCKS: (1.3, 3.0)})
+    chosen, probes = anchored_search(FIXED, measure, 1.0 * GB, capped=True)
+    assert chosen is None and rounds == [([ONE_BLOCKS], False)]
     assert "needs 1.3 GB" in refusal(1.0, probes)
-
-
-def test_under_tcmalloc_a_check_stopped_on_one_thread_is_not_run_on_all():
-    # Prober.checked returns the one-thread probes only, when the check did not fit
-    table = {ONE_BLOCKS: (0.5, 3.0), ONE_STEPS: (0.8, 2.0)}
-    measure, rounds = measured(table)
-
-    def check(plan, lighter):
-        rounds.append(("check", plan))
-        if plan == ONE:
-            return [Probe(plan, math.inf, math.inf, threads=1)]
-        return [Probe(plan, 0.8 * GB, 1.0, threads=1), Probe(plan, 0.8 * GB, 2.0)]
-    chosen, _ = anchored_search(FIXED, measure, 1.0 * GB, check=check)
-    assert chosen == ONE_STEPS  # faster than blocks; its run on all threads, the last probe,
-    assert rounds == [[ONE_BLOCKS], ("check", ONE), ("check", ONE_STEPS)]  # confirms it
 
 
 def test_nothing_fits_after_two_probes_and_the_refusal_names_the_smallest_need():

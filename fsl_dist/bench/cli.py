@@ -158,14 +158,14 @@ class CaseRunner:
             return {"unavailable": self.unavailable[method]}
         args = self.args
         spec = {"case": case, "method": method, "device": args.device, "threads": args.threads,
-                "steps": steps, "warmup": args.warmup, "grad_out": grad_out,
-                "cpu_allocator": chosen_allocator(args.cpu_allocator, False)}
+                "steps": steps, "warmup": args.warmup, "grad_out": grad_out}
         if method == "loop, memory plan":
             budget = args.plan_budget_mib or self.lightest_peer()
             if budget is None:
                 return {"unavailable": "no peer's peak measured before it in this case: list "
                                        "the peers first, or give --plan-budget-mib"}
-            spec.update(budget_mib=budget, cpu_allocator=chosen_allocator(args.cpu_allocator, True))
+            spec["budget_mib"] = budget
+        spec["cpu_allocator"] = chosen_allocator(args.cpu_allocator, "budget_mib" in spec)
         result = run_in_subprocess(spec, timeout=args.row_timeout)
         if "unavailable" in result:
             self.unavailable[method] = result["unavailable"]
